@@ -1,0 +1,68 @@
+"""Moving the class axes of an array to the end and back.
+
+Every kernel in jaxce works on a ``[..., C]`` layout; public functions accept any class axis (an
+int, PyTorch's ``[N, C, d1, ...]`` layout with ``axis=1``, or a tuple of axes that are flattened
+into one as optax does) and translate with these helpers. For ``axis=-1`` they are no-ops.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+class ClassLayout:
+    """The permutation that moves ``axes`` of a rank-``ndim`` array to the end as one axis."""
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...]):
+        self.shape = tuple(shape)
+        self.axes = axes
+        self.batch_axes = tuple(a for a in range(len(shape)) if a not in axes)
+        self.perm = self.batch_axes + axes
+        self.batch_shape = tuple(shape[a] for a in self.batch_axes)
+        self.num_classes = 1
+        for a in axes:
+            self.num_classes *= shape[a]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm == tuple(range(len(self.shape)))
+
+    def to_last(self, x: jax.Array) -> jax.Array:
+        """``x`` (of the full shape) as ``[*batch_shape, C]``."""
+        if not self.is_identity:
+            x = jnp.transpose(x, self.perm)
+        return jnp.reshape(x, self.batch_shape + (self.num_classes,))
+
+    def from_last(self, x: jax.Array) -> jax.Array:
+        """The inverse of :meth:`to_last`."""
+        x = jnp.reshape(x, tuple(self.shape[a] for a in self.perm))
+        if not self.is_identity:
+            inverse = [0] * len(self.perm)
+            for i, p in enumerate(self.perm):
+                inverse[p] = i
+            x = jnp.transpose(x, inverse)
+        return x
+
+    def mask_to_last(self, name: str, where: jax.Array | None) -> jax.Array | None:
+        """A boolean mask of the full shape, or of the batch shape (as optax), as ``[..., C]``."""
+        if where is None:
+            return None
+        from jaxce._checks import as_bool_array, check_broadcastable
+
+        where = as_bool_array(name, where)
+        if where.ndim == len(self.batch_axes) and where.ndim != len(self.shape):
+            # A per-row mask, optax's convention: insert the class axes back.
+            where = jnp.expand_dims(where, self.axes)
+        check_broadcastable(name, where, self.shape, "or the shape without the class axes")
+        where = jnp.broadcast_to(where, self.shape)
+        return self.to_last(where)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype arithmetic happens in: float64 for float64 input, else float32.
+
+    Spelled out rather than ``jnp.promote_types(dtype, float32)`` so that it also holds under
+    ``jax_numpy_dtype_promotion="strict"``, which forbids that promotion.
+    """
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)

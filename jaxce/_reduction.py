@@ -1,0 +1,29 @@
+"""The one place that knows what ``"mean"`` and ``"sum"`` mean."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def reduce_loss(
+    losses: jax.Array, reduction: str, normalizer: jax.Array | None = None
+) -> jax.Array:
+    """Reduces per-example ``losses``.
+
+    ``"mean"`` divides the sum by ``sum(normalizer)`` when a normalizer is given (PyTorch's
+    weighted mean: the class weight of each counted example, 0 for ignored ones), else by the
+    number of elements. A mean over nothing (a zero denominator) is 0 with zero gradient, where
+    PyTorch returns NaN: an all-padding batch should not poison a training run.
+    """
+    if reduction == "none":
+        return losses
+    total = jnp.sum(losses)
+    if reduction == "sum":
+        return total
+    if normalizer is None:
+        denominator = jnp.asarray(losses.size, losses.dtype)
+    else:
+        denominator = jnp.sum(normalizer.astype(losses.dtype))
+    nonzero = denominator != 0
+    return jnp.where(nonzero, total / jnp.where(nonzero, denominator, 1), jnp.zeros_like(total))

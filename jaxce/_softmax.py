@@ -1,0 +1,201 @@
+"""log_softmax, softmax and logsumexp with hand-written gradients.
+
+Each works on the class axes moved to the end (``[..., C]``, see ``_layout``); the kernels below
+(``stable_logsumexp``, ``probabilities``) are shared with the losses, so there is exactly one
+implementation of the max-shifted logsumexp in the library.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxce._checks import Axis, as_float_array, canonical_axes
+from jaxce._layout import ClassLayout, compute_dtype
+
+
+def stable_logsumexp(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``log(sum(exp(x), -1, where=mask))`` in ``x``'s dtype, with keepdims.
+
+    Stability: ``logsumexp(x) = m + log(sum(exp(x - m)))`` with ``m`` the row max under
+    ``stop_gradient`` (its derivative cancels). A non-finite max (a row of -inf, or a fully masked
+    row) is replaced by 0, so the row's sum is 0 and the result is -inf rather than NaN.
+    """
+    neg_inf = jnp.asarray(-jnp.inf, x.dtype)
+    if mask is not None:
+        x = jnp.where(mask, x, neg_inf)
+    m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf))
+    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    return m + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
+
+
+def probabilities(x: jax.Array, lse: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``softmax = exp(x - lse)``, 0 on masked entries and on rows with no admissible entry."""
+    # A row whose lse is -inf has nothing to normalise: exp(-inf - -inf) would be NaN.
+    keep = jnp.isfinite(lse) if mask is None else mask & jnp.isfinite(lse)
+    shifted = jnp.where(keep, x - jnp.where(jnp.isfinite(lse), lse, jnp.zeros_like(lse)), -jnp.inf)
+    return jnp.exp(shifted)
+
+
+def _masked(mask: jax.Array | None, x: jax.Array, fill) -> jax.Array:
+    return x if mask is None else jnp.where(mask, x, jnp.asarray(fill, x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# log_softmax: y = x - lse(x).  d/dx_j sum_i g_i y_i = g_j - softmax_j * sum_i g_i.
+# Residuals: the input (already alive) and the float32 per-row lse; the backward pass recomputes
+# the probabilities from them, which is both smaller and more accurate than saving a bf16 output.
+@jax.custom_vjp
+def _log_softmax(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return _log_softmax_fwd(x, mask)[0]
+
+
+def _log_softmax_fwd(x, mask):
+    xf = x.astype(compute_dtype(x.dtype))
+    lse = stable_logsumexp(xf, mask)
+    y = jnp.where(jnp.isneginf(lse), -jnp.inf, xf - lse)
+    return _masked(mask, y, -jnp.inf).astype(x.dtype), (x, mask, lse)
+
+
+def _log_softmax_bwd(res, g):
+    x, mask, lse = res
+    p = probabilities(x.astype(lse.dtype), lse, mask)
+    g = _masked(mask, g.astype(lse.dtype), 0)
+    gx = g - p * jnp.sum(g, axis=-1, keepdims=True)
+    return _masked(mask, gx, 0).astype(x.dtype), None
+
+
+_log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+
+
+# softmax: s = exp(x - lse).  d/dx_j sum_i g_i s_i = s_j * (g_j - sum_i g_i s_i).
+@jax.custom_vjp
+def _softmax(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return _softmax_fwd(x, mask)[0]
+
+
+def _softmax_fwd(x, mask):
+    xf = x.astype(compute_dtype(x.dtype))
+    lse = stable_logsumexp(xf, mask)
+    return probabilities(xf, lse, mask).astype(x.dtype), (x, mask, lse)
+
+
+def _softmax_bwd(res, g):
+    x, mask, lse = res
+    s = probabilities(x.astype(lse.dtype), lse, mask)
+    g = g.astype(lse.dtype)
+    gx = s * (g - jnp.sum(g * s, axis=-1, keepdims=True))
+    return gx.astype(x.dtype), None
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+# logsumexp: d/dx_j lse = softmax_j. Residuals: the input and the float32 lse.
+@jax.custom_vjp
+def _logsumexp(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return _logsumexp_fwd(x, mask)[0]
+
+
+def _logsumexp_fwd(x, mask):
+    lse = stable_logsumexp(x.astype(compute_dtype(x.dtype)), mask)
+    return lse[..., 0].astype(x.dtype), (x, mask, lse)
+
+
+def _logsumexp_bwd(res, g):
+    x, mask, lse = res
+    p = probabilities(x.astype(lse.dtype), lse, mask)
+    return (p * g.astype(lse.dtype)[..., None]).astype(x.dtype), None
+
+
+_logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
+
+
+def _prepare(x, axis, where):
+    x = as_float_array("x", x)
+    layout = ClassLayout(x.shape, canonical_axes("axis", axis, x.ndim))
+    return layout, layout.to_last(x), layout.mask_to_last("where", where)
+
+
+def log_softmax(
+    x: jax.typing.ArrayLike, axis: Axis = -1, where: jax.typing.ArrayLike | None = None
+) -> jax.Array:
+    r"""Log-softmax, computed stably: :math:`x_i - \log \sum_j e^{x_j}`.
+
+    The row maximum is subtracted before exponentiating, so any finite input gives a finite
+    output; ``-inf`` entries (a masked vocabulary) are legal and give ``-inf``.
+
+    Args:
+      x: floating-point array of any shape.
+      axis: the class axis, or a tuple of axes normalised together.
+      where: optional boolean mask, broadcastable to ``x`` (or of ``x``'s shape without
+        ``axis``): ``False`` entries take no part and come back as ``-inf``. A row with no
+        admissible entry gives ``-inf`` everywhere and zero gradient.
+
+    Returns:
+      An array of ``x``'s shape and dtype (computed in at least float32).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> jaxce.log_softmax(jnp.array([1000.0, 0.0]))
+      Array([    0., -1000.], dtype=float32)
+
+    References:
+      ``jax.nn.log_softmax``; ``torch.nn.functional.log_softmax``.
+    """
+    layout, x2, mask = _prepare(x, axis, where)
+    return layout.from_last(_log_softmax(x2, mask))
+
+
+def softmax(
+    x: jax.typing.ArrayLike, axis: Axis = -1, where: jax.typing.ArrayLike | None = None
+) -> jax.Array:
+    r"""Softmax, computed stably: :math:`e^{x_i - m} / \sum_j e^{x_j - m}` with ``m`` the row max.
+
+    Its gradient is hand-written: :math:`\partial_x (g \cdot s) = s \odot (g - g \cdot s)`.
+
+    Args:
+      x: floating-point array of any shape.
+      axis: the class axis, or a tuple of axes normalised together.
+      where: optional boolean mask broadcastable to ``x`` (or of ``x``'s shape without
+        ``axis``); ``False`` entries get probability 0. A row with no admissible entry is all 0.
+
+    Returns:
+      An array of ``x``'s shape and dtype whose entries along ``axis`` sum to 1.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> print(jaxce.softmax(jnp.array([3.0, 1.0, -3.0])))
+      [0.8789098  0.11894324 0.00214696]
+
+    References:
+      ``jax.nn.softmax``; ``torch.softmax``.
+    """
+    layout, x2, mask = _prepare(x, axis, where)
+    return layout.from_last(_softmax(x2, mask))
+
+
+def logsumexp(
+    x: jax.typing.ArrayLike, axis: Axis = -1, where: jax.typing.ArrayLike | None = None
+) -> jax.Array:
+    r"""Log of the sum of exponentials, :math:`m + \log \sum_j e^{x_j - m}`, computed stably.
+
+    Args:
+      x: floating-point array of any shape.
+      axis: the axis, or a tuple of axes, to reduce.
+      where: optional boolean mask broadcastable to ``x`` (or of ``x``'s shape without
+        ``axis``); only ``True`` entries are summed. An empty row gives ``-inf``.
+
+    Returns:
+      ``x``'s shape without ``axis``, in ``x``'s dtype. The gradient is ``softmax(x)``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> jaxce.logsumexp(jnp.array([1000.0, 1000.0]))  # 1000 + log 2; exp(1000) overflows
+      Array(1000.6932, dtype=float32)
+
+    References:
+      ``jax.nn.logsumexp``; ``scipy.special.logsumexp``.
+    """
+    layout, x2, mask = _prepare(x, axis, where)
+    return _logsumexp(x2, mask)

@@ -67,7 +67,19 @@ def make_options(dtype, label_smoothing, z_loss, logit_soft_cap) -> Options:
 
 
 def capped(x: jax.Array, options: Options) -> jax.Array:
+    """Soft-capped logits; -inf (a masked class) stays -inf."""
     return x if options.logit_soft_cap is None else soft_cap(x, options.logit_soft_cap)
+
+
+def _capped_bulk(x: jax.Array, options: Options) -> jax.Array:
+    """``cap * tanh(x / cap)`` for whole ``[..., C]`` blocks, where -inf becomes -cap.
+
+    Callers mask non-admissible entries with ``admissible`` of the raw logits instead: the
+    select that keeps -inf reads ``x`` three times, which makes XLA materialize a float32
+    ``[..., C]`` temporary.
+    """
+    cap = options.logit_soft_cap
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def admissible(z: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -133,16 +145,16 @@ def row_grad_coefficients(
 
 
 def row_status(
-    labels: jax.Array, in_range: jax.Array, count: jax.Array, ignore_index: int | None
+    labels: jax.Array, in_range: jax.Array, lse: jax.Array, ignore_index: int | None
 ) -> tuple[jax.Array, jax.Array]:
     """``(active, poisoned)`` per example, ``[..., 1]``.
 
-    Active rows have a non-ignored label and at least one admissible class; poisoned rows have a
-    label out of range that is not ``ignore_index``: their loss and gradient are NaN, so a bad
-    label can never produce a plausible number.
+    Active rows have a non-ignored label and at least one admissible class (``lse > -inf``);
+    poisoned rows have a label out of range that is not ``ignore_index``: their loss and
+    gradient are NaN, so a bad label can never produce a plausible number.
     """
     ignored = jnp.zeros_like(in_range) if ignore_index is None else labels == ignore_index
-    active = (~ignored & (count[..., 0] > 0))[..., None]
+    active = (~ignored)[..., None] & (lse > -jnp.inf)
     poisoned = (~in_range & ~ignored)[..., None]
     return active, poisoned
 
@@ -172,20 +184,69 @@ def logit_gradient(
     return dz * g
 
 
-def _row_stats(z: jax.Array, adm: jax.Array, label_logit, weights, options: Options) -> RowStats:
-    lse = stable_logsumexp(z, adm)
-    count = jnp.sum(adm, axis=-1, keepdims=True, dtype=z.dtype)
-    if weights is None:
-        weight_total, w = count, None
-    else:
-        w = class_row(weights, z)
-        weight_total = jnp.sum(jnp.where(adm, w, 0), axis=-1, keepdims=True)
-    if options.label_smoothing is None:
-        mean_logit = jnp.zeros_like(lse)
-    else:
-        # Divide each term by K before summing so the sum cannot overflow at huge logits.
-        wz = z if w is None else w * z
-        mean_logit = jnp.sum(jnp.where(adm, wz / jnp.maximum(count, 1), 0), axis=-1, keepdims=True)
+@jax.custom_jvp
+def _row_sums(operands: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """Sums over the last axis of several arrays in one variadic reduction (one pass, and no
+    materialized operand on backends that fuse producers into a reduction)."""
+    zero = jnp.zeros((), operands[0].dtype)
+    return tuple(
+        jax.lax.reduce(
+            operands,
+            (zero,) * len(operands),
+            lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
+            (operands[0].ndim - 1,),
+        )
+    )
+
+
+@_row_sums.defjvp
+def _row_sums_jvp(primals, tangents):
+    # Sums are linear; the tangents use plain sums, which JAX can also transpose.
+    (operands,), (dots,) = primals, tangents
+    return _row_sums(operands), tuple(jnp.sum(t, axis=-1) for t in dots)
+
+
+def _forward_stats(x, safe, mask, weights, options: Options) -> RowStats:
+    """The row statistics of raw logits ``x`` (``[..., C]``, any float dtype).
+
+    Written so that XLA needs no ``[..., C]`` temporary: ``stable_logsumexp`` reads ``x`` in
+    its own dtype, the label logit is gathered from ``x`` itself (behind an optimization
+    barrier, which stops XLA from rewriting the gather to read a shared float32 copy of
+    ``x``), and the smoothing statistics come from one variadic reduction.
+    """
+    dtype = compute_dtype(x.dtype)
+    picked = jnp.take_along_axis(jax.lax.optimization_barrier(x), safe[..., None], axis=-1)
+    label_logit = capped(picked.astype(dtype), options)
+    ones = jnp.ones(x.shape[:-1] + (1,), dtype)
+    smoothing = options.label_smoothing is not None
+    if not smoothing and options.logit_soft_cap is None:
+        return RowStats(stable_logsumexp(x, mask), label_logit, ones, ones, jnp.zeros_like(ones))
+    # The capped or smoothed loss needs more than the plain logsumexp: a single variadic
+    # reduction computes all row sums in one pass. It is also the only reduction XLA's CPU
+    # backend fuses tanh into (its dedicated sum kernels would materialize the capped logits),
+    # as long as every one of its results is used: hence the count is always computed, and
+    # used to define lse (-inf for a row with no admissible class).
+    m = jnp.where(mask, x, jnp.asarray(-jnp.inf, x.dtype)) if mask is not None else x
+    m = capped(jnp.max(m, axis=-1, keepdims=True).astype(dtype), options)  # cap is increasing
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+    z = _capped_bulk(x.astype(dtype), options)
+    adm = admissible(x, mask)  # the cap maps -inf to -cap: read admissibility off the raw logits
+    zero = jnp.zeros_like(z)
+    operands = (jnp.where(adm, jnp.exp(z - m), zero), adm.astype(dtype))
+    if smoothing:
+        # Each logit is divided by C (static) before summing, so the sum cannot overflow. A
+        # second capped copy (behind a barrier) keeps XLA from sharing, and so materializing,
+        # one capped array between two operands.
+        num_classes = x.shape[-1]
+        z_again = _capped_bulk(jax.lax.optimization_barrier(x).astype(dtype), options)
+        w = jnp.ones_like(z) if weights is None else class_row(weights, z)
+        operands += (jnp.where(adm, w, zero), jnp.where(adm, w * z_again / num_classes, zero))
+    sums = tuple(r[..., None] for r in _row_sums(operands))
+    total, count = sums[:2]
+    weight_total, mean_logit = ones, jnp.zeros_like(ones)
+    if smoothing:
+        weight_total, mean_logit = sums[2], sums[3] * (num_classes / jnp.maximum(count, 1))
+    lse = jnp.where(count > 0, m + jnp.log(total), -jnp.inf)
     return RowStats(lse, label_logit, count, weight_total, mean_logit)
 
 
@@ -201,14 +262,10 @@ def _integer_ce(x, labels, mask, weights, options, ignore_index):
 
 
 def _integer_ce_fwd(x, labels, mask, weights, options, ignore_index):
-    xf = x.astype(compute_dtype(x.dtype))
-    z = capped(xf, options)
-    adm = admissible(z, mask)
     safe, in_range = safe_labels(labels, x.shape[-1])
-    label_logit = capped(jnp.take_along_axis(xf, safe[..., None], axis=-1), options)
-    stats = _row_stats(z, adm, label_logit, weights, options)
-    w_y = label_weight(weights, safe, xf.dtype)
-    active, poisoned = row_status(labels, in_range, stats.count, ignore_index)
+    stats = _forward_stats(x, safe, mask, weights, options)
+    w_y = label_weight(weights, safe, stats.lse.dtype)
+    active, poisoned = row_status(labels, in_range, stats.lse, ignore_index)
     loss = finalize_rows(row_loss(stats, w_y, options), active, poisoned)
     return (loss[..., 0], active[..., 0]), (x, labels, mask, weights, options, stats)
 
@@ -216,12 +273,15 @@ def _integer_ce_fwd(x, labels, mask, weights, options, ignore_index):
 def _integer_ce_bwd(ignore_index, res, cotangents):
     x, labels, mask, weights, options, stats = res
     g, _ = cotangents  # the "counted" flags are boolean: no cotangent
-    xf = x.astype(stats.lse.dtype)
-    z = capped(xf, options)
-    adm = admissible(z, mask)
+    # The barrier keeps XLA from sharing this float32 copy of x with the forward pass's
+    # reductions, which would make it a materialized [..., C] float32 temporary; it takes the
+    # lse too so that it cannot be merged with the forward pass's own barrier on x.
+    xf = jax.lax.optimization_barrier((x, stats.lse))[0].astype(stats.lse.dtype)
+    z = _capped_bulk(xf, options)
+    adm = admissible(xf, mask)
     safe, in_range = safe_labels(labels, x.shape[-1])
     w_y = label_weight(weights, safe, xf.dtype)
-    active, poisoned = row_status(labels, in_range, stats.count, ignore_index)
+    active, poisoned = row_status(labels, in_range, stats.lse, ignore_index)
     g = finalize_rows(g.astype(xf.dtype)[..., None], active, poisoned)
     onehot = one_hot(safe, z)
     coefficients = row_grad_coefficients(stats, w_y, options)
@@ -400,7 +460,7 @@ def _neg_log_prob(z, lse, wt):
 def _soft_ce_fwd(x, y, mask, weights, eps):
     z = x.astype(compute_dtype(x.dtype))
     wt, _ = _soft_targets(z, y.astype(z.dtype), mask, weights, eps)
-    lse = stable_logsumexp(z, mask)
+    lse = stable_logsumexp(x, mask)
     has_row = jnp.isfinite(lse)
     loss = jnp.sum(wt * _neg_log_prob(z, lse, wt), axis=-1, keepdims=True)
     loss = jnp.where(has_row, loss, jnp.zeros_like(loss))
@@ -507,8 +567,8 @@ def _nll_parts(log_probs, labels, weights, ignore_index):
     cdt = compute_dtype(log_probs.dtype)
     safe, in_range = safe_labels(labels, log_probs.shape[-1])
     w_y = label_weight(weights, safe, cdt)
-    ones = jnp.ones(labels.shape + (1,), cdt)
-    active, poisoned = row_status(labels, in_range, ones, ignore_index)
+    has_class = jnp.zeros(labels.shape + (1,), cdt)  # any finite value: every row has classes
+    active, poisoned = row_status(labels, in_range, has_class, ignore_index)
     return safe, w_y, active, poisoned
 
 

@@ -141,7 +141,7 @@ def _softmax_focal(x, labels, alpha, gamma, ignore_index):
 def _softmax_focal_parts(x, labels, alpha, gamma, ignore_index, lse=None):
     z = x.astype(compute_dtype(x.dtype))
     if lse is None:
-        lse = stable_logsumexp(z, None)
+        lse = stable_logsumexp(x, None)
     safe, in_range = safe_labels(labels, x.shape[-1])
     finite = jnp.isfinite(lse)
     lp = jnp.take_along_axis(z, safe[..., None], axis=-1) - jnp.where(finite, lse, 0)

@@ -73,7 +73,7 @@ def _softmax_entropy(x):
 
 def _softmax_entropy_parts(x):
     z = x.astype(compute_dtype(x.dtype))
-    lse = stable_logsumexp(z, None)
+    lse = stable_logsumexp(x, None)
     p = probabilities(z, lse, None)
     log_p = jnp.where(p > 0, z - lse, jnp.zeros_like(z))  # p log p = 0 where p = 0 (-inf logits)
     return z, lse, p, log_p

@@ -15,18 +15,26 @@ from jaxce._layout import ClassLayout, compute_dtype
 
 
 def stable_logsumexp(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """``log(sum(exp(x), -1, where=mask))`` in ``x``'s dtype, with keepdims.
+    """``log(sum(exp(x), -1, where=mask))`` in the compute dtype, with keepdims.
 
-    Stability: ``logsumexp(x) = m + log(sum(exp(x - m)))`` with ``m`` the row max under
-    ``stop_gradient`` (its derivative cancels). A non-finite max (a row of -inf, or a fully masked
-    row) is replaced by 0, so the row's sum is 0 and the result is -inf rather than NaN.
+    Stability: ``logsumexp(z) = m + log(sum(exp(z - m)))`` with ``m`` the row max under
+    ``stop_gradient`` (its derivative cancels). A non-finite max (a row of -inf, or a fully
+    masked row) is replaced by 0, so the row's sum is 0 and the result is -inf, not NaN.
+
+    Memory: the max is taken on ``x`` in its own dtype (a max is exact in any dtype), so each of
+    the two reductions reads ``x`` directly. A float32 copy shared by both is what XLA would
+    otherwise materialize: an extra ``[..., C]`` float32 buffer for bfloat16 input.
     """
+    dtype = compute_dtype(x.dtype)
     neg_inf = jnp.asarray(-jnp.inf, x.dtype)
+    m = jnp.max(x if mask is None else jnp.where(mask, x, neg_inf), axis=-1, keepdims=True)
+    m = m.astype(dtype)
+    z = x.astype(dtype)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+    e = jnp.exp(z - m)
     if mask is not None:
-        x = jnp.where(mask, x, neg_inf)
-    m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf))
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    return m + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
+        e = jnp.where(mask, e, jnp.zeros_like(e))
+    return m + jnp.log(jnp.sum(e, axis=-1, keepdims=True))
 
 
 def probabilities(x: jax.Array, lse: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -52,7 +60,7 @@ def _log_softmax(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 def _log_softmax_fwd(x, mask):
     xf = x.astype(compute_dtype(x.dtype))
-    lse = stable_logsumexp(xf, mask)
+    lse = stable_logsumexp(x, mask)
     y = jnp.where(jnp.isneginf(lse), -jnp.inf, xf - lse)
     return _masked(mask, y, -jnp.inf).astype(x.dtype), (x, mask, lse)
 
@@ -75,9 +83,8 @@ def _softmax(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def _softmax_fwd(x, mask):
-    xf = x.astype(compute_dtype(x.dtype))
-    lse = stable_logsumexp(xf, mask)
-    return probabilities(xf, lse, mask).astype(x.dtype), (x, mask, lse)
+    lse = stable_logsumexp(x, mask)
+    return probabilities(x.astype(lse.dtype), lse, mask).astype(x.dtype), (x, mask, lse)
 
 
 def _softmax_bwd(res, g):
@@ -98,7 +105,7 @@ def _logsumexp(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def _logsumexp_fwd(x, mask):
-    lse = stable_logsumexp(x.astype(compute_dtype(x.dtype)), mask)
+    lse = stable_logsumexp(x, mask)
     return lse[..., 0].astype(x.dtype), (x, mask, lse)
 
 

@@ -194,6 +194,8 @@ def check_labels(
     check_ignore_index(ignore_index)
     if not isinstance(num_classes, numbers.Integral) or num_classes <= 0:
         raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
+    if labels.size == 0:
+        return
     ok = (labels >= 0) & (labels < num_classes)
     if ignore_index is not None:
         ok = ok | (labels == ignore_index)
@@ -205,6 +207,6 @@ def check_labels(
         f"labels must lie in [0, {num_classes}){allowed}; found {{count}} outside,"
         " the first is {value} (at flat index {index})",
         count=jnp.sum(~flat_ok),
-        value=jnp.ravel(labels)[first] if labels.size else jnp.zeros((), labels.dtype),
+        value=jnp.ravel(labels)[first],
         index=first,
     )

@@ -11,8 +11,9 @@ BLOCK = re.compile(r"(<!-- skip-test -->\s*)?```python\n(.*?)```", re.DOTALL)
 
 
 def _blocks():
+    skip_mark = pytest.mark.skip("marked not standalone in the README")
     return [
-        pytest.param(code, id=f"block{i}", marks=[pytest.mark.skip("needs devices")] if skip else [])
+        pytest.param(code, id=f"block{i}", marks=[skip_mark] if skip else [])
         for i, (skip, code) in enumerate(BLOCK.findall(README.read_text()))
     ]
 

@@ -58,7 +58,8 @@ def as_bool_array(name: str, x: jax.typing.ArrayLike) -> jax.Array:
 
 
 def canonical_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
-    """Returns ``axis`` as a sorted tuple of non-negative ints, checking the range and repeats."""
+    """Returns ``axis`` as a tuple of non-negative ints in the order given (a tuple of class
+    axes is flattened in that order, as optax does), checking the range and repeats."""
     axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
     if not axes or not all(isinstance(a, numbers.Integral) for a in axes):
         raise TypeError(f"{name} must be an int or a non-empty tuple of ints; got {axis!r}.")
@@ -72,7 +73,7 @@ def canonical_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"{name}={axis!r} repeats an axis.")
-    return tuple(sorted(out))
+    return tuple(out)
 
 
 def check_ignore_index(ignore_index) -> None:

@@ -31,17 +31,58 @@ from jaxce._checks import Axis
 from jaxce._layout import ClassLayout, compute_dtype
 from jaxce._reduction import reduce_loss
 from jaxce._sigmoid import soft_cap, soft_cap_derivative
-from jaxce._softmax import probabilities, stable_logsumexp
+from jaxce._softmax import max_and_log_sum, probabilities
 
 
 class RowStats(NamedTuple):
-    """Per-example statistics, each of shape ``[..., 1]`` in the compute dtype."""
+    """Per-example statistics, each of shape ``[..., 1]`` in the compute dtype.
 
-    lse: jax.Array  # logsumexp over admissible classes (-inf for an empty row)
+    The logsumexp is kept as ``max + log_sum`` (``log_sum = log sum exp(z - max)``): every
+    difference ``lse - z`` is then computed as ``(max - z) + log_sum``, exact at logits so large
+    that ``max + log_sum`` rounds to ``max``.
+    """
+
+    max: jax.Array  # the row max of admissible logits (0 for an empty row)
+    log_sum: jax.Array  # log sum exp(z - max) over admissible classes (-inf for an empty row)
     label_logit: jax.Array  # z_y, read even if the label is not admissible (optax's behaviour)
     count: jax.Array  # K, the number of admissible classes
     weight_total: jax.Array  # W = sum of class weights over admissible classes (K if unweighted)
     mean_logit: jax.Array  # sum_A w_c z_c / K (only used with label smoothing)
+
+    @property
+    def lse(self) -> jax.Array:
+        """The logsumexp over admissible classes (-inf for an empty row)."""
+        return self.max + self.log_sum
+
+    @classmethod
+    def from_lse(cls, lse, label_logit, count, weight_total, mean_logit) -> RowStats:
+        """Statistics from a logsumexp known only as one number (shifted by itself)."""
+        finite = jnp.isfinite(lse)
+        return cls(
+            jnp.where(finite, lse, jnp.zeros_like(lse)),
+            jnp.where(finite, jnp.zeros_like(lse), lse),
+            label_logit,
+            count,
+            weight_total,
+            mean_logit,
+        )
+
+    def log_sum_or_zero(self) -> jax.Array:
+        """``log_sum`` with empty rows' -inf replaced by 0 (their results are masked anyway,
+        and a finite value keeps NaN out of the derivatives of the unselected branch)."""
+        return jnp.where(jnp.isfinite(self.log_sum), self.log_sum, jnp.zeros_like(self.log_sum))
+
+    def nll(self) -> jax.Array:
+        """``lse - z_y`` as ``(max - z_y) + log_sum``."""
+        return (self.max - self.label_logit) + self.log_sum_or_zero()
+
+    def smoothing_term(self) -> jax.Array:
+        """``sum_A w_c (lse - z_c) / K = (W/K max - mean_logit) + W/K log_sum``."""
+        ratio = self.weight_total / jnp.maximum(self.count, 1)
+        return (ratio * self.max - self.mean_logit) + ratio * self.log_sum_or_zero()
+
+    def lse_or_zero(self) -> jax.Array:
+        return self.max + self.log_sum_or_zero()
 
 
 class Options(NamedTuple):
@@ -114,13 +155,12 @@ def label_weight(weights: jax.Array | None, safe: jax.Array, dtype) -> jax.Array
 
 def row_loss(stats: RowStats, w_y: jax.Array, options: Options) -> jax.Array:
     """The per-example loss (``[..., 1]``) from its row statistics, before masking rows out."""
-    lse = jnp.where(jnp.isfinite(stats.lse), stats.lse, jnp.zeros_like(stats.lse))
     eps, zl = options.label_smoothing, options.z_loss
-    loss = w_y * (lse - stats.label_logit)
+    loss = w_y * stats.nll()
     if eps is not None:
-        smooth = stats.weight_total / jnp.maximum(stats.count, 1) * lse - stats.mean_logit
-        loss = (1 - eps) * loss + eps * smooth
+        loss = (1 - eps) * loss + eps * stats.smoothing_term()
     if zl is not None:
+        lse = stats.lse_or_zero()
         loss = loss + zl * w_y * lse * lse
     return loss
 
@@ -129,7 +169,6 @@ def row_grad_coefficients(
     stats: RowStats, w_y: jax.Array, options: Options
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``(a, b, c)`` with ``dloss/dz_k = a p_k - b [k = y] - c w_k [k admissible]``."""
-    lse = jnp.where(jnp.isfinite(stats.lse), stats.lse, jnp.zeros_like(stats.lse))
     eps, zl = options.label_smoothing, options.z_loss
     a = w_y
     b = w_y
@@ -140,7 +179,7 @@ def row_grad_coefficients(
         b = (1 - eps) * w_y
         c = eps * inv_count
     if zl is not None:
-        a = a + 2 * zl * w_y * lse
+        a = a + 2 * zl * w_y * stats.lse_or_zero()
     return a, b, c
 
 
@@ -176,12 +215,31 @@ def logit_gradient(
 ) -> jax.Array:
     """``g * dloss/dz`` over a block of classes (all of them, a chunk, or a shard)."""
     a, b, c = coefficients
-    p = probabilities(z, stats.lse, adm)
+    p = probabilities(z, stats.max, stats.log_sum, adm)
     dz = a * p - jnp.where(onehot, b, jnp.zeros_like(b))
     if c is not None:
         w = jnp.ones_like(z) if weights is None else class_row(weights, z)
         dz = dz - jnp.where(adm, c * w, jnp.zeros_like(z))
     return dz * g
+
+
+def _class_axis_sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s class axis is sharded over a mesh axis with explicit sharding."""
+    spec = getattr(jax.typeof(x).sharding, "spec", ())
+    return len(spec) == x.ndim and spec[-1] is not None
+
+
+def _pick(x: jax.Array, safe: jax.Array) -> jax.Array:
+    """``x[..., safe]`` as ``[..., 1]``, the label's logit.
+
+    A gather, behind an optimization barrier that stops XLA from rewriting it to read a float32
+    copy of ``x`` shared with the reductions. When the class axis is explicitly sharded a gather
+    would need the other shards' columns; a masked sum instead reduces locally and all-reduces
+    one number per example.
+    """
+    if _class_axis_sharded(x):
+        return jnp.sum(jnp.where(one_hot(safe, x), x, jnp.zeros_like(x)), axis=-1, keepdims=True)
+    return jnp.take_along_axis(jax.lax.optimization_barrier(x), safe[..., None], axis=-1)
 
 
 @jax.custom_jvp
@@ -209,18 +267,17 @@ def _row_sums_jvp(primals, tangents):
 def _forward_stats(x, safe, mask, weights, options: Options) -> RowStats:
     """The row statistics of raw logits ``x`` (``[..., C]``, any float dtype).
 
-    Written so that XLA needs no ``[..., C]`` temporary: ``stable_logsumexp`` reads ``x`` in
-    its own dtype, the label logit is gathered from ``x`` itself (behind an optimization
-    barrier, which stops XLA from rewriting the gather to read a shared float32 copy of
-    ``x``), and the smoothing statistics come from one variadic reduction.
+    Written so that XLA needs no ``[..., C]`` temporary: ``max_and_log_sum`` reads ``x`` in its
+    own dtype, the label logit is read from ``x`` itself (``_pick``), and the smoothing and cap
+    statistics come from one variadic reduction.
     """
     dtype = compute_dtype(x.dtype)
-    picked = jnp.take_along_axis(jax.lax.optimization_barrier(x), safe[..., None], axis=-1)
-    label_logit = capped(picked.astype(dtype), options)
+    label_logit = capped(_pick(x, safe).astype(dtype), options)
     ones = jnp.ones(x.shape[:-1] + (1,), dtype)
     smoothing = options.label_smoothing is not None
     if not smoothing and options.logit_soft_cap is None:
-        return RowStats(stable_logsumexp(x, mask), label_logit, ones, ones, jnp.zeros_like(ones))
+        m, log_sum = max_and_log_sum(x, mask)
+        return RowStats(m, log_sum, label_logit, ones, ones, jnp.zeros_like(ones))
     # The capped or smoothed loss needs more than the plain logsumexp: a single variadic
     # reduction computes all row sums in one pass. It is also the only reduction XLA's CPU
     # backend fuses tanh into (its dedicated sum kernels would materialize the capped logits),
@@ -246,8 +303,8 @@ def _forward_stats(x, safe, mask, weights, options: Options) -> RowStats:
     weight_total, mean_logit = ones, jnp.zeros_like(ones)
     if smoothing:
         weight_total, mean_logit = sums[2], sums[3] * (num_classes / jnp.maximum(count, 1))
-    lse = jnp.where(count > 0, m + jnp.log(total), -jnp.inf)
-    return RowStats(lse, label_logit, count, weight_total, mean_logit)
+    log_sum = jnp.where(count > 0, jnp.log(total), -jnp.inf)
+    return RowStats(m, log_sum, label_logit, count, weight_total, mean_logit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,10 +330,12 @@ def _integer_ce_fwd(x, labels, mask, weights, options, ignore_index):
 def _integer_ce_bwd(ignore_index, res, cotangents):
     x, labels, mask, weights, options, stats = res
     g, _ = cotangents  # the "counted" flags are boolean: no cotangent
-    # The barrier keeps XLA from sharing this float32 copy of x with the forward pass's
-    # reductions, which would make it a materialized [..., C] float32 temporary; it takes the
-    # lse too so that it cannot be merged with the forward pass's own barrier on x.
-    xf = jax.lax.optimization_barrier((x, stats.lse))[0].astype(stats.lse.dtype)
+    # The barrier keeps XLA from sharing this pass's float32 copy of x, or its broadcast row
+    # max, with the forward pass's reductions, which would make either a materialized
+    # [..., C] float32 temporary. Taking the statistics too keeps it distinct from the forward
+    # pass's own barrier on x.
+    x, stats = jax.lax.optimization_barrier((x, stats))
+    xf = x.astype(stats.max.dtype)
     z = _capped_bulk(xf, options)
     adm = admissible(xf, mask)
     safe, in_range = safe_labels(labels, x.shape[-1])
@@ -301,29 +360,27 @@ def _class_weight_grad(z, adm, safe, weights, stats, options, g):
     """d loss / d w_c = [c = y] ((1-eps) nll + zl lse^2) + eps / K (lse - z_c) [c in A]."""
     if weights is None:
         return None
-    lse = jnp.where(jnp.isfinite(stats.lse), stats.lse, 0)
     eps, zl = options.label_smoothing, options.z_loss
-    per_label = lse - stats.label_logit
+    per_label = stats.nll()
     if eps is not None:
         per_label = (1 - eps) * per_label
     if zl is not None:
-        per_label = per_label + zl * lse * lse
+        per_label = per_label + zl * stats.lse_or_zero() ** 2
     grad = jnp.zeros(weights.shape, z.dtype).at[safe.reshape(-1)].add((g * per_label).reshape(-1))
     if eps is not None:
-        spread = jnp.where(adm, (lse - z) * (eps / jnp.maximum(stats.count, 1)), 0) * g
+        gap = (stats.max - z) + stats.log_sum_or_zero()  # lse - z_c
+        spread = jnp.where(adm, gap * (eps / jnp.maximum(stats.count, 1)), 0) * g
         grad = grad + jnp.sum(spread.reshape(-1, z.shape[-1]), axis=0)
     return grad.astype(weights.dtype)
 
 
 def _options_grad(stats, w_y, options, g):
-    lse = jnp.where(jnp.isfinite(stats.lse), stats.lse, 0)
     eps, zl = options.label_smoothing, options.z_loss
     d_eps = d_zl = None
     if eps is not None:
-        smooth = stats.weight_total / jnp.maximum(stats.count, 1) * lse - stats.mean_logit
-        d_eps = jnp.sum(g * (smooth - w_y * (lse - stats.label_logit))).astype(eps.dtype)
+        d_eps = jnp.sum(g * (stats.smoothing_term() - w_y * stats.nll())).astype(eps.dtype)
     if zl is not None:
-        d_zl = jnp.sum(g * w_y * lse * lse).astype(zl.dtype)
+        d_zl = jnp.sum(g * w_y * stats.lse_or_zero() ** 2).astype(zl.dtype)
     # The soft cap is a fixed architectural constant here; use jaxce.logit_soft_cap to learn it.
     d_cap = None if options.logit_soft_cap is None else jnp.zeros_like(options.logit_soft_cap)
     return Options(d_eps, d_zl, d_cap)
@@ -344,6 +401,41 @@ def _prepare_integer(name, logits, labels, axis, where, ignore_index, class_weig
     weights = _checks.class_vector("class_weights", class_weights, layout.num_classes)
     mask = layout.mask_to_last("where", where)
     return layout, layout.to_last(logits), labels, mask, weights
+
+
+def _on_explicit_mesh(
+    x, labels, mask, weights, ignore_index, label_smoothing, z_loss, logit_soft_cap, reduction
+):
+    """The loss of logits whose class axis is sharded over an explicit mesh axis.
+
+    Under explicit sharding every intermediate must carry a sharding, and a gather across the
+    class axis would need the other shards' columns: the vocabulary-parallel implementation of
+    ``jaxce.sharded`` computes the same loss with one all-reduce of a few numbers per example.
+    """
+    from jaxce import _sharding  # it builds on this module
+
+    sharding = jax.typeof(x).sharding
+    spec = sharding.spec
+    data = [a for a in spec[:-1] if a is not None]
+    if len(data) > 1 or (data and spec[0] is None):
+        raise ValueError(
+            "logits sharded over the class axis may shard only their first batch axis;"
+            f" got sharding {spec}."
+        )
+    return _sharding.softmax_cross_entropy_with_integer_labels(
+        x,
+        labels,
+        axis_name=spec[-1],
+        data_axis_name=data[0] if data else None,
+        mesh=sharding.mesh,
+        where=mask,
+        ignore_index=ignore_index,
+        class_weights=weights,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_soft_cap=logit_soft_cap,
+        reduction=reduction,
+    )
 
 
 def normalizer(labels: jax.Array, active: jax.Array, weights: jax.Array | None, dtype) -> jax.Array:
@@ -413,11 +505,11 @@ def softmax_cross_entropy_with_integer_labels(
       >>> import jax.numpy as jnp, jaxce
       >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
       >>> jaxce.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1]))
-      Array([0.41702986, 0.22004962], dtype=float32)
+      Array([0.4170..., 0.2200...], dtype=float32)
       >>> jaxce.softmax_cross_entropy_with_integer_labels(
       ...     logits, jnp.array([0, -100]), ignore_index=-100, label_smoothing=0.1,
       ...     reduction="mean")
-      Array(0.51369655, dtype=float32)
+      Array(0.5136..., dtype=float32)
 
     References:
       PyTorch ``torch.nn.functional.cross_entropy``; optax
@@ -427,6 +519,18 @@ def softmax_cross_entropy_with_integer_labels(
     layout, x, labels, mask, weights = _prepare_integer(
         "logits", logits, labels, axis, where, ignore_index, class_weights, reduction
     )
+    if _class_axis_sharded(x):
+        return _on_explicit_mesh(
+            x,
+            labels,
+            mask,
+            weights,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            logit_soft_cap,
+            reduction,
+        )
     cdt = compute_dtype(x.dtype)
     options = make_options(cdt, label_smoothing, z_loss, logit_soft_cap)
     losses, counted = _integer_ce(x, labels, mask, weights, options, ignore_index)
@@ -452,31 +556,32 @@ def _soft_ce(x, y, mask, weights, eps):
     return _soft_ce_fwd(x, y, mask, weights, eps)[0]
 
 
-def _neg_log_prob(z, lse, wt):
-    """``lse - z`` where the target is nonzero, 0 elsewhere (0 log 0 = 0, even at -inf logits)."""
-    return jnp.where(wt != 0, lse - z, jnp.zeros_like(z))
+def _neg_log_prob(z, m, log_sum, wt):
+    """``lse - z`` as ``(m - z) + log_sum`` where the target is nonzero, 0 elsewhere
+    (0 log 0 = 0, even at -inf logits)."""
+    log_sum = jnp.where(jnp.isfinite(log_sum), log_sum, 0)
+    return jnp.where(wt != 0, (m - z) + log_sum, jnp.zeros_like(z))
 
 
 def _soft_ce_fwd(x, y, mask, weights, eps):
     z = x.astype(compute_dtype(x.dtype))
     wt, _ = _soft_targets(z, y.astype(z.dtype), mask, weights, eps)
-    lse = stable_logsumexp(x, mask)
-    has_row = jnp.isfinite(lse)
-    loss = jnp.sum(wt * _neg_log_prob(z, lse, wt), axis=-1, keepdims=True)
-    loss = jnp.where(has_row, loss, jnp.zeros_like(loss))
-    return loss[..., 0], (x, y, mask, weights, eps, lse)
+    m, log_sum = max_and_log_sum(x, mask)
+    loss = jnp.sum(wt * _neg_log_prob(z, m, log_sum, wt), axis=-1, keepdims=True)
+    loss = jnp.where(jnp.isfinite(log_sum), loss, jnp.zeros_like(loss))
+    return loss[..., 0], (x, y, mask, weights, eps, m, log_sum)
 
 
 def _soft_ce_bwd(res, g):
-    x, y, mask, weights, eps, lse = res
-    z = x.astype(lse.dtype)
+    x, y, mask, weights, eps, m, log_sum = res
+    z = x.astype(m.dtype)
     wt, adm = _soft_targets(z, y.astype(z.dtype), mask, weights, eps)
-    has_row = jnp.isfinite(lse)
+    has_row = jnp.isfinite(log_sum)
     g = jnp.where(has_row, g.astype(z.dtype)[..., None], 0)
-    p = probabilities(z, lse, mask)
+    p = probabilities(z, m, log_sum, mask)
     dz = (jnp.sum(wt, axis=-1, keepdims=True) * p - wt) * g
     # d/dy: the labels' own term only (the smoothing mass does not depend on y).
-    nlp = jnp.where(jnp.isfinite(lse), lse, 0) - z
+    nlp = (m - z) + jnp.where(has_row, log_sum, 0)
     live = jnp.ones_like(adm) if mask is None else mask
     scale = 1 if eps is None else 1 - eps
     w = jnp.ones_like(z) if weights is None else class_row(weights, z)
@@ -484,7 +589,7 @@ def _soft_ce_bwd(res, g):
     dw = d_eps = None
     if weights is not None:
         t, _ = _soft_targets(z, y.astype(z.dtype), mask, None, eps)
-        dw = jnp.sum((t * _neg_log_prob(z, lse, t) * g).reshape(-1, z.shape[-1]), axis=0)
+        dw = jnp.sum((t * _neg_log_prob(z, m, log_sum, t) * g).reshape(-1, z.shape[-1]), axis=0)
         dw = dw.astype(weights.dtype)
     if eps is not None:
         y0 = y.astype(z.dtype) if mask is None else jnp.where(mask, y.astype(z.dtype), 0)
@@ -567,7 +672,7 @@ def _nll_parts(log_probs, labels, weights, ignore_index):
     cdt = compute_dtype(log_probs.dtype)
     safe, in_range = safe_labels(labels, log_probs.shape[-1])
     w_y = label_weight(weights, safe, cdt)
-    has_class = jnp.zeros(labels.shape + (1,), cdt)  # any finite value: every row has classes
+    has_class = jnp.zeros(labels.shape + (1,), cdt)  # a finite "lse": every row has classes
     active, poisoned = row_status(labels, in_range, has_class, ignore_index)
     return safe, w_y, active, poisoned
 

@@ -19,7 +19,7 @@ from jaxce._cross_entropy import (
 from jaxce._layout import ClassLayout, compute_dtype
 from jaxce._reduction import reduce_loss
 from jaxce._sigmoid import stable_log_sigmoid
-from jaxce._softmax import probabilities, stable_logsumexp
+from jaxce._softmax import max_and_log_sum, probabilities
 
 
 def _pow(base: jax.Array, gamma: jax.Array) -> jax.Array:
@@ -59,9 +59,10 @@ def _sigmoid_focal_bwd(res, g):
     xf, yf, log_p, log_q, ce, p, q, m, a, mg = _sigmoid_focal_parts(x, y, alpha, gamma)
     g = g.astype(xf.dtype)
     ratio = jnp.where(m > 0, ce / jnp.where(m > 0, m, 1), 0)
-    dx = a * mg * ((p - yf) + gamma * ratio * (1 - 2 * yf) * p * q) * g
+    # ratio * (p * q) first: ratio can be ~3e38 where p * q is 0, and gamma * ratio overflows.
+    dx = a * mg * ((p - yf) + gamma * ((ratio * (p * q)) * (1 - 2 * yf))) * g
     # d/dy: dce/dy = -x (as log_q - log_p), dm/dy = q - p, da/dy = 2 alpha - 1.
-    dy = a * mg * ((log_q - log_p) + gamma * ratio * (q - p))
+    dy = a * mg * ((log_q - log_p) + gamma * (ratio * (q - p)))
     if alpha is not None:
         dy = dy + (2 * alpha - 1) * ce * mg
     d_alpha = None if alpha is None else jnp.sum((2 * yf - 1) * ce * mg * g).astype(alpha.dtype)
@@ -108,7 +109,7 @@ def sigmoid_focal_loss(
     Examples:
       >>> import jax.numpy as jnp, jaxce
       >>> jaxce.sigmoid_focal_loss(jnp.array([4.0, -1.0]), jnp.array([1.0, 1.0]))
-      Array([5.8715718e-06, 7.0186836e-01], dtype=float32)
+      Array([5.8715...e-06, 7.0186...e-01], dtype=float32)
 
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017; optax
@@ -138,13 +139,13 @@ def _softmax_focal(x, labels, alpha, gamma, ignore_index):
     return _softmax_focal_fwd(x, labels, alpha, gamma, ignore_index)[0]
 
 
-def _softmax_focal_parts(x, labels, alpha, gamma, ignore_index, lse=None):
+def _softmax_focal_parts(x, labels, alpha, ignore_index, normalizer=None):
     z = x.astype(compute_dtype(x.dtype))
-    if lse is None:
-        lse = stable_logsumexp(x, None)
+    m, log_sum = max_and_log_sum(x, None) if normalizer is None else normalizer
     safe, in_range = safe_labels(labels, x.shape[-1])
-    finite = jnp.isfinite(lse)
-    lp = jnp.take_along_axis(z, safe[..., None], axis=-1) - jnp.where(finite, lse, 0)
+    finite = jnp.isfinite(log_sum)  # rows of all -inf have nothing to classify
+    # log p_y = (z_y - m) - log_sum: exact even where m + log_sum would round to m.
+    lp = (jnp.take_along_axis(z, safe[..., None], axis=-1) - m) - jnp.where(finite, log_sum, 0)
     q = jnp.exp(lp)
     u = -jnp.expm1(lp)
     if alpha is None:
@@ -153,30 +154,29 @@ def _softmax_focal_parts(x, labels, alpha, gamma, ignore_index, lse=None):
         a = jnp.broadcast_to(alpha, lp.shape)
     else:
         a = jnp.take(alpha, safe)[..., None]
-    count = jnp.where(finite, 1, 0).astype(z.dtype)  # rows of all -inf have nothing to classify
-    active, poisoned = row_status(labels, in_range, count, ignore_index)
-    return z, lse, safe, lp, q, u, a, active, poisoned
+    active, poisoned = row_status(labels, in_range, log_sum, ignore_index)
+    return z, (m, log_sum), safe, lp, q, u, a, active, poisoned
 
 
 def _softmax_focal_fwd(x, labels, alpha, gamma, ignore_index):
-    z, lse, safe, lp, q, u, a, active, poisoned = _softmax_focal_parts(
-        x, labels, alpha, gamma, ignore_index
+    z, normalizer, safe, lp, q, u, a, active, poisoned = _softmax_focal_parts(
+        x, labels, alpha, ignore_index
     )
     loss = finalize_rows(-a * _pow(u, gamma) * lp, active, poisoned)
-    return (loss[..., 0], active[..., 0]), (x, labels, alpha, gamma, lse)
+    return (loss[..., 0], active[..., 0]), (x, labels, alpha, gamma, normalizer)
 
 
 def _softmax_focal_bwd(ignore_index, res, cotangents):
-    x, labels, alpha, gamma, lse = res
+    x, labels, alpha, gamma, normalizer = res
     g, _ = cotangents  # the "counted" flags are boolean: no cotangent
-    z, lse, safe, lp, q, u, a, active, poisoned = _softmax_focal_parts(
-        x, labels, alpha, gamma, ignore_index, lse
+    z, (m, log_sum), safe, lp, q, u, a, active, poisoned = _softmax_focal_parts(
+        x, labels, alpha, ignore_index, normalizer
     )
     g = finalize_rows(g.astype(z.dtype)[..., None], active, poisoned)
     ug = _pow(u, gamma)
     r = jnp.where(u > 0, -lp / jnp.where(u > 0, u, 1), 1)
     f = ug * (1 + gamma * q * r)
-    p = probabilities(z, lse, None)
+    p = probabilities(z, m, log_sum, None)
     dz = a * f * (p - one_hot(safe, z).astype(z.dtype)) * g
     d_alpha = None
     if alpha is not None:
@@ -233,7 +233,7 @@ def softmax_focal_loss(
       >>> import jax.numpy as jnp, jaxce
       >>> logits = jnp.array([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
       >>> jaxce.softmax_focal_loss(logits, jnp.array([0, 0]), gamma=2.0)
-      Array([4.4923741e-05, 4.8827216e-01], dtype=float32)
+      Array([4.4923...e-05, 4.8827...e-01], dtype=float32)
 
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.

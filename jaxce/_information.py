@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxce import _checks
 from jaxce._checks import Axis
 from jaxce._layout import ClassLayout, compute_dtype
-from jaxce._softmax import probabilities, stable_logsumexp
+from jaxce._softmax import log_probabilities, max_and_log_sum
 
 
 def _safe_log(p: jax.Array) -> jax.Array:
@@ -73,19 +73,19 @@ def _softmax_entropy(x):
 
 def _softmax_entropy_parts(x):
     z = x.astype(compute_dtype(x.dtype))
-    lse = stable_logsumexp(x, None)
-    p = probabilities(z, lse, None)
-    log_p = jnp.where(p > 0, z - lse, jnp.zeros_like(z))  # p log p = 0 where p = 0 (-inf logits)
-    return z, lse, p, log_p
+    m, log_sum = max_and_log_sum(x, None)
+    log_p = log_probabilities(z, m, log_sum, None)
+    p = jnp.exp(log_p)
+    return p, jnp.where(p > 0, log_p, jnp.zeros_like(z))  # p log p = 0 where p = 0
 
 
 def _softmax_entropy_fwd(x):
-    _, lse, p, log_p = _softmax_entropy_parts(x)
+    p, log_p = _softmax_entropy_parts(x)
     return 0 - jnp.sum(p * log_p, axis=-1), x
 
 
 def _softmax_entropy_bwd(x, g):
-    _, _, p, log_p = _softmax_entropy_parts(x)
+    p, log_p = _softmax_entropy_parts(x)
     h = -jnp.sum(p * log_p, axis=-1, keepdims=True)
     return ((-p * (log_p + h) * g.astype(p.dtype)[..., None]).astype(x.dtype),)
 

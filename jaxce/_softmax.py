@@ -1,7 +1,7 @@
 """log_softmax, softmax and logsumexp with hand-written gradients.
 
 Each works on the class axes moved to the end (``[..., C]``, see ``_layout``); the kernels below
-(``stable_logsumexp``, ``probabilities``) are shared with the losses, so there is exactly one
+(``max_and_log_sum``, ``probabilities``) are shared with the losses, so there is exactly one
 implementation of the max-shifted logsumexp in the library.
 """
 
@@ -14,12 +14,13 @@ from jaxce._checks import Axis, as_float_array, canonical_axes
 from jaxce._layout import ClassLayout, compute_dtype
 
 
-def stable_logsumexp(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """``log(sum(exp(x), -1, where=mask))`` in the compute dtype, with keepdims.
+def max_and_log_sum(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``(m, log_sum)`` with ``logsumexp(x) = m + log_sum``, in the compute dtype, keepdims.
 
-    Stability: ``logsumexp(z) = m + log(sum(exp(z - m)))`` with ``m`` the row max under
-    ``stop_gradient`` (its derivative cancels). A non-finite max (a row of -inf, or a fully
-    masked row) is replaced by 0, so the row's sum is 0 and the result is -inf, not NaN.
+    ``m`` is the row max (0 for a row with nothing admissible, whose ``log_sum`` is -inf) under
+    ``stop_gradient`` (its derivative cancels) and ``log_sum = log(sum(exp(x - m)))``. Keeping the
+    two apart is what makes ``log_softmax = (x - m) - log_sum`` exact at huge logits, where
+    ``x - (m + log_sum)`` would lose ``log_sum`` to rounding (at 3e38 it vanishes entirely).
 
     Memory: the max is taken on ``x`` in its own dtype (a max is exact in any dtype), so each of
     the two reductions reads ``x`` directly. A float32 copy shared by both is what XLA would
@@ -29,20 +30,26 @@ def stable_logsumexp(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     neg_inf = jnp.asarray(-jnp.inf, x.dtype)
     m = jnp.max(x if mask is None else jnp.where(mask, x, neg_inf), axis=-1, keepdims=True)
     m = m.astype(dtype)
-    z = x.astype(dtype)
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
-    e = jnp.exp(z - m)
+    e = jnp.exp(x.astype(dtype) - m)
     if mask is not None:
         e = jnp.where(mask, e, jnp.zeros_like(e))
-    return m + jnp.log(jnp.sum(e, axis=-1, keepdims=True))
+    return m, jnp.log(jnp.sum(e, axis=-1, keepdims=True))
 
 
-def probabilities(x: jax.Array, lse: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """``softmax = exp(x - lse)``, 0 on masked entries and on rows with no admissible entry."""
-    # A row whose lse is -inf has nothing to normalise: exp(-inf - -inf) would be NaN.
-    keep = jnp.isfinite(lse) if mask is None else mask & jnp.isfinite(lse)
-    shifted = jnp.where(keep, x - jnp.where(jnp.isfinite(lse), lse, jnp.zeros_like(lse)), -jnp.inf)
-    return jnp.exp(shifted)
+def log_probabilities(
+    x: jax.Array, m: jax.Array, log_sum: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    """``log_softmax = (x - m) - log_sum``; -inf on masked entries and on empty rows."""
+    keep = jnp.isfinite(log_sum) if mask is None else mask & jnp.isfinite(log_sum)
+    return jnp.where(keep, (x - m) - jnp.where(keep, log_sum, 0), -jnp.inf)
+
+
+def probabilities(
+    x: jax.Array, m: jax.Array, log_sum: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    """``softmax = exp((x - m) - log_sum)``, 0 on masked entries and on empty rows."""
+    return jnp.exp(log_probabilities(x, m, log_sum, mask))
 
 
 def _masked(mask: jax.Array | None, x: jax.Array, fill) -> jax.Array:
@@ -51,24 +58,23 @@ def _masked(mask: jax.Array | None, x: jax.Array, fill) -> jax.Array:
 
 # ----------------------------------------------------------------------------------------------
 # log_softmax: y = x - lse(x).  d/dx_j sum_i g_i y_i = g_j - softmax_j * sum_i g_i.
-# Residuals: the input (already alive) and the float32 per-row lse; the backward pass recomputes
-# the probabilities from them, which is both smaller and more accurate than saving a bf16 output.
+# Residuals: the input (already alive) and the float32 per-row max and log-sum; the backward
+# pass recomputes the probabilities from them, smaller and more accurate than a bf16 output.
 @jax.custom_vjp
 def _log_softmax(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     return _log_softmax_fwd(x, mask)[0]
 
 
 def _log_softmax_fwd(x, mask):
-    xf = x.astype(compute_dtype(x.dtype))
-    lse = stable_logsumexp(x, mask)
-    y = jnp.where(jnp.isneginf(lse), -jnp.inf, xf - lse)
-    return _masked(mask, y, -jnp.inf).astype(x.dtype), (x, mask, lse)
+    m, log_sum = max_and_log_sum(x, mask)
+    y = log_probabilities(x.astype(m.dtype), m, log_sum, mask)
+    return y.astype(x.dtype), (x, mask, m, log_sum)
 
 
 def _log_softmax_bwd(res, g):
-    x, mask, lse = res
-    p = probabilities(x.astype(lse.dtype), lse, mask)
-    g = _masked(mask, g.astype(lse.dtype), 0)
+    x, mask, m, log_sum = res
+    p = probabilities(x.astype(m.dtype), m, log_sum, mask)
+    g = _masked(mask, g.astype(m.dtype), 0)
     gx = g - p * jnp.sum(g, axis=-1, keepdims=True)
     return _masked(mask, gx, 0).astype(x.dtype), None
 
@@ -83,14 +89,14 @@ def _softmax(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def _softmax_fwd(x, mask):
-    lse = stable_logsumexp(x, mask)
-    return probabilities(x.astype(lse.dtype), lse, mask).astype(x.dtype), (x, mask, lse)
+    m, log_sum = max_and_log_sum(x, mask)
+    return probabilities(x.astype(m.dtype), m, log_sum, mask).astype(x.dtype), (x, mask, m, log_sum)
 
 
 def _softmax_bwd(res, g):
-    x, mask, lse = res
-    s = probabilities(x.astype(lse.dtype), lse, mask)
-    g = g.astype(lse.dtype)
+    x, mask, m, log_sum = res
+    s = probabilities(x.astype(m.dtype), m, log_sum, mask)
+    g = g.astype(m.dtype)
     gx = s * (g - jnp.sum(g * s, axis=-1, keepdims=True))
     return gx.astype(x.dtype), None
 
@@ -98,21 +104,21 @@ def _softmax_bwd(res, g):
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-# logsumexp: d/dx_j lse = softmax_j. Residuals: the input and the float32 lse.
+# logsumexp: d/dx_j lse = softmax_j. Residuals: the input and the float32 (max, log-sum).
 @jax.custom_vjp
 def _logsumexp(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     return _logsumexp_fwd(x, mask)[0]
 
 
 def _logsumexp_fwd(x, mask):
-    lse = stable_logsumexp(x, mask)
-    return lse[..., 0].astype(x.dtype), (x, mask, lse)
+    m, log_sum = max_and_log_sum(x, mask)
+    return (m + log_sum)[..., 0].astype(x.dtype), (x, mask, m, log_sum)
 
 
 def _logsumexp_bwd(res, g):
-    x, mask, lse = res
-    p = probabilities(x.astype(lse.dtype), lse, mask)
-    return (p * g.astype(lse.dtype)[..., None]).astype(x.dtype), None
+    x, mask, m, log_sum = res
+    p = probabilities(x.astype(m.dtype), m, log_sum, mask)
+    return (p * g.astype(m.dtype)[..., None]).astype(x.dtype), None
 
 
 _logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
@@ -173,7 +179,7 @@ def softmax(
     Examples:
       >>> import jax.numpy as jnp, jaxce
       >>> print(jaxce.softmax(jnp.array([3.0, 1.0, -3.0])))
-      [0.8789098  0.11894324 0.00214696]
+      [0.87887824 0.11894324 0.00217852]
 
     References:
       ``jax.nn.softmax``; ``torch.softmax``.

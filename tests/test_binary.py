@@ -1,0 +1,266 @@
+"""sigmoid_binary_cross_entropy (BCEWithLogitsLoss) and binary_cross_entropy (BCELoss)."""
+
+import itertools
+
+import _reference as R
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import jaxce
+
+BIG32 = float(np.float32(3e38))
+SBCE = R.jitted(jaxce.sigmoid_binary_cross_entropy)
+BCE = R.jitted(jaxce.binary_cross_entropy)
+
+
+def _jx(kw):
+    return {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+
+
+# ------------------------------------------------------------------------ sigmoid BCE
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (4, 3), (2, 3, 5)])
+def test_sbce_values(rng, shape):
+    x = R.random_logits(rng, shape, scale=4.0)
+    y = rng.random(shape)
+    got = SBCE(jnp.asarray(x), jnp.asarray(y))
+    assert got.shape == np.shape(x) and got.dtype == jnp.float64
+    R.assert_close(got, R.sigmoid_binary_cross_entropy(x, y), rtol=1e-12, atol=1e-14)
+    # the textbook formula -[y log p + (1 - y) log(1 - p)]
+    p = 1 / (1 + np.exp(-x))
+    R.assert_close(got, -(y * np.log(p) + (1 - y) * np.log(1 - p)), rtol=1e-9)
+
+
+GRID = list(itertools.product([False, True], [False, "full", "row"], [0.0, 0.1], ["none", "mean"]))
+
+
+@pytest.mark.parametrize("pos_weight,weights,eps,reduction", GRID)
+def test_sbce_option_grid(rng, pos_weight, weights, eps, reduction):
+    n, c = 5, 3
+    x = R.random_logits(rng, (n, c))
+    y = (rng.random((n, c)) < 0.5).astype(np.float64)
+    kw = dict(label_smoothing=eps, reduction=reduction)
+    if pos_weight:
+        kw["pos_weight"] = rng.uniform(0.5, 4.0, size=c)  # along the last (class) axis
+    if weights == "full":
+        kw["weights"] = rng.uniform(0.0, 2.0, size=(n, c))
+    elif weights == "row":
+        kw["weights"] = rng.uniform(0.0, 2.0, size=(n, 1))
+    got = SBCE(jnp.asarray(x), jnp.asarray(y), **_jx(kw))
+    expected = R.sigmoid_binary_cross_entropy(x, y, **kw)
+    R.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    g = R.jgrad(lambda a: jnp.sum(SBCE(a, jnp.asarray(y), **_jx(kw))))(jnp.asarray(x))
+    g_ref = R.ref_grad(lambda a, xp: xp.sum(R.sigmoid_binary_cross_entropy(a, y, xp=xp, **kw)))(x)
+    R.assert_close(g, g_ref, rtol=1e-11, atol=1e-14)
+
+
+def test_sbce_hand_derived_torch():
+    # torch: l = -w [pw y log s(x) + (1 - y) log(1 - s(x))], mean over all elements
+    x = np.array([[0.5, -1.0, 2.0], [3.0, 0.0, -0.2]])
+    y = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.3]])
+    pw = np.array([2.0, 0.5, 3.0])
+    w = np.array([[1.0], [0.25]])
+    s = 1.0 / (1.0 + np.exp(-x))
+    per = -w * (pw * y * np.log(s) + (1 - y) * np.log(1 - s))
+    got = SBCE(
+        jnp.asarray(x),
+        jnp.asarray(y),
+        pos_weight=jnp.asarray(pw),
+        weights=jnp.asarray(w),
+        reduction="mean",
+    )
+    R.assert_close(got, per.mean(), rtol=1e-12)
+    # gradient: w [(pw y + 1 - y) s - pw y] / numel
+    g = w * ((pw * y + 1 - y) * s - pw * y) / x.size
+    got_g = R.jgrad(
+        lambda a: SBCE(
+            a, jnp.asarray(y), pos_weight=jnp.asarray(pw), weights=jnp.asarray(w), reduction="mean"
+        )
+    )(jnp.asarray(x))
+    R.assert_close(got_g, g, rtol=1e-12)
+
+
+def test_sbce_label_smoothing_hand():
+    # y' = (1 - eps) y + eps / 2
+    x = np.array([1.5, -0.5])
+    y = np.array([1.0, 0.0])
+    yp = 0.8 * y + 0.1
+    s = 1.0 / (1.0 + np.exp(-x))
+    got = SBCE(jnp.asarray(x), jnp.asarray(y), label_smoothing=0.2)
+    R.assert_close(got, -(yp * np.log(s) + (1 - yp) * np.log(1 - s)), rtol=1e-13)
+
+
+def test_sbce_pos_weight_broadcasts_along_last_axis(rng):
+    x = R.random_logits(rng, (2, 3, 4))
+    y = (rng.random((2, 3, 4)) < 0.5).astype(np.float64)
+    pw = np.array([1.0, 2.0, 3.0, 4.0])
+    got = SBCE(jnp.asarray(x), jnp.asarray(y), pos_weight=jnp.asarray(pw))
+    R.assert_close(
+        got, R.sigmoid_binary_cross_entropy(x, y, pos_weight=pw[None, None, :]), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_sbce_infinite_logits(dtype):
+    x = jnp.asarray(np.array([np.inf, np.inf, -np.inf, -np.inf, np.inf]), dtype=dtype)
+    y = jnp.asarray(np.array([1.0, 0.0, 0.0, 1.0, 0.5]), dtype=dtype)
+    got = np.asarray(SBCE(x, y))
+    np.testing.assert_array_equal(got, [0.0, np.inf, 0.0, np.inf, np.inf])
+    pw = jnp.asarray(np.array([2.0, 2.0, 2.0, 2.0]), dtype=dtype)
+    got = np.asarray(SBCE(x[:4], y[:4], pos_weight=pw))
+    np.testing.assert_array_equal(got, [0.0, np.inf, 0.0, np.inf])
+
+
+@pytest.mark.parametrize("big", [1e4, 3e38])
+def test_sbce_huge_float32(big):
+    x = jnp.asarray(np.array([big, -big, big, -big]), dtype=jnp.float32)
+    y = jnp.asarray(np.array([1.0, 0.0, 0.0, 1.0]), dtype=jnp.float32)
+    got = np.asarray(SBCE(x, y))
+    R.assert_close(got, [0.0, 0.0, big, big], rtol=1e-6)
+    g = np.asarray(R.jgrad(lambda a: jnp.sum(SBCE(a, y)))(x))
+    R.assert_close(g, [0.0, 0.0, 1.0, -1.0], atol=1e-7)
+
+
+def test_sbce_equals_two_class_softmax_ce(rng):
+    # sigmoid BCE == 2-class softmax CE on logits [0, x]
+    x = R.random_logits(rng, (11,))
+    y = (rng.random(11) < 0.5).astype(np.int32)
+    two = jnp.stack([jnp.zeros(11, jnp.float64), jnp.asarray(x)], axis=-1)
+    a = SBCE(jnp.asarray(x), jnp.asarray(y.astype(np.float64)))
+    b = jaxce.softmax_cross_entropy_with_integer_labels(two, jnp.asarray(y))
+    R.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    soft = rng.random(11)
+    a = SBCE(jnp.asarray(x), jnp.asarray(soft))
+    b = jaxce.softmax_cross_entropy(two, jnp.asarray(np.stack([1 - soft, soft], -1)))
+    R.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    ga = R.jgrad(lambda v: jnp.sum(SBCE(v, jnp.asarray(soft))))(jnp.asarray(x))
+    R.assert_close(ga, 1 / (1 + np.exp(-x)) - soft, rtol=1e-12, atol=1e-15)
+
+
+def test_sbce_check_grads(rng):
+    x = jnp.asarray(R.random_logits(rng, (3, 4), scale=2.0))
+    y = jnp.asarray(rng.random((3, 4)))
+    pw = jnp.asarray(np.array([1.0, 2.0, 0.5, 3.0]))
+    R.check_grads(
+        lambda a: SBCE(a, y, pos_weight=pw, label_smoothing=0.1, reduction="mean"),
+        (x,),
+        order=2,
+        modes=("rev",),
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_sbce_dtypes(rng, dtype):
+    x = jnp.asarray(R.random_logits(rng, (6, 5), scale=5.0), dtype=dtype)
+    y = jnp.asarray((rng.random((6, 5)) < 0.5).astype(np.float32), dtype=dtype)
+    got = SBCE(x, y)
+    assert got.dtype == jnp.float32
+    R.assert_close(
+        got,
+        R.sigmoid_binary_cross_entropy(
+            np.asarray(x.astype(jnp.float64)), np.asarray(y.astype(jnp.float64))
+        ),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    gx, gy = R.jgrad(lambda a, b: jnp.sum(SBCE(a, b)), argnums=(0, 1))(x, y)
+    assert gx.dtype == dtype and gy.dtype == dtype
+
+
+def test_sbce_jit_vmap(rng):
+    x = jnp.asarray(R.random_logits(rng, (3, 4)))
+    y = jnp.asarray(rng.random((3, 4)))
+    pw = jnp.asarray(np.array([1.0, 2.0, 0.5, 3.0]))
+    f = lambda a, b: SBCE(a, b, pos_weight=pw, reduction="sum")  # noqa: E731
+    R.assert_close(jax.jit(f)(x, y), f(x, y), rtol=1e-13)
+    expected = [
+        R.sigmoid_binary_cross_entropy(
+            np.asarray(x[i]), np.asarray(y[i]), pos_weight=np.asarray(pw), reduction="sum"
+        )
+        for i in range(3)
+    ]
+    R.assert_close(jax.vmap(f)(x, y), expected, rtol=1e-12)
+
+
+_sbce_vg = jax.jit(
+    jax.value_and_grad(lambda a, b: jnp.sum(jaxce.sigmoid_binary_cross_entropy(a, b)))
+)
+
+
+@given(
+    x=hnp.arrays(np.float32, (6,), elements=st.floats(-BIG32, BIG32, width=32)),
+    y=hnp.arrays(np.float32, (6,), elements=st.floats(0.0, 1.0, width=32)),
+)
+def test_sbce_property_no_nan(x, y):
+    val, g = _sbce_vg(jnp.asarray(x), jnp.asarray(y))
+    assert not np.isnan(float(val))
+    assert not np.any(np.isnan(np.asarray(g)))
+
+
+# ------------------------------------------------------------------------ BCE on probabilities
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_bce_values_and_grads(rng, weighted, reduction):
+    p = rng.uniform(0.01, 0.99, size=(4, 3))
+    y = rng.random((4, 3))
+    kw = dict(reduction=reduction)
+    if weighted:
+        kw["weights"] = rng.uniform(0.0, 2.0, size=(4, 3))
+    got = BCE(jnp.asarray(p), jnp.asarray(y), **_jx(kw))
+    R.assert_close(got, R.binary_cross_entropy(p, y, **kw), rtol=1e-12)
+    g = R.jgrad(lambda a: jnp.sum(BCE(a, jnp.asarray(y), **_jx(kw))))(jnp.asarray(p))
+    g_ref = R.ref_grad(lambda a, xp: xp.sum(R.binary_cross_entropy(a, y, xp=xp, **kw)))(p)
+    R.assert_close(g, g_ref, rtol=1e-10)
+
+
+def test_bce_clamps_logs_at_minus_100():
+    # PyTorch BCELoss: log terms are clamped at >= -100, so p in {0, 1} gives at most 100
+    p = jnp.asarray(np.array([0.0, 1.0, 0.0, 1.0, 1e-50]))
+    y = jnp.asarray(np.array([1.0, 0.0, 0.0, 1.0, 1.0]))
+    got = np.asarray(BCE(p, y))
+    R.assert_close(got, [100.0, 100.0, 0.0, 0.0, 100.0], rtol=1e-12)
+    R.assert_close(BCE(p, y, reduction="mean"), 60.0, rtol=1e-12)
+
+
+def test_bce_hand_derived():
+    p = np.array([0.9, 0.2, 0.6])
+    y = np.array([1.0, 0.0, 0.3])
+    w = np.array([2.0, 1.0, 0.5])
+    per = -w * (y * np.log(p) + (1 - y) * np.log(1 - p))
+    R.assert_close(
+        BCE(jnp.asarray(p), jnp.asarray(y), weights=jnp.asarray(w), reduction="mean"),
+        per.mean(),
+        rtol=1e-13,
+    )
+
+
+def test_bce_matches_sigmoid_bce(rng):
+    x = R.random_logits(rng, (10,), scale=2.0)
+    y = rng.random(10)
+    a = BCE(jaxce.sigmoid(jnp.asarray(x)), jnp.asarray(y))
+    R.assert_close(a, R.sigmoid_binary_cross_entropy(x, y), rtol=1e-10)
+
+
+def test_bce_check_grads_and_dtypes(rng):
+    p = jnp.asarray(rng.uniform(0.1, 0.9, size=(3, 4)))
+    y = jnp.asarray(rng.random((3, 4)))
+    R.check_grads(lambda a: BCE(a, y, reduction="mean"), (p,), order=2, modes=("rev",), eps=1e-4)
+    pb = p.astype(jnp.bfloat16)
+    out = BCE(pb, y.astype(jnp.bfloat16))
+    assert out.dtype == jnp.float32
+    assert R.jgrad(lambda a: jnp.sum(BCE(a, y.astype(jnp.bfloat16))))(pb).dtype == jnp.bfloat16
+    R.assert_close(
+        jax.jit(BCE)(p, y), R.binary_cross_entropy(np.asarray(p), np.asarray(y)), rtol=1e-12
+    )
+    R.assert_close(
+        jax.vmap(BCE)(p, y), R.binary_cross_entropy(np.asarray(p), np.asarray(y)), rtol=1e-12
+    )

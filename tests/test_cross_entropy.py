@@ -1,0 +1,829 @@
+"""softmax_cross_entropy_with_integer_labels, softmax_cross_entropy and nll_loss.
+
+Values and gradients are compared with the float64 references in ``_reference.py``; a few PyTorch
+cases are derived by hand here so that the PyTorch semantics are tested without torch.
+"""
+
+import functools
+import itertools
+
+import _reference as R
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import jaxce
+
+F64 = np.float64
+CE_INT = R.jitted(jaxce.softmax_cross_entropy_with_integer_labels)
+CE_SOFT = R.jitted(jaxce.softmax_cross_entropy)
+
+# (logits shape, class axis): odd sizes, class axis not last, tuple axes
+INT_LAYOUTS = [
+    ((7, 5), -1),
+    ((4, 5, 3), 1),  # PyTorch's [N, C, d1]
+    ((2, 3, 6), -1),
+    ((3, 5), 0),
+    ((3, 4, 5), (1, 2)),
+    ((2, 3, 4, 5), (1, 3)),
+    ((2, 3, 4, 5), (3, 1)),  # unsorted tuple: flattened in the given order, as optax
+    ((1, 1), -1),
+]
+
+
+def _batch_shape(shape, axis):
+    return R._class_shape_removed(shape, axis)
+
+
+def _num_classes(shape, axis):
+    axes = (axis,) if isinstance(axis, int) else axis
+    return int(np.prod([shape[a] for a in axes]))
+
+
+def _labels(rng, shape, axis):
+    return rng.integers(0, _num_classes(shape, axis), size=_batch_shape(shape, axis)).astype(
+        np.int32
+    )
+
+
+def _jx(kwargs):
+    """Reference kwargs -> jaxce kwargs (arrays to jnp)."""
+    out = {}
+    for k, v in kwargs.items():
+        if k == "logit_soft_cap_value":
+            k = "logit_soft_cap"
+        if isinstance(v, np.ndarray):
+            v = jnp.asarray(v)
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------ integer labels: values
+
+
+@pytest.mark.parametrize("shape,axis", INT_LAYOUTS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_int_labels_layouts(rng, shape, axis, reduction):
+    x = R.random_logits(rng, shape)
+    y = _labels(rng, shape, axis)
+    got = CE_INT(jnp.asarray(x), jnp.asarray(y), axis=axis, reduction=reduction)
+    expected = R.softmax_cross_entropy_with_integer_labels(x, y, axis=axis, reduction=reduction)
+    assert got.shape == np.shape(expected)
+    assert got.dtype == jnp.float64
+    R.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_int_labels_tuple_axis_is_flattened_row_major(rng):
+    # labels index the flattened class axes: class (i, j) of axes (1, 2) is i * d2 + j
+    x = R.random_logits(rng, (3, 4, 5))
+    y = np.array([0, 7, 19], np.int32)
+    got = CE_INT(jnp.asarray(x), jnp.asarray(y), axis=(1, 2))
+    flat = x.reshape(3, 20)
+    expected = np.log(np.exp(flat).sum(-1)) - flat[np.arange(3), y]
+    R.assert_close(got, expected, rtol=1e-12)
+
+
+OPTION_GRID = list(
+    itertools.product(
+        [None, 1, -100],  # ignore_index
+        [False, True],  # class_weights
+        [0.0, 0.2],  # label_smoothing
+        ["none", "mean"],  # "sum" is covered by test_int_labels_layouts
+    )
+)
+
+
+@pytest.mark.parametrize("ignore_index,weighted,eps,reduction", OPTION_GRID)
+def test_int_labels_option_grid(rng, ignore_index, weighted, eps, reduction):
+    n, c = 9, 4
+    x = R.random_logits(rng, (n, c))
+    y = rng.integers(0, c, size=n).astype(np.int32)
+    if ignore_index is not None:
+        y[[0, 4]] = ignore_index
+    kw = dict(ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
+    if weighted:
+        kw["class_weights"] = rng.uniform(0.2, 2.0, size=c)
+    expected = R.softmax_cross_entropy_with_integer_labels(x, y, **kw)
+    got = CE_INT(jnp.asarray(x), jnp.asarray(y), **_jx(kw))
+    R.assert_close(got, expected, rtol=1e-12, atol=1e-13)
+
+    cot = rng.normal(size=np.shape(expected))
+
+    def loss(v):
+        return jnp.sum(CE_INT(v, jnp.asarray(y), **_jx(kw)) * jnp.asarray(cot))
+
+    g = R.jgrad(loss)(jnp.asarray(x))
+    g_ref = R.ref_grad(
+        lambda v, xp: xp.sum(R.softmax_cross_entropy_with_integer_labels(v, y, xp=xp, **kw) * cot)
+    )(x)
+    R.assert_close(g, g_ref, rtol=1e-10, atol=1e-13)
+    if ignore_index is not None:
+        np.testing.assert_array_equal(np.asarray(g)[[0, 4]], 0.0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(z_loss=1e-2),
+        dict(logit_soft_cap_value=2.5),
+        dict(z_loss=1e-3, logit_soft_cap_value=4.0, label_smoothing=0.1),
+        dict(z_loss=1e-2, class_weights=np.array([0.5, 2.0, 1.0, 3.0, 0.1]), reduction="mean"),
+        dict(label_smoothing=1.0),
+        dict(
+            label_smoothing=0.3,
+            class_weights=np.array([0.5, 2.0, 1.0, 3.0, 0.1]),
+            ignore_index=2,
+            z_loss=1e-2,
+            logit_soft_cap_value=3.0,
+            reduction="mean",
+        ),
+    ],
+    ids=["zloss", "softcap", "zloss+cap+smooth", "zloss+weights+mean", "smooth1", "all"],
+)
+def test_int_labels_zloss_softcap(rng, kw):
+    x = R.random_logits(rng, (6, 5), scale=4.0)
+    y = rng.integers(0, 5, size=6).astype(np.int32)
+    got = CE_INT(jnp.asarray(x), jnp.asarray(y), **_jx(kw))
+    expected = R.softmax_cross_entropy_with_integer_labels(x, y, **kw)
+    R.assert_close(got, expected, rtol=1e-12, atol=1e-13)
+    g = R.jgrad(lambda v: jnp.sum(CE_INT(v, jnp.asarray(y), **_jx(kw))))(jnp.asarray(x))
+    g_ref = R.ref_grad(
+        lambda v, xp: xp.sum(R.softmax_cross_entropy_with_integer_labels(v, y, xp=xp, **kw))
+    )(x)
+    R.assert_close(g, g_ref, rtol=1e-10, atol=1e-13)
+
+
+def test_zloss_hand_computed():
+    # z_loss adds zl * w_y * lse**2 (PaLM), scaled by the label's class weight
+    x = np.array([[1.0, 2.0, 0.5]])
+    lse = np.log(np.exp(x).sum())
+    w = np.array([1.0, 3.0, 1.0])
+    got = CE_INT(
+        jnp.asarray(x),
+        jnp.asarray(np.array([1], np.int32)),
+        z_loss=0.1,
+        class_weights=jnp.asarray(w),
+    )
+    R.assert_close(got, [3.0 * (lse - 2.0) + 0.1 * 3.0 * lse**2], rtol=1e-13)
+
+
+def test_soft_cap_hand_computed():
+    x = np.array([[10.0, -20.0, 0.3]])
+    z = 5.0 * np.tanh(x / 5.0)
+    got = CE_INT(jnp.asarray(x), jnp.asarray(np.array([0], np.int32)), logit_soft_cap=5.0)
+    R.assert_close(got, [np.log(np.exp(z).sum()) - z[0, 0]], rtol=1e-13)
+
+
+def test_torch_semantics_hand_derived():
+    """PyTorch CrossEntropyLoss(weight, ignore_index, label_smoothing, reduction='mean'), by hand.
+
+    loss_i = (1-eps) w_y (-log p_y) + eps/C sum_c w_c (-log p_c); mean = sum / sum_{kept} w_y.
+    """
+    x = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, -1.0], [1.0, 1.0, 1.0], [0.0, -1.0, 3.0]])
+    y = np.array([0, 2, -100, 1], np.int32)
+    w = np.array([0.2, 1.0, 3.0])
+    eps = 0.1
+    logp = x - np.log(np.exp(x).sum(1, keepdims=True))
+    losses = []
+    for i, yi in enumerate(y):
+        if yi == -100:
+            losses.append(0.0)
+            continue
+        losses.append((1 - eps) * w[yi] * -logp[i, yi] + eps / 3 * np.sum(w * -logp[i]))
+    mean = sum(losses) / (w[0] + w[2] + w[1])
+    kw = dict(class_weights=jnp.asarray(w), ignore_index=-100, label_smoothing=eps)
+    got_none = CE_INT(jnp.asarray(x), jnp.asarray(y), **kw)
+    got_mean = CE_INT(jnp.asarray(x), jnp.asarray(y), reduction="mean", **kw)
+    got_sum = CE_INT(jnp.asarray(x), jnp.asarray(y), reduction="sum", **kw)
+    R.assert_close(got_none, losses, rtol=1e-13)
+    R.assert_close(got_mean, mean, rtol=1e-13)
+    R.assert_close(got_sum, sum(losses), rtol=1e-13)
+    # gradient of the mean: ((1-eps) w_y (p - onehot) + eps/C (sum_c w_c) p - eps/C w) / W
+    p = np.exp(logp)
+    g = np.zeros_like(x)
+    for i, yi in enumerate(y):
+        if yi == -100:
+            continue
+        onehot = np.eye(3)[yi]
+        g[i] = (1 - eps) * w[yi] * (p[i] - onehot) + eps / 3 * (w.sum() * p[i] - w)
+    g /= w[0] + w[2] + w[1]
+    got_g = R.jgrad(lambda v: CE_INT(v, jnp.asarray(y), reduction="mean", **kw))(jnp.asarray(x))
+    R.assert_close(got_g, g, rtol=1e-12, atol=1e-15)
+
+
+def test_class_axis_not_last_torch_layout(rng):
+    # [N, C, d1] with axis=1 equals moving C last
+    x = R.random_logits(rng, (3, 4, 5))
+    y = rng.integers(0, 4, size=(3, 5)).astype(np.int32)
+    a = CE_INT(jnp.asarray(x), jnp.asarray(y), axis=1)
+    b = CE_INT(jnp.asarray(np.moveaxis(x, 1, -1)), jnp.asarray(y))
+    R.assert_close(a, b, rtol=1e-14)
+    R.assert_close(a, R.softmax_cross_entropy_with_integer_labels(x, y, axis=1), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------ where / masked vocab
+
+
+def test_int_labels_where_full_shape(rng):
+    x = R.random_logits(rng, (6, 7))
+    m = rng.random((6, 7)) < 0.6
+    m[0] = False  # no admissible entry: loss 0
+    y = rng.integers(0, 7, size=6).astype(np.int32)
+    m[np.arange(1, 6), y[1:]] = True
+    m[5, y[5]] = False  # label logit read from logits although excluded (optax)
+    for reduction in ("none", "mean", "sum"):
+        got = CE_INT(jnp.asarray(x), jnp.asarray(y), where=jnp.asarray(m), reduction=reduction)
+        expected = R.softmax_cross_entropy_with_integer_labels(x, y, where=m, reduction=reduction)
+        R.assert_close(got, expected, rtol=1e-12, err_msg=reduction)
+    assert float(CE_INT(jnp.asarray(x), jnp.asarray(y), where=jnp.asarray(m))[0]) == 0.0
+    g = R.jgrad(lambda v: jnp.sum(CE_INT(v, jnp.asarray(y), where=jnp.asarray(m))))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(g)[0], 0.0)
+    g_ref = R.ref_grad(
+        lambda v, xp: xp.sum(R.softmax_cross_entropy_with_integer_labels(v, y, where=m, xp=xp))
+    )(x)
+    R.assert_close(g, g_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_int_labels_where_batch_shape(rng):
+    # optax: `where` of the batch shape selects examples
+    x = R.random_logits(rng, (6, 4))
+    y = rng.integers(0, 4, size=6).astype(np.int32)
+    m = np.array([True, False, True, True, False, True])
+    got = CE_INT(jnp.asarray(x), jnp.asarray(y), where=jnp.asarray(m))
+    full = R.softmax_cross_entropy_with_integer_labels(x, y)
+    R.assert_close(got, np.where(m, full, 0.0), rtol=1e-12)
+    got_mean = CE_INT(jnp.asarray(x), jnp.asarray(y), where=jnp.asarray(m), reduction="mean")
+    R.assert_close(got_mean, full[m].mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_masked_vocab_neg_inf_logits_finite(rng, eps):
+    # -inf logits (padded vocabulary) with finite label logits: finite loss and gradient, and
+    # smoothing spreads over admissible classes only
+    x = R.random_logits(rng, (5, 8))
+    x[:, 5:] = -np.inf
+    x[2, 1] = -np.inf
+    y = np.array([0, 4, 3, 2, 1], np.int32)
+    kw = dict(label_smoothing=eps)
+    got = CE_INT(jnp.asarray(x), jnp.asarray(y), **kw)
+    assert np.all(np.isfinite(np.asarray(got)))
+    R.assert_close(got, R.softmax_cross_entropy_with_integer_labels(x, y, **kw), rtol=1e-12)
+    # same as dropping the masked columns (row 2 handled separately)
+    keep = x[[0, 1, 3, 4], :5]
+    R.assert_close(
+        np.asarray(got)[[0, 1, 3, 4]],
+        R.softmax_cross_entropy_with_integer_labels(keep, y[[0, 1, 3, 4]], **kw),
+        rtol=1e-12,
+    )
+    for reduction in ("sum", "mean"):
+        g = R.jgrad(lambda v, r=reduction: CE_INT(v, jnp.asarray(y), reduction=r, **kw))(
+            jnp.asarray(x)
+        )
+        g = np.asarray(g)
+        assert np.all(np.isfinite(g))
+        np.testing.assert_array_equal(g[:, 5:], 0.0)
+        assert g[2, 1] == 0.0
+
+
+@pytest.mark.parametrize("how", ["neginf", "where"])
+def test_fully_masked_rows_zero_loss_and_grad(rng, how):
+    x = R.random_logits(rng, (4, 5))
+    y = np.array([1, 2, 3, 0], np.int32)
+    m = np.ones((4, 5), bool)
+    m[1] = False
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+    if how == "neginf":
+        x[1] = -np.inf
+    else:
+        kw["where"] = jnp.asarray(m)
+    for reduction in ("none", "sum", "mean"):
+        out = CE_INT(jnp.asarray(x), jnp.asarray(y), reduction=reduction, **kw)
+        assert np.all(np.isfinite(np.asarray(out)))
+
+        def f(v, reduction=reduction):
+            return jnp.sum(CE_INT(v, jnp.asarray(y), reduction=reduction, **kw))
+
+        g = np.asarray(R.jgrad(f)(jnp.asarray(x)))
+        assert not np.any(np.isnan(g))
+        np.testing.assert_array_equal(g[1], 0.0)
+    per = np.asarray(CE_INT(jnp.asarray(x), jnp.asarray(y), **kw))
+    assert per[1] == 0.0
+    xr = x.copy()
+    xr[1] = 0.0
+    ref = R.softmax_cross_entropy_with_integer_labels(
+        xr, y, where=m, label_smoothing=0.1, z_loss=1e-3, reduction="mean"
+    )
+    got = CE_INT(jnp.asarray(x), jnp.asarray(y), reduction="mean", **kw)
+    R.assert_close(got, ref, rtol=1e-12)  # the masked row counts 0 in the mean's denominator
+
+
+def test_where_false_huge_logits_excluded(rng):
+    x = R.random_logits(rng, (4, 6))
+    x[:, 3] = 1e30
+    m = np.ones((4, 6), bool)
+    m[:, 3] = False
+    y = np.array([0, 1, 2, 5], np.int32)
+    got = CE_INT(jnp.asarray(x), jnp.asarray(y), where=jnp.asarray(m))
+    x_drop = np.delete(x, 3, axis=1)
+    y_drop = np.where(y > 3, y - 1, y)
+    R.assert_close(got, R.softmax_cross_entropy_with_integer_labels(x_drop, y_drop), rtol=1e-12)
+    g = np.asarray(
+        R.jgrad(lambda v: jnp.sum(CE_INT(v, jnp.asarray(y), where=jnp.asarray(m))))(jnp.asarray(x))
+    )
+    assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(g[:, 3], 0.0)
+
+
+@pytest.mark.parametrize("big", [1e4, 3e38])
+def test_huge_float32_logits(big):
+    x = np.array(
+        [[big, big, -big, 0.0], [-big, 1.0, -big, -big], [big, -big, -big, -big]], np.float32
+    )
+    y = np.array([0, 1, 0], np.int32)
+    xj = jnp.asarray(x)
+    got = CE_INT(xj, jnp.asarray(y))
+    assert got.dtype == jnp.float32
+    R.assert_close(got, [np.log(2.0), 0.0, 0.0], rtol=1e-6, atol=1e-6)
+    g = np.asarray(R.jgrad(lambda v: jnp.sum(CE_INT(v, jnp.asarray(y))))(xj))
+    R.assert_close(g, [[-0.5, 0.5, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], atol=1e-6)
+    g = np.asarray(
+        R.jgrad(
+            lambda v: CE_INT(v, jnp.asarray(y), label_smoothing=0.1, z_loss=1e-4, reduction="mean")
+        )(xj)
+    )
+    assert np.all(np.isfinite(g))
+
+
+# ------------------------------------------------------------------------ ignore_index / bad labels
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_ignore_index_zero_loss_zero_grad(rng, ignore_index):
+    x = R.random_logits(rng, (6, 4))
+    y = np.array([0, ignore_index, 3, ignore_index, 1, 2 if ignore_index != 2 else 0], np.int32)
+    kw = dict(
+        ignore_index=ignore_index,
+        label_smoothing=0.1,
+        z_loss=1e-2,
+        class_weights=jnp.asarray(np.array([1.0, 2.0, 0.5, 1.5])),
+    )
+    per = np.asarray(CE_INT(jnp.asarray(x), jnp.asarray(y), **kw))
+    np.testing.assert_array_equal(per[[1, 3]], 0.0)
+    assert np.all(per[[0, 2, 4, 5]] > 0)
+    g = np.asarray(
+        R.jgrad(lambda v: CE_INT(v, jnp.asarray(y), reduction="mean", **kw))(jnp.asarray(x))
+    )
+    np.testing.assert_array_equal(g[[1, 3]], 0.0)
+    assert np.all(np.abs(g[[0, 2, 4, 5]]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("fn_name", ["ce", "nll", "focal"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(rng, fn_name, reduction):
+    x = R.random_logits(rng, (3, 4))
+    y = np.full(3, -100, np.int32)
+    fn = {"ce": CE_INT, "nll": jaxce.nll_loss, "focal": jaxce.softmax_focal_loss}[fn_name]
+    arg = jnp.asarray(x if fn_name != "nll" else R.log_softmax(x))
+
+    def f(v):
+        return jnp.sum(fn(v, jnp.asarray(y), ignore_index=-100, reduction=reduction))
+
+    val, g = jax.jit(jax.value_and_grad(f))(arg)
+    assert float(val) == 0.0
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+@pytest.mark.parametrize("bad", [5, -1, 1000])
+@pytest.mark.parametrize("jit", [False, True])
+def test_out_of_range_label_is_nan_only_for_that_example(rng, bad, jit):
+    x = R.random_logits(rng, (4, 5))
+    y = np.array([0, bad, 4, 2], np.int32)
+    f = lambda v, t: jaxce.softmax_cross_entropy_with_integer_labels(v, t, ignore_index=-100)  # noqa
+    if jit:
+        f = jax.jit(f)
+    per = np.asarray(f(jnp.asarray(x), jnp.asarray(y)))
+    assert np.isnan(per[1])
+    ok = [0, 2, 3]
+    R.assert_close(per[ok], R.softmax_cross_entropy_with_integer_labels(x[ok], y[ok]), rtol=1e-12)
+    for reduction in ("mean", "sum"):
+        val = CE_INT(jnp.asarray(x), jnp.asarray(y), reduction=reduction)
+        assert np.isnan(float(val))
+    # other rows' gradients are unaffected
+    g = np.asarray(
+        R.jgrad(
+            lambda v: jnp.sum(jnp.where(jnp.asarray(y) == bad, 0.0, CE_INT(v, jnp.asarray(y))))
+        )(jnp.asarray(x))
+    )
+    R.assert_close(g[ok], R.softmax(x[ok]) - np.eye(5)[y[ok]], rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------ gradients
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(label_smoothing=0.2, class_weights=np.array([0.5, 2.0, 1.0, 1.5])),
+        dict(z_loss=0.05, logit_soft_cap=3.0, reduction="mean"),
+        dict(ignore_index=1, label_smoothing=0.1, reduction="mean"),
+    ],
+    ids=["plain", "smooth+weights", "zloss+cap", "ignore+smooth"],
+)
+def test_int_labels_check_grads(rng, kw):
+    x = jnp.asarray(R.random_logits(rng, (3, 4), scale=1.0))
+    y = jnp.asarray(np.array([0, 1, 3], np.int32))
+    kw = _jx(kw)
+    R.check_grads(lambda v: CE_INT(v, y, **kw), (x,), order=2, modes=("rev",))
+
+
+def test_int_labels_grad_of_grad_matches_reference(rng):
+    # reverse-over-reverse: Hessian-vector product of the mean loss
+    x = R.random_logits(rng, (3, 4), scale=1.0)
+    y = np.array([0, 2, 3], np.int32)
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, reduction="mean")
+    v = rng.normal(size=x.shape)
+
+    def gv(fn):
+        return lambda a: jnp.sum(R.jgrad(fn)(a) * jnp.asarray(v))
+
+    got = R.jgrad(gv(lambda a: CE_INT(a, jnp.asarray(y), **kw)))(jnp.asarray(x))
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        expected = R.jgrad(
+            gv(lambda a: R.softmax_cross_entropy_with_integer_labels(a, y, xp=jnp, **kw))
+        )(jnp.asarray(x))
+    R.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_gradient_is_softmax_minus_onehot(rng):
+    x = R.random_logits(rng, (5, 6))
+    y = rng.integers(0, 6, size=5).astype(np.int32)
+    g = R.jgrad(lambda v: jnp.sum(CE_INT(v, jnp.asarray(y))))(jnp.asarray(x))
+    R.assert_close(g, R.softmax(x) - np.eye(6)[y], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("which", ["int", "soft"])
+def test_forward_mode_raises_type_error(rng, which):
+    # custom_vjp has no forward mode: jax.jvp / jax.hessian are documented as unsupported
+    x = jnp.asarray(R.random_logits(rng, (2, 3)))
+    if which == "int":
+        f = lambda v: CE_INT(v, jnp.asarray(np.array([0, 2], np.int32)), reduction="sum")  # noqa
+    else:
+        f = lambda v: CE_SOFT(v, jnp.asarray(R.random_probs(rng, (2, 3))), reduction="sum")  # noqa
+    with pytest.raises(TypeError):
+        jax.jvp(f, (x,), (jnp.ones_like(x),))
+
+
+# ------------------------------------------------------------------------ soft labels
+
+SOFT_LAYOUTS = [((6, 5), -1), ((4, 5, 3), 1), ((3, 4, 5), (1, 2)), ((2, 3, 4), 0), ((1, 7), -1)]
+
+
+@pytest.mark.parametrize("shape,axis", SOFT_LAYOUTS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_soft_layouts(rng, shape, axis, reduction):
+    x = R.random_logits(rng, shape)
+    ax = axis if isinstance(axis, int) else axis
+    y = R.random_probs(rng, shape, axis=ax)
+    got = CE_SOFT(jnp.asarray(x), jnp.asarray(y), axis=axis, reduction=reduction)
+    expected = R.softmax_cross_entropy(x, y, axis=axis, reduction=reduction)
+    assert got.shape == np.shape(expected)
+    R.assert_close(got, expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.25])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_soft_options_and_label_gradient(rng, weighted, eps, reduction):
+    x = R.random_logits(rng, (5, 4))
+    y = R.random_probs(rng, (5, 4))
+    kw = dict(label_smoothing=eps, reduction=reduction)
+    if weighted:
+        kw["class_weights"] = rng.uniform(0.3, 2.0, size=4)
+    got = CE_SOFT(jnp.asarray(x), jnp.asarray(y), **_jx(kw))
+    R.assert_close(got, R.softmax_cross_entropy(x, y, **kw), rtol=1e-12, atol=1e-13)
+    gx, gy = R.jgrad(lambda a, b: jnp.sum(CE_SOFT(a, b, **_jx(kw))), argnums=(0, 1))(
+        jnp.asarray(x), jnp.asarray(y)
+    )
+    gx_ref, gy_ref = R.ref_grad(
+        lambda a, b, xp: xp.sum(R.softmax_cross_entropy(a, b, xp=xp, **kw)), argnums=(0, 1)
+    )(x, y)
+    R.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-13)
+    R.assert_close(gy, gy_ref, rtol=1e-10, atol=1e-13)
+
+
+def test_soft_label_gradient_is_minus_log_probs(rng):
+    # dL/dy_c = -(1 - eps) w_c log p_c  (distillation)
+    x = R.random_logits(rng, (3, 4))
+    y = R.random_probs(rng, (3, 4))
+    w = np.array([0.5, 1.0, 2.0, 1.5])
+    gy = R.jgrad(
+        lambda b: jnp.sum(
+            CE_SOFT(jnp.asarray(x), b, label_smoothing=0.2, class_weights=jnp.asarray(w))
+        )
+    )(jnp.asarray(y))
+    R.assert_close(gy, -(0.8) * w * R.log_softmax(x), rtol=1e-12)
+
+
+def test_soft_hand_derived_torch_probability_targets():
+    # torch: loss_i = -sum_c w_c y'_c log p_c, y' = (1-eps) y + eps/C; mean divides by N
+    x = np.array([[1.0, 2.0, 3.0], [0.0, 0.5, -0.5]])
+    y = np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    w = np.array([1.0, 2.0, 0.5])
+    eps = 0.3
+    logp = x - np.log(np.exp(x).sum(1, keepdims=True))
+    yp = (1 - eps) * y + eps / 3
+    per = -(w * yp * logp).sum(1)
+    got = CE_SOFT(
+        jnp.asarray(x),
+        jnp.asarray(y),
+        class_weights=jnp.asarray(w),
+        label_smoothing=eps,
+        reduction="mean",
+    )
+    R.assert_close(got, per.mean(), rtol=1e-13)
+
+
+def test_soft_where_and_neg_inf(rng):
+    x = R.random_logits(rng, (5, 6))
+    y = R.random_probs(rng, (5, 6))
+    m = rng.random((5, 6)) < 0.7
+    m[0] = False
+    y = np.where(m, y, 0.0)
+    got = CE_SOFT(jnp.asarray(x), jnp.asarray(y), where=jnp.asarray(m))
+    R.assert_close(got, R.softmax_cross_entropy(x, y, where=m), rtol=1e-12)
+    assert float(got[0]) == 0.0
+    # -inf logits with zero labels: 0 * log 0 = 0, finite loss and gradients
+    x_inf = np.where(m, x, -np.inf)
+    for eps in (0.0, 0.1):
+        got = CE_SOFT(jnp.asarray(x_inf), jnp.asarray(y), label_smoothing=eps)
+        assert np.all(np.isfinite(np.asarray(got)))
+        R.assert_close(got, R.softmax_cross_entropy(x, y, where=m, label_smoothing=eps), rtol=1e-12)
+        gx, gy = R.jgrad(
+            lambda a, b, e=eps: jnp.sum(CE_SOFT(a, b, label_smoothing=e)), argnums=(0, 1)
+        )(jnp.asarray(x_inf), jnp.asarray(y))
+        assert not np.any(np.isnan(np.asarray(gx))) and not np.any(np.isnan(np.asarray(gy)))
+        np.testing.assert_array_equal(np.asarray(gx)[~m], 0.0)
+        np.testing.assert_array_equal(np.asarray(gx)[0], 0.0)
+
+
+def test_soft_where_batch_shape(rng):
+    x = R.random_logits(rng, (4, 3))
+    y = R.random_probs(rng, (4, 3))
+    m = np.array([True, False, True, False])
+    got = CE_SOFT(jnp.asarray(x), jnp.asarray(y), where=jnp.asarray(m))
+    R.assert_close(got, np.where(m, R.softmax_cross_entropy(x, y), 0.0), rtol=1e-12)
+
+
+def test_soft_mean_over_zero_rows_is_zero():
+    x = jnp.zeros((0, 3), jnp.float64)
+    y = jnp.zeros((0, 3), jnp.float64)
+    val, g = jax.value_and_grad(lambda a: CE_SOFT(a, y, reduction="mean"))(x)
+    assert float(val) == 0.0 and g.shape == (0, 3)
+
+
+def test_soft_check_grads(rng):
+    x = jnp.asarray(R.random_logits(rng, (3, 4), scale=1.0))
+    y = jnp.asarray(R.random_probs(rng, (3, 4)))
+    w = jnp.asarray(np.array([0.5, 2.0, 1.0, 1.5]))
+    R.check_grads(
+        lambda a, b: CE_SOFT(a, b, label_smoothing=0.1, class_weights=w, reduction="mean"),
+        (x, y),
+        order=2,
+        modes=("rev",),
+    )
+
+
+def test_soft_equals_int_for_one_hot(rng):
+    x = R.random_logits(rng, (6, 5))
+    y = rng.integers(0, 5, size=6).astype(np.int32)
+    w = rng.uniform(0.5, 2.0, size=5)
+    for eps in (0.0, 0.15):
+        a = CE_SOFT(
+            jnp.asarray(x),
+            jnp.asarray(np.eye(5)[y]),
+            label_smoothing=eps,
+            class_weights=jnp.asarray(w),
+        )
+        b = CE_INT(
+            jnp.asarray(x), jnp.asarray(y), label_smoothing=eps, class_weights=jnp.asarray(w)
+        )
+        R.assert_close(a, b, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------ nll_loss
+
+
+@pytest.mark.parametrize(
+    "ignore_index,weighted,reduction",
+    list(itertools.product([None, 0, -100], [False, True], ["none", "mean"])),
+)
+def test_nll_options(rng, ignore_index, weighted, reduction):
+    lp = R.log_softmax(R.random_logits(rng, (7, 4)))
+    y = rng.integers(0, 4, size=7).astype(np.int32)
+    if ignore_index is not None:
+        y[[1, 5]] = ignore_index
+    kw = dict(ignore_index=ignore_index, reduction=reduction)
+    if weighted:
+        kw["class_weights"] = rng.uniform(0.3, 2.0, size=4)
+    got = jaxce.nll_loss(jnp.asarray(lp), jnp.asarray(y), **_jx(kw))
+    R.assert_close(got, R.nll_loss(lp, y, **kw), rtol=1e-13, atol=1e-14)
+    g = R.jgrad(lambda a: jnp.sum(jaxce.nll_loss(a, jnp.asarray(y), **_jx(kw))))(jnp.asarray(lp))
+    g_ref = R.ref_grad(lambda a, xp: xp.sum(R.nll_loss(a, y, xp=xp, **kw)))(lp)
+    R.assert_close(g, g_ref, rtol=1e-12, atol=1e-14)
+
+
+def test_nll_hand_derived_weighted_mean():
+    lp = np.log(np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.3, 0.3, 0.4]]))
+    y = np.array([1, 2, 0], np.int32)
+    w = np.array([2.0, 1.0, 0.5])
+    expected = -(1.0 * lp[0, 1] + 0.5 * lp[1, 2] + 2.0 * lp[2, 0]) / (1.0 + 0.5 + 2.0)
+    got = jaxce.nll_loss(
+        jnp.asarray(lp), jnp.asarray(y), class_weights=jnp.asarray(w), reduction="mean"
+    )
+    R.assert_close(got, expected, rtol=1e-13)
+    got_ign = jaxce.nll_loss(
+        jnp.asarray(lp),
+        jnp.asarray(y),
+        class_weights=jnp.asarray(w),
+        ignore_index=2,
+        reduction="mean",
+    )
+    R.assert_close(got_ign, -(1.0 * lp[0, 1] + 2.0 * lp[2, 0]) / 3.0, rtol=1e-13)
+
+
+def test_nll_axis_and_nan(rng):
+    lp = R.log_softmax(R.random_logits(rng, (3, 4, 2)), axis=1)
+    y = np.array([[0, 3], [4, 1], [2, 2]], np.int32)
+    got = np.asarray(
+        jax.jit(lambda a, b: jaxce.nll_loss(a, b, axis=1))(jnp.asarray(lp), jnp.asarray(y))
+    )
+    assert np.isnan(got[1, 0])
+    mask = np.ones((3, 2), bool)
+    mask[1, 0] = False
+    R.assert_close(got[mask], R.nll_loss(lp, y, axis=1)[mask], rtol=1e-13)
+    R.check_grads(
+        lambda a: jaxce.nll_loss(a, jnp.asarray(np.where(y > 3, 0, y)), axis=1, reduction="mean"),
+        (jnp.asarray(lp),),
+        order=2,
+        modes=("rev",),
+    )
+
+
+# ------------------------------------------------------------------------ article numbers
+
+
+Y_TRUE = np.array([2, 1, 0], np.int32)  # [[0,0,1],[0,1,0],[1,0,0]]
+Y_PRED_1 = np.array([[0.3, 0.3, 0.4], [0.3, 0.4, 0.3], [0.1, 0.2, 0.7]])
+Y_PRED_2 = np.array([[0.1, 0.2, 0.7], [0.1, 0.7, 0.2], [0.3, 0.4, 0.3]])
+
+
+@pytest.mark.parametrize(
+    "y_pred,expected", [(Y_PRED_1, 1.3783888522474517), (Y_PRED_2, 0.6391075640678003)]
+)
+def test_article_sklearn_log_loss(y_pred, expected):
+    lp = jnp.log(jnp.asarray(y_pred))
+    a = jaxce.nll_loss(lp, jnp.asarray(Y_TRUE), reduction="mean")
+    b = CE_SOFT(lp, jnp.asarray(np.eye(3)[Y_TRUE]), reduction="mean")
+    c = CE_INT(lp, jnp.asarray(Y_TRUE), reduction="mean")
+    for v in (a, b, c):
+        assert v.dtype == jnp.float64
+        assert abs(float(v) - expected) < 1e-14
+
+
+def test_article_sklearn_log_loss_via_sklearn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    for y_pred in (Y_PRED_1, Y_PRED_2):
+        expected = sklearn_metrics.log_loss(np.eye(3)[Y_TRUE], y_pred)
+        got = jaxce.nll_loss(jnp.log(jnp.asarray(y_pred)), jnp.asarray(Y_TRUE), reduction="mean")
+        assert abs(float(got) - expected) < 1e-14
+
+
+@pytest.mark.parametrize(
+    "pred,expected", [([0.5, 0.2, 0.3], -np.log(0.5)), ([0.7, 0.1, 0.2], -np.log(0.7))]
+)
+def test_article_models_a_and_b(pred, expected):
+    lp = jnp.log(jnp.asarray(np.array([pred])))
+    got = jaxce.nll_loss(lp, jnp.asarray(np.array([0], np.int32)))
+    R.assert_close(got, [expected], rtol=1e-14)
+    got = CE_SOFT(lp, jnp.asarray(np.array([[1.0, 0.0, 0.0]])))
+    R.assert_close(got, [expected], rtol=1e-14)
+
+
+# ------------------------------------------------------------------------ jit / vmap / dtypes
+
+
+def test_jit_vmap_int(rng):
+    x = jnp.asarray(R.random_logits(rng, (3, 4, 5)))
+    y = jnp.asarray(rng.integers(0, 5, size=(3, 4)).astype(np.int32))
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, ignore_index=2)
+    eager = CE_INT(x, y, **kw)
+    R.assert_close(jax.jit(lambda a, b: CE_INT(a, b, **kw))(x, y), eager, rtol=1e-13)
+    R.assert_close(jax.vmap(lambda a, b: CE_INT(a, b, **kw))(x, y), eager, rtol=1e-13)
+    vm_mean = jax.vmap(lambda a, b: CE_INT(a, b, reduction="mean", **kw))(x, y)
+    ref = [
+        R.softmax_cross_entropy_with_integer_labels(
+            np.asarray(x[i]), np.asarray(y[i]), reduction="mean", **kw
+        )
+        for i in range(3)
+    ]
+    R.assert_close(vm_mean, ref, rtol=1e-12)
+    g = jax.jit(jax.vmap(R.jgrad(lambda a, b: CE_INT(a, b, reduction="mean", **kw))))(x, y)
+    assert g.shape == x.shape and np.all(np.isfinite(np.asarray(g)))
+
+
+def test_jit_vmap_soft_and_nll(rng):
+    x = jnp.asarray(R.random_logits(rng, (3, 4, 5)))
+    y = jnp.asarray(R.random_probs(rng, (3, 4, 5)))
+    R.assert_close(jax.jit(CE_SOFT)(x, y), CE_SOFT(x, y), rtol=1e-13)
+    R.assert_close(
+        jax.vmap(CE_SOFT)(x, y), R.softmax_cross_entropy(np.asarray(x), np.asarray(y)), rtol=1e-12
+    )
+    lab = jnp.asarray(rng.integers(0, 5, size=(3, 4)).astype(np.int32))
+    R.assert_close(jax.vmap(jaxce.nll_loss)(x, lab), jax.jit(jaxce.nll_loss)(x, lab), rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("which", ["int", "int_opts", "soft", "nll"])
+def test_low_precision_dtypes(rng, dtype, which):
+    x = jnp.asarray(R.random_logits(rng, (8, 37)), dtype=dtype)
+    x64 = np.asarray(x.astype(jnp.float64))
+    y = rng.integers(0, 37, size=8).astype(np.int32)
+    if which == "int":
+        f = lambda a: CE_INT(a, jnp.asarray(y))  # noqa: E731
+        expected = R.softmax_cross_entropy_with_integer_labels(x64, y)
+    elif which == "int_opts":
+        kw = dict(label_smoothing=0.1, z_loss=1e-3, logit_soft_cap_value=5.0)
+        f = lambda a: CE_INT(a, jnp.asarray(y), **_jx(kw))  # noqa: E731
+        expected = R.softmax_cross_entropy_with_integer_labels(x64, y, **kw)
+    elif which == "soft":
+        p = R.random_probs(rng, (8, 37)).astype(np.float32)
+        f = lambda a: CE_SOFT(a, jnp.asarray(p))  # noqa: E731
+        expected = R.softmax_cross_entropy(x64, p.astype(F64))
+    else:
+        f = lambda a: jaxce.nll_loss(a, jnp.asarray(y))  # noqa: E731
+        expected = R.nll_loss(x64, y)
+    got = f(x)
+    assert got.dtype == jnp.float32  # losses: result_type(input, float32)
+    # computed internally in >= float32 from the rounded inputs
+    R.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    g = R.jgrad(lambda a: jnp.sum(f(a)))(x)
+    assert g.dtype == dtype
+    assert np.all(np.isfinite(np.asarray(g.astype(jnp.float32))))
+
+
+def test_soft_label_gradient_dtype(rng):
+    x = jnp.asarray(R.random_logits(rng, (2, 3)), dtype=jnp.bfloat16)
+    y = jnp.asarray(R.random_probs(rng, (2, 3)), dtype=jnp.bfloat16)
+    gx, gy = R.jgrad(lambda a, b: jnp.sum(CE_SOFT(a, b)), argnums=(0, 1))(x, y)
+    assert gx.dtype == jnp.bfloat16 and gy.dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------ properties
+
+
+_BIG = float(np.float32(3e38))
+_finite32 = st.one_of(
+    st.floats(-1e4, 1e4, width=32),
+    st.sampled_from([-_BIG, _BIG, -1e4, 1e4, 0.0]),
+)
+
+
+@functools.cache
+def _int_vg(eps, zl):
+    return jax.jit(
+        jax.value_and_grad(
+            lambda a, b: jaxce.softmax_cross_entropy_with_integer_labels(
+                a, b, label_smoothing=eps, z_loss=zl, reduction="mean"
+            )
+        )
+    )
+
+
+_soft_vg = jax.jit(
+    jax.value_and_grad(
+        lambda a, b: jaxce.softmax_cross_entropy(a, b, reduction="sum"), argnums=(0, 1)
+    )
+)
+
+
+@given(
+    x=hnp.arrays(np.float32, (3, 5), elements=_finite32),
+    y=hnp.arrays(np.int32, (3,), elements=st.integers(0, 4)),
+    eps=st.sampled_from([0.0, 0.1]),
+    zl=st.sampled_from([0.0, 1e-4]),
+)
+def test_property_finite_inputs_no_nan(x, y, eps, zl):
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    val, g = _int_vg(eps, zl)(xj, yj)
+    assert not np.isnan(float(val))
+    assert not np.any(np.isnan(np.asarray(g)))
+    ps = R.random_probs(np.random.default_rng(0), (3, 5)).astype(np.float32)
+    val, (gx, gy) = _soft_vg(xj, jnp.asarray(ps))
+    assert not np.isnan(float(val))
+    assert not np.any(np.isnan(np.asarray(gx))) and not np.any(np.isnan(np.asarray(gy)))

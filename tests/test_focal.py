@@ -1,0 +1,196 @@
+"""sigmoid_focal_loss (optax's, plus reduction) and softmax_focal_loss (Lin et al. multi-class)."""
+
+import itertools
+
+import _reference as R
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+
+import jaxce
+
+SFL = R.jitted(jaxce.sigmoid_focal_loss)
+MFL = R.jitted(jaxce.softmax_focal_loss)
+
+
+@pytest.mark.parametrize(
+    "alpha,gamma,reduction",
+    list(itertools.product([None, 0.25], [0.0, 0.5, 2.0, 3.0], ["none", "mean"])),
+)
+def test_sigmoid_focal_values_and_grads(rng, alpha, gamma, reduction):
+    x = R.random_logits(rng, (5, 3), scale=3.0)
+    y = (rng.random((5, 3)) < 0.4).astype(np.float64)
+    kw = dict(alpha=alpha, gamma=gamma, reduction=reduction)
+    got = SFL(jnp.asarray(x), jnp.asarray(y), **kw)
+    R.assert_close(got, R.sigmoid_focal_loss(x, y, **kw), rtol=1e-11, atol=1e-14)
+    g = R.jgrad(lambda a: jnp.sum(SFL(a, jnp.asarray(y), **kw)))(jnp.asarray(x))
+    g_ref = R.ref_grad(lambda a, xp: xp.sum(R.sigmoid_focal_loss(a, y, xp=xp, **kw)))(x)
+    R.assert_close(g, g_ref, rtol=1e-9, atol=1e-13)
+
+
+def test_sigmoid_focal_hand_derived():
+    # FL = -alpha_t (1 - p_t)^gamma log p_t
+    x = np.array([2.0, -1.0])
+    y = np.array([1.0, 0.0])
+    p = 1 / (1 + np.exp(-x))
+    pt = np.where(y == 1, p, 1 - p)
+    at = np.where(y == 1, 0.25, 0.75)
+    expected = -at * (1 - pt) ** 2 * np.log(pt)
+    R.assert_close(SFL(jnp.asarray(x), jnp.asarray(y), alpha=0.25), expected, rtol=1e-12)
+    R.assert_close(
+        SFL(jnp.asarray(x), jnp.asarray(y), alpha=0.25, reduction="mean"),
+        expected.mean(),
+        rtol=1e-12,
+    )
+
+
+def test_sigmoid_focal_gamma0_is_bce(rng):
+    x = R.random_logits(rng, (7,))
+    y = rng.random(7)
+    R.assert_close(
+        SFL(jnp.asarray(x), jnp.asarray(y), gamma=0.0),
+        R.sigmoid_binary_cross_entropy(x, y),
+        rtol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("big", [1e4, 3e38])
+def test_sigmoid_focal_extremes(big):
+    x = jnp.asarray(np.array([big, -big, big, -big, 0.0]), dtype=jnp.float32)
+    y = jnp.asarray(np.array([1.0, 0.0, 0.0, 1.0, 1.0]), dtype=jnp.float32)
+    for gamma in (0.5, 2.0):
+        val, g = jax.value_and_grad(lambda a, gm=gamma: jnp.sum(SFL(a, y, gamma=gm)))(x)
+        assert not np.isnan(float(val))
+        assert not np.any(np.isnan(np.asarray(g)))
+        per = np.asarray(SFL(x, y, gamma=gamma))
+        R.assert_close(per[:2], [0.0, 0.0], atol=1e-30)
+        R.assert_close(per[2:4], [big, big], rtol=1e-6)
+
+
+def test_sigmoid_focal_check_grads_dtypes_jit(rng):
+    x = jnp.asarray(R.random_logits(rng, (3, 4), scale=1.5))
+    y = jnp.asarray((rng.random((3, 4)) < 0.5).astype(np.float64))
+    R.check_grads(
+        lambda a: SFL(a, y, alpha=0.25, gamma=2.0, reduction="mean"), (x,), order=2, modes=("rev",)
+    )
+    xb = x.astype(jnp.bfloat16)
+    out = SFL(xb, y.astype(jnp.bfloat16))
+    assert out.dtype == jnp.float32
+    R.assert_close(
+        out,
+        R.sigmoid_focal_loss(np.asarray(xb.astype(jnp.float64)), np.asarray(y)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert R.jgrad(lambda a: jnp.sum(SFL(a, y.astype(jnp.bfloat16))))(xb).dtype == jnp.bfloat16
+    f = lambda a, b: SFL(a, b, alpha=0.25)  # noqa: E731
+    R.assert_close(jax.jit(f)(x, y), f(x, y), rtol=1e-13)
+    R.assert_close(
+        jax.vmap(f)(x, y),
+        R.sigmoid_focal_loss(np.asarray(x), np.asarray(y), alpha=0.25),
+        rtol=1e-11,
+    )
+
+
+# ------------------------------------------------------------------------ softmax focal
+
+
+ALPHAS = [None, 0.25, np.array([0.1, 0.5, 1.0, 2.0])]
+
+
+@pytest.mark.parametrize(
+    "alpha,gamma,ignore_index,reduction",
+    list(itertools.product(range(3), [0.0, 2.0], [None, 1], ["none", "mean"])),
+)
+def test_softmax_focal_values_and_grads(rng, alpha, gamma, ignore_index, reduction):
+    alpha = ALPHAS[alpha]
+    x = R.random_logits(rng, (6, 4), scale=2.0)
+    y = rng.integers(0, 4, size=6).astype(np.int32)
+    y[2] = 1
+    kw = dict(alpha=alpha, gamma=gamma, ignore_index=ignore_index, reduction=reduction)
+    jkw = dict(kw, alpha=jnp.asarray(alpha) if isinstance(alpha, np.ndarray) else alpha)
+    got = MFL(jnp.asarray(x), jnp.asarray(y), **jkw)
+    R.assert_close(got, R.softmax_focal_loss(x, y, **kw), rtol=1e-11, atol=1e-14)
+    g = R.jgrad(lambda a: jnp.sum(MFL(a, jnp.asarray(y), **jkw)))(jnp.asarray(x))
+    g_ref = R.ref_grad(lambda a, xp: xp.sum(R.softmax_focal_loss(a, y, xp=xp, **kw)))(x)
+    R.assert_close(g, g_ref, rtol=1e-9, atol=1e-13)
+    if ignore_index is not None:
+        np.testing.assert_array_equal(np.asarray(g)[y == ignore_index], 0.0)
+
+
+def test_softmax_focal_hand_derived_mean_over_non_ignored():
+    x = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5], [1.0, 3.0, 0.0]])
+    y = np.array([0, -100, 1], np.int32)
+    alpha = np.array([0.25, 0.5, 1.0])
+    p = np.exp(x) / np.exp(x).sum(1, keepdims=True)
+    per = [
+        -alpha[0] * (1 - p[0, 0]) ** 2 * np.log(p[0, 0]),
+        0.0,
+        -alpha[1] * (1 - p[2, 1]) ** 2 * np.log(p[2, 1]),
+    ]
+    got = MFL(jnp.asarray(x), jnp.asarray(y), alpha=jnp.asarray(alpha), ignore_index=-100)
+    R.assert_close(got, per, rtol=1e-12)
+    got = MFL(
+        jnp.asarray(x),
+        jnp.asarray(y),
+        alpha=jnp.asarray(alpha),
+        ignore_index=-100,
+        reduction="mean",
+    )
+    R.assert_close(got, sum(per) / 2, rtol=1e-12)
+
+
+def test_softmax_focal_gamma0_is_ce(rng):
+    x = R.random_logits(rng, (5, 6))
+    y = rng.integers(0, 6, size=5).astype(np.int32)
+    R.assert_close(
+        MFL(jnp.asarray(x), jnp.asarray(y), gamma=0.0),
+        R.softmax_cross_entropy_with_integer_labels(x, y),
+        rtol=1e-12,
+    )
+
+
+def test_softmax_focal_axis_and_nan(rng):
+    x = R.random_logits(rng, (3, 4, 2))
+    y = np.array([[0, 3], [1, 9], [2, 2]], np.int32)
+    got = np.asarray(jax.jit(lambda a, b: MFL(a, b, axis=1))(jnp.asarray(x), jnp.asarray(y)))
+    assert np.isnan(got[1, 1])
+    ok = np.ones((3, 2), bool)
+    ok[1, 1] = False
+    R.assert_close(got[ok], R.softmax_focal_loss(x, y, axis=1)[ok], rtol=1e-11)
+
+
+def test_softmax_focal_extremes_and_check_grads(rng):
+    x = jnp.asarray(
+        np.array([[3e38, -3e38, 0.0], [1e4, -1e4, -np.inf], [-5.0, 5.0, 0.0]]), dtype=jnp.float32
+    )
+    y = jnp.asarray(np.array([0, 0, 0], np.int32))
+    val, g = jax.value_and_grad(lambda a: MFL(a, y, reduction="mean"))(x)
+    assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(g)))
+    xs = jnp.asarray(R.random_logits(rng, (3, 4), scale=1.0))
+    ys = jnp.asarray(np.array([0, 3, 1], np.int32))
+    R.check_grads(
+        lambda a: MFL(a, ys, alpha=0.5, gamma=2.0, reduction="mean"), (xs,), order=2, modes=("rev",)
+    )
+
+
+def test_softmax_focal_dtypes_jit_vmap(rng):
+    x = jnp.asarray(R.random_logits(rng, (3, 4, 5)))
+    y = jnp.asarray(rng.integers(0, 5, size=(3, 4)).astype(np.int32))
+    f = lambda a, b: MFL(a, b, gamma=1.5)  # noqa: E731
+    R.assert_close(jax.jit(f)(x, y), f(x, y), rtol=1e-13)
+    R.assert_close(
+        jax.vmap(f)(x, y), R.softmax_focal_loss(np.asarray(x), np.asarray(y), gamma=1.5), rtol=1e-11
+    )
+    xb = x.astype(jnp.float16)
+    out = f(xb, y)
+    assert out.dtype == jnp.float32
+    R.assert_close(
+        out,
+        R.softmax_focal_loss(np.asarray(xb.astype(jnp.float64)), np.asarray(y), gamma=1.5),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert R.jgrad(lambda a: jnp.sum(f(a, y)))(xb).dtype == jnp.float16

@@ -1,0 +1,298 @@
+"""log_softmax, softmax, logsumexp and logit_soft_cap against float64 references."""
+
+import _reference as R
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+import scipy.special
+
+import jaxce
+
+F64 = np.float64
+
+# (shape, axis): odd sizes, class axis not last, tuple axes
+SHAPES_AXES = [
+    ((7,), -1),
+    ((3, 5), -1),
+    ((3, 5), 0),
+    ((2, 5, 3), 1),
+    ((2, 5, 3), -1),
+    ((2, 5, 3), (0, 2)),
+    ((2, 3, 4, 5), (1, 3)),
+]
+
+
+def _scipy_log_softmax(x, axis):
+    # Shift by the max first: x - logsumexp(x) loses log(2) to rounding at 3e38 even in float64.
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    return shifted - scipy.special.logsumexp(shifted, axis=axis, keepdims=True)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+def test_log_softmax_matches_scipy(rng, shape, axis):
+    x = R.random_logits(rng, shape)
+    got = R.jitted(jaxce.log_softmax)(jnp.asarray(x), axis=axis)
+    assert got.dtype == jnp.float64
+    assert got.shape == x.shape
+    R.assert_close(got, _scipy_log_softmax(x, axis), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+def test_softmax_matches_scipy(rng, shape, axis):
+    x = R.random_logits(rng, shape)
+    got = R.jitted(jaxce.softmax)(jnp.asarray(x), axis=axis)
+    R.assert_close(got, np.exp(_scipy_log_softmax(x, axis)), rtol=1e-12, atol=1e-14)
+    R.assert_close(np.sum(np.asarray(got), axis=axis), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+def test_logsumexp_matches_scipy(rng, shape, axis):
+    x = R.random_logits(rng, shape)
+    got = R.jitted(jaxce.logsumexp)(jnp.asarray(x), axis=axis)
+    expected = scipy.special.logsumexp(x, axis=axis)
+    assert got.shape == np.shape(expected)
+    R.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_default_axis_is_last(rng):
+    x = R.random_logits(rng, (4, 6))
+    R.assert_close(jaxce.log_softmax(jnp.asarray(x)), _scipy_log_softmax(x, -1))
+    R.assert_close(jaxce.logsumexp(jnp.asarray(x)), scipy.special.logsumexp(x, axis=-1))
+
+
+# ------------------------------------------------------------------------------- where / -inf
+
+
+def _mask(rng, shape):
+    m = rng.random(shape) < 0.6
+    m[0, :] = False  # a fully masked row
+    m[1, :] = True
+    return m
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_where_matches_reference(rng, axis):
+    x = R.random_logits(rng, (5, 7))
+    m = _mask(rng, (5, 7))
+    if axis == 0:
+        x, m = x.T.copy(), m.T.copy()
+    lsm = jaxce.log_softmax(jnp.asarray(x), axis=axis, where=jnp.asarray(m))
+    sm = jaxce.softmax(jnp.asarray(x), axis=axis, where=jnp.asarray(m))
+    lse = jaxce.logsumexp(jnp.asarray(x), axis=axis, where=jnp.asarray(m))
+    R.assert_close(lsm, R.log_softmax(x, axis=axis, where=m), rtol=1e-12)
+    R.assert_close(sm, R.softmax(x, axis=axis, where=m), rtol=1e-12, atol=1e-15)
+    R.assert_close(lse, R.logsumexp(x, axis=axis, where=m), rtol=1e-12)
+    # excluded entries: softmax 0, log_softmax -inf; the fully masked row: lse -inf
+    assert np.all(np.asarray(sm)[~m] == 0.0)
+    assert np.all(np.asarray(lsm)[~m] == -np.inf)
+    assert np.asarray(lse)[0] == -np.inf
+
+
+def test_where_broadcastable(rng):
+    x = R.random_logits(rng, (4, 6))
+    m = np.array([[True, False, True, True, False, True]])
+    got = jaxce.softmax(jnp.asarray(x), where=jnp.asarray(m))
+    R.assert_close(got, R.softmax(x, where=np.broadcast_to(m, x.shape)), rtol=1e-12)
+
+
+def test_neg_inf_logit_behaves_like_excluded(rng):
+    x = R.random_logits(rng, (3, 5))
+    m = np.array([True, False, True, False, True])
+    x_inf = np.where(m, x, -np.inf)
+    for fn in (jaxce.log_softmax, jaxce.softmax, jaxce.logsumexp):
+        a = fn(jnp.asarray(x_inf))
+        b = fn(jnp.asarray(x), where=jnp.asarray(m[None, :]))
+        R.assert_close(a, b, rtol=1e-14, err_msg=fn.__name__)
+
+
+@pytest.mark.parametrize("how", ["where", "neginf"])
+def test_fully_masked_row_values_and_zero_gradient(how):
+    x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    m = np.array([[True, True, True], [False, False, False]])
+    if how == "neginf":
+        x = np.where(m, x, -np.inf)
+        kw = {}
+    else:
+        kw = {"where": jnp.asarray(m)}
+    xj = jnp.asarray(x)
+    assert np.all(np.asarray(jaxce.softmax(xj, **kw))[1] == 0.0)
+    assert np.all(np.asarray(jaxce.log_softmax(xj, **kw))[1] == -np.inf)
+    assert np.asarray(jaxce.logsumexp(xj, **kw))[1] == -np.inf
+    c = np.array([[0.3, -0.2, 0.5], [1.0, 2.0, -1.0]])
+    cot = jnp.asarray(c)
+    g_sm = R.jgrad(lambda v: jnp.sum(jaxce.softmax(v, **kw) * cot))(xj)
+    g_lsm = R.jgrad(
+        lambda v: jnp.sum(jnp.where(jnp.asarray(m), jaxce.log_softmax(v, **kw), 0.0) * cot)
+    )(xj)
+    g_lse = R.jgrad(lambda v: jnp.sum(jaxce.logsumexp(v, **kw) * cot[:, 0]))(xj)
+    for g in (g_sm, g_lsm, g_lse):
+        g = np.asarray(g)
+        assert not np.any(np.isnan(g)), g
+        np.testing.assert_array_equal(g[1], 0.0)
+    # the first row's gradient is the ordinary one
+    s = R.softmax(x[0])
+    R.assert_close(np.asarray(g_lse)[0], c[0, 0] * s, rtol=1e-12)
+    R.assert_close(np.asarray(g_sm)[0], s * (c[0] - s @ c[0]), rtol=1e-12, atol=1e-15)
+    R.assert_close(np.asarray(g_lsm)[0], c[0] - s * c[0].sum(), rtol=1e-12, atol=1e-15)
+
+
+def test_where_excludes_huge_logits(rng):
+    x = R.random_logits(rng, (3, 5))
+    x[:, 2] = 1e300
+    m = np.ones((3, 5), bool)
+    m[:, 2] = False
+    got = jaxce.log_softmax(jnp.asarray(x), where=jnp.asarray(m))
+    expected = R.log_softmax(np.where(m, x, 0.0), where=m)
+    R.assert_close(got, expected, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------- extremes
+
+
+@pytest.mark.parametrize("big", [1e4, 3e38])
+def test_huge_float32_logits(big):
+    x = np.array([[big, -big, 0.0, big], [-big, -big, -big, 1.0]], np.float32)
+    xj = jnp.asarray(x)
+    lsm = np.asarray(jaxce.log_softmax(xj))
+    sm = np.asarray(jaxce.softmax(xj))
+    lse = np.asarray(jaxce.logsumexp(xj))
+    x64 = x.astype(F64)
+    R.assert_close(sm, np.exp(_scipy_log_softmax(x64, -1)), rtol=1e-6, atol=1e-30)
+    R.assert_close(lse, scipy.special.logsumexp(x64, axis=-1), rtol=1e-6)
+    # log_softmax of the row maxima is exactly finite
+    assert np.isclose(lsm[0, 0], -np.log(2.0), rtol=1e-6)
+    assert np.isclose(lsm[1, 3], 0.0, atol=1e-6)
+    g = R.jgrad(lambda v: jnp.sum(jaxce.logsumexp(v)))(xj)
+    assert np.all(np.isfinite(np.asarray(g)))
+    R.assert_close(g, np.exp(_scipy_log_softmax(x64, -1)), rtol=1e-6, atol=1e-30)
+
+
+# ------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("name", ["log_softmax", "softmax", "logsumexp"])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_check_grads_order2(rng, name, axis):
+    fn = getattr(jaxce, name)
+    x = jnp.asarray(R.random_logits(rng, (3, 4), scale=1.0))
+    R.check_grads(lambda v: fn(v, axis=axis), (x,), order=2, modes=("rev",))
+
+
+@pytest.mark.parametrize("name", ["log_softmax", "softmax", "logsumexp"])
+def test_check_grads_with_where(rng, name):
+    fn = getattr(jaxce, name)
+    x = jnp.asarray(R.random_logits(rng, (3, 4), scale=1.0))
+    m = jnp.asarray(np.array([[True, False, True, True]] * 3))
+
+    def f(v):
+        out = fn(v, where=m)
+        return jnp.where(jnp.isfinite(out), out, 0.0)
+
+    R.check_grads(f, (x,), order=2, modes=("rev",))
+
+
+@pytest.mark.parametrize("name", ["log_softmax", "softmax", "logsumexp"])
+@pytest.mark.parametrize("axis", [-1, 1, (0, 2)])
+def test_gradient_matches_reference_autodiff(rng, name, axis):
+    x = R.random_logits(rng, (2, 3, 4))
+    cot_shape = np.shape(scipy.special.logsumexp(x, axis=axis)) if name == "logsumexp" else x.shape
+    cot = rng.normal(size=cot_shape)
+    fn = getattr(jaxce, name)
+    got = R.jgrad(lambda v: jnp.sum(fn(v, axis=axis) * jnp.asarray(cot)))(jnp.asarray(x))
+
+    def ref(v, xp):
+        if name == "logsumexp":
+            out = R.logsumexp(v, axis=axis, xp=xp)
+        else:
+            lse = R.logsumexp(v, axis=axis, xp=xp)
+            lse = xp.expand_dims(lse, axis)
+            out = v - lse if name == "log_softmax" else xp.exp(v - lse)
+        return xp.sum(out * cot)
+
+    expected = R.ref_grad(ref)(x)
+    R.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_grad_of_grad_logsumexp(rng):
+    # d/dx sum_i g_i(x) where g = grad lse = softmax: Hessian of lse is diag(s) - s s^T
+    x = R.random_logits(rng, (5,))
+    h = jax.jit(jax.jacrev(jax.grad(lambda v: jaxce.logsumexp(v))))(jnp.asarray(x))
+    s = R.softmax(x)
+    R.assert_close(h, np.diag(s) - np.outer(s, s), rtol=1e-10, atol=1e-14)
+
+
+def test_softmax_jacobian_and_hessian_analytic(rng):
+    x = R.random_logits(rng, (4,), scale=1.0)
+    s = R.softmax(x)
+    jac = jax.jit(jax.jacrev(jaxce.softmax))(jnp.asarray(x))
+    R.assert_close(jac, np.diag(s) - np.outer(s, s), rtol=1e-10, atol=1e-14)
+    hess = jax.jit(jax.jacrev(jax.jacrev(jaxce.softmax)))(jnp.asarray(x))
+    R.assert_close(hess, R.softmax_hessian(x), rtol=1e-9, atol=1e-13)
+
+
+# ----------------------------------------------------------------------- jit / vmap / dtypes
+
+
+@pytest.mark.parametrize("name", ["log_softmax", "softmax", "logsumexp"])
+def test_jit_and_vmap(rng, name):
+    fn = getattr(jaxce, name)
+    x = jnp.asarray(R.random_logits(rng, (3, 4, 5)))
+    eager = fn(x, axis=1)
+    R.assert_close(jax.jit(lambda v: fn(v, axis=1))(x), eager, rtol=1e-13)
+    vm = jax.vmap(lambda v: fn(v, axis=0))(x)  # per-batch [4, 5], class axis 0 == axis 1 overall
+    R.assert_close(vm, eager, rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("name", ["log_softmax", "softmax", "logsumexp"])
+def test_low_precision_dtype_and_accuracy(rng, dtype, name):
+    x = jnp.asarray(R.random_logits(rng, (6, 33)), dtype=dtype)
+    x64 = np.asarray(x.astype(jnp.float64))  # the rounded input, exactly
+    fn = getattr(jaxce, name)
+    got = fn(x)
+    assert got.dtype == dtype
+    if name == "logsumexp":
+        expected = scipy.special.logsumexp(x64, axis=-1)
+    elif name == "log_softmax":
+        expected = _scipy_log_softmax(x64, -1)
+    else:
+        expected = np.exp(_scipy_log_softmax(x64, -1))
+    # only the output rounding may be lost: a few ulps of the output dtype, relative to the scale
+    eps = float(jnp.finfo(dtype).eps) * (2 if dtype != jnp.float32 else 16)
+    scale = np.max(np.abs(expected))
+    R.assert_close(got, expected, rtol=eps, atol=eps * scale)
+    g = R.jgrad(lambda v: jnp.sum(fn(v).astype(jnp.float32)))(x)
+    assert g.dtype == dtype
+
+
+def test_float32_accuracy_large_rows(rng):
+    x = jnp.asarray(R.random_logits(rng, (4, 10001), scale=10.0), dtype=jnp.float32)
+    x64 = np.asarray(x.astype(jnp.float64))
+    R.assert_close(jaxce.logsumexp(x), scipy.special.logsumexp(x64, axis=-1), rtol=1e-6)
+    R.assert_close(jaxce.log_softmax(x), _scipy_log_softmax(x64, -1), rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- logit_soft_cap
+
+
+@pytest.mark.parametrize("cap", [1.0, 30.0, 50.0])
+def test_logit_soft_cap(rng, cap):
+    x = R.random_logits(rng, (4, 9), scale=40.0)
+    got = jaxce.logit_soft_cap(jnp.asarray(x), cap)
+    R.assert_close(got, R.logit_soft_cap(x, cap), rtol=1e-13, atol=1e-13)
+    assert np.all(np.abs(np.asarray(got)) <= cap)
+    g = R.jgrad(lambda v: jnp.sum(jaxce.logit_soft_cap(v, cap)))(jnp.asarray(x))
+    R.assert_close(g, 1.0 - np.tanh(x / cap) ** 2, rtol=1e-10, atol=1e-14)
+
+
+def test_logit_soft_cap_dtype_and_neg_inf():
+    x = jnp.asarray(np.array([-np.inf, -3.0, 0.0, 100.0]), dtype=jnp.bfloat16)
+    got = jaxce.logit_soft_cap(x, 30.0)
+    assert got.dtype == jnp.bfloat16
+    got = np.asarray(got.astype(jnp.float32))
+    assert got[0] == -30.0 or got[0] == -np.inf  # the primitive is tanh; CE keeps -inf masked
+    R.assert_close(
+        got[1:], 30.0 * np.tanh(np.array([-3.0, 0.0, 100.0]) / 30.0), rtol=1e-2, atol=1e-2
+    )

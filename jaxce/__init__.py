@@ -13,6 +13,7 @@ from jaxce._focal import softmax_focal_loss as softmax_focal_loss
 from jaxce._information import entropy as entropy
 from jaxce._information import kl_divergence as kl_divergence
 from jaxce._information import softmax_entropy as softmax_entropy
+from jaxce._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from jaxce._sigmoid import log_sigmoid as log_sigmoid
 from jaxce._sigmoid import logit_soft_cap as logit_soft_cap
 from jaxce._sigmoid import sigmoid as sigmoid
@@ -27,6 +28,7 @@ __all__ = [
     "check_labels",
     "entropy",
     "kl_divergence",
+    "linear_softmax_cross_entropy",
     "log_sigmoid",
     "log_softmax",
     "logit_soft_cap",

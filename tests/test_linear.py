@@ -1,0 +1,345 @@
+"""linear_softmax_cross_entropy: the loss of x @ w + bias without materializing the logits.
+
+Values and gradients are compared with the float64 reference of the integer-label loss in
+``_reference.py`` applied to ``x @ w + bias`` (differentiated by JAX autodiff); memory is asserted
+with ``compile().memory_analysis()`` (deterministic; the memory tests only compile).
+"""
+
+import functools
+
+import _reference as R
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+
+from jaxce._linear import linear_softmax_cross_entropy
+
+F64 = np.float64
+LCE = linear_softmax_cross_entropy
+
+# (batch shape of x, D, V, token_chunk, vocab_chunk): V prime, V < vocab chunk, N = 1,
+# N not divisible by the token chunk, a chunk of 1, exact multiples.
+SHAPES = [
+    ((37,), 8, 1009, 16, 128),
+    ((3, 5), 6, 11, 4, 64),  # V < vocab_chunk, 2-D batch
+    ((1,), 5, 97, None, 32),  # N = 1
+    ((29,), 4, 64, 7, 16),  # exact vocabulary chunks, ragged tokens
+    ((6,), 3, 13, 1, 1),  # chunks of one
+]
+OPTIONS = [
+    {},
+    {"ignore_index": -100},
+    {"class_weights": True},
+    {"label_smoothing": 0.2},
+    {"z_loss": 0.05},
+    {"logit_soft_cap": 2.5},
+    {"bias": True},
+    {
+        "ignore_index": -100,
+        "class_weights": True,
+        "label_smoothing": 0.1,
+        "z_loss": 0.01,
+        "logit_soft_cap": 4.0,
+        "bias": True,
+    },
+]
+
+
+def _problem(rng, batch, d, v, scale=1.0):
+    x = rng.normal(size=batch + (d,)) * scale
+    w = rng.normal(size=(d, v)) / np.sqrt(d)
+    y = rng.integers(0, v, size=batch).astype(np.int32)
+    return x, w, y
+
+
+def _options(rng, v, kw, y):
+    """Turns the markers in ``kw`` into arrays; ignores a few labels when asked to."""
+    kw = dict(kw)
+    bias = rng.normal(size=(v,)) if kw.pop("bias", False) else None
+    if kw.pop("class_weights", False):
+        kw["class_weights"] = rng.uniform(0.2, 2.0, size=(v,))
+    if "ignore_index" in kw and y.size > 1:
+        y = y.copy()
+        y.flat[:: max(1, y.size // 3)] = kw["ignore_index"]
+    return bias, kw, y
+
+
+def _reference(x, w, bias, y, reduction, kw, xp):
+    logits = x @ w if bias is None else x @ w + bias
+    ref_kw = {("logit_soft_cap_value" if k == "logit_soft_cap" else k): v for k, v in kw.items()}
+    return R.softmax_cross_entropy_with_integer_labels(
+        logits, y, reduction=reduction, xp=xp, **ref_kw
+    )
+
+
+def _jnp(kw):
+    return {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+
+
+def _value_and_grads(x, w, bias, y, reduction, kw, ct, chunks):
+    """The fused loss (contracted with the cotangent ``ct`` for "none") and d/d(x, w, bias)."""
+
+    def f(x, w, bias):
+        loss = LCE(x, w, y, bias=bias, reduction=reduction, **chunks, **kw)
+        return jnp.sum(loss * ct) if reduction == "none" else loss
+
+    argnums = (0, 1) if bias is None else (0, 1, 2)
+    return jax.jit(jax.value_and_grad(f, argnums=argnums))(x, w, bias)
+
+
+def _reference_value_and_grads(x, w, bias, y, reduction, kw, ct):
+    def f(x, w, bias):
+        loss = _reference(x, w, bias, y, reduction, kw, jnp)
+        return jnp.sum(loss * ct) if reduction == "none" else loss
+
+    argnums = (0, 1) if bias is None else (0, 1, 2)
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        return jax.jit(jax.value_and_grad(f, argnums=argnums))(x, w, bias)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: "-".join(kw) or "plain")
+@pytest.mark.parametrize("batch,d,v,tc,vc", SHAPES[:1])
+def test_matches_unfused_every_option(rng, batch, d, v, tc, vc, kw, reduction):
+    x, w, y = _problem(rng, batch, d, v)
+    bias, kw, y = _options(rng, v, kw, y)
+    ct = rng.normal(size=batch)
+    args = [jnp.asarray(a) if a is not None else None for a in (x, w, bias, y)]
+    got = _value_and_grads(
+        *args, reduction, _jnp(kw), jnp.asarray(ct), {"token_chunk": tc, "vocab_chunk": vc}
+    )
+    expected = _reference_value_and_grads(*args, reduction, _jnp(kw), jnp.asarray(ct))
+    assert got[0].dtype == jnp.float64
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        R.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kw", OPTIONS[-2:], ids=["bias", "all"])
+def test_recompute_strategy_for_reduced_losses(rng, kw, reduction):
+    """recompute_logits=True (the default for bf16 w) on "mean"/"sum" equals the unfused loss;
+    and the single pass refuses reduction="none"."""
+    batch, d, v, tc, vc = SHAPES[0]
+    x, w, y = _problem(rng, batch, d, v)
+    bias, kw, y = _options(rng, v, kw, y)
+    args = [jnp.asarray(a) if a is not None else None for a in (x, w, bias, y)]
+    chunks = {"token_chunk": tc, "vocab_chunk": vc, "recompute_logits": True}
+    got = _value_and_grads(*args, reduction, _jnp(kw), None, chunks)
+    expected = _reference_value_and_grads(*args, reduction, _jnp(kw), None)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        R.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="recompute_logits=False"):
+        LCE(args[0], args[1], args[3], reduction="none", recompute_logits=False)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("batch,d,v,tc,vc", SHAPES[1:])
+def test_awkward_shapes(rng, batch, d, v, tc, vc, reduction):
+    x, w, y = _problem(rng, batch, d, v)
+    bias, kw, y = _options(rng, v, OPTIONS[-1], y)
+    ct = rng.normal(size=batch)
+    args = [jnp.asarray(a) for a in (x, w, bias, y)]
+    chunks = {"token_chunk": tc, "vocab_chunk": vc}
+    got = _value_and_grads(*args, reduction, _jnp(kw), jnp.asarray(ct), chunks)
+    expected = _reference_value_and_grads(*args, reduction, _jnp(kw), jnp.asarray(ct))
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        R.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_default_chunks_and_vmap(rng):
+    x, w, y = _problem(rng, (4, 9), 8, 300)
+    xs, ws, ys = jnp.asarray(x), jnp.asarray(w), jnp.asarray(y)
+    got = jax.vmap(lambda x, y: LCE(x, ws, y))(xs, ys)
+    expected = [_reference(x[i], w, None, y[i], "mean", {}, np) for i in range(4)]
+    R.assert_close(got, np.array(expected), rtol=1e-10)
+
+
+def test_class_weight_gradient(rng):
+    """Gradients also flow to class_weights (a learned reweighting), in both strategies."""
+    x, w, y = _problem(rng, (23,), 5, 41)
+    cw = rng.uniform(0.5, 2.0, size=41)
+    kw = {"label_smoothing": 0.1, "z_loss": 0.02}
+    for reduction in ["mean", "none"]:
+
+        def f(cw, reduction=reduction):
+            loss = LCE(
+                jnp.asarray(x),
+                jnp.asarray(w),
+                jnp.asarray(y),
+                class_weights=cw,
+                reduction=reduction,
+                token_chunk=5,
+                vocab_chunk=8,
+                **kw,
+            )
+            return jnp.sum(loss)
+
+        def r(cw, reduction=reduction):
+            return jnp.sum(
+                _reference(
+                    jnp.asarray(x),
+                    jnp.asarray(w),
+                    None,
+                    jnp.asarray(y),
+                    reduction,
+                    {"class_weights": cw, **kw},
+                    jnp,
+                )
+            )
+
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            expected = jax.jit(jax.grad(r))(jnp.asarray(cw))
+        R.assert_close(jax.jit(jax.grad(f))(jnp.asarray(cw)), expected, rtol=1e-9)
+
+
+def test_check_grads(rng):
+    x, w, y = _problem(rng, (5,), 3, 7)
+    bias = jnp.asarray(rng.normal(size=7))
+    for reduction in ["mean", "none"]:
+        f = functools.partial(
+            lambda x, w, b, red: jnp.sum(
+                LCE(
+                    x,
+                    w,
+                    jnp.asarray(y),
+                    bias=b,
+                    reduction=red,
+                    label_smoothing=0.1,
+                    z_loss=0.1,
+                    logit_soft_cap=3.0,
+                    token_chunk=2,
+                    vocab_chunk=3,
+                )
+            ),
+            red=reduction,
+        )
+        jax.test_util.check_grads(
+            jax.jit(f), (jnp.asarray(x), jnp.asarray(w), bias), order=1, modes=("rev",)
+        )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision_inputs(rng, dtype, reduction):
+    """bf16/f16 x and w: float32 loss, gradients in the inputs' dtype, close to float64 on the
+    rounded inputs (the products are accumulated in float32)."""
+    x, w, y = _problem(rng, (50,), 32, 1009, scale=2.0)
+    x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    ct = jnp.asarray(rng.normal(size=50), jnp.float32)
+    got = _value_and_grads(
+        x, w, None, jnp.asarray(y), reduction, kw, ct, {"token_chunk": 16, "vocab_chunk": 256}
+    )
+    assert got[0].dtype == jnp.float32
+    assert got[1][0].dtype == dtype and got[1][1].dtype == dtype
+    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+    expected = _reference_value_and_grads(
+        x64, w64, None, jnp.asarray(y), reduction, kw, ct.astype(jnp.float64)
+    )
+    R.assert_close(got[0], expected[0], rtol=1e-5)
+    for a, e in zip(got[1], expected[1], strict=True):
+        scale = float(jnp.max(jnp.abs(e)))
+        R.assert_close(a, e, rtol=1e-2, atol=1e-2 * scale)
+
+
+def test_bad_label_gives_nan_for_that_token_only(rng):
+    x, w, y = _problem(rng, (6,), 4, 10)
+    y[2], y[4] = 10, -100
+    got = LCE(jnp.asarray(x), jnp.asarray(w), jnp.asarray(y), ignore_index=-100, reduction="none")
+    assert np.isnan(got[2]) and got[4] == 0
+    assert np.all(np.isfinite(np.delete(np.asarray(got), 2)))
+    assert np.isnan(LCE(jnp.asarray(x), jnp.asarray(w), jnp.asarray(y), ignore_index=-100))
+
+
+def test_masked_classes_and_empty_mean(rng):
+    """A -inf bias removes a class (it never enters the logsumexp or the smoothing); a batch of
+    only ignored tokens has mean 0 with zero gradient."""
+    x, w, y = _problem(rng, (9,), 4, 12)
+    bias = np.zeros(12)
+    bias[[0, 5]] = -np.inf
+    y = np.where(np.isin(y, [0, 5]), 1, y).astype(np.int32)
+    kw = {"label_smoothing": 0.3}
+    got = LCE(
+        jnp.asarray(x),
+        jnp.asarray(w),
+        jnp.asarray(y),
+        bias=jnp.asarray(bias),
+        reduction="none",
+        vocab_chunk=5,
+        **kw,
+    )
+    expected = _reference(x, w, bias, y, "none", kw, np)
+    R.assert_close(got, expected, rtol=1e-10)
+    ignored = jnp.full((9,), -100, jnp.int32)
+    loss, grads = jax.value_and_grad(LCE, argnums=(0, 1))(
+        jnp.asarray(x), jnp.asarray(w), ignored, ignore_index=-100
+    )
+    assert loss == 0 and all(not jnp.any(g) for g in grads)
+
+
+# ------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"x": np.zeros((4, 5))}, ValueError, "D=3"),
+        ({"w": np.zeros((3,))}, ValueError, r"w must have shape \[D, V\]"),
+        ({"labels": np.zeros((5,), np.int32)}, ValueError, "labels must have shape"),
+        ({"labels": np.zeros((4,))}, TypeError, "labels must be an integer"),
+        ({"bias": np.zeros((6,))}, ValueError, "bias must have shape"),
+        ({"class_weights": np.ones((6,))}, ValueError, "class_weights must have shape"),
+        ({"token_chunk": 0}, ValueError, "token_chunk must be > 0"),
+        ({"vocab_chunk": -3}, ValueError, "vocab_chunk must be > 0"),
+        ({"vocab_chunk": 2.5}, TypeError, "vocab_chunk must be a positive int"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+        ({"logit_soft_cap": 0.0}, ValueError, "logit_soft_cap"),
+    ],
+)
+def test_bad_input(change, error, match):
+    args = {"x": np.zeros((4, 3)), "w": np.zeros((3, 7)), "labels": np.zeros((4,), np.int32)}
+    args.update(change)
+    x, w, labels = (jnp.asarray(args.pop(k)) for k in ("x", "w", "labels"))
+    kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        LCE(x, w, labels, **kw)
+
+
+# ---------------------------------------------------------------------------------- memory
+N, D, V = 4096, 512, 32768
+
+
+def _temp_bytes(v, dtype=jnp.float32, reduction="mean", **kw):
+    def loss(x, w, y):
+        out = LCE(x, w, y, reduction=reduction, **kw)
+        return jnp.mean(out) if reduction == "none" else out
+
+    shapes = (
+        jax.ShapeDtypeStruct((N, D), dtype),
+        jax.ShapeDtypeStruct((D, v), dtype),
+        jax.ShapeDtypeStruct((N,), jnp.int32),
+    )
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*shapes).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:  # pragma: no cover - backend without memory analysis
+        pytest.skip("memory_analysis not available on this backend")
+    return stats.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_temporaries_at_most_64_mib(reduction):
+    """The unfused loss needs 1024 MiB of temporaries here (the [N, V] logits and their
+    gradient); the fused one at most 64 MiB."""
+    assert _temp_bytes(V, reduction=reduction) <= 64 * 2**20
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_doubling_the_vocabulary_grows_temporaries_by_at_most_the_extra_w_gradient(reduction):
+    grown = _temp_bytes(2 * V, reduction=reduction) - _temp_bytes(V, reduction=reduction)
+    assert grown <= D * V * 4, f"temporaries grew by {grown / 2**20:.1f} MiB"
+
+
+def test_bfloat16_never_converts_all_of_w():
+    """A float32 copy of a bf16 w would be D*V*4 bytes of temporaries (per-token path)."""
+    assert _temp_bytes(V, jnp.bfloat16, reduction="none") < D * V * 4

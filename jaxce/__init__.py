@@ -1,5 +1,6 @@
 """jaxce: numerically stable classification losses for JAX, with hand-written gradients."""
 
+from jaxce import sharded as sharded  # the vocabulary-parallel namespace, jaxce.sharded
 from jaxce._binary import binary_cross_entropy as binary_cross_entropy
 from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jaxce._checks import check_labels as check_labels

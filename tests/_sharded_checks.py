@@ -1,0 +1,472 @@
+"""Multi-device checks of ``jaxce.sharded``, run by ``tests/test_sharding.py`` in a subprocess.
+
+JAX fixes its number of CPU devices when it is first imported, so these checks run in a fresh
+interpreter with ``--xla_force_host_platform_device_count=8``. Each check raises on failure; the
+script writes ``{name: "ok" | traceback}`` as JSON to the path given as its argument.
+
+Every sharded result is compared with the single-device jaxce loss on the same data (itself
+tested against float64 references in ``test_cross_entropy.py``/``test_linear.py``).
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import jaxce  # noqa: E402
+import jaxce.sharded  # noqa: E402
+from jaxce._linear import linear_softmax_cross_entropy as fused_reference  # noqa: E402
+
+MESHES = ((1, 8), (2, 4), (8, 1))
+CHECKS = {}
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def mesh_of(shape, kind=AxisType.Explicit):
+    return jax.make_mesh(shape, ("data", "model"), axis_types=(kind, kind))
+
+
+def place(mesh, *pairs):
+    return [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in pairs]
+
+
+def close(name, got, want, rtol=RTOL, atol=ATOL):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise AssertionError(f"{name}: shape {got.shape} != {want.shape}")
+    finite = np.abs(want[np.isfinite(want)])
+    scale = max(1.0, float(finite.max()) if finite.size else 1.0)
+    if not np.allclose(got, want, rtol=rtol, atol=atol * scale, equal_nan=True):
+        err = np.nanmax(np.abs(got - want))
+        raise AssertionError(f"{name}: max abs error {err:.3g} (scale {scale:.3g})")
+
+
+def data(n=32, v=1001, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, v)) * 3
+    logits[1, rng.integers(0, v, 50)] = -np.inf  # masked vocabulary entries
+    labels = rng.integers(0, v, n)
+    labels[[2, 7]] = -100  # ignored
+    return {
+        "logits": jnp.asarray(logits, jnp.float32),
+        "labels": jnp.asarray(labels, jnp.int32),
+        "weights": jnp.asarray(rng.uniform(0.5, 2.0, v), jnp.float32),
+        "mask": jnp.asarray(rng.uniform(size=(1, v)) > 0.1),
+        "x": jnp.asarray(rng.normal(size=(n, d)), jnp.float32),
+        "w": jnp.asarray(rng.normal(size=(d, v)) / 2, jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=v), jnp.float32),
+    }
+
+
+# Option sets: each alone, and all of them. Differentiable ones are traced (jnp arrays) so
+# that their gradients are compared too.
+OPTIONS = {
+    "plain": {},
+    "ignore_index": {"ignore_index": -100},
+    "class_weights": {"ignore_index": -100, "class_weights": True},
+    "label_smoothing": {"ignore_index": -100, "label_smoothing": 0.2},
+    "z_loss": {"ignore_index": -100, "z_loss": 1e-3},
+    "logit_soft_cap": {"ignore_index": -100, "logit_soft_cap": 4.0},
+    "where": {"ignore_index": -100, "where": True},
+    "all": {
+        "ignore_index": -100,
+        "class_weights": True,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-3,
+        "logit_soft_cap": 6.0,
+        "where": True,
+    },
+}
+
+
+def _kwargs(options, d):
+    kw = dict(options)
+    if kw.pop("class_weights", False):
+        kw["class_weights"] = d["weights"]
+    if kw.pop("where", False):
+        kw["where"] = d["mask"]
+    return kw
+
+
+def _compare_logits(mesh, options, reduction, d, data_axis="data"):
+    """Value and gradients (logits, class weights, smoothing, z-loss) on a mesh vs one device."""
+    kw = _kwargs(options, d)
+    weights = kw.pop("class_weights", None)
+    eps = jnp.float32(kw.pop("label_smoothing", 0.0))
+    zl = jnp.float32(kw.pop("z_loss", 0.0))
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=d["labels"].shape), jnp.float32)
+
+    def make(fn):
+        def loss(logits, weights, eps, zl):
+            out = fn(
+                logits,
+                d["labels"],
+                class_weights=weights,
+                label_smoothing=eps,
+                z_loss=zl,
+                reduction=reduction,
+                **kw,
+            )
+            return jnp.sum(out * cotangent) if reduction == "none" else out
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3) if weights is not None else (0, 2, 3))
+
+    sharded = jax.jit(
+        make(
+            lambda *a, **k: jaxce.sharded.softmax_cross_entropy_with_integer_labels(
+                *a, axis_name="model", data_axis_name=data_axis, mesh=mesh, **k
+            )
+        )
+    )
+    single = make(jaxce.softmax_cross_entropy_with_integer_labels)
+    args = (d["logits"], weights, eps, zl)
+    (v1, g1), (v2, g2) = sharded(*args), single(*args)
+    close("loss", v1, v2)
+    for i, (a, b) in enumerate(zip(g1, g2, strict=True)):
+        close(f"gradient {i}", a, b)
+
+
+@check
+def logits_every_option_on_every_mesh():
+    d = data()
+    for shape in MESHES:
+        # Every reduction on one mesh; "mean" (the global weighted mean) on all of them.
+        for reduction in ("mean", "sum", "none") if shape == (2, 4) else ("mean",):
+            _compare_logits(mesh_of(shape), OPTIONS["all"], reduction, d)
+
+
+@check
+def logits_each_option():
+    d = data()
+    mesh = mesh_of((2, 4))
+    for name, options in OPTIONS.items():
+        try:
+            _compare_logits(mesh, options, "mean", d)
+        except AssertionError as err:
+            raise AssertionError(f"{name}: {err}") from None
+
+
+@check
+def logits_automatic_mesh_axes():
+    # Meshes whose axes are AxisType.Auto (GSPMD) take the same path.
+    _compare_logits(mesh_of((2, 4), AxisType.Auto), OPTIONS["all"], "mean", data(v=1024))
+
+
+@check
+def logits_padded_vocabulary_inside_shard_map():
+    # V=1001 padded to 1008 columns on 8 devices; the padding columns hold garbage (huge
+    # logits) and must not enter the loss: vocab_size marks them.
+    d = data(v=1001)
+    padded = jnp.pad(d["logits"], ((0, 0), (0, 7)), constant_values=1e4)
+    weights = jnp.pad(d["weights"], (0, 7), constant_values=5.0)
+    for shape in MESHES:
+        mesh = mesh_of(shape)
+
+        def per_device(logits, labels, weights):
+            return jaxce.sharded.softmax_cross_entropy_with_integer_labels(
+                logits,
+                labels,
+                axis_name="model",
+                data_axis_name="data",
+                vocab_size=1001,
+                class_weights=weights,
+                ignore_index=-100,
+                label_smoothing=0.1,
+                z_loss=1e-3,
+                reduction="mean",
+            )
+
+        f = jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P("data", "model"), P("data"), P("model")),
+            out_specs=P(),
+        )
+        args = place(
+            mesh, (padded, P("data", "model")), (d["labels"], P("data")), (weights, P("model"))
+        )
+        value, grad = jax.jit(jax.value_and_grad(f))(*args)
+        want, want_grad = jax.value_and_grad(
+            lambda z: jaxce.softmax_cross_entropy_with_integer_labels(
+                z,
+                d["labels"],
+                class_weights=d["weights"],
+                ignore_index=-100,
+                label_smoothing=0.1,
+                z_loss=1e-3,
+                reduction="mean",
+            )
+        )(d["logits"])
+        close("loss", value, want)
+        grad = np.asarray(grad)
+        close("gradient", grad[:, :1001], want_grad)
+        assert np.all(grad[:, 1001:] == 0), "padding columns have a gradient"
+
+
+@check
+def every_device_returns_the_same_loss():
+    d = data(v=1024)
+    for shape in MESHES:
+        mesh = mesh_of(shape)
+
+        def per_device(logits, labels):
+            loss = jaxce.sharded.softmax_cross_entropy_with_integer_labels(
+                logits,
+                labels,
+                axis_name="model",
+                data_axis_name="data",
+                ignore_index=-100,
+                label_smoothing=0.1,
+                reduction="mean",
+            )
+            return jnp.broadcast_to(loss, (1, 1))
+
+        f = jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P("data", "model"), P("data")),
+            out_specs=P("data", "model"),
+        )
+        args = place(mesh, (d["logits"], P("data", "model")), (d["labels"], P("data")))
+        losses = np.asarray(jax.jit(f)(*args))
+        assert losses.shape == shape, losses.shape
+        assert np.all(losses == losses.flat[0]), f"devices disagree: {losses}"
+        want = jaxce.softmax_cross_entropy_with_integer_labels(
+            d["logits"], d["labels"], ignore_index=-100, label_smoothing=0.1, reduction="mean"
+        )
+        close("loss", losses.flat[0], want)
+
+
+def _compare_fused(mesh, options, reduction, d, **chunks):
+    kw = _kwargs(options, d)
+    kw.pop("where", None)  # the fused loss has no mask: -inf in the bias removes classes
+    weights = kw.pop("class_weights", None)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=d["labels"].shape), jnp.float32)
+
+    def make(fn):
+        def loss(x, w, bias, weights):
+            out = fn(x, w, d["labels"], bias=bias, class_weights=weights, reduction=reduction, **kw)
+            return jnp.sum(out * cotangent) if reduction == "none" else out
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2) if weights is None else (0, 1, 2, 3))
+
+    sharded = jax.jit(
+        make(
+            lambda *a, **k: jaxce.sharded.linear_softmax_cross_entropy(
+                *a, axis_name="model", data_axis_name="data", mesh=mesh, **chunks, **k
+            )
+        )
+    )
+    single = make(fused_reference)
+    args = (d["x"], d["w"], d["bias"], weights)
+    (v1, g1), (v2, g2) = sharded(*args), single(*args)
+    close("loss", v1, v2)
+    for name, a, b in zip(("x", "w", "bias", "class_weights"), g1, g2, strict=False):
+        close(f"gradient of {name}", a, b)
+
+
+@check
+def fused_every_option_on_every_mesh():
+    d = data(v=1001)  # uneven: padded to 1008 columns by the mesh wrapper
+    for shape in MESHES:
+        for reduction in ("mean", "none") if shape == (2, 4) else ("mean",):
+            _compare_fused(
+                mesh_of(shape), OPTIONS["all"], reduction, d, token_chunk=5, vocab_chunk=40
+            )
+
+
+@check
+def fused_each_option():
+    d = data(v=1024)
+    for name, options in OPTIONS.items():
+        try:
+            _compare_fused(mesh_of((2, 4)), options, "sum", d)
+        except AssertionError as err:
+            raise AssertionError(f"{name}: {err}") from None
+
+
+COLLECTIVE = re.compile(
+    r"= (\(?[^=]*?\)?) (all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter|"
+    r"ragged-all-to-all|collective-broadcast)(-start)?\("
+)
+
+
+def collectives(hlo: str):
+    """``(op, [shape, ...])`` of every collective in compiled HLO text."""
+    out = []
+    for m in COLLECTIVE.finditer(hlo):
+        shapes = [
+            tuple(int(s) for s in dims.split(",") if s)
+            for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))
+        ]
+        out.append((m.group(2), shapes))
+    return out
+
+
+def _assert_only_row_sized(hlo, n_local, allowed=()):
+    """No gather or all-to-all at all; every all-reduce moves [n_local, 1] rows, scalars or
+    one of the ``allowed`` shapes (data-parallel gradient reductions)."""
+    found = collectives(hlo)
+    assert found, "no collectives found: is the HLO pattern stale?"
+    for op, shapes in found:
+        assert op == "all-reduce", f"unexpected {op} of {shapes}"
+        for s in shapes:
+            ok = s in ((), (n_local,), (n_local, 1)) or s in allowed
+            assert ok, f"all-reduce of shape {s} (allowed: rows of {n_local}, {allowed})"
+    return found
+
+
+@check
+def hlo_logits_moves_only_rows():
+    n, v = 64, 1024
+    d = data(n=n, v=v)
+    for shape in MESHES:
+        mesh = mesh_of(shape)
+        logits = jax.device_put(d["logits"], NamedSharding(mesh, P("data", "model")))
+        labels = jax.device_put(d["labels"], NamedSharding(mesh, P("data")))
+        weights = jax.device_put(d["weights"], NamedSharding(mesh, P("model")))
+        f = jax.jit(
+            jax.value_and_grad(
+                lambda z, labels=labels, mesh=mesh, weights=weights: (
+                    jaxce.sharded.softmax_cross_entropy_with_integer_labels
+                )(
+                    z,
+                    labels,
+                    axis_name="model",
+                    data_axis_name="data",
+                    mesh=mesh,
+                    class_weights=weights,
+                    ignore_index=-100,
+                    label_smoothing=0.1,
+                    z_loss=1e-3,
+                    logit_soft_cap=30.0,
+                    where=d["mask"],
+                    reduction="mean",
+                )
+            )
+        )
+        hlo = f.lower(logits).compile().as_text()
+        _assert_only_row_sized(hlo, n // shape[0])
+
+
+@check
+def hlo_fused_moves_rows_dx_and_the_data_parallel_dw():
+    n, v, dim = 64, 1024, 16
+    d = data(n=n, v=v, d=dim)
+    for shape in MESHES:
+        mesh = mesh_of(shape)
+        x = jax.device_put(d["x"], NamedSharding(mesh, P("data")))
+        w = jax.device_put(d["w"], NamedSharding(mesh, P(None, "model")))
+        bias = jax.device_put(d["bias"], NamedSharding(mesh, P("model")))
+        labels = jax.device_put(d["labels"], NamedSharding(mesh, P("data")))
+        f = jax.jit(
+            jax.value_and_grad(
+                lambda x, w, b, labels=labels, mesh=mesh: (
+                    jaxce.sharded.linear_softmax_cross_entropy(
+                        x,
+                        w,
+                        labels,
+                        bias=b,
+                        axis_name="model",
+                        data_axis_name="data",
+                        mesh=mesh,
+                        ignore_index=-100,
+                        label_smoothing=0.1,
+                        z_loss=1e-3,
+                        logit_soft_cap=30.0,
+                    )
+                ),
+                argnums=(0, 1, 2),
+            )
+        )
+        hlo = f.lower(x, w, bias).compile().as_text()
+        n_local, cols = n // shape[0], v // shape[1]
+        # dx over the model axis (N x D), dw and dbias over the data axis (D x V/P, V/P).
+        _assert_only_row_sized(hlo, n_local, allowed=((n_local, dim), (dim, cols), (cols,)))
+
+
+@check
+def plain_jit_on_automatic_axes_moves_only_rows():
+    # jaxce's single-device loss under jit on a GSPMD (AxisType.Auto) mesh: XLA partitions it
+    # without gathering the logits (the smoothing sums gather [N, P] partial sums).
+    n, v = 64, 1024
+    d = data(n=n, v=v)
+    mesh = mesh_of((2, 4), AxisType.Auto)
+    logits = jax.device_put(d["logits"], NamedSharding(mesh, P("data", "model")))
+    labels = jax.device_put(d["labels"], NamedSharding(mesh, P("data")))
+
+    def loss(z):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            z, labels, ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, reduction="mean"
+        )
+
+    f = jax.jit(jax.value_and_grad(loss))
+    for op, shapes in collectives(f.lower(logits).compile().as_text()):
+        for s in shapes:
+            assert v not in s and v // 4 not in s, f"{op} of shape {s} moves logits"
+    value, grad = f(logits)
+    want, want_grad = jax.value_and_grad(loss)(d["logits"])
+    close("loss", value, want)
+    close("gradient", grad, want_grad)
+
+
+class Skipped(Exception):
+    """A check with nothing to check (reported to the parent test as a skip)."""
+
+
+@check
+def readme_sharded_examples():
+    # The README's jaxce.sharded examples (the data + tensor parallel training step), run on
+    # 8 devices; test_readme.py runs them on one.
+    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    with open(readme) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+    blocks = [b for b in blocks if "jaxce.sharded" in b]
+    if not blocks:
+        raise Skipped("the README has no jaxce.sharded example")
+    for code in blocks:
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            exec(compile(code, readme, "exec"), {"__name__": "__readme__"})
+
+
+def main(out_path):
+    assert jax.device_count() == 8, jax.devices()
+    results = {}
+    for name, fn in CHECKS.items():
+        start = time.perf_counter()
+        try:
+            fn()
+            results[name] = "ok"
+        except Skipped as why:
+            results[name] = f"skipped: {why}"
+        except Exception:  # noqa: BLE001 - every failure is reported to the parent test
+            results[name] = traceback.format_exc()
+        print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+    return 0 if all(r == "ok" or r.startswith("skipped") for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

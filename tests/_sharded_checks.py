@@ -431,6 +431,48 @@ def plain_jit_on_automatic_axes_moves_only_rows():
     close("gradient", grad, want_grad)
 
 
+@check
+def plain_jit_on_explicit_axes_moves_only_rows():
+    # jaxce's single-device loss under jit on a mesh with Explicit axes (jax.make_mesh's
+    # default): it sees the vocabulary-sharded class axis in the logits' type and computes the
+    # loss vocabulary-parallel. Every option and reduction, values and gradients.
+    n, v = 64, 1024
+    d = data(n=n, v=v)
+    full_mask = jnp.broadcast_to(d["mask"], (n, v))
+    cotangent = jnp.asarray(np.random.default_rng(2).normal(size=(n,)), jnp.float32)
+    for shape in MESHES:
+        mesh = mesh_of(shape)
+        logits, labels, mask = place(
+            mesh,
+            (d["logits"], P("data", "model")),
+            (d["labels"], P("data")),
+            (full_mask, P("data", "model")),
+        )
+        for reduction in ("none", "mean", "sum"):
+            kw = dict(
+                ignore_index=-100,
+                class_weights=d["weights"],
+                label_smoothing=0.1,
+                z_loss=1e-3,
+                logit_soft_cap=4.0,
+                reduction=reduction,
+            )
+            def loss(z, y, m, kw=kw):
+                out = jaxce.softmax_cross_entropy_with_integer_labels(z, y, where=m, **kw)
+                return jnp.sum(out * cotangent) if kw["reduction"] == "none" else out
+
+            with jax.set_mesh(mesh):
+                f = jax.jit(jax.value_and_grad(loss))
+                hlo = f.lower(logits, labels, mask).compile().as_text()
+                value, grad = f(logits, labels, mask)
+            for op, shapes in collectives(hlo):
+                for s in shapes:
+                    assert v not in s and v // shape[1] not in s, f"{op} of shape {s} moves logits"
+            want, want_grad = jax.value_and_grad(loss)(d["logits"], d["labels"], full_mask)
+            close(f"{shape} {reduction} loss", value, want)
+            close(f"{shape} {reduction} gradient", grad, want_grad)
+
+
 class Skipped(Exception):
     """A check with nothing to check (reported to the parent test as a skip)."""
 

@@ -35,6 +35,7 @@ CHECKS = (
     "hlo_logits_moves_only_rows",
     "hlo_fused_moves_rows_dx_and_the_data_parallel_dw",
     "plain_jit_on_automatic_axes_moves_only_rows",
+    "plain_jit_on_explicit_axes_moves_only_rows",
     "readme_sharded_examples",
 )
 

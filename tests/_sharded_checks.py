@@ -457,6 +457,7 @@ def plain_jit_on_explicit_axes_moves_only_rows():
                 logit_soft_cap=4.0,
                 reduction=reduction,
             )
+
             def loss(z, y, m, kw=kw):
                 out = jaxce.softmax_cross_entropy_with_integer_labels(z, y, where=m, **kw)
                 return jnp.sum(out * cotangent) if kw["reduction"] == "none" else out

@@ -31,7 +31,7 @@ from jaxce._checks import Axis
 from jaxce._layout import ClassLayout, compute_dtype
 from jaxce._reduction import reduce_loss
 from jaxce._sigmoid import soft_cap, soft_cap_derivative
-from jaxce._softmax import max_and_log_sum, probabilities
+from jaxce._softmax import max_and_log_sum, probabilities, row_max, row_sums
 
 
 class RowStats(NamedTuple):
@@ -242,28 +242,6 @@ def _pick(x: jax.Array, safe: jax.Array) -> jax.Array:
     return jnp.take_along_axis(jax.lax.optimization_barrier(x), safe[..., None], axis=-1)
 
 
-@jax.custom_jvp
-def _row_sums(operands: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """Sums over the last axis of several arrays in one variadic reduction (one pass, and no
-    materialized operand on backends that fuse producers into a reduction)."""
-    zero = jnp.zeros((), operands[0].dtype)
-    return tuple(
-        jax.lax.reduce(
-            operands,
-            (zero,) * len(operands),
-            lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
-            (operands[0].ndim - 1,),
-        )
-    )
-
-
-@_row_sums.defjvp
-def _row_sums_jvp(primals, tangents):
-    # Sums are linear; the tangents use plain sums, which JAX can also transpose.
-    (operands,), (dots,) = primals, tangents
-    return _row_sums(operands), tuple(jnp.sum(t, axis=-1) for t in dots)
-
-
 def _forward_stats(x, safe, mask, weights, options: Options) -> RowStats:
     """The row statistics of raw logits ``x`` (``[..., C]``, any float dtype).
 
@@ -283,8 +261,7 @@ def _forward_stats(x, safe, mask, weights, options: Options) -> RowStats:
     # backend fuses tanh into (its dedicated sum kernels would materialize the capped logits),
     # as long as every one of its results is used: hence the count is always computed, and
     # used to define lse (-inf for a row with no admissible class).
-    m = jnp.where(mask, x, jnp.asarray(-jnp.inf, x.dtype)) if mask is not None else x
-    m = capped(jnp.max(m, axis=-1, keepdims=True).astype(dtype), options)  # cap is increasing
+    m = capped(row_max(x, mask), options)  # the cap is increasing: max of capped = capped max
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
     z = _capped_bulk(x.astype(dtype), options)
     adm = admissible(x, mask)  # the cap maps -inf to -cap: read admissibility off the raw logits
@@ -298,7 +275,7 @@ def _forward_stats(x, safe, mask, weights, options: Options) -> RowStats:
         z_again = _capped_bulk(jax.lax.optimization_barrier(x).astype(dtype), options)
         w = jnp.ones_like(z) if weights is None else class_row(weights, z)
         operands += (jnp.where(adm, w, zero), jnp.where(adm, w * z_again / num_classes, zero))
-    sums = tuple(r[..., None] for r in _row_sums(operands))
+    sums = tuple(r[..., None] for r in row_sums(operands))
     total, count = sums[:2]
     weight_total, mean_logit = ones, jnp.zeros_like(ones)
     if smoothing:

@@ -14,6 +14,57 @@ from jaxce._checks import Axis, as_float_array, canonical_axes
 from jaxce._layout import ClassLayout, compute_dtype
 
 
+def _variadic_reduce(operands, inits, combine):
+    """One pass of ``lax.reduce`` over the last axis of several arrays."""
+    dims = (operands[0].ndim - 1,)
+    return tuple(jax.lax.reduce(tuple(operands), tuple(inits), combine, dims))
+
+
+@jax.custom_jvp
+def row_sums(operands: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """Sums over the last axis of several arrays in one variadic reduction.
+
+    XLA's CPU backend gives plain sums and maxima dedicated kernels that fuse ``exp``, ``convert``
+    and arithmetic but not ``tanh`` or a select on a mask argument, which then get materialized
+    as ``[..., C]`` float32 temporaries; a variadic reduction fuses any elementwise producer.
+    XLA drops unused results, so every result must be used, or the reduction becomes a plain
+    one again.
+    """
+    zero = jnp.zeros((), operands[0].dtype)
+    return _variadic_reduce(
+        operands,
+        (zero,) * len(operands),
+        lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
+    )
+
+
+@row_sums.defjvp
+def _row_sums_jvp(primals, tangents):
+    # Sums are linear; the tangents use plain sums, which JAX can also transpose.
+    (operands,), (dots,) = primals, tangents
+    return row_sums(operands), tuple(jnp.sum(t, axis=-1) for t in dots)
+
+
+def row_max(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The max of ``x`` over its last axis where ``mask``, keepdims, in the compute dtype; -inf
+    for a row with nothing admissible. No derivative: callers use it as a shift only.
+
+    Without a mask it reads ``x`` in its own dtype (a max is exact in any dtype). With one, a
+    variadic reduction also counts the admissible entries (see ``row_sums``).
+    """
+    x = jax.lax.stop_gradient(x)
+    dtype = compute_dtype(x.dtype)
+    if mask is None:
+        return jnp.max(x, axis=-1, keepdims=True).astype(dtype)
+    neg_inf = jnp.asarray(-jnp.inf, dtype)
+    m, count = _variadic_reduce(
+        (jnp.where(mask, x.astype(dtype), neg_inf), mask.astype(dtype)),
+        (neg_inf, jnp.zeros((), dtype)),
+        lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]),
+    )
+    return jnp.where(count > 0, m, neg_inf)[..., None]
+
+
 def max_and_log_sum(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """``(m, log_sum)`` with ``logsumexp(x) = m + log_sum``, in the compute dtype, keepdims.
 
@@ -22,19 +73,20 @@ def max_and_log_sum(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ja
     two apart is what makes ``log_softmax = (x - m) - log_sum`` exact at huge logits, where
     ``x - (m + log_sum)`` would lose ``log_sum`` to rounding (at 3e38 it vanishes entirely).
 
-    Memory: the max is taken on ``x`` in its own dtype (a max is exact in any dtype), so each of
-    the two reductions reads ``x`` directly. A float32 copy shared by both is what XLA would
-    otherwise materialize: an extra ``[..., C]`` float32 buffer for bfloat16 input.
+    Memory: without a mask the max is taken on ``x`` in its own dtype (a max is exact in any
+    dtype), so each of the two reductions reads ``x`` directly; a float32 copy shared by both is
+    what XLA would otherwise materialize. With a mask both reductions are variadic (see
+    ``row_sums``), each using its count of admissible entries.
     """
     dtype = compute_dtype(x.dtype)
-    neg_inf = jnp.asarray(-jnp.inf, x.dtype)
-    m = jnp.max(x if mask is None else jnp.where(mask, x, neg_inf), axis=-1, keepdims=True)
-    m = m.astype(dtype)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
-    e = jnp.exp(x.astype(dtype) - m)
-    if mask is not None:
-        e = jnp.where(mask, e, jnp.zeros_like(e))
-    return m, jnp.log(jnp.sum(e, axis=-1, keepdims=True))
+    xf = x.astype(dtype)
+    m = row_max(x, mask)
+    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    if mask is None:
+        return m, jnp.log(jnp.sum(jnp.exp(xf - m), axis=-1, keepdims=True))
+    e = jnp.where(mask, jnp.exp(xf - m), jnp.zeros_like(xf))
+    total, count = (r[..., None] for r in row_sums((e, mask.astype(dtype))))
+    return m, jnp.where(count > 0, jnp.log(total), -jnp.inf)
 
 
 def log_probabilities(

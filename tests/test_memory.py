@@ -63,3 +63,33 @@ def test_naive_float32_upcast_would_exceed_the_bound():
     if stats is None:  # pragma: no cover
         pytest.skip("memory_analysis not available on this backend")
     assert stats.temp_size_in_bytes > N * V * 2
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-4])
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_every_option_combination_fits_one_bf16_buffer(smoothing, z_loss, cap, weighted, masked):
+    y = jnp.asarray(np.random.default_rng(0).integers(0, V, size=N).astype(np.int32))
+    weights = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, V).astype(np.float32))
+    mask = jax.ShapeDtypeStruct((N, V), jnp.bool_)
+
+    def loss(lg, where):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            lg,
+            y,
+            where=where if masked else None,
+            class_weights=weights if weighted else None,
+            label_smoothing=smoothing,
+            z_loss=z_loss,
+            logit_soft_cap=cap,
+            ignore_index=-100,
+            reduction="mean",
+        )
+
+    logits = jax.ShapeDtypeStruct((N, V), jnp.bfloat16)
+    stats = jax.jit(jax.value_and_grad(loss)).lower(logits, mask).compile().memory_analysis()
+    if stats is None:  # pragma: no cover - backend without memory analysis
+        pytest.skip("memory_analysis not available on this backend")
+    assert stats.temp_size_in_bytes <= N * V * 2

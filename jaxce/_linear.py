@@ -20,11 +20,16 @@ Two strategies, both hand-written ``custom_vjp`` rules:
   (O(N) residuals) and the backward rule recomputes each ``[token_chunk, vocab_chunk]`` block
   of logits: 8NDV FLOPs.
 
-Vocabulary and token sizes need not divide the chunks: full chunks run in a loop and the
-remainder is one statically sized block, so nothing is padded and padding can never enter the
-logsumexp. ``w`` is only ever read a chunk at a time with ``dynamic_slice``, so a bfloat16 ``w``
-is never converted to float32 as a whole; products accumulate in float32
-(``preferred_element_type``).
+Vocabulary and token sizes need not divide the chunks, and nothing is ever padded, so padding
+can never enter the logsumexp or a mean's denominator. The recompute strategy runs full chunks
+in a loop and the remainder as one more statically sized block; the single pass, whose loops
+carry the ``[D, V]`` gradient (which XLA would copy into a remainder block), runs every chunk
+in one loop, the last one shifted back to overlap its predecessor, whose rows count as ignored
+tokens there (and whose columns get a zero ``dz``). Block statistics are merged the online
+softmax way, as a row max and a sum of ``exp(z - max)``, never as one logsumexp, so
+``lse - z_y`` keeps its digits at huge logits. ``w`` is only ever read a chunk at a time with
+``dynamic_slice``, so a bfloat16 ``w`` is never converted to float32 as a whole; products
+accumulate in float32 (``preferred_element_type``).
 """
 
 from __future__ import annotations
@@ -77,9 +82,15 @@ class _Static(NamedTuple):
 
 
 class _Partial(NamedTuple):
-    """Row statistics of a block of columns, each ``[rows, 1]``; merged across blocks."""
+    """Row statistics of a block of columns, each ``[rows, 1]``; merged across blocks.
 
-    lse: jax.Array
+    The logsumexp is kept as a max and a sum shifted by it (``lse = max + log sum_exp``), never
+    as one number: at logits of 1e4 ``max + log sum_exp`` rounds away the digits of the log-sum
+    that ``lse - z_y`` needs (``RowStats`` keeps the two apart for the same reason).
+    """
+
+    max: jax.Array  # the block's row max (-inf for no admissible class, +inf/NaN as they come)
+    sum_exp: jax.Array  # sum exp(z - max), the shift being 0 where max is not finite
     count: jax.Array | None  # only with label smoothing
     weight_total: jax.Array | None
     scaled_logit_sum: jax.Array | None  # sum_A w_c z_c / V: divided by V so it cannot overflow
@@ -122,6 +133,33 @@ def _for_chunks(total: int, size: int, body, carry):
     if tail:
         carry = body(full * size, tail, carry)
     return carry
+
+
+def _overlapping_chunks(total: int, size: int, body, carry):
+    """``body(start, fresh, carry)`` over ``ceil(total / size)`` chunks of exactly ``size`` rows.
+
+    The last chunk starts at ``total - size`` when ``size`` does not divide ``total``, so it
+    overlaps the one before; ``fresh`` (``[size]`` booleans, None when ``size`` divides
+    ``total``) marks the entries no earlier chunk had, and ``body`` makes the others contribute
+    nothing (rows become ignored tokens, columns get a zero ``dz``). Every chunk then runs in
+    one loop: a remainder called after the loop, as in ``_for_chunks``, makes XLA copy a
+    loop-carried ``[D, V]`` accumulator. Nothing is padded, so no padding can enter a
+    statistic or a mean's denominator.
+    """
+    count = -(-total // size)
+    if total % size == 0:
+        step = lambda i, c: body(i * size, None, c)  # noqa: E731
+    else:
+
+        def step(i, c):
+            nominal = i * size
+            start = jnp.minimum(nominal, total - size)
+            fresh = jax.lax.iota(jnp.int32, size) + start >= nominal
+            return body(start, fresh, c)
+
+    if count == 1:
+        return step(0, carry)
+    return jax.lax.fori_loop(0, count, step, carry)
 
 
 class _Block(NamedTuple):
@@ -170,20 +208,24 @@ def _block(raw, weights, safe, col0, options: Options) -> _Block:
     return _Block(raw, z, admissible(z, None), one_hot(safe, z, col0), weights)
 
 
+def _finite_or_zero(a: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(a), a, jnp.zeros_like(a))
+
+
 def _block_stats(blk: _Block, num_classes: int, smoothing: bool) -> _Partial:
-    """``lse = m + log sum exp(z - m)`` with ``m`` the block's row max (0 if not finite, so an
-    all ``-inf`` row gives ``log 0 = -inf``, not NaN), the label logit (0 unless the label is
-    here) and, with smoothing, the block's share of ``K``, ``W`` and ``sum_A w_c z_c / V``."""
+    """The block's row max ``m`` and ``sum exp(z - m)`` (shifted by 0 where ``m`` is not finite,
+    so an all ``-inf`` row sums to 0, not NaN) and, with smoothing, the block's share of ``K``,
+    ``W`` and ``sum_A w_c z_c / V``."""
     z = blk.z
     zero = jnp.zeros_like(z)
     m = jnp.max(z, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    lse = m + jnp.log(jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True))
+    sum_exp = jnp.sum(jnp.exp(z - _finite_or_zero(m)), axis=-1, keepdims=True)
     if not smoothing:
-        return _Partial(lse, None, None, None)
+        return _Partial(m, sum_exp, None, None, None)
     w = jnp.ones_like(z) if blk.weights is None else blk.weights.astype(z.dtype)[None, :]
     return _Partial(
-        lse,
+        m,
+        sum_exp,
         jnp.sum(blk.adm.astype(z.dtype), axis=-1, keepdims=True),
         jnp.sum(jnp.where(blk.adm, w, zero), axis=-1, keepdims=True),
         jnp.sum(jnp.where(blk.adm, w * z / num_classes, zero), axis=-1, keepdims=True),
@@ -191,10 +233,22 @@ def _block_stats(blk: _Block, num_classes: int, smoothing: bool) -> _Partial:
 
 
 def _merge(a: _Partial, b: _Partial) -> _Partial:
-    """Statistics of the union of two blocks: ``lse = logaddexp`` (the online logsumexp)."""
+    """Statistics of the union of two blocks, the online softmax way: the larger max is the
+    new shift and the other block's sum is rescaled by ``exp(m_old - m)`` (at most 1).
+
+    A block whose max already is the new one keeps its sum as it is (the same shift: this also
+    covers two empty blocks, -inf and -inf, and +inf); an empty block (-inf, sum 0) rescales to
+    0.
+    """
+    m = jnp.maximum(a.max, b.max)
+
+    def rescaled(p: _Partial) -> jax.Array:
+        return jnp.where(p.max == m, p.sum_exp, p.sum_exp * jnp.exp(p.max - m))
+
     add = lambda u, v: None if u is None else u + v  # noqa: E731
     return _Partial(
-        jnp.logaddexp(a.lse, b.lse),
+        m,
+        rescaled(a) + rescaled(b),
         add(a.count, b.count),
         add(a.weight_total, b.weight_total),
         add(a.scaled_logit_sum, b.scaled_logit_sum),
@@ -202,18 +256,21 @@ def _merge(a: _Partial, b: _Partial) -> _Partial:
 
 
 def _empty(rows: int, dtype, smoothing: bool) -> _Partial:
+    """The statistics of no columns: max -inf, sum 0."""
     zeros = jnp.zeros((rows, 1), dtype)
     extra = zeros if smoothing else None
-    return _Partial(jnp.full((rows, 1), -jnp.inf, dtype), extra, extra, extra)
+    return _Partial(jnp.full((rows, 1), -jnp.inf, dtype), zeros, extra, extra, extra)
 
 
 def _row_stats(p: _Partial, label_logit: jax.Array, num_classes: int) -> RowStats:
-    """The ``RowStats`` of ``_cross_entropy`` from statistics merged over the whole vocabulary."""
+    """The ``RowStats`` of ``_cross_entropy`` from statistics merged over the whole vocabulary:
+    ``max`` (0 where not finite) and ``log_sum = log sum_exp`` (-inf for an empty row) apart."""
+    m, log_sum = _finite_or_zero(p.max), jnp.log(p.sum_exp)
     if p.count is None:
-        ones = jnp.ones_like(p.lse)
-        return RowStats.from_lse(p.lse, label_logit, ones, ones, jnp.zeros_like(ones))
+        ones = jnp.ones_like(m)
+        return RowStats(m, log_sum, label_logit, ones, ones, jnp.zeros_like(ones))
     mean_logit = p.scaled_logit_sum * (num_classes / jnp.maximum(p.count, 1))
-    return RowStats.from_lse(p.lse, label_logit, p.count, p.weight_total, mean_logit)
+    return RowStats(m, log_sum, label_logit, p.count, p.weight_total, mean_logit)
 
 
 def _label_logits(x, w, bias, safe, options: Options, dtype) -> jax.Array:
@@ -255,10 +312,11 @@ def _block_dz(blk: _Block, stats: RowStats, rows: _Rows, g: jax.Array, options) 
 
 def _smoothing_weight_grad(blk: _Block, stats: RowStats, g: jax.Array, options) -> jax.Array:
     """The smoothing term of ``dloss/dw_c`` summed over the block's rows:
-    ``sum_i g_i eps / K_i (lse_i - z_ic) [c in A_i]`` (``[cols]``)."""
-    lse = jnp.where(jnp.isfinite(stats.lse), stats.lse, jnp.zeros_like(stats.lse))
+    ``sum_i g_i eps / K_i (lse_i - z_ic) [c in A_i]`` (``[cols]``), with ``lse - z`` as
+    ``(max - z) + log_sum``."""
+    gap = (stats.max - blk.z) + stats.log_sum_or_zero()
     scale = options.label_smoothing / jnp.maximum(stats.count, 1) * g
-    terms = jnp.where(blk.adm, (lse - blk.z) * scale, jnp.zeros_like(blk.z))
+    terms = jnp.where(blk.adm, gap * scale, jnp.zeros_like(blk.z))
     return jnp.sum(terms, axis=0)
 
 
@@ -269,16 +327,15 @@ def _row_parameter_grads(stats: RowStats, rows: _Rows, options, g: jax.Array):
     ``dloss/dw_y = (1-eps)(lse - z_y) + zl lse^2``; ``dloss/deps = eps-free smoothing term -
     w_y (lse - z_y)``; ``dloss/dzl = w_y lse^2``.
     """
-    lse = jnp.where(jnp.isfinite(stats.lse), stats.lse, jnp.zeros_like(stats.lse))
+    lse = stats.lse_or_zero()
     eps, zl = options.label_smoothing, options.z_loss
-    nll = lse - stats.label_logit
+    nll = stats.nll()  # (max - z_y) + log_sum: exact at huge logits
     per_label = nll if eps is None else (1 - eps) * nll
     if zl is not None:
         per_label = per_label + zl * lse * lse
     d_eps = d_zl = None
     if eps is not None:
-        smooth = stats.weight_total / jnp.maximum(stats.count, 1) * lse - stats.mean_logit
-        d_eps = jnp.sum(g * (smooth - rows.w_y * nll))
+        d_eps = jnp.sum(g * (stats.smoothing_term() - rows.w_y * nll))
     if zl is not None:
         d_zl = jnp.sum(g * rows.w_y * lse * lse)
     return g * per_label, d_eps, d_zl
@@ -423,8 +480,9 @@ def _single_pass_fwd(x, w, bias, labels, weights, options, static):
     smoothing = options.label_smoothing is not None
     smooth_weights = weights is not None and smoothing
 
-    def token_body(t0, n_rows, acc):
+    def token_body(t0, fresh, acc):
         total, active, dx, dw, db, dwt, d_eps, d_zl = acc
+        n_rows = static.token_chunk
         x_t, labels_t = _slice(x, t0, n_rows, 0), _slice(labels, t0, n_rows, 0)
         safe_t, _ = safe_labels(labels_t, v)
         blk = _block(
@@ -433,10 +491,15 @@ def _single_pass_fwd(x, w, bias, labels, weights, options, static):
         label_logit = _label_logits(x_t, w, bias, safe_t, options, dtype)
         stats = _row_stats(_block_stats(blk, v, smoothing), label_logit, v)
         rows = _rows(labels_t, stats, weights, v, static.ignore_index)
+        if fresh is not None:  # rows of the previous chunk count as ignored tokens here
+            fresh = fresh[:, None]
+            rows = rows._replace(active=rows.active & fresh, poisoned=rows.poisoned & fresh)
         loss = finalize_rows(row_loss(stats, rows.w_y, options), rows.active, rows.poisoned)
         g = finalize_rows(jnp.ones_like(loss), rows.active, rows.poisoned)
         dz = _block_dz(blk, stats, rows, g, options)
         dx_t, dw = _block_grads(x_t, w, dz, dw, static.vocab_chunk, dtype)
+        if fresh is not None:
+            dx_t = jnp.where(fresh, dx_t, _slice(dx, t0, n_rows, 0))
         dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_t, t0, 0)
         db = db + jnp.sum(dz, axis=0)
         per_label, de, dzl = _row_parameter_grads(stats, rows, options, g)
@@ -447,7 +510,8 @@ def _single_pass_fwd(x, w, bias, labels, weights, options, static):
         d_eps = d_eps if de is None else d_eps + de
         d_zl = d_zl if dzl is None else d_zl + dzl
         total = total + jnp.sum(loss)
-        active = jax.lax.dynamic_update_slice_in_dim(active, rows.active[:, 0], t0, 0)
+        active_t = rows.active[:, 0] | _slice(active, t0, n_rows, 0)  # keeps earlier chunks'
+        active = jax.lax.dynamic_update_slice_in_dim(active, active_t, t0, 0)
         return total, active, dx, dw, db, dwt, d_eps, d_zl
 
     scalar = jnp.zeros((), dtype)
@@ -461,7 +525,7 @@ def _single_pass_fwd(x, w, bias, labels, weights, options, static):
         scalar,
         scalar,
     )
-    total, active, *grads = _for_chunks(n, static.token_chunk, token_body, init)
+    total, active, *grads = _overlapping_chunks(n, static.token_chunk, token_body, init)
     return (total, active), (tuple(grads), x, w, bias, weights, options)
 
 
@@ -480,18 +544,23 @@ def _block_logits(x_t, w, bias, cols_per_step, dtype):
 def _block_grads(x_t, w, dz, dw, cols_per_step, dtype):
     """``dz w^T`` and ``dw += x_t^T dz``, a chunk of columns at a time, ``dw`` in place: one
     product would be a second ``[D, V]`` buffer (XLA's CPU backend does not fuse the addition
-    into the product)."""
+    into the product). The chunks are evened out, so the last one overlaps its predecessor by
+    fewer columns than there are chunks."""
+    v = dz.shape[1]
+    cols = -(-v // -(-v // cols_per_step))
 
-    def body(c0, cols, acc):
+    def body(c0, fresh, acc):
         dx_t, dw = acc
         dz_c = _slice(dz, c0, cols, 1)
+        if fresh is not None:  # columns of the previous chunk: already counted
+            dz_c = jnp.where(fresh[None, :], dz_c, jnp.zeros_like(dz_c))
         dx_t = dx_t + _matmul(dz_c, _columns(w, c0, cols, dtype), (1, 1), dtype)
         product = _matmul(x_t, dz_c, (0, 0), dtype)
         dw = jax.lax.dynamic_update_slice_in_dim(dw, _slice(dw, c0, cols, 1) + product, c0, 1)
         return dx_t, dw
 
     init = (jnp.zeros((x_t.shape[0], w.shape[0]), dtype), dw)
-    return _for_chunks(dz.shape[1], cols_per_step, body, init)
+    return _overlapping_chunks(v, cols, body, init)
 
 
 def _single_pass_bwd(static, res, cotangents):
@@ -525,6 +594,35 @@ def _chunk_size(name: str, value, default: int, limit: int) -> int:
         raise TypeError(f"{name} must be a positive int or None; got {value!r}.")
     _checks.check_positive(name, value)
     return max(1, min(int(value), limit))
+
+
+def _single_pass_rows(n: int, v: int, budget: int) -> int:
+    """The default ``token_chunk`` of the single pass: at most ``budget`` bytes per float32
+    ``[rows, V]`` block and at most an eighth of the tokens, in equal chunks.
+
+    XLA keeps two blocks alive at once (the logits, then the probabilities and ``dz``), plus
+    ``[D, cols]`` products: an eighth of the tokens keeps the blocks at a quarter of the
+    ``[N, V]`` logits of the unfused loss even where the byte budget would allow all of them
+    (small V; measured with ``memory_analysis``, a quarter of the tokens left too little room
+    where D is large next to N). The chunks are then evened out (``ceil(N / chunks)`` rows),
+    so the last one, which overlaps its predecessor, recomputes fewer rows than there are
+    chunks.
+    """
+    rows = max(1, min(budget // (4 * v), -(-n // 8)))
+    chunks = -(-n // rows)
+    return -(-n // chunks)
+
+
+def _single_pass_cols(rows: int, d: int, v: int, default: int) -> int:
+    """The default ``vocab_chunk`` of the single pass. Each ``dw += x_t^T dz`` product is a
+    ``[D, cols]`` temporary (two, with the slice of ``dw`` it is added to): where D is large
+    next to the rows, so that they would outgrow half a ``[rows, V]`` block, ``cols`` is cut to
+    a quarter block's worth, but never below 128 columns (an inner loop over more, smaller
+    products costs time and a copy of the loop-carried ``dw``, so only when it pays)."""
+    cols = min(default, v)
+    if d * cols <= rows * v // 2:
+        return cols
+    return max(1, min(cols, max(128, rows * v // (4 * d))))
 
 
 def linear_softmax_cross_entropy(
@@ -660,11 +758,11 @@ def linear_softmax_cross_entropy(
             ' of reduction="none" is only known after the forward pass.'
         )
 
-    rows_in_budget = max(1, budget // (4 * v))
+    rows = _chunk_size("token_chunk", token_chunk, _single_pass_rows(n, v, budget), max(n, 1))
     static = _Static(
         ignore_index,
-        _chunk_size("token_chunk", token_chunk, rows_in_budget, max(n, 1)),
-        _chunk_size("vocab_chunk", vocab_chunk, default_cols, v),
+        rows,
+        _chunk_size("vocab_chunk", vocab_chunk, _single_pass_cols(rows, d, v, default_cols), v),
     )
     if n == 0:
         return jnp.zeros((), dtype)

@@ -688,12 +688,12 @@ def _sharded_linear_fwd(x, w, bias, labels, weights, options, static):
 
     empty = _vary_like(_linear._empty(n, dtype, smoothing), x, w, bias, weights, labels)
     local = _linear._for_chunks(n, static.token_chunk, token_body, empty)
-    # The local logsumexp is merged across devices like a block: a shift by the global max of
-    # the local values, then a sum of exp(lse_local - max) <= 1.
-    m = _global_max(local.lse, core)
+    # The local statistics are merged across devices like blocks: the local sums shifted from
+    # the local max to the global one by exp(max_local - max) <= 1 (0 for an empty shard).
+    m = _global_max(local.max, core)
     label_logit = _linear._label_logits(x, w, bias, shard.local, options, dtype)
     parts = {
-        "sum_exp": jnp.exp(local.lse - m),
+        "sum_exp": local.sum_exp * jnp.exp(local.max - m),
         "label_logit": jnp.where(shard.owner, label_logit, jnp.zeros_like(label_logit)),
     }
     if weights is not None:

@@ -14,6 +14,7 @@ import jax.test_util
 import numpy as np
 import pytest
 
+from jaxce._cross_entropy import softmax_cross_entropy_with_integer_labels
 from jaxce._linear import linear_softmax_cross_entropy
 
 F64 = np.float64
@@ -279,6 +280,36 @@ def test_masked_classes_and_empty_mean(rng):
     assert loss == 0 and all(not jnp.any(g) for g in grads)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("offset", [1e4, -1e4])
+def test_huge_logits_keep_the_digits_of_the_log_sum(rng, offset, reduction):
+    """Logits offset + O(10) with offset = +-1e4, exact in float32 (x = [1, a, c] with small
+    integers a, c; w = [offset; u; v] with u, v multiples of 1/64), so the loss (O(1)) is only
+    as accurate as the row statistics: lse = max + log_sum in float32 would round log_sum to
+    ulp(1e4) ~ 1e-3. Ragged token and vocabulary chunks, so blocks are merged."""
+    n, v = 37, 301
+    a, c = (rng.integers(-3, 4, size=n).astype(F64) for _ in range(2))
+    x = np.stack([np.ones(n), a, c], axis=1)
+    u, t = (rng.integers(-128, 129, size=v) / 64 for _ in range(2))
+    w = np.stack([np.full(v, offset), u, t])
+    y = rng.integers(0, v, size=n).astype(np.int32)
+    ct = rng.normal(size=n)
+    args = [jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), None, jnp.asarray(y)]
+    assert np.array_equal(np.asarray(args[0] @ args[1], F64), x @ w)  # exact logits
+    chunks = {"token_chunk": 16, "vocab_chunk": 64}
+    got = _value_and_grads(*args, reduction, {}, jnp.asarray(ct, jnp.float32), chunks)
+    expected = _reference_value_and_grads(
+        jnp.asarray(x), jnp.asarray(w), None, jnp.asarray(y), reduction, {}, jnp.asarray(ct)
+    )
+    assert got[0].dtype == jnp.float32
+    R.assert_close(got[0], expected[0], rtol=1e-6)
+    # dx[:, 0] = offset * sum_c dloss/dz_c is offset times a sum that cancels to 0: float32
+    # rounding of sum_c p_c alone leaves ~1e-3 there, whatever the statistics.
+    (dx, dw), (dx_ref, dw_ref) = got[1], expected[1]
+    for a, e in [(dx[:, 1:], dx_ref[:, 1:]), (dw, dw_ref)]:
+        R.assert_close(a, e, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(e))))
+
+
 # ------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "change,error,match",
@@ -310,15 +341,15 @@ def test_bad_input(change, error, match):
 N, D, V = 4096, 512, 32768
 
 
-def _temp_bytes(v, dtype=jnp.float32, reduction="mean", **kw):
+def _temp_bytes(v, dtype=jnp.float32, reduction="mean", n=N, d=D, **kw):
     def loss(x, w, y):
         out = LCE(x, w, y, reduction=reduction, **kw)
         return jnp.mean(out) if reduction == "none" else out
 
     shapes = (
-        jax.ShapeDtypeStruct((N, D), dtype),
-        jax.ShapeDtypeStruct((D, v), dtype),
-        jax.ShapeDtypeStruct((N,), jnp.int32),
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
     )
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*shapes).compile()
     stats = compiled.memory_analysis()
@@ -338,6 +369,40 @@ def test_temporaries_at_most_64_mib(reduction):
 def test_doubling_the_vocabulary_grows_temporaries_by_at_most_the_extra_w_gradient(reduction):
     grown = _temp_bytes(2 * V, reduction=reduction) - _temp_bytes(V, reduction=reduction)
     assert grown <= D * V * 4, f"temporaries grew by {grown / 2**20:.1f} MiB"
+
+
+def _unfused_temp_bytes(n, d, v):
+    def loss(x, w, y):
+        return softmax_cross_entropy_with_integer_labels(x @ w, y, reduction="mean")
+
+    shapes = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*shapes).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize(
+    "n,d,v",
+    [(2048, 256, 1000), (2048, 256, 4000), (2048, 256, 16000), (2048, 1024, 4000)],
+)
+def test_default_chunks_never_need_more_than_the_unfused_loss(n, d, v):
+    """Small V, where the [N, V] logits are small next to the block budget, and a D large next
+    to N: the default single pass still needs no more temporaries than the unfused loss."""
+    fused = _temp_bytes(v, n=n, d=d)
+    unfused = _unfused_temp_bytes(n, d, v)
+    assert fused <= unfused, f"fused {fused / 2**20:.1f} MiB, unfused {unfused / 2**20:.1f} MiB"
+
+
+def test_ragged_token_chunks_add_no_copy_of_the_w_gradient():
+    """A token_chunk that does not divide N costs no more than one that does (the last chunk
+    overlaps its predecessor instead of running after the loop, which made XLA copy dw)."""
+    v = 64000
+    ragged = _temp_bytes(v, n=2048, d=256, token_chunk=96)  # 2048 = 21 * 96 + 32
+    exact = _temp_bytes(v, n=2048, d=256, token_chunk=128)
+    assert ragged <= exact, f"{ragged / 2**20:.1f} MiB vs {exact / 2**20:.1f} MiB"
 
 
 def test_bfloat16_never_converts_all_of_w():

@@ -357,56 +357,56 @@ def _options_cotangent(options: Options, d_eps, d_zl) -> Options:
 
 
 # ------------------------------------------------------------- recompute (reduction="none")
-def _statistics(x, w, bias, safe, weights, options, static: _Static, dtype) -> RowStats:
-    """Row statistics over vocabulary chunks, for chunks of ``token_chunk`` rows at a time."""
+def _unchanged(tree):
+    return tree
+
+
+def _local_statistics(x, w, bias, label_cols, weights, options, static, dtype, num_classes, vary):
+    """Row partials (``_Partial``) of ``x @ w + bias`` over all of ``w``'s columns, for chunks of
+    ``token_chunk`` rows at a time, each merged over chunks of ``vocab_chunk`` columns.
+
+    ``label_cols`` are the labels as columns of ``w`` (-1 where a row's label is elsewhere) and
+    ``num_classes`` the whole vocabulary's size (for the smoothing sums); ``vary`` adapts each
+    loop's initial value (``jaxce.sharded`` types it as varying over its mesh axes).
+    """
     n, v = x.shape[0], w.shape[1]
     smoothing = options.label_smoothing is not None
 
     def token_body(t0, rows, acc):
-        x_t, safe_t = _slice(x, t0, rows, 0), _slice(safe, t0, rows, 0)
+        x_t, labels_t = _slice(x, t0, rows, 0), _slice(label_cols, t0, rows, 0)
 
         def vocab_body(c0, cols, part):
             raw = _logits(x_t, w, bias, c0, cols, dtype)
-            blk = _block(raw, weights, safe_t, c0, options)
-            return _merge(part, _block_stats(blk, v, smoothing))
+            blk = _block(raw, weights, labels_t, c0, options)
+            return _merge(part, _block_stats(blk, num_classes, smoothing))
 
-        part = _for_chunks(v, static.vocab_chunk, vocab_body, _empty(rows, dtype, smoothing))
+        empty = vary(_empty(rows, dtype, smoothing))
+        part = _for_chunks(v, static.vocab_chunk, vocab_body, empty)
         return jax.tree.map(
             lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, t0, 0), acc, part
         )
 
-    part = _for_chunks(n, static.token_chunk, token_body, _empty(n, dtype, smoothing))
+    return _for_chunks(n, static.token_chunk, token_body, vary(_empty(n, dtype, smoothing)))
+
+
+def _statistics(x, w, bias, safe, weights, options, static: _Static, dtype) -> RowStats:
+    """Row statistics over vocabulary chunks, for chunks of ``token_chunk`` rows at a time."""
+    v = w.shape[1]
+    part = _local_statistics(x, w, bias, safe, weights, options, static, dtype, v, _unchanged)
     return _row_stats(part, _label_logits(x, w, bias, safe, options, dtype), v)
 
 
-# loss_i as in _cross_entropy; dloss_i/dz = a p - b [c = y] - c w [c in A] (row_grad_coefficients)
-# and dx = dz w^T, dw = x^T dz, dbias = sum_i dz. Residuals: the inputs (alive anyway) and the five
-# float32 row statistics, O(N); the backward rule recomputes each block of logits (8NDV FLOPs).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _recompute(x, w, bias, labels, weights, options, static):
-    return _recompute_fwd(x, w, bias, labels, weights, options, static)[0]
+def _block_gradients(x, w, bias, weights, options, static, stats, rows, g, dtype, vary):
+    """``(dx, dw, dbias, dclass_weights_smoothing)`` over ``w``'s columns, recomputing each
+    ``[token_chunk, vocab_chunk]`` block of logits (``rows.safe`` are the labels as columns).
 
-
-def _recompute_fwd(x, w, bias, labels, weights, options, static):
-    dtype = _compute_dtype(x, w)
-    safe, _ = safe_labels(labels, w.shape[1])
-    stats = _statistics(x, w, bias, safe, weights, options, static, dtype)
-    rows = _rows(labels, stats, weights, w.shape[1], static.ignore_index)
-    loss = finalize_rows(row_loss(stats, rows.w_y, options), rows.active, rows.poisoned)
-    return (loss[:, 0], rows.active[:, 0]), (x, w, bias, labels, weights, options, stats)
-
-
-def _recompute_bwd(static, res, cotangents):
-    x, w, bias, labels, weights, options, stats = res
-    g, _ = cotangents  # the "counted" flags are boolean: no cotangent
-    dtype = stats.lse.dtype
+    The outer loop runs over vocabulary chunks, so each chunk of ``dw`` is complete (summed over
+    all tokens in float32) when it is written, in ``w``'s dtype; ``dx`` accumulates in float32.
+    ``vary`` adapts each loop's initial value, as in ``_local_statistics``.
+    """
     (n, d), v = x.shape, w.shape[1]
-    rows = _rows(labels, stats, weights, v, static.ignore_index)
-    g = finalize_rows(g.astype(dtype)[:, None], rows.active, rows.poisoned)
     smoothing = weights is not None and options.label_smoothing is not None
 
-    # Outer loop over vocabulary chunks, so each chunk of dw is complete (summed over all
-    # tokens in float32) when it is written, in w's dtype; dx accumulates in float32.
     def vocab_body(c0, cols, acc):
         dx, dw, db, dwt = acc
 
@@ -431,7 +431,7 @@ def _recompute_bwd(static, res, cotangents):
             return dx, dw_c, db_c, dwt_c
 
         zeros = jnp.zeros((cols,), dtype)
-        init = (dx, jnp.zeros((d, cols), dtype), zeros, zeros)
+        init = vary((dx, jnp.zeros((d, cols), dtype), zeros, zeros))
         dx, dw_c, db_c, dwt_c = _for_chunks(n, static.token_chunk, token_body, init)
         dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), c0, 1)
         db = jax.lax.dynamic_update_slice_in_dim(db, db_c, c0, 0)
@@ -444,7 +444,35 @@ def _recompute_bwd(static, res, cotangents):
         jnp.zeros((v,), dtype),
         jnp.zeros((v,), dtype),
     )
-    dx, dw, db, dwt = _for_chunks(v, static.vocab_chunk, vocab_body, init)
+    return _for_chunks(v, static.vocab_chunk, vocab_body, vary(init))
+
+
+# loss_i as in _cross_entropy; dloss_i/dz = a p - b [c = y] - c w [c in A] (row_grad_coefficients)
+# and dx = dz w^T, dw = x^T dz, dbias = sum_i dz. Residuals: the inputs (alive anyway) and the five
+# float32 row statistics, O(N); the backward rule recomputes each block of logits (8NDV FLOPs).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _recompute(x, w, bias, labels, weights, options, static):
+    return _recompute_fwd(x, w, bias, labels, weights, options, static)[0]
+
+
+def _recompute_fwd(x, w, bias, labels, weights, options, static):
+    dtype = _compute_dtype(x, w)
+    safe, _ = safe_labels(labels, w.shape[1])
+    stats = _statistics(x, w, bias, safe, weights, options, static, dtype)
+    rows = _rows(labels, stats, weights, w.shape[1], static.ignore_index)
+    loss = finalize_rows(row_loss(stats, rows.w_y, options), rows.active, rows.poisoned)
+    return (loss[:, 0], rows.active[:, 0]), (x, w, bias, labels, weights, options, stats)
+
+
+def _recompute_bwd(static, res, cotangents):
+    x, w, bias, labels, weights, options, stats = res
+    g, _ = cotangents  # the "counted" flags are boolean: no cotangent
+    dtype = stats.lse.dtype
+    rows = _rows(labels, stats, weights, w.shape[1], static.ignore_index)
+    g = finalize_rows(g.astype(dtype)[:, None], rows.active, rows.poisoned)
+    dx, dw, db, dwt = _block_gradients(
+        x, w, bias, weights, options, static, stats, rows, g, dtype, _unchanged
+    )
     per_label, d_eps, d_zl = _row_parameter_grads(stats, rows, options, g)
     d_weights = None
     if weights is not None:

@@ -667,27 +667,20 @@ def _local_labels(shard: _Shard) -> jax.Array:
 def _sharded_linear_fwd(x, w, bias, labels, weights, options, static):
     core = static.core
     dtype = _linear._compute_dtype(x, w)
-    n, cols = x.shape[0], w.shape[1]
-    shard = _shard(labels, cols, core)
-    local_labels = _local_labels(shard)
+    shard = _shard(labels, w.shape[1], core)
     smoothing = options.label_smoothing is not None
-
-    def token_body(t0, rows, acc):
-        x_t, labels_t = _linear._slice(x, t0, rows, 0), _linear._slice(local_labels, t0, rows, 0)
-
-        def vocab_body(c0, size, part):
-            raw = _linear._logits(x_t, w, bias, c0, size, dtype)
-            blk = _linear._block(raw, weights, labels_t, c0, options)
-            return _linear._merge(part, _linear._block_stats(blk, core.vocab_size, smoothing))
-
-        empty = _vary_like(_linear._empty(rows, dtype, smoothing), x, w, bias, weights, labels)
-        part = _linear._for_chunks(cols, static.vocab_chunk, vocab_body, empty)
-        return jax.tree.map(
-            lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, t0, 0), acc, part
-        )
-
-    empty = _vary_like(_linear._empty(n, dtype, smoothing), x, w, bias, weights, labels)
-    local = _linear._for_chunks(n, static.token_chunk, token_body, empty)
+    local = _linear._local_statistics(
+        x,
+        w,
+        bias,
+        _local_labels(shard),
+        weights,
+        options,
+        static,
+        dtype,
+        core.vocab_size,
+        lambda tree: _vary_like(tree, x, w, bias, weights, labels),
+    )
     # The local statistics are merged across devices like blocks: the local sums shifted from
     # the local max to the global one by exp(max_local - max) <= 1 (0 for an empty shard).
     m = _global_max(local.max, core)
@@ -715,54 +708,25 @@ def _sharded_linear_bwd(static, res, cotangents):
     core = static.core
     g, g_counted = cotangents
     dtype = stats.lse.dtype
-    (n, d), cols = x.shape, w.shape[1]
+    cols = w.shape[1]
     shard = _shard(labels, cols, core)
     active, poisoned = row_status(labels, shard.in_range, stats.lse, core.ignore_index)
     g = finalize_rows(_invariant_cotangent(g.astype(dtype)[:, None], core), active, poisoned)
     rows = _linear._Rows(_local_labels(shard), w_y, active, poisoned)
     smooth_weights = weights is not None and options.label_smoothing is not None
-
-    # Outer loop over vocabulary chunks, so each chunk of dw is complete when it is written
-    # (in w's dtype); dx accumulates in float32. The same loop as _linear's recompute rule.
-    def vocab_body(c0, size, acc):
-        dx, dw, db, dwt = acc
-        w_c = _linear._columns(w, c0, size, dtype)
-
-        def token_body(t0, n_rows, inner):
-            dx, dw_c, db_c, dwt_c = inner
-            x_t = _linear._slice(x, t0, n_rows, 0)
-            stats_t = RowStats(*(_linear._slice(s, t0, n_rows, 0) for s in stats))
-            rows_t = _linear._Rows(*(_linear._slice(r, t0, n_rows, 0) for r in rows))
-            g_t = _linear._slice(g, t0, n_rows, 0)
-            raw = _linear._matmul(x_t, w_c, (1, 0), dtype)
-            if bias is not None:
-                raw = raw + _linear._slice(bias, c0, size, 0).astype(dtype)[None, :]
-            blk = _linear._block(raw, weights, rows_t.safe, c0, options)
-            dz = _linear._block_dz(blk, stats_t, rows_t, g_t, options)
-            dx_t = _linear._slice(dx, t0, n_rows, 0) + _linear._matmul(dz, w_c, (1, 1), dtype)
-            dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_t, t0, 0)
-            dw_c = dw_c + _linear._matmul(x_t, dz, (0, 0), dtype)
-            db_c = db_c + jnp.sum(dz, axis=0)
-            if smooth_weights:
-                dwt_c = dwt_c + _linear._smoothing_weight_grad(blk, stats_t, g_t, options)
-            return dx, dw_c, db_c, dwt_c
-
-        zeros = jnp.zeros((size,), dtype)
-        init = _vary_like((dx, jnp.zeros((d, size), dtype), zeros, zeros), *res, g)
-        dx, dw_c, db_c, dwt_c = _linear._for_chunks(n, static.token_chunk, token_body, init)
-        dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), c0, 1)
-        db = jax.lax.dynamic_update_slice_in_dim(db, db_c, c0, 0)
-        dwt = jax.lax.dynamic_update_slice_in_dim(dwt, dwt_c, c0, 0)
-        return dx, dw, db, dwt
-
-    init = (
-        jnp.zeros((n, d), dtype),
-        jnp.zeros((d, cols), w.dtype),
-        jnp.zeros((cols,), dtype),
-        jnp.zeros((cols,), dtype),
+    dx, dw, db, dwt = _linear._block_gradients(
+        x,
+        w,
+        bias,
+        weights,
+        options,
+        static,
+        stats,
+        rows,
+        g,
+        dtype,
+        lambda tree: _vary_like(tree, *res, g),
     )
-    init = _vary_like(init, *res, g)
-    dx, dw, db, dwt = _linear._for_chunks(cols, static.vocab_chunk, vocab_body, init)
     per_label, d_eps, d_zl = _linear._row_parameter_grads(stats, rows, options, g)
     d_weights = None
     if weights is not None:

@@ -653,6 +653,27 @@ def _single_pass_cols(rows: int, d: int, v: int, default: int) -> int:
     return max(1, min(cols, max(128, rows * v // (4 * d))))
 
 
+def check_linear_arguments(x, w, labels, reduction, ignore_index):
+    """Validates the fused loss's arrays (also ``jaxce.sharded``'s): ``x`` ``[..., D]``, ``w``
+    ``[D, V]``, integer ``labels`` of ``x``'s shape without D. Returns them as arrays."""
+    x = _checks.as_float_array("x", x)
+    w = _checks.as_float_array("w", w)
+    labels = _checks.as_int_array("labels", labels)
+    _checks.check_reduction(reduction)
+    _checks.check_ignore_index(ignore_index)
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape [..., D]; got a scalar of shape {x.shape}.")
+    if w.ndim != 2:
+        raise ValueError(f"w must have shape [D, V] (a Dense kernel); got shape {w.shape}.")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"x's last axis must match w's first axis D={w.shape[0]} (w has shape {w.shape});"
+            f" got x of shape {x.shape}."
+        )
+    _checks.check_shape("labels", labels, x.shape[:-1], f"x's shape {x.shape} without D")
+    return x, w, labels
+
+
 def linear_softmax_cross_entropy(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,
@@ -737,22 +758,8 @@ def linear_softmax_cross_entropy(
       blockwise idea); PyTorch ``cross_entropy``; Chowdhery et al., "PaLM", 2022 (z-loss);
       Gemma Team, "Gemma 2", 2024 (soft-capping).
     """
-    x = _checks.as_float_array("x", x)
-    w = _checks.as_float_array("w", w)
-    labels = _checks.as_int_array("labels", labels)
-    _checks.check_reduction(reduction)
-    _checks.check_ignore_index(ignore_index)
-    if x.ndim < 1:
-        raise ValueError(f"x must have shape [..., D]; got a scalar of shape {x.shape}.")
-    if w.ndim != 2:
-        raise ValueError(f"w must have shape [D, V] (a Dense kernel); got shape {w.shape}.")
+    x, w, labels = check_linear_arguments(x, w, labels, reduction, ignore_index)
     d, v = w.shape
-    if x.shape[-1] != d:
-        raise ValueError(
-            f"x's last axis must match w's first axis D={d} (w has shape {w.shape});"
-            f" got x of shape {x.shape}."
-        )
-    _checks.check_shape("labels", labels, x.shape[:-1], f"x's shape {x.shape} without D")
     if bias is not None:
         bias = _checks.as_float_array("bias", bias)
         _checks.check_shape("bias", bias, (v,), f"one entry per class, V={v}")

@@ -869,7 +869,7 @@ def linear_softmax_cross_entropy(
             token_chunk=token_chunk,
             vocab_chunk=vocab_chunk,
         )
-    x, w, labels = _check_linear(x, w, labels, reduction, ignore_index)
+    x, w, labels = _linear.check_linear_arguments(x, w, labels, reduction, ignore_index)
     shards = _bound_axis_size("axis_name", axis_name)
     if data_axis_name is not None:
         _bound_axis_size("data_axis_name", data_axis_name)
@@ -899,25 +899,6 @@ def linear_softmax_cross_entropy(
     return _reduce(jnp.reshape(losses, batch_shape), counted, reduction, data_axis_name)
 
 
-def _check_linear(x, w, labels, reduction, ignore_index):
-    x = _checks.as_float_array("x", x)
-    w = _checks.as_float_array("w", w)
-    labels = _checks.as_int_array("labels", labels)
-    _checks.check_reduction(reduction)
-    _checks.check_ignore_index(ignore_index)
-    if x.ndim < 1:
-        raise ValueError(f"x must have shape [..., D]; got a scalar of shape {x.shape}.")
-    if w.ndim != 2:
-        raise ValueError(f"w must have shape [D, V] (a Dense kernel); got shape {w.shape}.")
-    if x.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"x's last axis must match w's first axis D={w.shape[0]} (w has shape {w.shape});"
-            f" got x of shape {x.shape}."
-        )
-    _checks.check_shape("labels", labels, x.shape[:-1], f"x's shape {x.shape} without D")
-    return x, w, labels
-
-
 def _linear_on_mesh(
     mesh,
     x,
@@ -937,7 +918,7 @@ def _linear_on_mesh(
     token_chunk,
     vocab_chunk,
 ):
-    x, w, labels = _check_linear(x, w, labels, reduction, ignore_index)
+    x, w, labels = _linear.check_linear_arguments(x, w, labels, reduction, ignore_index)
     shards = _mesh_size(mesh, "axis_name", axis_name)
     data_shards = _mesh_size(mesh, "data_axis_name", data_axis_name)
     v = w.shape[1]

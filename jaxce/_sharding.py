@@ -409,6 +409,17 @@ def _data_spec(name: str, shape, data_axis_name, data_shards: int):
     return (data_axis_name,) + (None,) * (len(shape) - 1)
 
 
+def _loss_on_mesh(mesh, loss_fn, args: dict, specs: dict, hyperparameters: dict, **fixed):
+    """``loss_fn`` under ``jax.shard_map`` over ``mesh``: traced hyperparameters travel as
+    replicated arguments, the rest (and ``fixed``) are bound statically; the output is per
+    example (laid out as the labels) for ``reduction="none"``, else a replicated scalar."""
+    traced, constants = _hyperparameters(**hyperparameters)
+    args, specs = {**args, **traced}, {**specs, **{k: P() for k in traced}}
+    loss = functools.partial(loss_fn, **fixed, **constants)
+    out_spec = specs["labels"] if fixed["reduction"] == "none" else P()
+    return _call_on_mesh(mesh, loss, args, specs, out_spec)
+
+
 def _call_on_mesh(mesh, fn, args: dict, specs: dict, out_spec):
     """``jax.shard_map(fn)`` over ``mesh`` for keyword arrays ``args`` laid out as ``specs``."""
     names = tuple(args)
@@ -622,22 +633,18 @@ def _ce_on_mesh(
         args["where"], specs["where"] = _class_mask_on_mesh(
             where, logits.shape, pad, axis_name, specs["logits"], specs["labels"]
         )
-    traced, constants = _hyperparameters(
-        label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=logit_soft_cap
-    )
-    args.update(traced)
-    specs.update({k: P() for k in traced})
-    loss = functools.partial(
+    return _loss_on_mesh(
+        mesh,
         softmax_cross_entropy_with_integer_labels,
+        args,
+        specs,
+        dict(label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=logit_soft_cap),
         axis_name=axis_name,
         data_axis_name=data_axis_name,
         ignore_index=ignore_index,
         vocab_size=vocab_size,
         reduction=reduction,
-        **constants,
     )
-    out_spec = specs["labels"] if reduction == "none" else P()
-    return _call_on_mesh(mesh, loss, args, specs, out_spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -931,13 +938,12 @@ def _linear_on_mesh(
         if vector is not None:
             vector = _checks.class_vector(name, vector, v)
             args[name], specs[name] = jnp.pad(vector, (0, pad)), P(axis_name)
-    traced, constants = _hyperparameters(
-        label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=logit_soft_cap
-    )
-    args.update(traced)
-    specs.update({k: P() for k in traced})
-    loss = functools.partial(
+    return _loss_on_mesh(
+        mesh,
         linear_softmax_cross_entropy,
+        args,
+        specs,
+        dict(label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=logit_soft_cap),
         axis_name=axis_name,
         data_axis_name=data_axis_name,
         ignore_index=ignore_index,
@@ -945,7 +951,4 @@ def _linear_on_mesh(
         reduction=reduction,
         token_chunk=token_chunk,
         vocab_chunk=vocab_chunk,
-        **constants,
     )
-    out_spec = specs["labels"] if reduction == "none" else P()
-    return _call_on_mesh(mesh, loss, args, specs, out_spec)

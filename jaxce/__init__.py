@@ -3,7 +3,6 @@
 from jaxce import sharded as sharded  # the vocabulary-parallel namespace, jaxce.sharded
 from jaxce._binary import binary_cross_entropy as binary_cross_entropy
 from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
-from jaxce._checks import check_labels as check_labels
 from jaxce._cross_entropy import nll_loss as nll_loss
 from jaxce._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
 from jaxce._cross_entropy import (
@@ -14,6 +13,7 @@ from jaxce._focal import softmax_focal_loss as softmax_focal_loss
 from jaxce._information import entropy as entropy
 from jaxce._information import kl_divergence as kl_divergence
 from jaxce._information import softmax_entropy as softmax_entropy
+from jaxce._labels import check_labels as check_labels
 from jaxce._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from jaxce._sigmoid import log_sigmoid as log_sigmoid
 from jaxce._sigmoid import logit_soft_cap as logit_soft_cap

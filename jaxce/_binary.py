@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _checks
+from jaxce import _autodiff, _checks
 from jaxce._layout import compute_dtype
 from jaxce._reduction import reduce_loss
 from jaxce._sigmoid import stable_log_sigmoid
@@ -16,59 +16,62 @@ def _times(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(a == 0, jnp.zeros_like(b), a * b)
 
 
-def _elementwise_weight(name, w, shape, dtype):
-    """Validates an optional weight array and broadcasts it to ``shape`` (no rank promotion)."""
-    if w is None:
-        return None
-    w = _checks.as_float_array(name, w)
-    _checks.check_broadcastable(name, w, shape)
-    return jnp.broadcast_to(w.astype(dtype), shape)
-
-
-# Sigmoid BCE with PyTorch's pos_weight: with l+ = log sigmoid(x), l- = log sigmoid(-x),
-#   loss = -w (pw y l+ + (1 - y) l-),  dloss/dx = w ((pw y + 1 - y) sigmoid(x) - pw y),
-#   dloss/dy = w (pw softplus(-x) - softplus(x)) (before smoothing's factor 1 - eps).
-# Residuals: the inputs only.
-@jax.custom_vjp
-def _sigmoid_bce(x, y, pos_weight, weights, eps):
-    return _sigmoid_bce_fwd(x, y, pos_weight, weights, eps)[0]
-
-
 def _smoothed(y, eps):
     return y if eps is None else (1 - eps) * y + eps / 2
 
 
-def _sigmoid_bce_fwd(x, y, pos_weight, weights, eps):
+# Sigmoid BCE with PyTorch's pos_weight: with l+ = log sigmoid(x), l- = log sigmoid(-x), the
+# target t = (1 - eps) y + eps / 2 and pw = pos_weight:
+#   loss = -w (pw t l+ + (1 - t) l-)
+#   dloss/dx = w ((pw t + 1 - t) sigmoid(x) - pw t),  dloss/dt = w (l- - pw l+),
+#   dloss/dy = (1 - eps) dloss/dt,  dloss/deps = dloss/dt (1/2 - y),
+#   dloss/dpw = -w t l+,  dloss/dw = loss / w.
+def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
     xf = x.astype(compute_dtype(x.dtype))
     t = _smoothed(y.astype(xf.dtype), eps)
     pos = t if pos_weight is None else pos_weight * t
-    # `+ 0` turns the -0.0 of a perfect prediction into 0.0.
+    # `0 -` turns the -0.0 of a perfect prediction into 0.0.
     loss = 0 - (_times(pos, stable_log_sigmoid(xf)) + _times(1 - t, stable_log_sigmoid(-xf)))
-    if weights is not None:
-        loss = weights * loss
-    return loss, (x, y, pos_weight, weights, eps)
+    return loss if weights is None else weights * loss
 
 
-def _sigmoid_bce_bwd(res, g):
-    x, y, pos_weight, weights, eps = res
+@jax.custom_jvp
+def _sigmoid_bce(x, y, pos_weight, weights, eps):
+    return _sigmoid_bce_value(x, y, pos_weight, weights, eps)
+
+
+@_autodiff.rematerialized
+def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, dots):
+    x_dot, y_dot, pw_dot, w_dot, eps_dot = dots
     xf = x.astype(compute_dtype(x.dtype))
-    g = g.astype(xf.dtype)
-    gw = g if weights is None else g * weights
     t = _smoothed(y.astype(xf.dtype), eps)
     pw = jnp.ones_like(xf) if pos_weight is None else pos_weight
-    dx = gw * ((pw * t + 1 - t) * jax.nn.sigmoid(xf) - pw * t)
+    w = jnp.ones_like(xf) if weights is None else weights
     log_p, log_not_p = stable_log_sigmoid(xf), stable_log_sigmoid(-xf)
-    dt = gw * (log_not_p - pw * log_p)  # d loss / d t
-    dy = dt if eps is None else (1 - eps) * dt
-    d_pw = None if pos_weight is None else -gw * _times(t, log_p)
-    d_w = None
-    if weights is not None:
-        d_w = -g * (_times(pw * t, log_p) + _times(1 - t, log_not_p))
-    d_eps = None if eps is None else jnp.sum(dt * (0.5 - y.astype(xf.dtype))).astype(eps.dtype)
-    return dx.astype(x.dtype), dy.astype(y.dtype), d_pw, d_w, d_eps
+    out = None
+    if x_dot is not None:
+        dx = w * ((pw * t + 1 - t) * jax.nn.sigmoid(xf) - pw * t)
+        out = dx * x_dot.astype(xf.dtype)
+    dt = w * (log_not_p - pw * log_p)
+    if y_dot is not None:
+        dy = dt if eps is None else (1 - eps) * dt
+        out = _autodiff.add(out, dy * y_dot.astype(xf.dtype))
+    if eps_dot is not None:
+        out = _autodiff.add(out, dt * (0.5 - y.astype(xf.dtype)) * eps_dot)
+    if pw_dot is not None:
+        out = _autodiff.add(out, -w * _times(t, log_p) * pw_dot)
+    if w_dot is not None:
+        unweighted = _sigmoid_bce_value(x, y, pos_weight, None, eps)
+        out = _autodiff.add(out, unweighted * w_dot)
+    return _autodiff.or_zeros(out, xf)
 
 
-_sigmoid_bce.defvjp(_sigmoid_bce_fwd, _sigmoid_bce_bwd)
+def _sigmoid_bce_jvp(primals, tangents):
+    dots = tuple(None if _autodiff.is_zero(t) else t for t in tangents)
+    return _sigmoid_bce(*primals), _sigmoid_bce_tangent(*primals, dots)
+
+
+_sigmoid_bce.defjvp(_sigmoid_bce_jvp, symbolic_zeros=True)
 
 
 def sigmoid_binary_cross_entropy(
@@ -113,25 +116,26 @@ def sigmoid_binary_cross_entropy(
       PyTorch ``binary_cross_entropy_with_logits``; optax ``sigmoid_binary_cross_entropy``.
     """
     logits = _checks.as_float_array("logits", logits)
-    labels = jnp.asarray(labels)
+    labels = _checks.as_array("labels", labels)
     _checks.check_reduction(reduction)
     _checks.check_shape("labels", labels, logits.shape, "the logits' shape")
-    _checks.check_in_unit_interval("label_smoothing", label_smoothing)
     cdt = compute_dtype(logits.dtype)
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(cdt)
     pw = None
     if pos_weight is not None:
         pos_weight = _checks.as_float_array("pos_weight", pos_weight)
-        classes = logits.shape[-1:] if logits.ndim else (1,)
-        _checks.check_broadcastable(
-            "pos_weight", pos_weight, classes, "one weight per class, along the last axis"
-        )
-        pw = jnp.broadcast_to(pos_weight.astype(cdt), logits.shape)
-    w = _elementwise_weight("weights", weights, logits.shape, cdt)
+        classes = logits.shape[-1:] if logits.ndim else ()
+        why = "one weight per class, along the last axis"
+        _checks.check_broadcastable("pos_weight", pos_weight, classes, why)
+        pw = _checks.broadcast_float("pos_weight", pos_weight, logits.shape, cdt, why)
+    w = None
+    if weights is not None:
+        w = _checks.broadcast_float("weights", weights, logits.shape, cdt, "the logits' shape")
     # Broadcasting pos_weight and weights happens outside the kernel, so autodiff sums their
     # gradients back to the shapes the caller passed.
-    eps = _checks.scalar_or_none(label_smoothing, cdt)
+    eps = _checks.hyperparameter("label_smoothing", label_smoothing, cdt, low=0.0, high=1.0)
+    eps = None if _checks.is_literal_zero(label_smoothing) else eps
     return reduce_loss(_sigmoid_bce(logits, labels, pw, w, eps), reduction)
 
 
@@ -141,38 +145,46 @@ _LOG_FLOOR = -100.0
 _EPSILON = 1e-12
 
 
-@jax.custom_vjp
-def _bce(p, y, weights):
-    return _bce_fwd(p, y, weights)[0]
-
-
 def _clamped_logs(pf):
     return jnp.maximum(jnp.log(pf), _LOG_FLOOR), jnp.maximum(jnp.log1p(-pf), _LOG_FLOOR)
 
 
-def _bce_fwd(p, y, weights):
+def _bce_value(p, y, weights):
     pf = p.astype(compute_dtype(p.dtype))
     t = y.astype(pf.dtype)
     log_p, log_not_p = _clamped_logs(pf)
     loss = 0 - (t * log_p + (1 - t) * log_not_p)
-    if weights is not None:
-        loss = weights * loss
-    return loss, (p, y, weights)
+    return loss if weights is None else weights * loss
 
 
-def _bce_bwd(res, g):
-    p, y, weights = res
+@jax.custom_jvp
+def _bce(p, y, weights):
+    return _bce_value(p, y, weights)
+
+
+@_autodiff.rematerialized
+def _bce_tangent(p, y, weights, p_dot, y_dot, w_dot):
     pf = p.astype(compute_dtype(p.dtype))
     t = y.astype(pf.dtype)
-    gw = g.astype(pf.dtype) if weights is None else g.astype(pf.dtype) * weights
-    dp = gw * (pf - t) / jnp.maximum(pf * (1 - pf), _EPSILON)
-    log_p, log_not_p = _clamped_logs(pf)
-    dy = gw * (log_not_p - log_p)
-    dw = None if weights is None else -g.astype(pf.dtype) * (t * log_p + (1 - t) * log_not_p)
-    return dp.astype(p.dtype), dy.astype(y.dtype), dw
+    w = jnp.ones_like(pf) if weights is None else weights
+    out = None
+    if p_dot is not None:
+        dp = w * (pf - t) / jnp.maximum(pf * (1 - pf), _EPSILON)
+        out = dp * p_dot.astype(pf.dtype)
+    if y_dot is not None:
+        log_p, log_not_p = _clamped_logs(pf)
+        out = _autodiff.add(out, w * (log_not_p - log_p) * y_dot.astype(pf.dtype))
+    if w_dot is not None:
+        out = _autodiff.add(out, _bce_value(p, y, None) * w_dot)
+    return _autodiff.or_zeros(out, pf)
 
 
-_bce.defvjp(_bce_fwd, _bce_bwd)
+def _bce_jvp(primals, tangents):
+    dots = tuple(None if _autodiff.is_zero(t) else t for t in tangents)
+    return _bce(*primals), _bce_tangent(*primals, *dots)
+
+
+_bce.defjvp(_bce_jvp, symbolic_zeros=True)
 
 
 def binary_cross_entropy(
@@ -208,11 +220,13 @@ def binary_cross_entropy(
       PyTorch ``torch.nn.functional.binary_cross_entropy``.
     """
     probs = _checks.as_float_array("probs", probs)
-    labels = jnp.asarray(labels)
+    labels = _checks.as_array("labels", labels)
     _checks.check_reduction(reduction)
     _checks.check_shape("labels", labels, probs.shape, "the shape of probs")
     cdt = compute_dtype(probs.dtype)
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(cdt)
-    w = _elementwise_weight("weights", weights, probs.shape, cdt)
+    w = None
+    if weights is not None:
+        w = _checks.broadcast_float("weights", weights, probs.shape, cdt, "the shape of probs")
     return reduce_loss(_bce(probs, labels, w), reduction)

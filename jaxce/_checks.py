@@ -8,6 +8,7 @@ as a ``ValueError`` that a user can act on.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -21,47 +22,74 @@ REDUCTIONS = ("none", "mean", "sum")
 Axis = int | Sequence[int]
 
 
-def _dtype_of(x: jax.typing.ArrayLike) -> np.dtype:
-    if isinstance(x, bool):
-        return np.dtype(bool)
-    if isinstance(x, int):
-        return np.dtype(np.int32)
-    if isinstance(x, float):
-        return np.dtype(np.float32)
-    return np.dtype(jnp.result_type(x))
+def _describe(x: object) -> str:
+    """A short description of a value for an error message."""
+    if isinstance(x, jax.Array | np.ndarray):
+        return f"an array of shape {x.shape} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"[:120]
 
 
-def as_float_array(name: str, x: jax.typing.ArrayLike) -> jax.Array:
-    """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is floating point."""
-    dtype = _dtype_of(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{name} must be a floating-point array; got dtype {dtype}.")
-    return jnp.asarray(x)
-
-
-def as_int_array(name: str, x: jax.typing.ArrayLike) -> jax.Array:
-    """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is integer."""
-    dtype = _dtype_of(x)
-    if not jnp.issubdtype(dtype, jnp.integer):
+def as_array(name: str, x: object) -> jax.Array:
+    """``x`` as a ``jax.Array``: arrays and Python or NumPy scalars are accepted; lists, tuples,
+    None and other objects raise a ``TypeError`` naming ``name`` (``jax.numpy`` functions reject
+    lists too, with a message that does not say which argument was one)."""
+    if isinstance(x, jax.Array | np.ndarray | np.generic | numbers.Number):
+        return jnp.asarray(x)
+    if isinstance(x, list | tuple):
         raise TypeError(
-            f"{name} must be an integer array of class indices; got dtype {dtype}"
+            f"{name} must be an array; got a Python {type(x).__name__}. Convert it first, e.g."
+            f" {name}=jnp.asarray(...)."
+        )
+    raise TypeError(f"{name} must be an array; got {_describe(x)}.")
+
+
+def as_float_array(name: str, x: object) -> jax.Array:
+    """``x`` as an array, raising ``TypeError`` unless its dtype is floating point."""
+    x = as_array(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}.")
+    return x
+
+
+def as_int_array(name: str, x: object) -> jax.Array:
+    """``x`` as an array of class indices, raising ``TypeError`` unless its dtype is integer
+    (booleans are not class indices)."""
+    x = as_array(name, x)
+    if x.dtype == jnp.bool_ or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must be an integer array of class indices; got dtype {x.dtype}"
             " (for probabilities use the soft-label function)."
         )
-    return jnp.asarray(x)
+    return x
 
 
-def as_bool_array(name: str, x: jax.typing.ArrayLike) -> jax.Array:
-    dtype = _dtype_of(x)
-    if dtype != np.dtype(bool):
-        raise TypeError(f"{name} must be a boolean array; got dtype {dtype}.")
-    return jnp.asarray(x)
+def as_bool_array(name: str, x: object) -> jax.Array:
+    x = as_array(name, x)
+    if x.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean array; got dtype {x.dtype}.")
+    return x
 
 
-def canonical_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
-    """Returns ``axis`` as a tuple of non-negative ints in the order given (a tuple of class
-    axes is flattened in that order, as optax does), checking the range and repeats."""
-    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
-    if not axes or not all(isinstance(a, numbers.Integral) for a in axes):
+def check_min_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:
+    if x.ndim < rank:
+        raise ValueError(f"{name} must have shape {layout}; got a {x.ndim}-d array {x.shape}.")
+
+
+def canonical_axes(name: str, axis: object, ndim: int) -> tuple[int, ...]:
+    """``axis`` as a tuple of non-negative ints in the order given (a tuple of class axes is
+    flattened in that order, as optax does), checking the type, the range and repeats."""
+    if ndim == 0:
+        raise ValueError(f"{name}={axis!r} needs an array with a class axis; got a 0-d array.")
+    is_int = isinstance(axis, numbers.Integral) and not isinstance(axis, bool)
+    if is_int:
+        axes: tuple = (axis,)
+    elif isinstance(axis, list | tuple) and axis:
+        axes = tuple(axis)
+    else:
+        axes = ()
+    if not axes or not all(
+        isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes
+    ):
         raise TypeError(f"{name} must be an int or a non-empty tuple of ints; got {axis!r}.")
     out = []
     for a in axes:
@@ -76,19 +104,22 @@ def canonical_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def check_ignore_index(ignore_index) -> None:
-    if ignore_index is not None and (
-        not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool)
-    ):
-        raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}.")
-
-
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
+def check_reduction(reduction: object) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
+    return reduction
 
 
-def _concrete(value) -> float | None:
+def check_num_classes(name: str, num_classes: int, what: str = "class axis") -> None:
+    """Losses with integer labels need at least one class to index."""
+    if num_classes == 0:
+        raise ValueError(
+            f"{name} has 0 classes along its {what}; a loss over integer labels needs at least"
+            " one class."
+        )
+
+
+def concrete(value: object) -> float | None:
     """The Python value of a number or concrete array scalar; None under tracing."""
     if isinstance(value, numbers.Real):
         return float(value)
@@ -98,32 +129,59 @@ def _concrete(value) -> float | None:
         return None
 
 
-def check_in_unit_interval(name: str, value) -> None:
-    v = _concrete(value)
-    if v is not None and not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1]; got {v}.")
+def _in_range(v, low: float, high: float, open_low: bool):
+    above_low = v > low if open_low else v >= low
+    return above_low & (v <= high)
 
 
-def check_non_negative(name: str, value) -> None:
-    v = _concrete(value)
-    if v is not None and not v >= 0.0:
-        raise ValueError(f"{name} must be >= 0; got {v}.")
+def hyperparameter(
+    name: str,
+    value: object,
+    dtype,
+    *,
+    low: float,
+    high: float = math.inf,
+    open_low: bool = False,
+    allow_inf: bool = False,
+) -> jax.Array:
+    """A scalar hyperparameter as a 0-d array in ``dtype``.
 
-
-def check_positive(name: str, value) -> None:
-    v = _concrete(value)
-    if v is not None and not v > 0.0:
-        raise ValueError(f"{name} must be > 0; got {v}.")
-
-
-def scalar_or_none(value, dtype) -> jax.Array | None:
-    """A hyperparameter as a scalar array, or None when it is a literal 0 (the term is skipped).
-
-    A traced value (a schedule under jit) is always kept: it may be nonzero at run time.
+    A Python number or a 0-d array; a non-scalar is an error rather than silently using its
+    first element. A concrete value outside ``low..high`` (or NaN, or infinite unless
+    ``allow_inf``) is a ``ValueError`` naming it. A traced value (a schedule under ``jit``)
+    cannot be checked at trace time: outside the range it becomes NaN, so the loss is NaN,
+    never a plausible number.
     """
-    if value is None or (isinstance(value, numbers.Real) and value == 0):
-        return None
-    return jnp.asarray(value, dtype)
+    if isinstance(value, bool) or not isinstance(
+        value, numbers.Real | jax.Array | np.ndarray | np.generic
+    ):
+        raise TypeError(f"{name} must be a number or a 0-d array; got {_describe(value)}.")
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        if np.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar; got an array of shape {np.shape(value)}.")
+        kind = jnp.asarray(value).dtype
+        if not (jnp.issubdtype(kind, jnp.floating) or jnp.issubdtype(kind, jnp.integer)):
+            raise TypeError(f"{name} must be a real number; got dtype {kind}.")
+    v = concrete(value)
+    if v is not None:
+        bad = math.isnan(v) or (math.isinf(v) and not allow_inf)
+        if bad or not _in_range(v, low, high, open_low):
+            bracket = "(" if open_low else "["
+            upper = "inf)" if math.isinf(high) else f"{high:g}]"
+            finite = "" if allow_inf else ", finite"
+            raise ValueError(f"{name} must lie in {bracket}{low:g}, {upper}{finite}; got {v}.")
+        return jnp.asarray(v, dtype)
+    x = jnp.asarray(value).astype(dtype)
+    valid = _in_range(x, low, high, open_low)
+    if not allow_inf:
+        valid = valid & jnp.isfinite(x)
+    return jnp.where(valid, x, jnp.asarray(jnp.nan, dtype))
+
+
+def is_literal_zero(value: object) -> bool:
+    """A Python 0 (or None) switches a term off statically; a traced value never does: it may
+    be nonzero at run time."""
+    return value is None or (isinstance(value, numbers.Real) and value == 0)
 
 
 def check_shape(name: str, x: jax.Array, expected: Sequence[int], why: str = "") -> None:
@@ -138,6 +196,8 @@ def check_shape(name: str, x: jax.Array, expected: Sequence[int], why: str = "")
 
 
 def check_broadcastable(name: str, x: jax.Array, target: Sequence[int], why: str = "") -> None:
+    """Checks that ``x`` broadcasts to ``target`` by NumPy's rules, re-raising chex's error as a
+    ValueError naming ``name``."""
     try:
         chex.assert_is_broadcastable(x.shape, tuple(target))
     except AssertionError as err:
@@ -147,67 +207,18 @@ def check_broadcastable(name: str, x: jax.Array, target: Sequence[int], why: str
         ) from err
 
 
-def class_vector(name: str, x: jax.typing.ArrayLike | None, num_classes: int) -> jax.Array | None:
+def broadcast_float(name: str, x: object, shape: Sequence[int], dtype, why: str = "") -> jax.Array:
+    """An optional float weight array validated and broadcast to ``shape`` in ``dtype``; the
+    broadcast happens here, by name, not implicitly inside an expression (rank promotion)."""
+    x = as_float_array(name, x)
+    check_broadcastable(name, x, shape, why)
+    return jnp.broadcast_to(x.astype(dtype), tuple(shape))
+
+
+def class_vector(name: str, x: object, num_classes: int, why: str = "") -> jax.Array | None:
     """Validates an optional per-class vector (class weights, focal alpha) of length C."""
     if x is None:
         return None
     x = as_float_array(name, x)
-    check_shape(name, x, (num_classes,), f"one entry per class, C={num_classes}")
+    check_shape(name, x, (num_classes,), why or f"one entry per class, C={num_classes}")
     return x
-
-
-def check_labels(
-    labels: jax.typing.ArrayLike, num_classes: int, *, ignore_index: int | None = None
-) -> None:
-    """Checks that every integer label lies in ``[0, num_classes)`` or equals ``ignore_index``.
-
-    The losses cannot raise on a bad label inside ``jax.jit`` (values are unknown at trace
-    time), so they return NaN for it instead. This is the matching check, built on
-    ``jax.experimental.checkify``: called eagerly it raises at once; inside a jitted function,
-    wrap that function with ``checkify.checkify`` and call ``err.throw()`` on the result.
-
-    Args:
-      labels: integer class indices of any shape.
-      num_classes: the number of classes ``C``.
-      ignore_index: a label value that is allowed anyway (e.g. -100 for padding).
-
-    Returns:
-      None. Raises ``jax.experimental.checkify.JaxRuntimeError`` naming the first bad label and
-      how many there are.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, jaxce
-      >>> from jax.experimental import checkify
-      >>> jaxce.check_labels(jnp.array([0, 2, -100]), 3, ignore_index=-100)  # fine
-      >>> def loss(logits, labels):
-      ...     jaxce.check_labels(labels, logits.shape[-1])
-      ...     return jaxce.softmax_cross_entropy_with_integer_labels(logits, labels)
-      >>> err, _ = jax.jit(checkify.checkify(loss))(jnp.zeros((2, 3)), jnp.array([0, 7]))
-      >>> err.get()
-      'labels must lie in [0, 3); found 1 outside, the first is 7 (at flat index 1)...'
-
-    References:
-      ``jax.experimental.checkify``.
-    """
-    from jax.experimental import checkify
-
-    labels = as_int_array("labels", labels)
-    check_ignore_index(ignore_index)
-    if not isinstance(num_classes, numbers.Integral) or num_classes <= 0:
-        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
-    if labels.size == 0:
-        return
-    ok = (labels >= 0) & (labels < num_classes)
-    if ignore_index is not None:
-        ok = ok | (labels == ignore_index)
-    flat_ok = jnp.ravel(ok)
-    first = jnp.argmin(flat_ok)  # the first False, when there is one
-    allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
-    checkify.check(
-        jnp.all(ok),
-        f"labels must lie in [0, {num_classes}){allowed}; found {{count}} outside,"
-        " the first is {value} (at flat index {index})",
-        count=jnp.sum(~flat_ok),
-        value=jnp.ravel(labels)[first],
-        index=first,
-    )

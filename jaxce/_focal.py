@@ -6,17 +6,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxce import _checks
+from jaxce import _autodiff, _checks, _labels, _rows
 from jaxce._checks import Axis
-from jaxce._cross_entropy import (
-    finalize_rows,
-    normalizer,
-    one_hot,
-    row_status,
-    safe_labels,
-)
-from jaxce._layout import ClassLayout, compute_dtype
+from jaxce._layout import compute_dtype
 from jaxce._reduction import reduce_loss
 from jaxce._sigmoid import stable_log_sigmoid
 from jaxce._softmax import max_and_log_sum, probabilities
@@ -28,16 +22,17 @@ def _pow(base: jax.Array, gamma: jax.Array) -> jax.Array:
     return jnp.where(base > 0, safe**gamma, jnp.where(gamma == 0, 1, 0).astype(base.dtype))
 
 
+def _log_or_zero(u: jax.Array) -> jax.Array:
+    return jnp.where(u > 0, jnp.log(jnp.where(u > 0, u, 1)), 0)
+
+
 # Sigmoid focal loss, elementwise. With p = sigmoid(x), ce the sigmoid BCE, the modulating base
 # m = 1 - p_t = p (1 - y) + (1 - p) y and a = alpha y + (1 - alpha)(1 - y):
 #   loss = a ce m^gamma
 #   dloss/dx = a m^gamma [(p - y) + gamma (ce / m) (1 - 2y) p (1 - p)]
-# ce / m tends to 1 as m -> 0, so the gradient stays finite for gamma < 1 too.
-@jax.custom_vjp
-def _sigmoid_focal(x, y, alpha, gamma):
-    return _sigmoid_focal_fwd(x, y, alpha, gamma)[0]
-
-
+#   dloss/dy = a m^gamma [(log q - log p) + gamma (ce / m) (q - p)] + (2 alpha - 1) ce m^gamma
+#   dloss/dalpha = (2y - 1) ce m^gamma,  dloss/dgamma = a ce m^gamma log m
+# ce / m tends to 1 as m -> 0, so the derivative stays finite for gamma < 1 too.
 def _sigmoid_focal_parts(x, y, alpha, gamma):
     xf = x.astype(compute_dtype(x.dtype))
     yf = y.astype(xf.dtype)
@@ -49,34 +44,44 @@ def _sigmoid_focal_parts(x, y, alpha, gamma):
     return xf, yf, log_p, log_q, ce, p, q, m, a, _pow(m, gamma)
 
 
-def _sigmoid_focal_fwd(x, y, alpha, gamma):
+@jax.custom_jvp
+def _sigmoid_focal(x, y, alpha, gamma):
     *_, ce, _, _, _, a, mg = _sigmoid_focal_parts(x, y, alpha, gamma)
-    return a * ce * mg, (x, y, alpha, gamma)
+    return a * ce * mg
 
 
-def _sigmoid_focal_bwd(res, g):
-    x, y, alpha, gamma = res
+@_autodiff.rematerialized
+def _sigmoid_focal_tangent(x, y, alpha, gamma, x_dot, y_dot, alpha_dot, gamma_dot):
     xf, yf, log_p, log_q, ce, p, q, m, a, mg = _sigmoid_focal_parts(x, y, alpha, gamma)
-    g = g.astype(xf.dtype)
     ratio = jnp.where(m > 0, ce / jnp.where(m > 0, m, 1), 0)
-    # ratio * (p * q) first: ratio can be ~3e38 where p * q is 0, and gamma * ratio overflows.
-    dx = a * mg * ((p - yf) + gamma * ((ratio * (p * q)) * (1 - 2 * yf))) * g
-    # d/dy: dce/dy = -x (as log_q - log_p), dm/dy = q - p, da/dy = 2 alpha - 1.
-    dy = a * mg * ((log_q - log_p) + gamma * (ratio * (q - p)))
-    if alpha is not None:
-        dy = dy + (2 * alpha - 1) * ce * mg
-    d_alpha = None if alpha is None else jnp.sum((2 * yf - 1) * ce * mg * g).astype(alpha.dtype)
-    log_m = jnp.where(m > 0, jnp.log(jnp.where(m > 0, m, 1)), 0)
-    d_gamma = jnp.sum(a * ce * mg * log_m * g).astype(gamma.dtype)
-    return dx.astype(x.dtype), (dy * g).astype(y.dtype), d_alpha, d_gamma
+    t = None
+    if x_dot is not None:
+        # ratio * (p * q) first: ratio can be ~3e38 where p * q is 0, and gamma * ratio overflows.
+        dx = a * mg * ((p - yf) + gamma * ((ratio * (p * q)) * (1 - 2 * yf)))
+        t = dx * x_dot.astype(xf.dtype)
+    if y_dot is not None:
+        dy = a * mg * ((log_q - log_p) + gamma * (ratio * (q - p)))
+        if alpha is not None:
+            dy = dy + (2 * alpha - 1) * ce * mg
+        t = _autodiff.add(t, dy * y_dot.astype(xf.dtype))
+    if alpha_dot is not None:
+        t = _autodiff.add(t, (2 * yf - 1) * ce * mg * alpha_dot)
+    if gamma_dot is not None:
+        t = _autodiff.add(t, a * ce * mg * _log_or_zero(m) * gamma_dot)
+    return _autodiff.or_zeros(t, xf)
 
 
-_sigmoid_focal.defvjp(_sigmoid_focal_fwd, _sigmoid_focal_bwd)
+def _sigmoid_focal_jvp(primals, tangents):
+    x, y, alpha, gamma = primals
+    dots = tuple(None if _autodiff.is_zero(t) else t for t in tangents)
+    return _sigmoid_focal(x, y, alpha, gamma), _sigmoid_focal_tangent(x, y, alpha, gamma, *dots)
 
 
-def _check_gamma(gamma, dtype) -> jax.Array:
-    _checks.check_non_negative("gamma", gamma)
-    return jnp.asarray(gamma, dtype)
+_sigmoid_focal.defjvp(_sigmoid_focal_jvp, symbolic_zeros=True)
+
+
+def _gamma(gamma, dtype) -> jax.Array:
+    return _checks.hyperparameter("gamma", gamma, dtype, low=0.0)
 
 
 def sigmoid_focal_loss(
@@ -93,18 +98,19 @@ def sigmoid_focal_loss(
         \ell = \alpha_t\, (1 - p_t)^\gamma\, \mathrm{BCE}(x, y), \quad
         p_t = p y + (1 - p)(1 - y), \quad \alpha_t = \alpha y + (1 - \alpha)(1 - y)
 
-    The same arguments and results as optax's ``sigmoid_focal_loss``; the hand-written gradient
+    The same arguments and results as optax's ``sigmoid_focal_loss``; the hand-written derivative
     stays finite for any ``gamma >= 0``, including ``gamma < 1`` on confident examples.
 
     Args:
       logits: floating-point logits, any shape.
       labels: targets in [0, 1], the logits' shape.
       alpha: optional scalar in [0, 1] weighting positives (0.25 in the paper).
-      gamma: focusing parameter >= 0; 0 gives (alpha-weighted) sigmoid BCE.
+      gamma: focusing parameter >= 0 (a scalar); 0 gives (alpha-weighted) sigmoid BCE.
       reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over all elements).
 
     Returns:
-      The logits' shape (or a scalar) in ``result_type(logits, float32)``.
+      The logits' shape (or a scalar) in ``result_type(logits, float32)``; NaN where a logit or
+      label is NaN.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -116,15 +122,13 @@ def sigmoid_focal_loss(
       ``sigmoid_focal_loss``.
     """
     logits = _checks.as_float_array("logits", logits)
-    labels = jnp.asarray(labels)
+    labels = _checks.as_array("labels", labels)
     _checks.check_reduction(reduction)
     _checks.check_shape("labels", labels, logits.shape, "the logits' shape")
     cdt = compute_dtype(logits.dtype)
     if alpha is not None:
-        _checks.check_in_unit_interval("alpha", alpha)
-        alpha = jnp.asarray(alpha, cdt)
-        _checks.check_shape("alpha", alpha, (), "a scalar")
-    gamma = _check_gamma(gamma, cdt)
+        alpha = _checks.hyperparameter("alpha", alpha, cdt, low=0.0, high=1.0)
+    gamma = _gamma(gamma, cdt)
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(cdt)
     return reduce_loss(_sigmoid_focal(logits, labels, alpha, gamma), reduction)
@@ -133,67 +137,66 @@ def sigmoid_focal_loss(
 # Softmax focal loss with integer labels. With q = p_y, lp = log q, u = 1 - q:
 #   loss = -alpha_y u^gamma lp
 #   dloss/dz_c = alpha_y F (p_c - [c = y]),  F = u^gamma (1 + gamma q r),
-#   r = -lp / u, which tends to 1 as u -> 0.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _softmax_focal(x, labels, alpha, gamma, ignore_index):
-    return _softmax_focal_fwd(x, labels, alpha, gamma, ignore_index)[0]
-
-
-def _softmax_focal_parts(x, labels, alpha, ignore_index, normalizer=None):
-    z = x.astype(compute_dtype(x.dtype))
-    m, log_sum = max_and_log_sum(x, None) if normalizer is None else normalizer
-    safe, in_range = safe_labels(labels, x.shape[-1])
-    finite = jnp.isfinite(log_sum)  # rows of all -inf have nothing to classify
+#   r = -lp / u, which tends to 1 as u -> 0;
+#   dloss/dalpha_y = -u^gamma lp,  dloss/dgamma = -alpha_y u^gamma log(u) lp.
+def _softmax_focal_forward(x, labels, alpha, gamma, ignore_index):
+    m, log_sum = max_and_log_sum(x, None)
+    z = x.astype(m.dtype)
+    meaning = _labels.classify(labels, x.shape[-1], ignore_index)
+    stats = _rows.Stats(m, log_sum, None, None, None)
     # log p_y = (z_y - m) - log_sum: exact even where m + log_sum would round to m.
-    lp = (jnp.take_along_axis(z, safe[..., None], axis=-1) - m) - jnp.where(finite, log_sum, 0)
-    q = jnp.exp(lp)
+    z_y = jnp.take_along_axis(z, meaning.index[..., None], axis=-1)
+    lp = (z_y - m) - stats.log_sum_or_zero()
     u = -jnp.expm1(lp)
     if alpha is None:
         a = jnp.ones_like(lp)
     elif alpha.ndim == 0:
         a = jnp.broadcast_to(alpha, lp.shape)
     else:
-        a = jnp.take(alpha, safe)[..., None]
-    active, poisoned = row_status(labels, in_range, log_sum, ignore_index)
-    return z, (m, log_sum), safe, lp, q, u, a, active, poisoned
+        a = jnp.take(alpha, meaning.index)[..., None]
+    rows = _rows.status(meaning, stats)
+    loss = _rows.finalize(-a * _pow(u, gamma) * lp, rows)
+    counted = rows.active.astype(m.dtype)
+    return loss[..., 0], counted[..., 0], (meaning, stats, lp, u, a, rows)
 
 
-def _softmax_focal_fwd(x, labels, alpha, gamma, ignore_index):
-    z, normalizer, safe, lp, q, u, a, active, poisoned = _softmax_focal_parts(
-        x, labels, alpha, ignore_index
-    )
-    loss = finalize_rows(-a * _pow(u, gamma) * lp, active, poisoned)
-    return (loss[..., 0], active[..., 0]), (x, labels, alpha, gamma, normalizer)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _softmax_focal(x, labels, alpha, gamma, ignore_index):
+    loss, counted, _ = _softmax_focal_forward(x, labels, alpha, gamma, ignore_index)
+    return loss, counted
 
 
-def _softmax_focal_bwd(ignore_index, res, cotangents):
-    x, labels, alpha, gamma, normalizer = res
-    g, _ = cotangents  # the "counted" flags are boolean: no cotangent
-    z, (m, log_sum), safe, lp, q, u, a, active, poisoned = _softmax_focal_parts(
-        x, labels, alpha, ignore_index, normalizer
-    )
-    g = finalize_rows(g.astype(z.dtype)[..., None], active, poisoned)
-    ug = _pow(u, gamma)
+@_autodiff.rematerialized
+def _softmax_focal_logit_tangent(x, index, stats, lp, u, a, gamma, rows, x_dot):
+    z = x.astype(stats.shift.dtype)
+    q = jnp.exp(lp)
     r = jnp.where(u > 0, -lp / jnp.where(u > 0, u, 1), 1)
-    f = ug * (1 + gamma * q * r)
-    p = probabilities(z, m, log_sum, None)
-    dz = a * f * (p - one_hot(safe, z).astype(z.dtype)) * g
-    d_alpha = None
-    if alpha is not None:
-        per_example = -ug * lp * g
-        if alpha.ndim == 0:
-            d_alpha = jnp.sum(per_example).astype(alpha.dtype)
-        else:
-            d_alpha = (
-                jnp.zeros(alpha.shape, z.dtype).at[safe.reshape(-1)].add(per_example.reshape(-1))
-            )
-            d_alpha = d_alpha.astype(alpha.dtype)
-    log_u = jnp.where(u > 0, jnp.log(jnp.where(u > 0, u, 1)), 0)
-    d_gamma = jnp.sum(-a * ug * log_u * lp * g).astype(gamma.dtype)
-    return dz.astype(x.dtype), None, d_alpha, d_gamma
+    f = _pow(u, gamma) * (1 + gamma * q * r)
+    p = probabilities(z, stats.shift, stats.log_sum, None)
+    dz = _rows.finalize(a * f * (p - _rows.one_hot(index, z).astype(z.dtype)), rows)
+    return jnp.sum(dz * x_dot.astype(z.dtype), axis=-1)
 
 
-_softmax_focal.defvjp(_softmax_focal_fwd, _softmax_focal_bwd)
+def _softmax_focal_jvp(ignore_index, primals, tangents):
+    x, labels, alpha, gamma = primals
+    x_dot, _, alpha_dot, gamma_dot = (None if _autodiff.is_zero(t) else t for t in tangents)
+    loss, counted, (meaning, stats, lp, u, a, rows) = _softmax_focal_forward(
+        x, labels, alpha, gamma, ignore_index
+    )
+    t = None
+    if x_dot is not None:
+        t = _softmax_focal_logit_tangent(x, meaning.index, stats, lp, u, a, gamma, rows, x_dot)
+    ug = _pow(u, gamma)
+    if alpha_dot is not None:
+        a_dot = alpha_dot if alpha.ndim == 0 else jnp.take(alpha_dot, meaning.index)[..., None]
+        t = _autodiff.add(t, _rows.finalize(-ug * lp * a_dot, rows)[..., 0])
+    if gamma_dot is not None:
+        d_gamma = _rows.finalize(-a * ug * _log_or_zero(u) * lp, rows)
+        t = _autodiff.add(t, (d_gamma * gamma_dot)[..., 0])
+    return (loss, counted), (_autodiff.or_zeros(t, loss), jnp.zeros_like(counted))
+
+
+_softmax_focal.defjvp(_softmax_focal_jvp, symbolic_zeros=True)
 
 
 def softmax_focal_loss(
@@ -212,7 +215,7 @@ def softmax_focal_loss(
 
     Down-weights examples the model already gets right, focusing training on hard ones;
     ``gamma=0`` and no ``alpha`` is plain softmax cross-entropy. Computed from the logits in
-    log space; the gradient :math:`\alpha_y F (p - \mathrm{onehot}(y))` with
+    log space; the derivative :math:`\alpha_y F (p - \mathrm{onehot}(y))` with
     :math:`F = (1-p_y)^\gamma (1 + \gamma p_y \frac{-\log p_y}{1 - p_y})` is finite for every
     ``gamma >= 0``.
 
@@ -220,14 +223,14 @@ def softmax_focal_loss(
       logits: floating-point scores with a class axis.
       labels: integer class indices, the logits' shape without ``axis``.
       alpha: optional balancing weight: a scalar, or ``[C]`` per-class weights.
-      gamma: focusing parameter >= 0 (2.0 in the paper).
+      gamma: focusing parameter >= 0 (2.0 in the paper), a scalar.
       axis: the class axis or a tuple of axes.
       ignore_index: label value to skip (loss 0, gradient 0, not counted in a mean).
       reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over the non-ignored examples).
 
     Returns:
       Per-example losses (or a scalar) in ``result_type(logits, float32)``; NaN for a label out
-      of range that is not ``ignore_index``.
+      of range that is not ``ignore_index``, and for a row containing a NaN logit.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -238,21 +241,20 @@ def softmax_focal_loss(
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
     """
-    logits = _checks.as_float_array("logits", logits)
-    labels = _checks.as_int_array("labels", labels)
-    _checks.check_reduction(reduction)
-    _checks.check_ignore_index(ignore_index)
-    layout = ClassLayout(logits.shape, _checks.canonical_axes("axis", axis, logits.ndim))
-    _checks.check_shape(
-        "labels", labels, layout.batch_shape, f"logits shape {logits.shape} without axis {axis}"
+    layout, x, labels, ignore_index, _ = _labels.prepare(
+        "logits", logits, labels, axis=axis, ignore_index=ignore_index, reduction=reduction
     )
-    cdt = compute_dtype(logits.dtype)
+    cdt = compute_dtype(x.dtype)
     if alpha is not None:
-        alpha = _checks.as_float_array("alpha", jnp.asarray(alpha, cdt))
-        if alpha.ndim != 0:
-            _checks.check_shape("alpha", alpha, (layout.num_classes,), "a scalar or one per class")
-    gamma = _check_gamma(gamma, cdt)
-    losses, counted = _softmax_focal(layout.to_last(logits), labels, alpha, gamma, ignore_index)
-    if reduction != "mean":
-        return reduce_loss(losses, reduction)
-    return reduce_loss(losses, reduction, normalizer(labels, counted, None, cdt))
+        why = f"a scalar or one entry per class, C={layout.num_classes}"
+        if isinstance(alpha, list | tuple):
+            raise TypeError(
+                f"alpha must be {why}, as an array; got a Python {type(alpha).__name__}."
+            )
+        if isinstance(alpha, jax.Array | np.ndarray) and np.ndim(alpha) >= 1:
+            alpha = _checks.class_vector("alpha", alpha, layout.num_classes, why).astype(cdt)
+        else:
+            alpha = _checks.hyperparameter("alpha", alpha, cdt, low=0.0)
+    gamma = _gamma(gamma, cdt)
+    losses, counted = _softmax_focal(x, labels, alpha, gamma, ignore_index)
+    return reduce_loss(losses, reduction, counted)

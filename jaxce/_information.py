@@ -5,9 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _checks
+from jaxce import _autodiff, _checks
 from jaxce._checks import Axis
-from jaxce._layout import ClassLayout, compute_dtype
+from jaxce._layout import compute_dtype, layout_of
+from jaxce._reduction import reduce_loss
 from jaxce._softmax import log_probabilities, max_and_log_sum
 
 
@@ -18,37 +19,41 @@ def _safe_log(p: jax.Array) -> jax.Array:
 
 
 def _xlogx(p: jax.Array) -> jax.Array:
-    return jnp.where(p == 0, jnp.zeros_like(p), p * _safe_log(p))
+    """``p log p`` with ``0 log 0 = 0``; NaN for a negative ``p``, which is no probability."""
+    out = jnp.where(p == 0, jnp.zeros_like(p), p * _safe_log(p))
+    return jnp.where(p < 0, jnp.full_like(p, jnp.nan), out)
 
 
-# entropy: H = -sum p log p;  dH/dp = -(log p + 1).
-@jax.custom_vjp
+# entropy: H = -sum p log p;  H' = -sum (log p + 1) p'  (log floored at p = 0).
+@jax.custom_jvp
 def _entropy(p):
     pf = p.astype(compute_dtype(p.dtype))
     return 0 - jnp.sum(_xlogx(pf), axis=-1)  # `0 -` gives 0.0, not -0.0, for a one-hot p
 
 
-def _entropy_fwd(p):
-    return _entropy(p), p
-
-
-def _entropy_bwd(p, g):
+@_autodiff.rematerialized
+def _entropy_tangent(p, p_dot):
     pf = p.astype(compute_dtype(p.dtype))
-    return ((-(_safe_log(pf) + 1) * g.astype(pf.dtype)[..., None]).astype(p.dtype),)
+    return jnp.sum(-(_safe_log(pf) + 1) * p_dot.astype(pf.dtype), axis=-1)
 
 
-_entropy.defvjp(_entropy_fwd, _entropy_bwd)
+@_entropy.defjvp
+def _entropy_jvp(primals, tangents):
+    (p,), (p_dot,) = primals, tangents
+    return _entropy(p), _entropy_tangent(p, p_dot)
 
 
-def entropy(probs: jax.typing.ArrayLike, axis: Axis = -1) -> jax.Array:
+def entropy(probs: jax.typing.ArrayLike, axis: Axis = -1, *, reduction: str = "none") -> jax.Array:
     r"""Shannon entropy :math:`H(p) = -\sum_c p_c \log p_c` (in nats), with :math:`0 \log 0 = 0`.
 
     Args:
       probs: probabilities (each row along ``axis`` a distribution), any float dtype.
       axis: the class axis or a tuple of axes.
+      reduction: ``"none"`` (per distribution), ``"sum"`` or ``"mean"`` (over distributions).
 
     Returns:
-      ``probs``' shape without ``axis``, in ``result_type(probs, float32)``. The gradient
+      ``probs``' shape without ``axis`` (or a scalar), in ``result_type(probs, float32)``. The
+      gradient
       :math:`-(\log p + 1)` is finite at :math:`p = 0` (the log is floored at the dtype's
       smallest normal number).
 
@@ -61,16 +66,12 @@ def entropy(probs: jax.typing.ArrayLike, axis: Axis = -1) -> jax.Array:
       Cover & Thomas, "Elements of Information Theory", ch. 2.
     """
     probs = _checks.as_float_array("probs", probs)
-    layout = ClassLayout(probs.shape, _checks.canonical_axes("axis", axis, probs.ndim))
-    return _entropy(layout.to_last(probs))
+    _checks.check_reduction(reduction)
+    layout = layout_of("probs", probs, axis)
+    return reduce_loss(_entropy(layout.to_last(probs)), reduction)
 
 
-# softmax_entropy: H = lse - sum p z = -sum p log p;  dH/dz = -p (log p + H).
-@jax.custom_vjp
-def _softmax_entropy(x):
-    return _softmax_entropy_fwd(x)[0]
-
-
+# softmax_entropy: H = lse - sum p z = -sum p log p;  H' = -sum p (log p + H) z'.
 def _softmax_entropy_parts(x):
     z = x.astype(compute_dtype(x.dtype))
     m, log_sum = max_and_log_sum(x, None)
@@ -79,21 +80,28 @@ def _softmax_entropy_parts(x):
     return p, jnp.where(p > 0, log_p, jnp.zeros_like(z))  # p log p = 0 where p = 0
 
 
-def _softmax_entropy_fwd(x):
+@jax.custom_jvp
+def _softmax_entropy(x):
     p, log_p = _softmax_entropy_parts(x)
-    return 0 - jnp.sum(p * log_p, axis=-1), x
+    return 0 - jnp.sum(p * log_p, axis=-1)
 
 
-def _softmax_entropy_bwd(x, g):
+@_autodiff.rematerialized
+def _softmax_entropy_tangent(x, x_dot):
     p, log_p = _softmax_entropy_parts(x)
     h = -jnp.sum(p * log_p, axis=-1, keepdims=True)
-    return ((-p * (log_p + h) * g.astype(p.dtype)[..., None]).astype(x.dtype),)
+    return jnp.sum(-p * (log_p + h) * x_dot.astype(p.dtype), axis=-1)
 
 
-_softmax_entropy.defvjp(_softmax_entropy_fwd, _softmax_entropy_bwd)
+@_softmax_entropy.defjvp
+def _softmax_entropy_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    return _softmax_entropy(x), _softmax_entropy_tangent(x, x_dot)
 
 
-def softmax_entropy(logits: jax.typing.ArrayLike, axis: Axis = -1) -> jax.Array:
+def softmax_entropy(
+    logits: jax.typing.ArrayLike, axis: Axis = -1, *, reduction: str = "none"
+) -> jax.Array:
     r"""Entropy of ``softmax(logits)``, computed from the logits without forming ``log 0``.
 
     .. math:: H(\mathrm{softmax}(z)) = \mathrm{lse}(z) - \sum_c p_c z_c
@@ -102,12 +110,13 @@ def softmax_entropy(logits: jax.typing.ArrayLike, axis: Axis = -1) -> jax.Array:
     probability is 0 and they contribute nothing).
 
     Args:
-      logits: floating-point scores, any shape.
+      logits: floating-point scores with at least one axis.
       axis: the class axis or a tuple of axes.
+      reduction: ``"none"`` (per row), ``"sum"`` or ``"mean"`` (over rows).
 
     Returns:
-      The logits' shape without ``axis``, in ``result_type(logits, float32)``; the gradient is
-      :math:`-p \odot (\log p + H)`.
+      The logits' shape without ``axis`` (or a scalar), in ``result_type(logits, float32)``;
+      the gradient is :math:`-p \odot (\log p + H)`.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -119,17 +128,13 @@ def softmax_entropy(logits: jax.typing.ArrayLike, axis: Axis = -1) -> jax.Array:
       Distributions", 2017.
     """
     logits = _checks.as_float_array("logits", logits)
-    layout = ClassLayout(logits.shape, _checks.canonical_axes("axis", axis, logits.ndim))
-    return _softmax_entropy(layout.to_last(logits))
+    _checks.check_reduction(reduction)
+    layout = layout_of("logits", logits, axis)
+    return reduce_loss(_softmax_entropy(layout.to_last(logits)), reduction)
 
 
 # KL(t || q) = sum t (log t - log q), 0 where t = 0.
-# dKL/dlog_q = -t;  dKL/dt = log t + 1 - log q  (log floored as in entropy).
-@jax.custom_vjp
-def _kl(log_q, t, mask):
-    return _kl_fwd(log_q, t, mask)[0]
-
-
+# KL' = sum (-t lq' + (log t + 1 - log q) t')  (log floored as in entropy).
 def _kl_terms(log_q, t, mask):
     lq = log_q.astype(compute_dtype(log_q.dtype))
     tf = t.astype(lq.dtype)
@@ -137,23 +142,32 @@ def _kl_terms(log_q, t, mask):
     return lq, tf, live
 
 
-def _kl_fwd(log_q, t, mask):
+@jax.custom_jvp
+def _kl(log_q, t, mask):
     lq, tf, live = _kl_terms(log_q, t, mask)
-    terms = jnp.where(live, tf * (_safe_log(tf) - lq), jnp.zeros_like(tf))
-    return jnp.sum(terms, axis=-1), (log_q, t, mask)
+    return jnp.sum(jnp.where(live, tf * (_safe_log(tf) - lq), jnp.zeros_like(tf)), axis=-1)
 
 
-def _kl_bwd(res, g):
-    log_q, t, mask = res
-    lq, tf, live = _kl_terms(log_q, t, mask)
-    g = g.astype(lq.dtype)[..., None]
-    keep = jnp.ones_like(live) if mask is None else mask
-    d_lq = jnp.where(keep, -tf * g, 0)
-    d_t = jnp.where(keep, (_safe_log(tf) + 1 - lq) * g, 0)
-    return d_lq.astype(log_q.dtype), d_t.astype(t.dtype), None
+@_autodiff.rematerialized
+def _kl_tangent(log_q, t, mask, lq_dot, t_dot):
+    lq, tf, _ = _kl_terms(log_q, t, mask)
+    keep = jnp.ones(lq.shape, bool) if mask is None else mask
+    out = None
+    if lq_dot is not None:
+        out = jnp.where(keep, -tf * lq_dot.astype(lq.dtype), 0)
+    if t_dot is not None:
+        dt = (_safe_log(tf) + 1 - lq) * t_dot.astype(lq.dtype)
+        out = _autodiff.add(out, jnp.where(keep, dt, 0))
+    return jnp.sum(_autodiff.or_zeros(out, lq), axis=-1)
 
 
-_kl.defvjp(_kl_fwd, _kl_bwd)
+def _kl_jvp(primals, tangents):
+    log_q, t, mask = primals
+    lq_dot, t_dot, _ = (None if _autodiff.is_zero(d) else d for d in tangents)
+    return _kl(log_q, t, mask), _kl_tangent(log_q, t, mask, lq_dot, t_dot)
+
+
+_kl.defjvp(_kl_jvp, symbolic_zeros=True)
 
 
 def kl_divergence(
@@ -162,6 +176,7 @@ def kl_divergence(
     *,
     axis: Axis = -1,
     where: jax.typing.ArrayLike | None = None,
+    reduction: str = "none",
 ) -> jax.Array:
     r"""Kullback-Leibler divergence :math:`KL(t \,\|\, q) = \sum_c t_c (\log t_c - \log q_c)`.
 
@@ -175,9 +190,12 @@ def kl_divergence(
       axis: the class axis or a tuple of axes to sum over.
       where: optional boolean mask broadcastable to the inputs; only ``True`` entries are
         summed.
+      reduction: ``"none"`` (per distribution, optax's result), ``"sum"`` or ``"mean"`` (over
+        distributions).
 
     Returns:
-      The inputs' shape without ``axis``, in ``result_type(log_predictions, float32)``.
+      The inputs' shape without ``axis`` (or a scalar), in
+      ``result_type(log_predictions, float32)``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -191,7 +209,9 @@ def kl_divergence(
     log_predictions = _checks.as_float_array("log_predictions", log_predictions)
     targets = _checks.as_float_array("targets", targets)
     _checks.check_shape("targets", targets, log_predictions.shape, "the shape of log_predictions")
-    shape = log_predictions.shape
-    layout = ClassLayout(shape, _checks.canonical_axes("axis", axis, len(shape)))
+    _checks.check_reduction(reduction)
+    layout = layout_of("log_predictions", log_predictions, axis)
     mask = layout.mask_to_last("where", where)
-    return _kl(layout.to_last(log_predictions), layout.to_last(targets), mask)
+    return reduce_loss(
+        _kl(layout.to_last(log_predictions), layout.to_last(targets), mask), reduction
+    )

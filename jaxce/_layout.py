@@ -7,8 +7,11 @@ into one as optax does) and translate with these helpers. For ``axis=-1`` they a
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
+
+from jaxce import _checks
 
 
 class ClassLayout:
@@ -48,15 +51,27 @@ class ClassLayout:
         """A boolean mask of the full shape, or of the batch shape (as optax), as ``[..., C]``."""
         if where is None:
             return None
-        from jaxce._checks import as_bool_array, check_broadcastable
-
-        where = as_bool_array(name, where)
+        where = _checks.as_bool_array(name, where)
+        given = where
         if where.ndim == len(self.batch_axes) and where.ndim != len(self.shape):
             # A per-row mask, optax's convention: insert the class axes back.
             where = jnp.expand_dims(where, self.axes)
-        check_broadcastable(name, where, self.shape, "or the shape without the class axes")
+        try:
+            chex.assert_is_broadcastable(where.shape, self.shape)
+        except AssertionError as err:
+            batch = tuple(self.shape[a] for a in self.batch_axes)
+            raise ValueError(
+                f"{name} of shape {given.shape} must broadcast to {self.shape} (the array's"
+                f" shape) or be of shape {batch} (one flag per example)."
+            ) from err
         where = jnp.broadcast_to(where, self.shape)
         return self.to_last(where)
+
+
+def layout_of(name: str, x: jax.Array, axis: object) -> ClassLayout:
+    """The layout of ``x``'s class axes ``axis``, validated; ``name`` is ``x``'s argument name."""
+    _checks.check_min_rank(name, x, 1, "[..., C, ...] with a class axis")
+    return ClassLayout(x.shape, _checks.canonical_axes("axis", axis, x.ndim))
 
 
 def compute_dtype(dtype) -> jnp.dtype:

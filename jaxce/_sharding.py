@@ -2,27 +2,20 @@
 
 Each device holds ``V / P`` columns of the logits (or of the output projection ``w``) and the
 full rows of its tokens. The loss needs only per-row statistics of the whole vocabulary, so the
-devices exchange ``O(N)`` numbers, never the logits:
+devices exchange ``O(N)`` numbers, never the logits: each computes its columns'
+``_rows.Partial`` statistics, rebases them onto the global row max (``pmax``) and sums them
+(``psum``) with the label's logit (and class weight) from the device that owns the label's
+column. Label smoothing and the z-loss so use the *global* vocabulary (smoothing over the local
+shard only is a classic Megatron bug). The global statistics then go through the same
+``_rows`` kernel as the single-device loss, so there is one formula.
 
-* ``pmax`` of the local row maxima (``N`` floats), the shift ``M`` of the logsumexp;
-* ``psum`` of the local ``sum exp(z - M)``, of the label's logit (and class weight) from the
-  shard that owns the label's column (the others add 0) and, with label smoothing, of the
-  admissible count ``K``, the weight total ``W`` and the weighted logit sum, all over the *global*
-  vocabulary (smoothing over the local shard only is a classic Megatron bug).
-
-The global ``RowStats`` then go through the same ``row_loss``/``row_grad_coefficients``/
-``logit_gradient`` as the single-device loss (``_cross_entropy``), so there is one formula. The
-backward rules are local: ``dz`` of the local columns needs only the global row statistics saved
-by the forward pass. What does cross devices in the backward pass is what the mathematics asks
-for: the gradient of an input that every shard of the vocabulary shares (``x`` of the fused loss,
-a traced hyperparameter, class weights replicated over a data axis) is the sum of the shards'
-contributions.
-
-Those sums follow the types of ``jax.shard_map(check_vma=True)`` (JAX's default): a cotangent
-that varies over mesh axes its primal does not vary over is summed over them (``_sum_to``), as
-JAX's own transpose of ``pvary`` does. Under ``check_vma=False`` nothing is typed, so only the
-fused loss's ``dx`` is summed over the vocabulary axis, which is the contract (``x`` is
-replicated there).
+Derivatives. The logits loss and the reduced fused loss are ``jax.custom_jvp`` rules (see
+``_autodiff``): their tangent is a sum over each device's columns, ``psum``-ed over the
+vocabulary axis, and JAX transposes it for reverse mode, including the sums over mesh axes that
+the gradient of a replicated input needs (``x`` of the fused loss over the vocabulary axis,
+``w`` over the data axis): this follows the types of ``jax.shard_map(check_vma=True)``, JAX's
+default. The per-token fused loss (``reduction="none"``) is a ``jax.custom_vjp`` whose backward
+rule sums those cotangents itself (``_sum_to``).
 
 Padded vocabularies: columns at or beyond ``vocab_size`` (global index) are not classes: they
 are excluded from every statistic, like a ``where=False`` entry.
@@ -41,24 +34,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxce import _checks, _linear
-from jaxce._cross_entropy import (
-    Options,
-    RowStats,
-    admissible,
-    class_row,
-    finalize_rows,
-    logit_gradient,
-    make_options,
-    one_hot,
-    row_grad_coefficients,
-    row_loss,
-    row_status,
-    safe_labels,
-)
-from jaxce._layout import ClassLayout, compute_dtype
+from jaxce import _autodiff, _blocks, _checks, _labels, _rows, _xla
+from jaxce._layout import compute_dtype
 from jaxce._reduction import reduce_loss
-from jaxce._sigmoid import soft_cap, soft_cap_derivative
 
 AxisName = Hashable  # a mesh axis name, or a tuple of them
 
@@ -84,11 +62,9 @@ def _typed(axis_name: AxisName) -> bool:
 
 
 def _sum_to(ct: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
-    """A cotangent summed over the axes it varies over and ``primal`` does not.
-
-    An input that is the same on every device of an axis (replicated) receives the sum of the
-    devices' contributions; this is the transpose of JAX's implicit ``pvary``.
-    """
+    """A cotangent summed over the axes it varies over and ``primal`` does not: an input that
+    is the same on every device of an axis (replicated) receives the sum of the devices'
+    contributions (the transpose of JAX's implicit ``pvary``)."""
     if ct is None or primal is None:
         return ct
     extra = _varying(ct) - _varying(primal)
@@ -137,18 +113,21 @@ class _Shard(NamedTuple):
     """Where this device's columns sit in the global vocabulary, and its labels among them."""
 
     offset: jax.Array  # the global index of the first local column
-    safe: jax.Array  # [...] global labels clamped into [0, vocab_size)
-    in_range: jax.Array  # [...] whether each label was in range
+    meaning: _labels.Labels  # the global labels' meaning (index in [0, vocab_size))
     local: jax.Array  # [...] the label's local column, clamped into [0, cols)
     owner: jax.Array  # [..., 1] whether this device holds the label's column
 
+    def label_cols(self) -> jax.Array:
+        """Each row's label as a local column, or -1 (matching no column) elsewhere."""
+        return jnp.where(self.owner[..., 0], self.local, jnp.full_like(self.local, -1))
+
 
 def _shard(labels: jax.Array, cols: int, static: _Static) -> _Shard:
-    offset = jax.lax.axis_index(static.axis_name).astype(labels.dtype) * cols
-    safe, in_range = safe_labels(labels, static.vocab_size)
-    local = safe - offset
+    meaning = _labels.classify(labels, static.vocab_size, static.ignore_index)
+    offset = jax.lax.axis_index(static.axis_name).astype(meaning.index.dtype) * cols
+    local = meaning.index - offset
     owner = (local >= 0) & (local < cols)
-    return _Shard(offset, safe, in_range, jnp.clip(local, 0, cols - 1), owner[..., None])
+    return _Shard(offset, meaning, jnp.clip(local, 0, cols - 1), owner[..., None])
 
 
 def _vocab_mask(mask: jax.Array | None, shape, offset, static: _Static) -> jax.Array | None:
@@ -159,107 +138,189 @@ def _vocab_mask(mask: jax.Array | None, shape, offset, static: _Static) -> jax.A
     columns = jax.lax.broadcasted_iota(
         offset.dtype, (1,) * (len(shape) - 1) + (cols,), len(shape) - 1
     )
-    real = columns + offset < static.vocab_size
+    real = jnp.broadcast_to(columns + offset < static.vocab_size, shape)
     return real if mask is None else mask & real
+
+
+def _owned(value: jax.Array, shard: _Shard) -> jax.Array:
+    """A per-row value known only on the device that owns the label's column, on every device
+    (an all-reduce of one number per row)."""
+    return jnp.where(shard.owner, value, jnp.zeros_like(value))
 
 
 def _pick(v: jax.Array, shard: _Shard) -> jax.Array:
     """The label's entry of a local per-class vector ``v``, 0 on devices that do not own it."""
-    picked = jnp.take(v, shard.local)[..., None]
-    return jnp.where(shard.owner, picked, jnp.zeros_like(picked))
+    return _owned(jnp.take(v, shard.local)[..., None], shard)
 
 
-def _class_weight_cotangent(weights, shard: _Shard, per_label, spread) -> jax.Array:
-    """``dloss/dw`` of the local class weights: each row's label term on the owning device,
-    plus the smoothing term summed over rows (``spread``, ``[cols]``, or None)."""
-    mine = jnp.where(shard.owner, per_label, jnp.zeros_like(per_label))
-    grad = (
-        jnp.zeros(weights.shape, per_label.dtype).at[shard.local.reshape(-1)].add(mine.reshape(-1))
+def _global(local: _rows.Partial, owned: dict, static: _Static):
+    """Global row statistics from each device's ``local`` ones: rebased onto the global max
+    (``pmax``, the online-softmax step between devices) and summed, in one ``psum`` with the
+    per-row values in ``owned`` (each nonzero on one device only)."""
+    m = jax.lax.pmax(local.max, static.axis_name)
+    local = _rows.rebase(local, m, static.vocab_size)
+    sums = {k: v for k, v in local._asdict().items() if k != "max" and v is not None}
+    total = jax.lax.psum({**sums, **owned}, static.axis_name)
+    merged = _rows.Partial(
+        m,
+        total["sum_exp"],
+        total.get("count"),
+        total.get("weight_total"),
+        total.get("gap"),
     )
-    return grad if spread is None else grad + spread
+    return _rows.finish(merged, static.vocab_size), {k: total[k] for k in owned}
 
 
-def _options_cotangent(options: Options, d_eps, d_zl) -> Options:
-    # The soft cap is a fixed architectural constant, as in the single-device loss.
-    cap = options.logit_soft_cap
-    return Options(
-        None
-        if d_eps is None
-        else _sum_to(d_eps.astype(options.label_smoothing.dtype), options.label_smoothing),
-        None if d_zl is None else _sum_to(d_zl.astype(options.z_loss.dtype), options.z_loss),
-        None if cap is None else jnp.zeros_like(cap),
-    )
-
-
-def _global_stats(parts: dict, m: jax.Array, static: _Static) -> tuple[RowStats, jax.Array | None]:
-    """Sums the devices' partial row statistics (one all-reduce of a few ``[..., 1]`` arrays)
-    into the global ``RowStats`` (shifted by the global max ``m``) and the label's class weight
-    (None when unweighted)."""
-    total = jax.lax.psum(parts, static.axis_name)
-    log_sum = jnp.log(total["sum_exp"])  # log 0 = -inf: a row with no admissible class
-    ones = jnp.ones_like(log_sum)
-    count, weight_total, mean_logit = ones, ones, jnp.zeros_like(log_sum)
-    if "count" in total:
-        count, weight_total = total["count"], total["weight_total"]
-        mean_logit = total["scaled_logit_sum"] * (static.vocab_size / jnp.maximum(count, 1))
-    stats = RowStats(m, log_sum, total["label_logit"], count, weight_total, mean_logit)
-    return stats, total.get("w_y")
-
-
-def _global_max(local_max: jax.Array, static: _Static) -> jax.Array:
-    """The row max over all shards, 0 where it is not finite (an empty row: its sum is 0)."""
-    m = jax.lax.pmax(local_max, static.axis_name)
-    return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+def _rows_of(stats, shard: _Shard, owned: dict, weights, options, dtype):
+    label_logit = owned["label_logit"]
+    w_y = jnp.ones_like(label_logit) if weights is None else owned["w_y"]
+    rows = _rows.status(shard.meaning, stats)
+    loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)
+    counted = jnp.where(rows.active, w_y, jnp.zeros_like(w_y))
+    return loss[..., 0], counted[..., 0], label_logit, w_y, rows
 
 
 # ----------------------------------------------------------------------------------------------
-# Local logits [..., cols] of a vocabulary split over static.axis_name. With global row stats
-# (lse, z_y, K, W, mean_logit), loss as in _cross_entropy and, for the local columns,
-#   dloss/dz_c = a p_c - b [c = y] - c w_c [c in A]      (row_grad_coefficients)
-# which needs no communication. Residuals: the local logits (an input, alive anyway), labels,
-# mask, weights and the float32 global row statistics (O(N)); probabilities are recomputed.
-# Outputs: the per-example loss and what each example counts for in a mean (w_y if counted,
-# else 0), which depends on the class weights and so has a cotangent of its own.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+# Local logits [..., cols] of a vocabulary split over static.axis_name. With global row stats,
+# the loss as in _rows and, for the local columns, dloss/dz = a p - b [c = y] - c w [c in A],
+# which needs no communication. Outputs: the per-example loss and its counted weight.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _sharded_ce(x, labels, mask, weights, options, static):
-    return _sharded_ce_fwd(x, labels, mask, weights, options, static)[0]
+    loss, counted, _ = _sharded_ce_forward(x, labels, mask, weights, options, static)
+    return loss, counted
 
 
-def _capped(z: jax.Array, options: Options) -> jax.Array:
-    return z if options.logit_soft_cap is None else soft_cap(z, options.logit_soft_cap)
-
-
-def _sharded_ce_fwd(x, labels, mask, weights, options, static):
+def _sharded_ce_forward(x, labels, mask, weights, options, static: _Static):
     dtype = compute_dtype(x.dtype)
-    cols = x.shape[-1]
-    shard = _shard(labels, cols, static)
+    shard = _shard(labels, x.shape[-1], static)
     mask = _vocab_mask(mask, x.shape, shard.offset, static)
-    z = _capped(x.astype(dtype), options)
-    adm = admissible(z, mask)
-    zero = jnp.zeros_like(z)
-    neg_inf = jnp.full_like(z, -jnp.inf)
-    m = _global_max(jnp.max(jnp.where(adm, z, neg_inf), axis=-1, keepdims=True), static)
-    picked = jnp.take_along_axis(x, shard.local[..., None], axis=-1).astype(dtype)
-    parts = {
-        "sum_exp": jnp.sum(jnp.where(adm, jnp.exp(z - m), zero), axis=-1, keepdims=True),
-        "label_logit": jnp.where(shard.owner, _capped(picked, options), jnp.zeros_like(picked)),
-    }
+    local = _rows.partial_stats(x, mask, weights, options, static.vocab_size)
+    picked = _rows.capped(
+        jnp.take_along_axis(x, shard.local[..., None], axis=-1).astype(dtype), options
+    )
+    owned = {"label_logit": _owned(picked, shard)}
     if weights is not None:
-        parts["w_y"] = _pick(weights.astype(dtype), shard)
-    if options.label_smoothing is not None:
-        # Each term is divided by V before summing, so the sum cannot overflow.
-        w = jnp.ones_like(z) if weights is None else class_row(weights, z)
-        parts["count"] = jnp.sum(adm.astype(dtype), axis=-1, keepdims=True)
-        parts["weight_total"] = jnp.sum(jnp.where(adm, w, zero), axis=-1, keepdims=True)
-        parts["scaled_logit_sum"] = jnp.sum(
-            jnp.where(adm, w * z / static.vocab_size, zero), axis=-1, keepdims=True
+        owned["w_y"] = _pick(weights.astype(dtype), shard)
+    stats, owned = _global(local, owned, static)
+    loss, counted, label_logit, w_y, rows = _rows_of(stats, shard, owned, weights, options, dtype)
+    return loss, counted, (shard, mask, stats, label_logit, w_y, rows)
+
+
+def _label_weight_tangent(dots: _rows.Tangents, shard: _Shard, dtype, axis_name):
+    """The tangent of the label's class weight, from the device that owns its column."""
+    if dots.weights is None:
+        return None
+    return jax.lax.psum(_pick(dots.weights.astype(dtype), shard), axis_name)
+
+
+def _sharded_ce_jvp(static: _Static, primals, tangents):
+    x, labels, mask, weights, options = primals
+    x_dot, _, _, w_dot, o_dot = tangents
+    loss, counted, (shard, mask, stats, label_logit, w_y, rows) = _sharded_ce_forward(
+        x, labels, mask, weights, options, static
+    )
+    dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
+    t = None
+    if dots.per_class(options):
+        local = _rows.class_tangent(
+            x, shard.label_cols(), mask, weights, options, stats, w_y, rows, dots
         )
-    stats, w_y = _global_stats(parts, m, static)
-    w_y = jnp.ones_like(stats.lse) if w_y is None else w_y
-    active, poisoned = row_status(labels, shard.in_range, stats.lse, static.ignore_index)
-    loss = finalize_rows(row_loss(stats, w_y, options), active, poisoned)
-    counted = jnp.where(active, w_y, jnp.zeros_like(w_y))
-    return (loss[..., 0], counted[..., 0]), (x, labels, mask, weights, options, stats, w_y)
+        t = jax.lax.psum(local, static.axis_name)  # each device's columns' share
+    w_y_dot = _label_weight_tangent(dots, shard, stats.shift.dtype, static.axis_name)
+    derivs = _rows.row_derivatives(stats, label_logit, w_y, options)
+    t, counted_dot = _rows.row_tangent(t, derivs, rows, w_y_dot, dots)
+    return (loss, counted), (_autodiff.or_zeros(t, loss), _autodiff.or_zeros(counted_dot, counted))
+
+
+_sharded_ce.defjvp(_sharded_ce_jvp, symbolic_zeros=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused: logits x @ w + bias with w's columns split over the vocabulary axis, never
+# materialized. Each device runs the blockwise loops of _blocks on its columns; the local row
+# statistics are combined across devices as above; then, from the global statistics,
+#   dz = dloss/dz (local columns),  dx = dz w^T (summed over devices: x is shared by all
+#   columns), dw = x^T dz and dbias = sum_i dz (local).
+class _FusedStatic(NamedTuple):
+    core: _Static
+    blocks: _blocks.Static
+
+
+def _sharded_linear_forward(x, w, bias, labels, weights, options, static: _FusedStatic):
+    core = static.core
+    dtype = _blocks.dtype_of(x, w)
+    shard = _shard(labels, w.shape[1], core)
+
+    def vary(tree):
+        return _vary_like(tree, x, w, bias, weights, labels)
+
+    local = _blocks.statistics(x, w, bias, weights, options, static.blocks, dtype, vary)
+    label_logit = _blocks.label_logits(x, w, bias, shard.local, options, dtype)
+    owned = {"label_logit": _owned(label_logit, shard)}
+    if weights is not None:
+        owned["w_y"] = _pick(weights.astype(dtype), shard)
+    stats, owned = _global(local, owned, core)
+    loss, counted, label_logit, w_y, rows = _rows_of(stats, shard, owned, weights, options, dtype)
+    return loss, counted, (shard, stats, label_logit, w_y, rows), vary
+
+
+def _local_gradients(x, w, bias, weights, options, static, parts, g, needs, vary):
+    shard, stats, _, w_y, rows = parts
+    info = _blocks.RowInfo(shard.label_cols(), w_y, rows, g)
+    dtype = _blocks.dtype_of(x, w)
+    return _blocks.gradients(
+        x, w, bias, weights, options, static.blocks, stats, info, dtype, needs, vary
+    )
+
+
+# Reduced ("mean", "sum"): the sum of the local tokens' losses and their counted weights. The
+# unscaled gradients are computed in the forward rule (two passes, 8NDV/P FLOPs per device):
+# reverse mode keeps them as its residuals.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _sharded_summed(x, w, bias, labels, weights, options, static: _FusedStatic):
+    loss, counted, _, _ = _sharded_linear_forward(x, w, bias, labels, weights, options, static)
+    return jnp.sum(loss), counted
+
+
+def _sharded_summed_jvp(static: _FusedStatic, primals, tangents):
+    x, w, bias, labels, weights, options = primals
+    axis = static.core.axis_name
+    dots = _blocks.dots_of(tangents, bias, weights, options)
+    loss, counted, parts, vary = _sharded_linear_forward(
+        x, w, bias, labels, weights, options, static
+    )
+    shard, stats, label_logit, w_y, rows = parts
+    dtype = stats.shift.dtype
+    ones = jnp.ones_like(w_y)
+    grads = _local_gradients(
+        x, w, bias, weights, options, static, parts, ones, dots.needs(options), vary
+    )
+    # The terms over this device's columns, summed over the vocabulary axis; dx, whose rows
+    # every device of that axis shares, summed before its contraction (the tensor-parallel
+    # all-reduce of N x D numbers); then the per-row terms.
+    local = _blocks.column_tangent(grads, dots, dtype)
+    t = None if local is None else jax.lax.psum(local, axis)
+    if grads.x is not None:
+        t = _autodiff.add(t, _autodiff.contract(jax.lax.psum(grads.x, axis), dots.x, dtype))
+    w_y_dot = _label_weight_tangent(dots.rows, shard, dtype, axis)
+    parts = (stats, label_logit, w_y, rows)
+    return _blocks.summed_outputs(loss, counted, t, parts, w_y_dot, dots, options)
+
+
+_sharded_summed.defjvp(_sharded_summed_jvp, symbolic_zeros=True)
+
+
+# Per token ("none"): residuals are the inputs and the global row statistics (O(N)); the
+# backward rule computes each block again with the per-token cotangent.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _sharded_per_token(x, w, bias, labels, weights, options, static: _FusedStatic):
+    loss, counted, _, _ = _sharded_linear_forward(x, w, bias, labels, weights, options, static)
+    return loss, counted
+
+
+def _sharded_per_token_fwd(x, w, bias, labels, weights, options, static):
+    loss, counted, parts, _ = _sharded_linear_forward(x, w, bias, labels, weights, options, static)
+    return (loss, counted), (x, w, bias, labels, weights, options, parts)
 
 
 def _invariant_cotangent(g: jax.Array, static: _Static) -> jax.Array:
@@ -269,47 +330,57 @@ def _invariant_cotangent(g: jax.Array, static: _Static) -> jax.Array:
     return jax.lax.psum(g, tuple(extra)) if extra else g
 
 
-def _sharded_ce_bwd(static, res, cotangents):
-    x, labels, mask, weights, options, stats, w_y = res
-    g, g_counted = cotangents
-    dtype = stats.lse.dtype
-    shard = _shard(labels, x.shape[-1], static)
-    mask = _vocab_mask(mask, x.shape, shard.offset, static)
-    xf = x.astype(dtype)
-    z = _capped(xf, options)
-    adm = admissible(z, mask)
-    active, poisoned = row_status(labels, shard.in_range, stats.lse, static.ignore_index)
-    g = _invariant_cotangent(g.astype(dtype)[..., None], static)
-    g = finalize_rows(g, active, poisoned)
-    onehot = one_hot(shard.safe, z, shard.offset)
-    coefficients = row_grad_coefficients(stats, w_y, options)
-    dz = logit_gradient(z, adm, onehot, weights, stats, coefficients, g)
-    if options.logit_soft_cap is not None:
-        dz = dz * soft_cap_derivative(xf, options.logit_soft_cap)
-    rows = _linear._Rows(shard.safe, w_y, active, poisoned)
-    per_label, d_eps, d_zl = _linear._row_parameter_grads(stats, rows, options, g)
+def _sharded_per_token_bwd(static: _FusedStatic, res, cotangents):
+    x, w, bias, labels, weights, options, parts = res
+    shard, stats, label_logit, w_y, rows = parts
+    core = static.core
+    dtype = stats.shift.dtype
+    g, g_counted = (_invariant_cotangent(c.astype(dtype)[:, None], core) for c in cotangents)
+    needs = _blocks.Needs.every(bias, weights, options)
+
+    def vary(tree):
+        return _vary_like(tree, *res, g)
+
+    grads = _local_gradients(x, w, bias, weights, options, static, parts, g, needs, vary)
+    per_label, d_eps, d_zl = _blocks.row_cotangents(
+        stats, label_logit, w_y, rows, g, g_counted, weights is not None, options
+    )
     d_weights = None
     if weights is not None:
-        g_counted = _invariant_cotangent(g_counted.astype(dtype)[..., None], static)
-        per_label = per_label + jnp.where(active, g_counted, jnp.zeros_like(g_counted))
-        spread = None
-        if options.label_smoothing is not None:
-            gap = (stats.max - z) + stats.log_sum_or_zero()  # lse - z_c
-            scale = options.label_smoothing / jnp.maximum(stats.count, 1) * g
-            terms = jnp.where(adm, gap * scale, jnp.zeros_like(z))
-            spread = jnp.sum(jnp.reshape(terms, (-1, z.shape[-1])), axis=0)
-        d_weights = _class_weight_cotangent(weights, shard, per_label, spread)
+        mine = jnp.where(shard.owner[:, 0], per_label, jnp.zeros_like(per_label))
+        d_weights = jnp.zeros(weights.shape, dtype).at[shard.local].add(mine)
+        if grads.smoothing_weights is not None:
+            d_weights = d_weights + grads.smoothing_weights
         d_weights = _sum_to(d_weights.astype(weights.dtype), weights)
+    d_eps = _sum_to(d_eps, options.label_smoothing)
+    d_zl = _sum_to(d_zl, options.z_loss)
+    d_cap = _sum_to(grads.cap, options.logit_soft_cap)
+    dx = grads.x.astype(x.dtype)
+    # dx sums over all columns of all devices: the tensor-parallel all-reduce of N x D numbers.
+    dx = _sum_to(dx, x) if _typed(core.axis_name) else jax.lax.psum(dx, core.axis_name)
     return (
-        _sum_to(dz.astype(x.dtype), x),
-        None,
+        dx,
+        _sum_to(grads.w, w),
+        None if bias is None else _sum_to(grads.bias.astype(bias.dtype), bias),
         None,
         d_weights,
-        _options_cotangent(options, d_eps, d_zl),
+        _rows.Options(d_eps, d_zl, d_cap),
     )
 
 
-_sharded_ce.defvjp(_sharded_ce_fwd, _sharded_ce_bwd)
+_sharded_per_token.defvjp(_sharded_per_token_fwd, _sharded_per_token_bwd)
+
+
+def _padding_bias(bias, cols: int, static: _Static, dtype) -> jax.Array | None:
+    """The local bias with ``-inf`` on padding columns (global index ``>= vocab_size``): a
+    ``-inf`` logit is no class, so padding never enters a statistic. Outside the custom rule,
+    so the bias's gradient flows through the select."""
+    if static.vocab_size >= jax.lax.axis_size(static.axis_name) * cols:
+        return bias
+    offset = jax.lax.axis_index(static.axis_name) * cols
+    real = jax.lax.iota(offset.dtype, cols) + offset < static.vocab_size
+    base = jnp.zeros((cols,), dtype) if bias is None else bias
+    return jnp.where(real, base, jnp.full_like(base, -jnp.inf))
 
 
 # ------------------------------------------------------------------------ shared checks
@@ -351,10 +422,21 @@ def _reduce(losses, counted, reduction: str, data_axis_name) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------ on a mesh
-def _mesh_size(mesh, name: str, axis_name) -> int:
-    if axis_name is None:
-        return 1
+def _mesh_size(mesh, name: str, axis_name, *, required: bool = False) -> int:
+    """The number of devices along ``axis_name`` of ``mesh`` (1 for an optional None)."""
+    if not isinstance(mesh, jax.sharding.Mesh | jax.sharding.AbstractMesh):
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh (e.g. from jax.make_mesh); got {type(mesh).__name__}"
+            f" {mesh!r}."
+        )
     sizes = dict(mesh.shape)
+    if axis_name is None:
+        if required:
+            raise ValueError(
+                f"{name} must name the mesh axis the vocabulary is split over; got None. The"
+                f" mesh's axes are {tuple(sizes)}."
+            )
+        return 1
     missing = [a for a in _axes(axis_name) if a not in sizes]
     if missing:
         raise ValueError(
@@ -403,7 +485,7 @@ def _data_spec(name: str, shape, data_axis_name, data_shards: int):
         return (None,) * len(shape)
     if shape[0] % data_shards:
         raise ValueError(
-            f"{name}'s first axis ({shape[0]}) must divide evenly over data_axis_name="
+            f"the first axis of {name} ({shape[0]}) must divide evenly over data_axis_name="
             f"{data_axis_name!r} ({data_shards} devices); got shape {tuple(shape)}."
         )
     return (data_axis_name,) + (None,) * (len(shape) - 1)
@@ -552,14 +634,8 @@ def softmax_cross_entropy_with_integer_labels(
             vocab_size=vocab_size,
             reduction=reduction,
         )
-    logits = _checks.as_float_array("logits", logits)
-    labels = _checks.as_int_array("labels", labels)
-    _checks.check_reduction(reduction)
-    _checks.check_ignore_index(ignore_index)
-    if logits.ndim < 1:
-        raise ValueError(f"logits must have a class axis [..., V/P]; got shape {logits.shape}.")
-    _checks.check_shape(
-        "labels", labels, logits.shape[:-1], f"logits shape {logits.shape} without the class axis"
+    layout, logits, labels, ignore_index, _ = _labels.prepare(
+        "logits", logits, labels, axis=-1, ignore_index=ignore_index, reduction=reduction
     )
     shards = _bound_axis_size("axis_name", axis_name)
     if data_axis_name is not None:
@@ -567,9 +643,10 @@ def softmax_cross_entropy_with_integer_labels(
     cols = logits.shape[-1]
     static = _Static(ignore_index, axis_name, _check_vocab_size(vocab_size, shards * cols))
     weights = _local_class_vector("class_weights", class_weights, cols, shards)
-    layout = ClassLayout(logits.shape, (logits.ndim - 1,))
     mask = layout.mask_to_last("where", where)
-    options = make_options(compute_dtype(logits.dtype), label_smoothing, z_loss, logit_soft_cap)
+    options = _rows.make_options(
+        compute_dtype(logits.dtype), label_smoothing, z_loss, logit_soft_cap
+    )
     losses, counted = _sharded_ce(logits, labels, mask, weights, options, static)
     return _reduce(losses, counted, reduction, data_axis_name)
 
@@ -607,15 +684,10 @@ def _ce_on_mesh(
     reduction,
     ignore_index,
 ):
-    logits = _checks.as_float_array("logits", logits)
-    labels = _checks.as_int_array("labels", labels)
-    _checks.check_reduction(reduction)
-    if logits.ndim < 1:
-        raise ValueError(f"logits must have a class axis [..., V]; got shape {logits.shape}.")
-    _checks.check_shape(
-        "labels", labels, logits.shape[:-1], f"logits shape {logits.shape} without the class axis"
+    _, logits, labels, ignore_index, _ = _labels.prepare(
+        "logits", logits, labels, axis=-1, ignore_index=ignore_index, reduction=reduction
     )
-    shards = _mesh_size(mesh, "axis_name", axis_name)
+    shards = _mesh_size(mesh, "axis_name", axis_name, required=True)
     data_shards = _mesh_size(mesh, "data_axis_name", data_axis_name)
     v = logits.shape[-1]
     vocab_size = _check_vocab_size(vocab_size, v)
@@ -648,129 +720,7 @@ def _ce_on_mesh(
 
 
 # ----------------------------------------------------------------------------------------------
-# Fused: logits x @ w + bias with w's columns split over static.axis_name, never materialized.
-# Each device runs the blockwise kernels of _linear on its columns: the forward pass merges
-# [token_chunk, vocab_chunk] blocks into local row statistics (online logsumexp), which are
-# combined across devices as above; the backward pass recomputes each block and
-#   dz = g dloss/dz (local columns),  dx = dz w^T (summed over devices: x is shared by all
-#   columns), dw = x^T dz and dbias = sum_i dz (local).
-# Residuals: the inputs (alive anyway) and the float32 global row statistics (O(N)).
-class _FusedStatic(NamedTuple):
-    core: _Static
-    token_chunk: int
-    vocab_chunk: int
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _sharded_linear(x, w, bias, labels, weights, options, static):
-    return _sharded_linear_fwd(x, w, bias, labels, weights, options, static)[0]
-
-
-def _local_labels(shard: _Shard) -> jax.Array:
-    """Each row's label as a local column, or -1 (matching no column) on other devices."""
-    return jnp.where(shard.owner[..., 0], shard.local, jnp.full_like(shard.local, -1))
-
-
-def _sharded_linear_fwd(x, w, bias, labels, weights, options, static):
-    core = static.core
-    dtype = _linear._compute_dtype(x, w)
-    shard = _shard(labels, w.shape[1], core)
-    smoothing = options.label_smoothing is not None
-    local = _linear._local_statistics(
-        x,
-        w,
-        bias,
-        _local_labels(shard),
-        weights,
-        options,
-        static,
-        dtype,
-        core.vocab_size,
-        lambda tree: _vary_like(tree, x, w, bias, weights, labels),
-    )
-    # The local statistics are merged across devices like blocks: the local sums shifted from
-    # the local max to the global one by exp(max_local - max) <= 1 (0 for an empty shard).
-    m = _global_max(local.max, core)
-    label_logit = _linear._label_logits(x, w, bias, shard.local, options, dtype)
-    parts = {
-        "sum_exp": local.sum_exp * jnp.exp(local.max - m),
-        "label_logit": jnp.where(shard.owner, label_logit, jnp.zeros_like(label_logit)),
-    }
-    if weights is not None:
-        parts["w_y"] = _pick(weights.astype(dtype), shard)
-    if smoothing:
-        parts["count"], parts["weight_total"] = local.count, local.weight_total
-        parts["scaled_logit_sum"] = local.scaled_logit_sum
-    stats, w_y = _global_stats(parts, m, core)
-    w_y = jnp.ones_like(stats.lse) if w_y is None else w_y
-    active, poisoned = row_status(labels, shard.in_range, stats.lse, core.ignore_index)
-    loss = finalize_rows(row_loss(stats, w_y, options), active, poisoned)
-    counted = jnp.where(active, w_y, jnp.zeros_like(w_y))
-    residuals = (x, w, bias, labels, weights, options, stats, w_y)
-    return (loss[:, 0], counted[:, 0]), residuals
-
-
-def _sharded_linear_bwd(static, res, cotangents):
-    x, w, bias, labels, weights, options, stats, w_y = res
-    core = static.core
-    g, g_counted = cotangents
-    dtype = stats.lse.dtype
-    cols = w.shape[1]
-    shard = _shard(labels, cols, core)
-    active, poisoned = row_status(labels, shard.in_range, stats.lse, core.ignore_index)
-    g = finalize_rows(_invariant_cotangent(g.astype(dtype)[:, None], core), active, poisoned)
-    rows = _linear._Rows(_local_labels(shard), w_y, active, poisoned)
-    smooth_weights = weights is not None and options.label_smoothing is not None
-    dx, dw, db, dwt = _linear._block_gradients(
-        x,
-        w,
-        bias,
-        weights,
-        options,
-        static,
-        stats,
-        rows,
-        g,
-        dtype,
-        lambda tree: _vary_like(tree, *res, g),
-    )
-    per_label, d_eps, d_zl = _linear._row_parameter_grads(stats, rows, options, g)
-    d_weights = None
-    if weights is not None:
-        g_counted = _invariant_cotangent(g_counted.astype(dtype)[:, None], core)
-        per_label = per_label + jnp.where(active, g_counted, jnp.zeros_like(g_counted))
-        d_weights = _class_weight_cotangent(
-            weights, shard, per_label, dwt if smooth_weights else None
-        )
-        d_weights = _sum_to(d_weights.astype(weights.dtype), weights)
-    dx = dx.astype(x.dtype)
-    # dx sums over all columns of all devices: the tensor-parallel all-reduce of N x D numbers.
-    dx = _sum_to(dx, x) if _typed(core.axis_name) else jax.lax.psum(dx, core.axis_name)
-    return (
-        dx,
-        _sum_to(dw, w),
-        None if bias is None else _sum_to(db.astype(bias.dtype), bias),
-        None,
-        d_weights,
-        _options_cotangent(options, d_eps, d_zl),
-    )
-
-
-_sharded_linear.defvjp(_sharded_linear_fwd, _sharded_linear_bwd)
-
-
-def _padding_bias(bias, cols: int, static: _Static, dtype) -> jax.Array | None:
-    """The local bias with ``-inf`` on padding columns (global index ``>= vocab_size``): a
-    ``-inf`` logit is no class, so padding never enters a statistic. Outside the custom rule,
-    so the bias's gradient flows through the select."""
-    if static.vocab_size >= jax.lax.axis_size(static.axis_name) * cols:
-        return bias
-    offset = jax.lax.axis_index(static.axis_name) * cols
-    real = jax.lax.iota(offset.dtype, cols) + offset < static.vocab_size
-    base = jnp.zeros((cols,), dtype) if bias is None else bias
-    return jnp.where(real, base, jnp.full_like(base, -jnp.inf))
-
-
+# The fused loss on a mesh.
 def linear_softmax_cross_entropy(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,
@@ -876,7 +826,7 @@ def linear_softmax_cross_entropy(
             token_chunk=token_chunk,
             vocab_chunk=vocab_chunk,
         )
-    x, w, labels = _linear.check_linear_arguments(x, w, labels, reduction, ignore_index)
+    x, w, labels, ignore_index = _blocks.check_arguments(x, w, labels, reduction, ignore_index)
     shards = _bound_axis_size("axis_name", axis_name)
     if data_axis_name is not None:
         _bound_axis_size("data_axis_name", data_axis_name)
@@ -885,25 +835,30 @@ def linear_softmax_cross_entropy(
     if bias is not None:
         bias = _local_class_vector("bias", bias, cols, shards)
     weights = _local_class_vector("class_weights", class_weights, cols, shards)
-    dtype = _linear._compute_dtype(x, w)
-    options = make_options(dtype, label_smoothing, z_loss, logit_soft_cap)
+    dtype = _blocks.dtype_of(x, w)
+    options = _rows.make_options(dtype, label_smoothing, z_loss, logit_soft_cap)
     batch_shape = labels.shape
     x2, labels1 = jnp.reshape(x, (-1, d)), jnp.reshape(labels, (-1,))
     n = x2.shape[0]
-    default_rows, default_cols, _ = _linear._DEFAULTS.get(
-        jax.default_backend(), _linear._DEFAULTS["gpu"]
-    )
+    default_rows, default_cols, _ = _xla.chunk_defaults()
     static = _FusedStatic(
         core,
-        _linear._chunk_size("token_chunk", token_chunk, default_rows, max(n, 1)),
-        _linear._chunk_size("vocab_chunk", vocab_chunk, default_cols, cols),
+        _blocks.Static(
+            ignore_index,
+            _blocks.chunk_size("token_chunk", token_chunk, default_rows, max(n, 1)),
+            _blocks.chunk_size("vocab_chunk", vocab_chunk, default_cols, cols),
+            core.vocab_size,
+        ),
     )
     bias = _padding_bias(bias, cols, core, dtype)
     if n == 0:
         losses = counted = jnp.zeros((0,), dtype)
-    else:
-        losses, counted = _sharded_linear(x2, w, bias, labels1, weights, options, static)
-    return _reduce(jnp.reshape(losses, batch_shape), counted, reduction, data_axis_name)
+        return _reduce(jnp.reshape(losses, batch_shape), counted, reduction, data_axis_name)
+    if reduction == "none":
+        losses, counted = _sharded_per_token(x2, w, bias, labels1, weights, options, static)
+        return _reduce(jnp.reshape(losses, batch_shape), counted, reduction, data_axis_name)
+    total, counted = _sharded_summed(x2, w, bias, labels1, weights, options, static)
+    return _reduce(total[None], counted, reduction, data_axis_name)
 
 
 def _linear_on_mesh(
@@ -925,8 +880,8 @@ def _linear_on_mesh(
     token_chunk,
     vocab_chunk,
 ):
-    x, w, labels = _linear.check_linear_arguments(x, w, labels, reduction, ignore_index)
-    shards = _mesh_size(mesh, "axis_name", axis_name)
+    x, w, labels, ignore_index = _blocks.check_arguments(x, w, labels, reduction, ignore_index)
+    shards = _mesh_size(mesh, "axis_name", axis_name, required=True)
     data_shards = _mesh_size(mesh, "data_axis_name", data_axis_name)
     v = w.shape[1]
     vocab_size = _check_vocab_size(vocab_size, v)
@@ -936,7 +891,7 @@ def _linear_on_mesh(
     specs = {"x": P(*batch_spec, None), "w": P(None, axis_name), "labels": P(*batch_spec)}
     for name, vector in (("bias", bias), ("class_weights", class_weights)):
         if vector is not None:
-            vector = _checks.class_vector(name, vector, v)
+            vector = _checks.class_vector(name, vector, v, f"one entry per class, V={v}")
             args[name], specs[name] = jnp.pad(vector, (0, pad)), P(axis_name)
     return _loss_on_mesh(
         mesh,

@@ -1,31 +1,15 @@
-"""sigmoid, log_sigmoid and logit soft-capping with hand-written gradients."""
+"""sigmoid, log_sigmoid and logit soft-capping with hand-written derivatives."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 
-from jaxce._checks import as_float_array, check_positive
+from jaxce import _autodiff
+from jaxce._checks import as_float_array, concrete, hyperparameter
 from jaxce._layout import compute_dtype
-
-
-# sigmoid: s = 1 / (1 + exp(-x)) (jax.nn.sigmoid evaluates it without overflow). ds/dx = s(1-s)
-# = sigmoid(x) * sigmoid(-x), which keeps precision for large |x| where 1 - s rounds to 0.
-@jax.custom_vjp
-def _sigmoid(x):
-    return jax.nn.sigmoid(x.astype(compute_dtype(x.dtype))).astype(x.dtype)
-
-
-def _sigmoid_fwd(x):
-    return _sigmoid(x), x
-
-
-def _sigmoid_bwd(x, g):
-    xf = x.astype(compute_dtype(x.dtype))
-    return (((jax.nn.sigmoid(xf) * jax.nn.sigmoid(-xf)) * g.astype(xf.dtype)).astype(x.dtype),)
-
-
-_sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
 
 
 def stable_log_sigmoid(x: jax.Array) -> jax.Array:
@@ -33,22 +17,46 @@ def stable_log_sigmoid(x: jax.Array) -> jax.Array:
     return jnp.minimum(x, 0) - jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-# log_sigmoid: d/dx log sigmoid(x) = 1 - sigmoid(x) = sigmoid(-x).
-@jax.custom_vjp
+def _float(x: jax.Array) -> jax.Array:
+    return x.astype(compute_dtype(x.dtype))
+
+
+# sigmoid: s = 1 / (1 + exp(-x)) (jax.nn.sigmoid evaluates it without overflow).
+# s' = s (1 - s) x' = sigmoid(x) sigmoid(-x) x', which keeps precision for large |x| where
+# 1 - s rounds to 0. The factor is recomputed from x in reverse mode (see _autodiff).
+@jax.custom_jvp
+def _sigmoid(x):
+    return jax.nn.sigmoid(_float(x)).astype(x.dtype)
+
+
+@_autodiff.rematerialized
+def _sigmoid_tangent(x, x_dot):
+    xf = _float(x)
+    return (jax.nn.sigmoid(xf) * jax.nn.sigmoid(-xf) * x_dot.astype(xf.dtype)).astype(x.dtype)
+
+
+@_sigmoid.defjvp
+def _sigmoid_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    return _sigmoid(x), _sigmoid_tangent(x, x_dot)
+
+
+# log_sigmoid: (log sigmoid(x))' = (1 - sigmoid(x)) x' = sigmoid(-x) x'.
+@jax.custom_jvp
 def _log_sigmoid(x):
-    return stable_log_sigmoid(x.astype(compute_dtype(x.dtype))).astype(x.dtype)
+    return stable_log_sigmoid(_float(x)).astype(x.dtype)
 
 
-def _log_sigmoid_fwd(x):
-    return _log_sigmoid(x), x
+@_autodiff.rematerialized
+def _log_sigmoid_tangent(x, x_dot):
+    xf = _float(x)
+    return (jax.nn.sigmoid(-xf) * x_dot.astype(xf.dtype)).astype(x.dtype)
 
 
-def _log_sigmoid_bwd(x, g):
-    xf = x.astype(compute_dtype(x.dtype))
-    return ((jax.nn.sigmoid(-xf) * g.astype(xf.dtype)).astype(x.dtype),)
-
-
-_log_sigmoid.defvjp(_log_sigmoid_fwd, _log_sigmoid_bwd)
+@_log_sigmoid.defjvp
+def _log_sigmoid_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    return _log_sigmoid(x), _log_sigmoid_tangent(x, x_dot)
 
 
 def sigmoid(x: jax.typing.ArrayLike) -> jax.Array:
@@ -61,7 +69,7 @@ def sigmoid(x: jax.typing.ArrayLike) -> jax.Array:
       x: floating-point array of any shape.
 
     Returns:
-      An array of ``x``'s shape and dtype with values in [0, 1]; the gradient
+      An array of ``x``'s shape and dtype with values in [0, 1]; the derivative
       :math:`\sigma(x)\sigma(-x)` is accurate even where :math:`1 - \sigma(x)` rounds to 0.
 
     Examples:
@@ -97,53 +105,68 @@ def log_sigmoid(x: jax.typing.ArrayLike) -> jax.Array:
     return _log_sigmoid(as_float_array("x", x))
 
 
-def soft_cap(x: jax.Array, cap) -> jax.Array:
+# ----------------------------------------------------------------------------------------------
+# Soft cap: z = cap tanh(x / cap), keeping -inf (a masked logit) at -inf.
+#   dz/dx = 1 - tanh(u)^2,  dz/dcap = tanh(u) - u (1 - tanh(u)^2),  u = x / cap
+# (both 0 at x = -inf, whose output does not depend on anything).
+def soft_cap(x: jax.Array, cap: jax.Array) -> jax.Array:
     """``cap * tanh(x / cap)`` in ``x``'s dtype, keeping ``-inf`` (a masked logit) at ``-inf``."""
     capped = cap * jnp.tanh(x / cap)
     return jnp.where(jnp.isneginf(x), x, capped)
 
 
-def soft_cap_derivative(x: jax.Array, cap) -> jax.Array:
+def soft_cap_derivative(x: jax.Array, cap: jax.Array) -> jax.Array:
     """``d/dx cap * tanh(x / cap) = 1 - tanh(x / cap)**2`` (0 at -inf)."""
     t = jnp.tanh(x / cap)
     return 1 - t * t
 
 
-@jax.custom_vjp
-def _logit_soft_cap(x, cap):
-    return soft_cap(x.astype(compute_dtype(x.dtype)), cap).astype(x.dtype)
-
-
-def _logit_soft_cap_fwd(x, cap):
-    return _logit_soft_cap(x, cap), (x, cap)
-
-
-def _logit_soft_cap_bwd(res, g):
-    x, cap = res
-    xf = x.astype(compute_dtype(x.dtype))
-    gx = soft_cap_derivative(xf, cap) * g.astype(xf.dtype)
-    # d/dcap cap * tanh(x/cap) = tanh(u) - u (1 - tanh(u)^2), u = x / cap.
-    u = jnp.where(jnp.isfinite(xf), xf / cap, 0)
+def soft_cap_cap_derivative(x: jax.Array, cap: jax.Array) -> jax.Array:
+    """``d/dcap cap * tanh(x / cap) = tanh(u) - u (1 - tanh(u)**2)``, ``u = x / cap`` (0 at
+    -inf)."""
+    u = jnp.where(jnp.isneginf(x), jnp.zeros_like(x), x / cap)
     t = jnp.tanh(u)
-    gcap = jnp.sum((t - u * (1 - t * t)) * g.astype(xf.dtype))
-    return gx.astype(x.dtype), gcap.astype(jnp.result_type(cap))
+    return t - u * (1 - t * t)
 
 
-_logit_soft_cap.defvjp(_logit_soft_cap_fwd, _logit_soft_cap_bwd)
+@jax.custom_jvp
+def _logit_soft_cap(x, cap):
+    return soft_cap(_float(x), cap).astype(x.dtype)
+
+
+@_autodiff.rematerialized
+def _logit_soft_cap_tangent(x, cap, x_dot, cap_dot):
+    xf = _float(x)
+    t = None
+    if x_dot is not None:
+        t = soft_cap_derivative(xf, cap) * x_dot.astype(xf.dtype)
+    if cap_dot is not None:
+        t = _autodiff.add(t, soft_cap_cap_derivative(xf, cap) * cap_dot.astype(xf.dtype))
+    return _autodiff.or_zeros(t, x)
+
+
+def _logit_soft_cap_jvp(primals, tangents):
+    x, cap = primals
+    dots = (None if _autodiff.is_zero(t) else t for t in tangents)
+    return _logit_soft_cap(x, cap), _logit_soft_cap_tangent(x, cap, *dots)
+
+
+_logit_soft_cap.defjvp(_logit_soft_cap_jvp, symbolic_zeros=True)
 
 
 def logit_soft_cap(x: jax.typing.ArrayLike, cap: float | jax.typing.ArrayLike) -> jax.Array:
     r"""Soft-caps logits: :math:`\mathrm{cap} \cdot \tanh(x / \mathrm{cap})` (Gemma 2).
 
     Bounds logits to ``(-cap, cap)`` smoothly, which keeps attention and output logits from
-    growing without limit. ``-inf`` (a masked entry) stays ``-inf``.
+    growing without limit. ``-inf`` (a masked entry) stays ``-inf``; ``cap=inf`` is the identity.
 
     Args:
       x: floating-point array of any shape.
-      cap: positive scalar (e.g. 30.0 for Gemma 2's final logits).
+      cap: positive scalar (e.g. 30.0 for Gemma 2's final logits), a Python number or a 0-d
+        array; ``inf`` means no cap.
 
     Returns:
-      An array of ``x``'s shape and dtype. Gradients flow to ``x`` and to ``cap``.
+      An array of ``x``'s shape and dtype. Derivatives flow to ``x`` and to ``cap``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -154,6 +177,9 @@ def logit_soft_cap(x: jax.typing.ArrayLike, cap: float | jax.typing.ArrayLike) -
       Gemma Team, "Gemma 2: Improving Open Language Models at a Practical Size", 2024.
     """
     x = as_float_array("x", x)
-    check_positive("cap", cap)
-    cap = jnp.asarray(cap, compute_dtype(x.dtype))
-    return _logit_soft_cap(x, cap)
+    value = hyperparameter(
+        "cap", cap, compute_dtype(x.dtype), low=0.0, open_low=True, allow_inf=True
+    )
+    if (concrete_value := concrete(cap)) is not None and math.isinf(concrete_value):
+        return x
+    return _logit_soft_cap(x, value)

@@ -1,8 +1,12 @@
-"""log_softmax, softmax and logsumexp with hand-written gradients.
+"""log_softmax, softmax and logsumexp with hand-written derivatives.
 
 Each works on the class axes moved to the end (``[..., C]``, see ``_layout``); the kernels below
-(``max_and_log_sum``, ``probabilities``) are shared with the losses, so there is exactly one
+(``max_and_sum_exp``, ``probabilities``) are shared with the losses, so there is exactly one
 implementation of the max-shifted logsumexp in the library.
+
+NaN policy: a NaN among a row's admissible entries makes that row's logsumexp, log-softmax and
+softmax NaN (every entry of it), as ``jax.nn`` and PyTorch do; other rows are unaffected. An
+entry excluded by ``where`` takes no part, whatever its value.
 """
 
 from __future__ import annotations
@@ -10,91 +14,74 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce._checks import Axis, as_float_array, canonical_axes
-from jaxce._layout import ClassLayout, compute_dtype
+from jaxce import _autodiff, _xla
+from jaxce._checks import Axis, as_float_array
+from jaxce._layout import compute_dtype, layout_of
 
 
-def _variadic_reduce(operands, inits, combine):
-    """One pass of ``lax.reduce`` over the last axis of several arrays."""
-    dims = (operands[0].ndim - 1,)
-    return tuple(jax.lax.reduce(tuple(operands), tuple(inits), combine, dims))
-
-
-@jax.custom_jvp
-def row_sums(operands: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """Sums over the last axis of several arrays in one variadic reduction.
-
-    XLA's CPU backend gives plain sums and maxima dedicated kernels that fuse ``exp``, ``convert``
-    and arithmetic but not ``tanh`` or a select on a mask argument, which then get materialized
-    as ``[..., C]`` float32 temporaries; a variadic reduction fuses any elementwise producer.
-    XLA drops unused results, so every result must be used, or the reduction becomes a plain
-    one again.
-    """
-    zero = jnp.zeros((), operands[0].dtype)
-    return _variadic_reduce(
-        operands,
-        (zero,) * len(operands),
-        lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
-    )
-
-
-@row_sums.defjvp
-def _row_sums_jvp(primals, tangents):
-    # Sums are linear; the tangents use plain sums, which JAX can also transpose.
-    (operands,), (dots,) = primals, tangents
-    return row_sums(operands), tuple(jnp.sum(t, axis=-1) for t in dots)
+def shift_of(m: jax.Array) -> jax.Array:
+    """The shift used for a row whose max is ``m``: ``m`` itself, or 0 where it is not finite
+    (an empty row's -inf; +inf and NaN rows are non-finite whatever the shift)."""
+    return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
 
 def row_max(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """The max of ``x`` over its last axis where ``mask``, keepdims, in the compute dtype; -inf
-    for a row with nothing admissible. No derivative: callers use it as a shift only.
+    for a row with nothing admissible, NaN for a row with a NaN. No derivative: callers use it
+    as a shift only.
 
-    Without a mask it reads ``x`` in its own dtype (a max is exact in any dtype). With one, a
-    variadic reduction also counts the admissible entries (see ``row_sums``).
+    Without a mask it reads ``x`` in its own dtype (a max is exact in any dtype), so no float32
+    copy of ``x`` is needed for it.
     """
     x = jax.lax.stop_gradient(x)
     dtype = compute_dtype(x.dtype)
+    if x.shape[-1] == 0:  # no class: the max of nothing
+        return jnp.full(x.shape[:-1] + (1,), -jnp.inf, dtype)
     if mask is None:
         return jnp.max(x, axis=-1, keepdims=True).astype(dtype)
-    neg_inf = jnp.asarray(-jnp.inf, dtype)
-    m, count = _variadic_reduce(
-        (jnp.where(mask, x.astype(dtype), neg_inf), mask.astype(dtype)),
-        (neg_inf, jnp.zeros((), dtype)),
-        lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]),
+    return _xla.masked_max(x, mask, dtype)
+
+
+def max_and_sum_exp(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``(max, sum_exp)`` over admissible entries, keepdims, in the compute dtype.
+
+    ``sum_exp = sum(exp(x - shift_of(max)))``: 0 exactly for a row with nothing admissible, at
+    least 1 otherwise (the max contributes ``exp(0)``), NaN for a row with a NaN.
+    """
+    dtype = compute_dtype(x.dtype)
+    m = row_max(x, mask)
+    shift = shift_of(m)
+    e = jnp.exp(x.astype(dtype) - shift)
+    if mask is None:
+        return m, jnp.sum(e, axis=-1, keepdims=True)
+    total, count = (
+        r[..., None] for r in _xla.row_sums((jnp.where(mask, e, 0), mask.astype(dtype)))
     )
-    return jnp.where(count > 0, m, neg_inf)[..., None]
+    # The count must be used, or XLA drops it and the reduction is no longer variadic (_xla).
+    return m, jnp.where(count > 0, total, jnp.zeros_like(total))
 
 
 def max_and_log_sum(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """``(m, log_sum)`` with ``logsumexp(x) = m + log_sum``, in the compute dtype, keepdims.
+    """``(shift, log_sum)`` with ``logsumexp(x) = shift + log_sum``, keepdims.
 
-    ``m`` is the row max (0 for a row with nothing admissible, whose ``log_sum`` is -inf) under
-    ``stop_gradient`` (its derivative cancels) and ``log_sum = log(sum(exp(x - m)))``. Keeping the
-    two apart is what makes ``log_softmax = (x - m) - log_sum`` exact at huge logits, where
-    ``x - (m + log_sum)`` would lose ``log_sum`` to rounding (at 3e38 it vanishes entirely).
-
-    Memory: without a mask the max is taken on ``x`` in its own dtype (a max is exact in any
-    dtype), so each of the two reductions reads ``x`` directly; a float32 copy shared by both is
-    what XLA would otherwise materialize. With a mask both reductions are variadic (see
-    ``row_sums``), each using its count of admissible entries.
+    ``shift`` is the row max (0 for a row with nothing admissible, whose ``log_sum`` is -inf)
+    and ``log_sum = log(sum(exp(x - shift)))``. Keeping the two apart is what makes
+    ``log_softmax = (x - shift) - log_sum`` exact at huge logits, where ``x - (shift + log_sum)``
+    would lose ``log_sum`` to rounding (at 3e38 it vanishes entirely).
     """
-    dtype = compute_dtype(x.dtype)
-    xf = x.astype(dtype)
-    m = row_max(x, mask)
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    if mask is None:
-        return m, jnp.log(jnp.sum(jnp.exp(xf - m), axis=-1, keepdims=True))
-    e = jnp.where(mask, jnp.exp(xf - m), jnp.zeros_like(xf))
-    total, count = (r[..., None] for r in row_sums((e, mask.astype(dtype))))
-    return m, jnp.where(count > 0, jnp.log(total), -jnp.inf)
+    m, total = max_and_sum_exp(x, mask)
+    return shift_of(m), jnp.log(total)
 
 
 def log_probabilities(
     x: jax.Array, m: jax.Array, log_sum: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    """``log_softmax = (x - m) - log_sum``; -inf on masked entries and on empty rows."""
-    keep = jnp.isfinite(log_sum) if mask is None else mask & jnp.isfinite(log_sum)
-    return jnp.where(keep, (x - m) - jnp.where(keep, log_sum, 0), -jnp.inf)
+    """``log_softmax = (x - m) - log_sum``; -inf on masked entries and on empty rows, NaN on a
+    row with a NaN."""
+    keep = ~jnp.isneginf(log_sum)
+    if mask is not None:
+        keep = keep & mask
+    return jnp.where(keep, (x - m) - log_sum, -jnp.inf)
 
 
 def probabilities(
@@ -104,81 +91,78 @@ def probabilities(
     return jnp.exp(log_probabilities(x, m, log_sum, mask))
 
 
-def _masked(mask: jax.Array | None, x: jax.Array, fill) -> jax.Array:
-    return x if mask is None else jnp.where(mask, x, jnp.asarray(fill, x.dtype))
+def _expectation(p: jax.Array, t: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``sum(p * t)`` over the admissible entries, keepdims (a masked ``t`` may be anything)."""
+    pt = p * t if mask is None else jnp.where(mask, p * t, 0)
+    return jnp.sum(pt, axis=-1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------------------------
-# log_softmax: y = x - lse(x).  d/dx_j sum_i g_i y_i = g_j - softmax_j * sum_i g_i.
-# Residuals: the input (already alive) and the float32 per-row max and log-sum; the backward
-# pass recomputes the probabilities from them, smaller and more accurate than a bf16 output.
-@jax.custom_vjp
-def _log_softmax(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    return _log_softmax_fwd(x, mask)[0]
+# Each rule is linear in the tangent and recomputes the probabilities from the input and the
+# float32 per-row (max, log-sum) (see _autodiff): reverse mode saves nothing of size [..., C]
+# beyond the input.
+#   log_softmax: y = x - lse(x),       y' = x' - <p, x'>      (masked entries: 0)
+#   softmax:     s = exp(x - lse(x)),  s' = s (x' - <p, x'>)
+#   logsumexp:   lse' = <p, x'>
+def _primitive(value, tangent):
+    """A ``jax.custom_jvp`` function of ``(x [..., C], mask)`` whose value and tangent are
+    ``value(x, mask, m, log_sum)`` and ``tangent(x, mask, m, log_sum, x_dot)``."""
+    tangent = _autodiff.rematerialized(tangent)
+
+    @jax.custom_jvp
+    def f(x, mask):
+        return value(x, mask, *max_and_log_sum(x, mask))
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        x, mask = primals
+        m, log_sum = max_and_log_sum(x, mask)
+        return value(x, mask, m, log_sum), tangent(x, mask, m, log_sum, tangents[0])
+
+    return f
 
 
-def _log_softmax_fwd(x, mask):
-    m, log_sum = max_and_log_sum(x, mask)
-    y = log_probabilities(x.astype(m.dtype), m, log_sum, mask)
-    return y.astype(x.dtype), (x, mask, m, log_sum)
+def _admissible_only(t, mask):
+    return t if mask is None else jnp.where(mask, t, 0)
 
 
-def _log_softmax_bwd(res, g):
-    x, mask, m, log_sum = res
+def _log_softmax_value(x, mask, m, log_sum):
+    return log_probabilities(x.astype(m.dtype), m, log_sum, mask).astype(x.dtype)
+
+
+def _log_softmax_tangent(x, mask, m, log_sum, x_dot):
     p = probabilities(x.astype(m.dtype), m, log_sum, mask)
-    g = _masked(mask, g.astype(m.dtype), 0)
-    gx = g - p * jnp.sum(g, axis=-1, keepdims=True)
-    return _masked(mask, gx, 0).astype(x.dtype), None
+    t = x_dot.astype(m.dtype)
+    return _admissible_only(t - _expectation(p, t, mask), mask).astype(x.dtype)
 
 
-_log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+def _softmax_value(x, mask, m, log_sum):
+    return probabilities(x.astype(m.dtype), m, log_sum, mask).astype(x.dtype)
 
 
-# softmax: s = exp(x - lse).  d/dx_j sum_i g_i s_i = s_j * (g_j - sum_i g_i s_i).
-@jax.custom_vjp
-def _softmax(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    return _softmax_fwd(x, mask)[0]
-
-
-def _softmax_fwd(x, mask):
-    m, log_sum = max_and_log_sum(x, mask)
-    return probabilities(x.astype(m.dtype), m, log_sum, mask).astype(x.dtype), (x, mask, m, log_sum)
-
-
-def _softmax_bwd(res, g):
-    x, mask, m, log_sum = res
-    s = probabilities(x.astype(m.dtype), m, log_sum, mask)
-    g = g.astype(m.dtype)
-    gx = s * (g - jnp.sum(g * s, axis=-1, keepdims=True))
-    return gx.astype(x.dtype), None
-
-
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
-# logsumexp: d/dx_j lse = softmax_j. Residuals: the input and the float32 (max, log-sum).
-@jax.custom_vjp
-def _logsumexp(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    return _logsumexp_fwd(x, mask)[0]
-
-
-def _logsumexp_fwd(x, mask):
-    m, log_sum = max_and_log_sum(x, mask)
-    return (m + log_sum)[..., 0].astype(x.dtype), (x, mask, m, log_sum)
-
-
-def _logsumexp_bwd(res, g):
-    x, mask, m, log_sum = res
+def _softmax_tangent(x, mask, m, log_sum, x_dot):
     p = probabilities(x.astype(m.dtype), m, log_sum, mask)
-    return (p * g.astype(m.dtype)[..., None]).astype(x.dtype), None
+    t = x_dot.astype(m.dtype)
+    return _admissible_only(p * (t - _expectation(p, t, mask)), mask).astype(x.dtype)
 
 
-_logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
+def _logsumexp_value(x, mask, m, log_sum):
+    return (m + log_sum)[..., 0].astype(x.dtype)
+
+
+def _logsumexp_tangent(x, mask, m, log_sum, x_dot):
+    p = probabilities(x.astype(m.dtype), m, log_sum, mask)
+    return _expectation(p, x_dot.astype(m.dtype), mask)[..., 0].astype(x.dtype)
+
+
+_log_softmax = _primitive(_log_softmax_value, _log_softmax_tangent)
+_softmax = _primitive(_softmax_value, _softmax_tangent)
+_logsumexp = _primitive(_logsumexp_value, _logsumexp_tangent)
 
 
 def _prepare(x, axis, where):
     x = as_float_array("x", x)
-    layout = ClassLayout(x.shape, canonical_axes("axis", axis, x.ndim))
+    layout = layout_of("x", x, axis)
     return layout, layout.to_last(x), layout.mask_to_last("where", where)
 
 
@@ -188,17 +172,19 @@ def log_softmax(
     r"""Log-softmax, computed stably: :math:`x_i - \log \sum_j e^{x_j}`.
 
     The row maximum is subtracted before exponentiating, so any finite input gives a finite
-    output; ``-inf`` entries (a masked vocabulary) are legal and give ``-inf``.
+    output; ``-inf`` entries (a masked vocabulary) are legal and give ``-inf``. A row containing
+    a NaN gives NaN in every entry.
 
     Args:
-      x: floating-point array of any shape.
+      x: floating-point array with at least one axis.
       axis: the class axis, or a tuple of axes normalised together.
       where: optional boolean mask, broadcastable to ``x`` (or of ``x``'s shape without
         ``axis``): ``False`` entries take no part and come back as ``-inf``. A row with no
         admissible entry gives ``-inf`` everywhere and zero gradient.
 
     Returns:
-      An array of ``x``'s shape and dtype (computed in at least float32).
+      An array of ``x``'s shape and dtype (computed in at least float32). Differentiable in
+      forward and reverse mode to any order.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -217,16 +203,18 @@ def softmax(
 ) -> jax.Array:
     r"""Softmax, computed stably: :math:`e^{x_i - m} / \sum_j e^{x_j - m}` with ``m`` the row max.
 
-    Its gradient is hand-written: :math:`\partial_x (g \cdot s) = s \odot (g - g \cdot s)`.
+    Its derivative is hand-written: :math:`\dot s = s \odot (\dot x - s \cdot \dot x)`, which
+    reverse mode transposes to :math:`s \odot (g - g \cdot s)`.
 
     Args:
-      x: floating-point array of any shape.
+      x: floating-point array with at least one axis.
       axis: the class axis, or a tuple of axes normalised together.
       where: optional boolean mask broadcastable to ``x`` (or of ``x``'s shape without
         ``axis``); ``False`` entries get probability 0. A row with no admissible entry is all 0.
 
     Returns:
-      An array of ``x``'s shape and dtype whose entries along ``axis`` sum to 1.
+      An array of ``x``'s shape and dtype whose entries along ``axis`` sum to 1 (NaN in every
+      entry of a row containing a NaN).
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -246,13 +234,14 @@ def logsumexp(
     r"""Log of the sum of exponentials, :math:`m + \log \sum_j e^{x_j - m}`, computed stably.
 
     Args:
-      x: floating-point array of any shape.
+      x: floating-point array with at least one axis.
       axis: the axis, or a tuple of axes, to reduce.
       where: optional boolean mask broadcastable to ``x`` (or of ``x``'s shape without
         ``axis``); only ``True`` entries are summed. An empty row gives ``-inf``.
 
     Returns:
-      ``x``'s shape without ``axis``, in ``x``'s dtype. The gradient is ``softmax(x)``.
+      ``x``'s shape without ``axis``, in ``x``'s dtype (NaN for a row containing a NaN). The
+      gradient is ``softmax(x)``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce

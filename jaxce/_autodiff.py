@@ -1,0 +1,69 @@
+"""How jaxce's hand-written derivatives are attached: ``jax.custom_jvp`` rules, linear in the
+tangents, whose large factors are rematerialized.
+
+Each function's rule returns its value and a tangent ``sum(D * x_dot)`` where ``D`` is the
+hand-written derivative (``softmax(z) - onehot(y)`` for the cross-entropy). Forward mode
+(``jax.jvp``, ``jax.jacfwd``) evaluates that directly; reverse mode (``jax.grad``) transposes it
+into ``g * D``. ``D`` is computed by a function wrapped in ``jax.checkpoint``
+(:func:`rematerialized`): in reverse mode JAX then saves only its inputs (the logits, alive
+anyway, and ``O(N)`` row statistics) and recomputes ``D`` in the backward pass, so no ``[N, C]``
+residual is kept, as a hand-written ``custom_vjp`` backward pass would do. Higher orders
+(``jax.hessian``, forward-over-reverse Hessian-vector products) differentiate the rules.
+
+Rules are registered with ``symbolic_zeros=True``: an input that is not differentiated (a mask,
+class weights held fixed) arrives as a symbolic zero, and its terms are skipped rather than
+computed and multiplied by zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+F = TypeVar("F", bound=Callable)
+
+
+def is_zero(tangent: object) -> bool:
+    """Whether a tangent is symbolically zero (its input is not being differentiated)."""
+    return tangent is None or isinstance(tangent, SymbolicZero)
+
+
+def rematerialized(fn: F) -> F:
+    """``fn`` recomputed in the backward pass instead of saved (``jax.checkpoint``)."""
+    return jax.checkpoint(fn)  # type: ignore[return-value]
+
+
+def no_tangent(x: jax.Array) -> np.ndarray:
+    """The tangent of a boolean or integer output: a ``float0`` zero of its shape."""
+    return np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+def add(total: jax.Array | None, term: jax.Array | None) -> jax.Array | None:
+    """Sums tangent terms, any of which may be absent (None)."""
+    if term is None:
+        return total
+    return term if total is None else total + term
+
+
+def or_zeros(total: jax.Array | None, like: jax.Array) -> jax.Array:
+    return jnp.zeros_like(like) if total is None else total.astype(like.dtype)
+
+
+def dot(tangent: object, value: jax.Array) -> jax.Array | None:
+    """``tangent * value`` for a scalar hyperparameter's tangent, None if it is zero."""
+    if is_zero(tangent):
+        return None
+    return jnp.asarray(tangent).astype(value.dtype) * value
+
+
+def contract(grad: jax.Array | None, tangent: object, dtype) -> jax.Array | None:
+    """``sum(grad * tangent)`` in ``dtype``: the tangent of a sum whose gradient is ``grad``
+    (None when either is absent). Reverse mode transposes it to ``g * grad``."""
+    if grad is None or is_zero(tangent):
+        return None
+    return jnp.sum(grad.astype(dtype) * jnp.asarray(tangent).astype(dtype))

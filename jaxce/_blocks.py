@@ -1,0 +1,418 @@
+"""Blocks of logits ``x @ w + bias`` that are never formed whole: the loops of the fused losses.
+
+The fused loss (``_linear``) and the sharded fused loss (``_sharding``) compute the integer-label
+cross-entropy of ``x @ w + bias`` ``[N, V]`` one ``[token_chunk, vocab_chunk]`` block at a time:
+the row statistics of each block (``_rows.partial_stats``) are merged the online-softmax way
+(``_rows.merge``), and, given the statistics of whole rows, each block's ``dloss/dz``
+(``_rows.logit_derivative``) is multiplied into ``dx``, ``dw`` and ``dbias``. Vocabulary and token
+sizes need not divide the chunks and nothing is ever padded, so padding can never enter a
+statistic or a mean's denominator. ``w`` is only read a chunk at a time, so a bfloat16 ``w`` is
+never converted to float32 as a whole; products accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxce import _autodiff, _checks, _labels, _rows, _xla
+from jaxce._layout import compute_dtype
+
+
+class Static(NamedTuple):
+    """Hashable settings that shape the computation (``nondiff_argnums`` of the rules)."""
+
+    ignore_index: int | None
+    token_chunk: int
+    vocab_chunk: int
+    num_classes: int  # the whole vocabulary, all devices' columns (for the smoothing sums)
+
+
+class Needs(NamedTuple):
+    """Which derivatives a pass computes (each costs work over every block)."""
+
+    x: bool
+    w: bool
+    bias: bool
+    smoothing_weights: bool  # the smoothing part of d/dclass_weights (per class)
+    cap: bool
+
+    @classmethod
+    def every(cls, bias, weights, options: _rows.Options) -> Needs:
+        """Every derivative the inputs have (a backward pass: JAX asks for all of them)."""
+        smooth_weights = weights is not None and options.smoothing
+        return cls(True, True, bias is not None, smooth_weights, options.logit_soft_cap is not None)
+
+
+def dtype_of(x: jax.Array, w: jax.Array):
+    """float64 if either input is float64, else float32 (spelled out: strict promotion)."""
+    return compute_dtype(jnp.float64 if jnp.float64 in (x.dtype, w.dtype) else x.dtype)
+
+
+def cut(a: jax.Array, start, size: int, axis: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+
+
+def paste(a: jax.Array, part: jax.Array, start, axis: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(a, part, start, axis)
+
+
+def _loop(count: int, step, carry):
+    """``step(i, carry)`` for ``i`` in ``range(count)``, as a ``while_loop``.
+
+    Not a ``scan`` (what ``fori_loop`` with static bounds builds): these loops run inside
+    ``jax.custom_jvp`` rules, and JAX's partial evaluation of a scan for reverse mode moves
+    every loop-invariant value of its body out of the loop, materializing broadcasts such as a
+    ``[token_chunk, V]`` block of zeros or a column iota (tests/test_linear.py, the memory
+    section). A ``while_loop`` whose inputs are all known is kept whole. The loops compute
+    primal values only; their derivatives are the hand-written rules, differentiable again in
+    forward mode (forward-over-reverse second derivatives), not in reverse mode.
+    """
+    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(count), step, carry)
+
+
+def for_chunks(total: int, size: int, body, carry):
+    """``body(start, length, carry)`` over ``[0, total)`` in chunks of ``size``.
+
+    Full chunks run in a loop (``start`` traced, ``length`` static); the remainder is one more
+    call with its own static length. So no block is padded.
+    """
+    full, tail = divmod(total, size)
+    if full == 1:
+        carry = body(0, size, carry)
+    elif full > 1:
+        carry = _loop(full, lambda i, c: body(i * size, size, c), carry)
+    if tail:
+        carry = body(full * size, tail, carry)
+    return carry
+
+
+def overlapping_chunks(total: int, size: int, body, carry):
+    """``body(start, fresh, carry)`` over ``ceil(total / size)`` chunks of exactly ``size``.
+
+    The last chunk starts at ``total - size`` when ``size`` does not divide ``total``, so it
+    overlaps the one before; ``fresh`` (``[size]`` booleans, None when ``size`` divides
+    ``total``) marks the entries no earlier chunk had, and ``body`` makes the others contribute
+    nothing. Every chunk then runs in one loop: a remainder called after the loop, as in
+    :func:`for_chunks`, makes XLA copy a loop-carried ``[D, V]`` accumulator
+    (tests/test_linear.py::test_ragged_token_chunks_add_no_copy_of_the_w_gradient).
+    """
+    count = -(-total // size)
+    if total % size == 0:
+
+        def step(i, c):
+            return body(i * size, None, c)
+
+    else:
+
+        def step(i, c):
+            nominal = i * size
+            start = jnp.minimum(nominal, total - size)
+            fresh = jax.lax.iota(jnp.int32, size) + start >= nominal
+            return body(start, fresh, c)
+
+    if count == 1:
+        return step(0, carry)
+    return _loop(count, step, carry)
+
+
+def matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype) -> jax.Array:
+    """``a`` times ``b`` over the given axes, accumulated in ``dtype`` (float32 for bf16).
+
+    Operands of one dtype are multiplied as they are (bf16 x bf16 -> f32 on accelerators);
+    mixed operands are both cast to ``dtype`` first.
+    """
+    if a.dtype != b.dtype:
+        a, b = a.astype(dtype), b.astype(dtype)
+    return jax.lax.dot_general(
+        a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=dtype
+    )
+
+
+def logits(x, w, bias, col0, cols: int, dtype) -> jax.Array:
+    """``x @ w[:, cols] + bias[cols]`` for rows ``x`` (``[rows, D]``), in ``dtype``."""
+    raw = matmul(x, _xla.columns(w, col0, cols, dtype), (1, 0), dtype)
+    if bias is not None:
+        b = bias if cols == bias.shape[0] else cut(bias, col0, cols, 0)
+        raw = raw + b.astype(dtype)[None, :]
+    return raw
+
+
+def weights_of(weights: jax.Array | None, col0, cols: int) -> jax.Array | None:
+    if weights is None or cols == weights.shape[0]:
+        return weights
+    return cut(weights, col0, cols, 0)
+
+
+def label_logits(x, w, bias, index, options: _rows.Options, dtype) -> jax.Array:
+    """``z_y = cap(x_i . w[:, y_i] + b[y_i])`` (``[rows, 1]``) from the label's column of ``w``
+    alone (a ``[D, rows]`` gather), rather than picked out of a block of logits, which would
+    cost XLA a second block-sized buffer. ``index`` must lie in ``[0, w.shape[1])``."""
+    cols = jnp.take(w, index, axis=1).astype(dtype)  # [D, rows]
+    raw = jnp.sum(x.astype(dtype) * cols.T, axis=-1, keepdims=True)
+    if bias is not None:
+        raw = raw + jnp.take(bias, index).astype(dtype)[:, None]
+    return _rows.capped(raw, options)
+
+
+def _unchanged(tree):
+    return tree
+
+
+def statistics(
+    x, w, bias, weights, options: _rows.Options, static: Static, dtype, vary: Callable = _unchanged
+) -> _rows.Partial:
+    """Row statistics (:class:`_rows.Partial`, ``[N, 1]`` each) of ``x @ w + bias`` over all of
+    ``w``'s columns: chunks of ``token_chunk`` rows, each merged over ``vocab_chunk`` columns.
+
+    ``vary`` adapts each loop's initial value (``jaxce.sharded`` types it as varying over its
+    mesh axes).
+    """
+    n, v = x.shape[0], w.shape[1]
+    smoothing = options.smoothing
+
+    def token_body(t0, rows, acc):
+        x_t = cut(x, t0, rows, 0)
+
+        def vocab_body(c0, cols, part):
+            raw = logits(x_t, w, bias, c0, cols, dtype)
+            block = _rows.partial_stats(
+                raw, None, weights_of(weights, c0, cols), options, static.num_classes
+            )
+            return _rows.merge(part, block, static.num_classes)
+
+        part = for_chunks(
+            v, static.vocab_chunk, vocab_body, vary(_rows.empty((rows, 1), dtype, smoothing))
+        )
+        return jax.tree.map(lambda a, p: paste(a, p, t0, 0), acc, part)
+
+    return for_chunks(
+        n, static.token_chunk, token_body, vary(_rows.empty((n, 1), dtype, smoothing))
+    )
+
+
+class RowInfo(NamedTuple):
+    """What the derivative of a block needs per row, each ``[rows, ...]``."""
+
+    label_cols: jax.Array  # [rows] the label's column of w (-1 or out of range: none of them)
+    w_y: jax.Array  # [rows, 1]
+    rows: _rows.Status  # [rows, 1] each
+    g: jax.Array  # [rows, 1] the per-row cotangent (1 for the unscaled gradient of a sum)
+
+
+def slice_rows(tree, t0, rows: int):
+    return jax.tree.map(lambda a: cut(a, t0, rows, 0), tree)
+
+
+def block_derivative(raw, col0, weights_c, stats: _rows.Stats, info: RowInfo, options):
+    """``(dz, dloss/draw)`` of a block of raw logits (columns from ``col0``), times ``g``:
+    ``dz`` w.r.t. the capped logits, the second through the soft cap. 0 on inactive rows,
+    NaN on poisoned ones."""
+    z = _rows.capped_bulk(raw, options)
+    adm = _rows.admissible(raw, None)
+    coeffs = _rows.coefficients(stats, info.w_y, options)
+    onehot = _rows.one_hot(info.label_cols, z, col0)
+    dz = _rows.logit_derivative(z, adm, onehot, weights_c, stats, coeffs) * info.g
+    dz = _rows.finalize(dz, info.rows)
+    chain = _rows.capped_derivative(raw, options)
+    return z, adm, dz, (dz if chain is None else dz * chain)
+
+
+class Grads(NamedTuple):
+    """Derivatives of ``sum_i g_i loss_i`` over a pass (None where not needed)."""
+
+    x: jax.Array | None  # [N, D] float32
+    w: jax.Array | None  # [D, V] in w's dtype (each chunk complete before it is written)
+    bias: jax.Array | None  # [V] float32
+    smoothing_weights: jax.Array | None  # [V] the smoothing part of d/dclass_weights
+    cap: jax.Array | None  # [] d/dcap
+
+
+def gradients(
+    x,
+    w,
+    bias,
+    weights,
+    options: _rows.Options,
+    static: Static,
+    stats: _rows.Stats,
+    info: RowInfo,
+    dtype,
+    needs: Needs,
+    vary: Callable = _unchanged,
+) -> Grads:
+    """:class:`Grads` over ``w``'s columns, computing each ``[token_chunk, vocab_chunk]`` block
+    of logits again from the statistics of whole rows.
+
+    The outer loop runs over vocabulary chunks, so each chunk of ``dw`` is complete (summed over
+    all tokens in float32) when it is written, in ``w``'s dtype; ``dx`` accumulates in float32.
+    """
+    (n, d), v = x.shape, w.shape[1]
+
+    def vocab_body(c0, cols, acc):
+        dx, dw, db, dwt, dcap = acc
+        w_c = _xla.columns(w, c0, cols, dtype)
+        weights_c = weights_of(weights, c0, cols)
+
+        def token_body(t0, n_rows, inner):
+            dx, dw_c, db_c, dwt_c, dcap = inner
+            x_t = cut(x, t0, n_rows, 0)
+            stats_t, info_t = slice_rows((stats, info), t0, n_rows)
+            raw = matmul(x_t, w_c, (1, 0), dtype)
+            if bias is not None:
+                raw = raw + cut(bias, c0, cols, 0).astype(dtype)[None, :]
+            z, adm, dz, draw = block_derivative(raw, c0, weights_c, stats_t, info_t, options)
+            if needs.x:
+                dx = paste(dx, cut(dx, t0, n_rows, 0) + matmul(draw, w_c, (1, 1), dtype), t0, 0)
+            if needs.w:
+                dw_c = dw_c + matmul(x_t, draw, (0, 0), dtype)
+            if needs.bias:
+                db_c = db_c + jnp.sum(draw, axis=0)
+            if needs.smoothing_weights:
+                spread = _rows.smoothing_weight_derivative(z, adm, stats_t, options)
+                dwt_c = dwt_c + jnp.sum(_rows.finalize(spread * info_t.g, info_t.rows), axis=0)
+            if needs.cap:
+                dcap = dcap + jnp.sum(_rows.cap_derivative(raw, dz, options))
+            return dx, dw_c, db_c, dwt_c, dcap
+
+        zeros = jnp.zeros((cols,), dtype)
+        dw_c = jnp.zeros((d, cols) if needs.w else (0, 0), dtype)
+        init = vary((dx, dw_c, zeros, zeros, dcap))
+        dx, dw_c, db_c, dwt_c, dcap = for_chunks(n, static.token_chunk, token_body, init)
+        if needs.w:
+            dw = paste(dw, dw_c.astype(dw.dtype), c0, 1)
+        db, dwt = paste(db, db_c, c0, 0), paste(dwt, dwt_c, c0, 0)
+        return dx, dw, db, dwt, dcap
+
+    init = (
+        jnp.zeros((n, d), dtype),
+        jnp.zeros((d, v) if needs.w else (0, 0), w.dtype),
+        jnp.zeros((v,), dtype),
+        jnp.zeros((v,), dtype),
+        jnp.zeros((), dtype),
+    )
+    dx, dw, db, dwt, dcap = for_chunks(v, static.vocab_chunk, vocab_body, vary(init))
+    return Grads(
+        dx if needs.x else None,
+        dw if needs.w else None,
+        db if needs.bias else None,
+        dwt if needs.smoothing_weights else None,
+        dcap if needs.cap else None,
+    )
+
+
+# ---------------------------------------------------------------------------- tangents
+class Dots(NamedTuple):
+    """The nonzero tangents of a fused loss's inputs (None where zero)."""
+
+    x: jax.Array | None
+    w: jax.Array | None
+    bias: jax.Array | None
+    rows: _rows.Tangents  # class weights and hyperparameters (its x is None)
+
+    def needs(self, options: _rows.Options) -> Needs:
+        smooth_weights = self.rows.weights is not None and options.smoothing
+        return Needs(
+            self.x is not None,
+            self.w is not None,
+            self.bias is not None,
+            smooth_weights,
+            self.rows.logit_soft_cap is not None,
+        )
+
+
+def dots_of(tangents, bias, weights, options: _rows.Options) -> Dots:
+    """:class:`Dots` from the tangents of ``(x, w, bias, labels, weights, options)``."""
+    x_dot, w_dot, b_dot, _, weights_dot, options_dot = tangents
+
+    def live(t, primal):
+        return None if primal is None or _autodiff.is_zero(t) else t
+
+    return Dots(
+        live(x_dot, x_dot),
+        live(w_dot, w_dot),
+        live(b_dot, bias),
+        _rows.tangents_of(None, weights_dot, options_dot, weights, options),
+    )
+
+
+def column_tangent(grads: Grads, dots: Dots, dtype) -> jax.Array | None:
+    """The tangent terms over ``w``'s columns: ``<dw, w'> + <dbias, bias'>``, the smoothing
+    class weights' and the soft cap's (a device's share, for the sharded loss)."""
+    t = None
+    for grad, tangent in (
+        (grads.w, dots.w),
+        (grads.bias, dots.bias),
+        (grads.smoothing_weights, dots.rows.weights),
+    ):
+        t = _autodiff.add(t, _autodiff.contract(grad, tangent, dtype))
+    if grads.cap is not None and dots.rows.logit_soft_cap is not None:
+        t = _autodiff.add(t, grads.cap * dots.rows.logit_soft_cap)
+    return t
+
+
+def summed_outputs(loss, counted, t, parts, w_y_dot, dots: Dots, options):
+    """A summed fused loss rule's outputs: ``(sum of loss, counted)`` and their tangents, the
+    per-row terms added to ``t`` (the tangent over ``x`` and the columns). ``parts`` is
+    ``(stats, label_logit, w_y, rows)``."""
+    stats, label_logit, w_y, rows = parts
+    derivs = _rows.row_derivatives(stats, label_logit, w_y, options)
+    per_row, counted_dot = _rows.row_tangent(None, derivs, rows, w_y_dot, dots.rows)
+    t = _autodiff.add(t, None if per_row is None else jnp.sum(per_row))
+    total = jnp.sum(loss)
+    tangents = (_autodiff.or_zeros(t, total), _autodiff.or_zeros(counted_dot, counted))
+    return (total, counted), tangents
+
+
+def row_cotangents(stats, label_logit, w_y, rows, g, g_counted, weighted: bool, options):
+    """The per-row parts of a per-token loss's cotangents, for the cotangents ``g`` of the
+    losses and ``g_counted`` of the counted weights (``[N, 1]`` each): ``(d w_y per row,
+    d label_smoothing, d z_loss)``, None where absent."""
+    derivs = _rows.row_derivatives(stats, label_logit, w_y, options)
+    per_label = d_eps = d_zl = None
+    if weighted:
+        counted = jnp.where(rows.active, g_counted, jnp.zeros_like(g_counted))
+        per_label = (_rows.finalize(derivs.label_weight * g, rows) + counted)[:, 0]
+    if derivs.label_smoothing is not None:
+        d_eps = jnp.sum(_rows.finalize(derivs.label_smoothing * g, rows))
+    if derivs.z_loss is not None:
+        d_zl = jnp.sum(_rows.finalize(derivs.z_loss * g, rows))
+    return per_label, d_eps, d_zl
+
+
+# ---------------------------------------------------------------------------- arguments
+def chunk_size(name: str, value: object, default: int, limit: int) -> int:
+    """A validated chunk size, at most ``limit`` (the size of the chunked axis, at least 1)."""
+    if value is None:
+        return max(1, min(default, limit))
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int or None; got {value!r}.")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0 (or None for the default); got {value}.")
+    return max(1, min(int(value), limit))
+
+
+def check_arguments(x: object, w: object, labels: object, reduction: object, ignore_index: object):
+    """Validates the fused losses' arrays (local and sharded): ``x`` ``[..., D]``, ``w``
+    ``[D, V]`` with ``V >= 1``, integer ``labels`` of ``x``'s shape without D, a reduction and
+    an ``ignore_index`` the labels' dtype can hold. Returns ``(x, w, labels, ignore_index)``."""
+    x = _checks.as_float_array("x", x)
+    w = _checks.as_float_array("w", w)
+    _checks.check_reduction(reduction)
+    _checks.check_min_rank("x", x, 1, "[..., D]")
+    if w.ndim != 2:
+        raise ValueError(f"w must have shape [D, V] (a Dense kernel); got shape {w.shape}.")
+    _checks.check_num_classes("w", w.shape[1], "second axis (V)")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"x's last axis must match w's first axis D={w.shape[0]} (w has shape {w.shape});"
+            f" got x of shape {x.shape}."
+        )
+    labels, ignore_index = _labels.check_integer_labels(
+        labels, x.shape[:-1], f"x's shape {x.shape} without D", ignore_index
+    )
+    return x, w, labels, ignore_index

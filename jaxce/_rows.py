@@ -1,0 +1,458 @@
+"""The per-row mathematics of softmax cross-entropy with integer labels, written once.
+
+The plain loss (``_cross_entropy``), the fused linear loss (``_linear``) and the sharded losses
+(``_sharding``) all compute one example's loss from a few statistics of its row of logits. The
+plain loss takes them over the whole row at once, the fused loss over vocabulary chunks and
+the sharded losses over each device's columns; every variant then merges them with
+:func:`rebase` and :func:`merge` and calls the same :func:`row_loss`, :func:`coefficients` and
+:func:`logit_derivative`. A numeric rule therefore lives in exactly one place.
+
+Per example, with logits ``z`` (soft-capped if asked), admissible classes ``A`` (``where`` and
+``z > -inf``), ``K = |A|``, class weights ``w``, ``W = sum_A w``, smoothing ``eps``, z-loss
+``zl`` and ``lse`` the logsumexp over ``A``:
+
+    loss = (1 - eps) w_y (lse - z_y) + eps / K sum_A w_c (lse - z_c) + zl w_y lse**2
+    dloss/dz_c = a p_c - b [c = y] - c w_c [c in A]
+    with a = (1 - eps) w_y + eps W / K + 2 zl w_y lse,  b = (1 - eps) w_y,  c = eps / K
+    and p = softmax over A.
+
+With nothing masked this is PyTorch's ``cross_entropy`` with ``weight`` and ``label_smoothing``.
+
+Exactness. ``lse`` is kept as a shift ``m`` (the row max) and ``log_sum = log sum_A exp(z - m)``,
+and every difference ``lse - z`` is evaluated as ``(m - z) + log_sum``: each term is computed
+from the logits' differences to their row max, which are exact, so nothing cancels however far
+the logits are from zero (at logits near 1e8, or of -1e30, ``lse`` itself has no digits to
+spare). The smoothing sum is kept the same way, as ``sum_A w_c (m - z_c)`` (a sum of
+non-negative terms), never as ``W m - sum_A w_c z_c``.
+
+NaN. A NaN among a row's admissible logits makes its ``sum_exp`` NaN, and so its loss and
+derivative NaN; such a row is never mistaken for an empty one (``sum_exp == 0``), which takes no
+part (loss 0, derivative 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxce import _autodiff, _checks, _xla
+from jaxce._labels import Labels
+from jaxce._layout import compute_dtype
+from jaxce._sigmoid import soft_cap, soft_cap_cap_derivative, soft_cap_derivative
+from jaxce._softmax import max_and_sum_exp, probabilities, row_max, shift_of
+
+
+class Options(NamedTuple):
+    """The loss's hyperparameters: scalar arrays in the compute dtype, or None when off."""
+
+    label_smoothing: jax.Array | None
+    z_loss: jax.Array | None
+    logit_soft_cap: jax.Array | None
+
+    @property
+    def smoothing(self) -> bool:
+        return self.label_smoothing is not None
+
+
+def make_options(dtype, label_smoothing, z_loss, logit_soft_cap) -> Options:
+    """Validates the hyperparameters (scalars, in range; see ``_checks.hyperparameter``); a
+    literal 0 (or a cap of None or inf) switches the term off statically."""
+    eps = _checks.hyperparameter("label_smoothing", label_smoothing, dtype, low=0.0, high=1.0)
+    zl = _checks.hyperparameter("z_loss", z_loss, dtype, low=0.0)
+    cap = None
+    if logit_soft_cap is not None:
+        cap = _checks.hyperparameter(
+            "logit_soft_cap", logit_soft_cap, dtype, low=0.0, open_low=True, allow_inf=True
+        )
+        value = _checks.concrete(logit_soft_cap)
+        if value is not None and math.isinf(value):
+            cap = None
+    return Options(
+        None if _checks.is_literal_zero(label_smoothing) else eps,
+        None if _checks.is_literal_zero(z_loss) else zl,
+        cap,
+    )
+
+
+def capped(x: jax.Array, options: Options) -> jax.Array:
+    """Soft-capped logits; -inf (a masked class) stays -inf."""
+    cap = options.logit_soft_cap
+    return x if cap is None else soft_cap(x, cap)
+
+
+def capped_bulk(x: jax.Array, options: Options) -> jax.Array:
+    """``cap * tanh(x / cap)`` for whole ``[..., C]`` blocks, where -inf becomes -cap.
+
+    Callers mask non-admissible entries with :func:`admissible` of the raw logits instead: the
+    select that keeps -inf reads ``x`` three times, which makes XLA materialize a float32
+    ``[..., C]`` temporary (tests/test_memory.py).
+    """
+    cap = options.logit_soft_cap
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def capped_derivative(raw: jax.Array, options: Options) -> jax.Array | None:
+    """``dz/draw`` of the soft cap (None without a cap)."""
+    cap = options.logit_soft_cap
+    return None if cap is None else soft_cap_derivative(raw, cap)
+
+
+def admissible(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Classes that take part in the normalisation: ``where`` and a logit above -inf (the cap
+    keeps -inf, so the raw logits tell)."""
+    finite = ~jnp.isneginf(x)
+    return finite if mask is None else finite & mask
+
+
+def class_row(v: jax.Array, like: jax.Array) -> jax.Array:
+    """A per-class ``[C]`` vector shaped ``[1, ..., 1, C]`` to broadcast against ``like``."""
+    return jnp.reshape(v.astype(like.dtype), (1,) * (like.ndim - 1) + (like.shape[-1],))
+
+
+def one_hot(index: jax.Array, like: jax.Array, offset=0) -> jax.Array:
+    """``[..., C]`` booleans marking each example's label column (columns start at ``offset``)."""
+    cols = jax.lax.broadcasted_iota(index.dtype, like.shape, like.ndim - 1)
+    return cols + jnp.asarray(offset, index.dtype) == index[..., None]
+
+
+def label_weight(weights: jax.Array | None, index: jax.Array, dtype) -> jax.Array:
+    """``w_y`` as ``[..., 1]`` (1 when unweighted)."""
+    if weights is None:
+        return jnp.ones(index.shape + (1,), dtype)
+    return jnp.take(weights.astype(dtype), index)[..., None]
+
+
+# ---------------------------------------------------------------------------- statistics
+class Partial(NamedTuple):
+    """Row statistics of a block of classes (all of them, a vocabulary chunk, or a device's
+    columns), each ``[..., 1]`` in the compute dtype; merged across blocks by :func:`merge`.
+
+    ``sum_exp`` and ``gap`` are taken relative to ``shift_of(max)``. The last three are only
+    kept with label smoothing (None otherwise).
+    """
+
+    max: jax.Array  # the block's max admissible logit (-inf if none, NaN with a NaN)
+    sum_exp: jax.Array  # sum_A exp(z - shift): 0 exactly for an empty block
+    count: jax.Array | None  # K of the block
+    weight_total: jax.Array | None  # sum_A w_c
+    gap: jax.Array | None  # sum_A w_c (shift - z_c) / num_classes: non-negative terms
+
+
+def scaled_difference(a: jax.Array, b: jax.Array, n: int) -> jax.Array:
+    """``(a - b) / n`` for ``a >= b``, exact where ``a - b`` is (one rounding), and finite where
+    only the difference overflows (``a = 3e38, b = -3e38``): then ``a / n - b / n``."""
+    d = a - b
+    overflow = jnp.isinf(d) & jnp.isfinite(a) & jnp.isfinite(b)
+    return jnp.where(overflow, a / n - b / n, d / n)
+
+
+def partial_stats(
+    x: jax.Array,
+    mask: jax.Array | None,
+    weights: jax.Array | None,
+    options: Options,
+    num_classes: int,
+) -> Partial:
+    """The :class:`Partial` statistics of a block of raw logits ``x`` (``[..., cols]``, any
+    float dtype; soft-capped here), ``mask`` its admissible columns (or None) and ``weights``
+    its ``[cols]`` class weights (or None). ``num_classes`` is the whole vocabulary's size:
+    each gap term is divided by it before summing, so the sum cannot overflow.
+
+    Written so that XLA needs no ``[..., C]`` temporary (see ``_xla``): without a cap or
+    smoothing the max and the sum read ``x`` in its own dtype; otherwise the max is read from
+    the raw logits (the cap is increasing: the max of the capped logits is the capped max) and
+    one variadic reduction computes every sum in one pass, including the admissible count, so
+    that each of its results is used.
+    """
+    dtype = compute_dtype(x.dtype)
+    if options.logit_soft_cap is None and not options.smoothing:
+        m, sum_exp = max_and_sum_exp(x, mask)
+        return Partial(m, sum_exp, None, None, None)
+    m = capped(row_max(x, mask), options)
+    shift = jax.lax.stop_gradient(shift_of(m))
+    z = capped_bulk(x.astype(dtype), options)
+    adm = admissible(x, mask)
+    zero = jnp.zeros_like(z)
+    operands: tuple[jax.Array, ...] = (jnp.where(adm, jnp.exp(z - shift), zero), adm.astype(dtype))
+    if options.smoothing:
+        # A second capped copy (behind a barrier) keeps XLA from sharing, and so materializing,
+        # one capped array between two operands.
+        z_again = capped_bulk(_xla.barrier(x).astype(dtype), options)
+        w = jnp.ones_like(z) if weights is None else class_row(weights, z)
+        gap = w * scaled_difference(shift, z_again, num_classes)
+        operands += (jnp.where(adm, w, zero), jnp.where(adm, gap, zero))
+    sums = tuple(r[..., None] for r in _xla.row_sums(operands))
+    total, count = sums[:2]
+    sum_exp = jnp.where(count > 0, total, jnp.zeros_like(total))  # uses the count (see _xla)
+    if not options.smoothing:
+        return Partial(m, sum_exp, None, None, None)
+    return Partial(m, sum_exp, count, sums[2], sums[3])
+
+
+def rebase(p: Partial, new_max: jax.Array, num_classes: int) -> Partial:
+    """``p`` re-expressed relative to ``shift_of(new_max)`` (``new_max >= p.max``): the
+    online-softmax step. ``sum_exp`` scales by ``exp(shift - new_shift) <= 1`` and each gap term
+    grows by ``new_shift - shift >= 0``, so nothing cancels. An empty block (``sum_exp == 0``)
+    and a block whose max already is ``new_max`` stay as they are; NaN propagates.
+    """
+    old, new = shift_of(p.max), shift_of(new_max)
+    keep = (p.max == new_max) | (p.sum_exp == 0)
+    sum_exp = jnp.where(keep, p.sum_exp, p.sum_exp * jnp.exp(old - new))
+    if p.gap is None or p.weight_total is None:
+        return Partial(new_max, sum_exp, None, None, None)
+    lift = p.weight_total * scaled_difference(new, old, num_classes)
+    gap = jnp.where(keep, p.gap, p.gap + lift)
+    return Partial(new_max, sum_exp, p.count, p.weight_total, gap)
+
+
+def _add(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    return None if a is None or b is None else a + b
+
+
+def merge(a: Partial, b: Partial, num_classes: int) -> Partial:
+    """The statistics of the union of two blocks."""
+    m = jnp.maximum(a.max, b.max)
+    a, b = rebase(a, m, num_classes), rebase(b, m, num_classes)
+    return Partial(
+        m,
+        a.sum_exp + b.sum_exp,
+        _add(a.count, b.count),
+        _add(a.weight_total, b.weight_total),
+        _add(a.gap, b.gap),
+    )
+
+
+def empty(shape: tuple[int, ...], dtype, smoothing: bool) -> Partial:
+    """The statistics of no classes: max -inf, sums 0."""
+    zeros = jnp.zeros(shape, dtype)
+    extra = zeros if smoothing else None
+    return Partial(jnp.full(shape, -jnp.inf, dtype), zeros, extra, extra, extra)
+
+
+class Stats(NamedTuple):
+    """Statistics of a whole row, each ``[..., 1]`` in the compute dtype."""
+
+    shift: jax.Array  # the row max (0 for an empty row)
+    log_sum: jax.Array  # log sum_A exp(z - shift): -inf for an empty row, NaN with a NaN
+    count: jax.Array | None  # K (smoothing only)
+    weight_total: jax.Array | None  # W (smoothing only)
+    spread: jax.Array | None  # sum_A w_c (shift - z_c) / K (smoothing only)
+
+    def log_sum_or_zero(self) -> jax.Array:
+        """``log_sum`` with an empty row's -inf replaced by 0 (its results are masked anyway,
+        and a finite value keeps NaN out of the unselected branch); NaN stays NaN."""
+        return jnp.where(jnp.isneginf(self.log_sum), jnp.zeros_like(self.log_sum), self.log_sum)
+
+    def lse(self) -> jax.Array:
+        return self.shift + self.log_sum_or_zero()
+
+    def nonempty(self) -> jax.Array:
+        """Rows with at least one admissible class (or a NaN: never mistaken for empty)."""
+        return ~jnp.isneginf(self.log_sum)
+
+
+def finish(p: Partial, num_classes: int) -> Stats:
+    """The :class:`Stats` of a row from its statistics merged over all classes."""
+    shift, log_sum = shift_of(p.max), jnp.log(p.sum_exp)
+    if p.count is None or p.gap is None:
+        return Stats(shift, log_sum, None, None, None)
+    spread = p.gap * (num_classes / jnp.maximum(p.count, 1))
+    return Stats(shift, log_sum, p.count, p.weight_total, spread)
+
+
+# ---------------------------------------------------------------------------- the loss
+def nll(stats: Stats, label_logit: jax.Array) -> jax.Array:
+    """``lse - z_y`` as ``(shift - z_y) + log_sum``."""
+    return (stats.shift - label_logit) + stats.log_sum_or_zero()
+
+
+def smoothing_term(stats: Stats) -> jax.Array:
+    """``sum_A w_c (lse - z_c) / K = spread + W / K log_sum``: two non-negative terms."""
+    assert stats.count is not None and stats.weight_total is not None
+    ratio = stats.weight_total / jnp.maximum(stats.count, 1)
+    return stats.spread + ratio * stats.log_sum_or_zero()
+
+
+def row_loss(stats: Stats, label_logit: jax.Array, w_y: jax.Array, options: Options):
+    """The per-example loss (``[..., 1]``) before rows are finalized."""
+    eps, zl = options.label_smoothing, options.z_loss
+    loss = w_y * nll(stats, label_logit)
+    if eps is not None:
+        loss = (1 - eps) * loss + eps * smoothing_term(stats)
+    if zl is not None:
+        lse = stats.lse()
+        loss = loss + zl * w_y * lse * lse
+    return loss
+
+
+def coefficients(stats: Stats, w_y: jax.Array, options: Options):
+    """``(a, b, c)`` with ``dloss/dz_k = a p_k - b [k = y] - c w_k [k admissible]``."""
+    eps, zl = options.label_smoothing, options.z_loss
+    a = b = w_y
+    c = None
+    if eps is not None:
+        assert stats.count is not None and stats.weight_total is not None
+        inv_count = 1 / jnp.maximum(stats.count, 1)
+        a = (1 - eps) * w_y + eps * stats.weight_total * inv_count
+        b = (1 - eps) * w_y
+        c = eps * inv_count
+    if zl is not None:
+        a = a + 2 * zl * w_y * stats.lse()
+    return a, b, c
+
+
+def logit_derivative(
+    z: jax.Array,
+    adm: jax.Array,
+    onehot: jax.Array,
+    weights: jax.Array | None,
+    stats: Stats,
+    coeffs,
+) -> jax.Array:
+    """``dloss/dz`` over a block of (capped) logits ``z``: all classes, a chunk or a shard."""
+    a, b, c = coeffs
+    p = probabilities(z, stats.shift, stats.log_sum, adm)
+    dz = a * p - jnp.where(onehot, b, jnp.zeros_like(b))
+    if c is not None:
+        w = jnp.ones_like(z) if weights is None else class_row(weights, z)
+        dz = dz - jnp.where(adm, c * w, jnp.zeros_like(z))
+    return dz
+
+
+def smoothing_weight_derivative(z, adm, stats: Stats, options: Options) -> jax.Array:
+    """The smoothing part of ``dloss/dw_c``: ``eps / K (lse - z_c) [c in A]``, with ``lse - z``
+    as ``(shift - z) + log_sum``."""
+    assert options.label_smoothing is not None and stats.count is not None
+    gap = (stats.shift - z) + stats.log_sum_or_zero()
+    scale = options.label_smoothing / jnp.maximum(stats.count, 1)
+    return jnp.where(adm, gap * scale, jnp.zeros_like(z))
+
+
+class RowDerivatives(NamedTuple):
+    """Per-row derivatives of the loss that are not per class, each ``[..., 1]`` or None."""
+
+    label_weight: jax.Array  # dloss/dw_y, the label's own term: (1-eps) nll + zl lse^2
+    label_smoothing: jax.Array | None  # dloss/deps = smoothing term - w_y nll
+    z_loss: jax.Array | None  # dloss/dzl = w_y lse^2
+
+
+def row_derivatives(stats: Stats, label_logit, w_y, options: Options) -> RowDerivatives:
+    eps, zl = options.label_smoothing, options.z_loss
+    n = nll(stats, label_logit)
+    per_label = n if eps is None else (1 - eps) * n
+    lse = stats.lse()
+    if zl is not None:
+        per_label = per_label + zl * lse * lse
+    d_eps = None if eps is None else smoothing_term(stats) - w_y * n
+    d_zl = None if zl is None else w_y * lse * lse
+    return RowDerivatives(per_label, d_eps, d_zl)
+
+
+def cap_derivative(raw: jax.Array, dz: jax.Array, options: Options) -> jax.Array:
+    """``dloss/dcap`` of a block, ``sum_c dloss/dz_c dz_c/dcap`` (``[..., 1]``), given
+    ``dz = dloss/dz`` of the block."""
+    assert options.logit_soft_cap is not None
+    d = soft_cap_cap_derivative(raw, options.logit_soft_cap)
+    return jnp.sum(jnp.where(jnp.isneginf(raw), 0, dz * d), axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------- rows' status
+class Status(NamedTuple):
+    """Which rows count, each ``[..., 1]``."""
+
+    active: jax.Array  # not ignored and some class admissible (or a NaN)
+    poisoned: jax.Array  # a label out of range: loss and derivatives NaN
+
+
+def status(labels: Labels, stats: Stats) -> Status:
+    return Status((~labels.ignored)[..., None] & stats.nonempty(), labels.invalid[..., None])
+
+
+def finalize(values: jax.Array, rows: Status) -> jax.Array:
+    """0 on inactive rows (ignored or empty: they take no part, whatever their logits hold),
+    NaN on poisoned rows: a bad label never produces a plausible number."""
+    values = jnp.where(rows.active, values, jnp.zeros_like(values))
+    return jnp.where(rows.poisoned, jnp.full_like(values, jnp.nan), values)
+
+
+# ---------------------------------------------------------------------------- tangents
+class Tangents(NamedTuple):
+    """The tangents of a cross-entropy's inputs that are not zero (None where zero)."""
+
+    x: jax.Array | None  # the logits' (on a block: the raw logits')
+    weights: jax.Array | None  # the class weights'
+    label_smoothing: jax.Array | None
+    z_loss: jax.Array | None
+    logit_soft_cap: jax.Array | None
+
+    def per_class(self, options: Options) -> bool:
+        """Whether a term needs the ``[..., C]`` logits (see :func:`class_tangent`)."""
+        smooth_weights = self.weights is not None and options.smoothing
+        return self.x is not None or self.logit_soft_cap is not None or smooth_weights
+
+
+def tangents_of(x_dot, weights_dot, options_dot: Options, weights, options: Options) -> Tangents:
+    """:class:`Tangents` from a rule's tangents (symbolic zeros and absent inputs: None)."""
+
+    def live(t, primal):
+        return None if primal is None or _autodiff.is_zero(t) else t
+
+    return Tangents(
+        live(x_dot, x_dot),
+        live(weights_dot, weights),
+        live(options_dot.label_smoothing, options.label_smoothing),
+        live(options_dot.z_loss, options.z_loss),
+        live(options_dot.logit_soft_cap, options.logit_soft_cap),
+    )
+
+
+@_autodiff.rematerialized
+def class_tangent(x, label_cols, mask, weights, options, stats, w_y, rows, dots: Tangents):
+    """The tangent terms that need the whole ``[..., C]`` block of raw logits ``x`` (or a
+    device's columns of it): ``sum_c dloss/dx_c x'_c``, the soft cap's and the smoothing class
+    weights'. ``label_cols`` is each row's label column (-1 if in no column of ``x``).
+
+    Rematerialized (``_autodiff``): in reverse mode it runs in the backward pass. The barrier
+    keeps XLA from sharing this pass's float32 copy of ``x``, or its broadcast row statistics,
+    with the forward pass's reductions (tests/test_memory.py).
+    """
+    x, stats = _xla.barrier((x, stats))
+    xf = x.astype(stats.shift.dtype)
+    z = capped_bulk(xf, options)
+    adm = admissible(xf, mask)
+    t = None
+    if dots.x is not None or dots.logit_soft_cap is not None:
+        coeffs = coefficients(stats, w_y, options)
+        dz = finalize(
+            logit_derivative(z, adm, one_hot(label_cols, z), weights, stats, coeffs), rows
+        )
+        if dots.x is not None:
+            chain = capped_derivative(xf, options)
+            dx = dz if chain is None else dz * chain
+            t = jnp.sum(dx * dots.x.astype(xf.dtype), axis=-1)
+        if dots.logit_soft_cap is not None:
+            t = _autodiff.add(t, cap_derivative(xf, dz, options)[..., 0] * dots.logit_soft_cap)
+    if dots.weights is not None and options.smoothing:
+        dw = finalize(smoothing_weight_derivative(z, adm, stats, options), rows)
+        t = _autodiff.add(t, jnp.sum(dw * class_row(dots.weights, dw), axis=-1))
+    return t
+
+
+def row_tangent(t, derivs: RowDerivatives, rows: Status, w_y_dot, dots: Tangents):
+    """Adds the per-row tangent terms (the label's class weight, smoothing, z-loss) to ``t``
+    (``[...]`` or None); returns it and the counted weights' tangent. ``w_y_dot`` is the label's
+    class-weight tangent (``[..., 1]``), None when the weights are not differentiated."""
+    counted_dot = None
+    if w_y_dot is not None:
+        t = _autodiff.add(t, (finalize(derivs.label_weight, rows) * w_y_dot)[..., 0])
+        counted_dot = jnp.where(rows.active, w_y_dot, jnp.zeros_like(w_y_dot))[..., 0]
+    for d, tangent in (
+        (derivs.label_smoothing, dots.label_smoothing),
+        (derivs.z_loss, dots.z_loss),
+    ):
+        if d is not None and tangent is not None:
+            t = _autodiff.add(t, (finalize(d, rows) * tangent)[..., 0])
+    return t, counted_dot

@@ -467,18 +467,6 @@ def test_gradient_is_softmax_minus_onehot(rng):
     R.assert_close(g, R.softmax(x) - np.eye(6)[y], rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("which", ["int", "soft"])
-def test_forward_mode_raises_type_error(rng, which):
-    # custom_vjp has no forward mode: jax.jvp / jax.hessian are documented as unsupported
-    x = jnp.asarray(R.random_logits(rng, (2, 3)))
-    if which == "int":
-        f = lambda v: CE_INT(v, jnp.asarray(np.array([0, 2], np.int32)), reduction="sum")  # noqa
-    else:
-        f = lambda v: CE_SOFT(v, jnp.asarray(R.random_probs(rng, (2, 3))), reduction="sum")  # noqa
-    with pytest.raises(TypeError):
-        jax.jvp(f, (x,), (jnp.ones_like(x),))
-
-
 # ------------------------------------------------------------------------ soft labels
 
 SOFT_LAYOUTS = [((6, 5), -1), ((4, 5, 3), 1), ((3, 4, 5), (1, 2)), ((2, 3, 4), 0), ((1, 7), -1)]

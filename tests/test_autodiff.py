@@ -1,0 +1,289 @@
+"""Forward mode, reverse mode and second derivatives of every public function.
+
+Each function's hand-written derivative rule (``jax.custom_jvp``, see ``jaxce/_autodiff.py``) is
+checked in float64 against the float64 references of ``_reference.py`` differentiated by JAX's
+own autodiff, and against finite differences (``jax.test_util.check_grads``):
+
+* ``jax.jvp`` and ``jax.jacfwd`` (forward mode);
+* ``jax.jacrev`` (reverse mode) agreeing with ``jax.jacfwd``;
+* forward-over-reverse Hessian-vector products ``jax.jvp(jax.grad(f), (x,), (v,))``, the HVP
+  second-order optimizers and influence functions use, and ``jax.hessian``.
+"""
+
+import functools
+
+import _reference as R
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+
+import jaxce
+
+F64 = np.float64
+
+
+def _labels(rng, shape, c):
+    return jnp.asarray(rng.integers(0, c, size=shape).astype(np.int32))
+
+
+def _cases(rng):
+    """``name -> (jaxce function of one array, reference of it with xp, input)``."""
+    x = R.random_logits(rng, (3, 5))
+    p = R.random_probs(rng, (3, 5))
+    y = _labels(rng, (3,), 5)
+    y_ignored = y.at[1].set(-100)
+    weights = jnp.asarray(rng.uniform(0.5, 2.0, 5))
+    soft = jnp.asarray(R.random_probs(rng, (3, 5)))
+    targets = jnp.asarray(rng.uniform(size=(3, 5)))
+    probs = rng.uniform(0.05, 0.95, size=(3, 5))
+    ce_options = dict(label_smoothing=0.2, z_loss=0.05, logit_soft_cap_value=4.0)
+    mask = jnp.asarray(np.array([[True, True, False, True, True]]))
+
+    def integer_ce(v):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            v,
+            y_ignored,
+            ignore_index=-100,
+            class_weights=weights,
+            label_smoothing=0.2,
+            z_loss=0.05,
+            logit_soft_cap=4.0,
+            where=mask,
+        )
+
+    def integer_ce_ref(v, xp):
+        return R.softmax_cross_entropy_with_integer_labels(
+            v, y_ignored, ignore_index=-100, class_weights=weights, where=mask, xp=xp,
+            **ce_options,
+        )
+
+    return {
+        "log_softmax": (jaxce.log_softmax, lambda v, xp: R.log_softmax(v, xp=xp), x),
+        "log_softmax_where": (
+            lambda v: jaxce.log_softmax(v, where=mask),
+            lambda v, xp: R.log_softmax(v, where=mask, xp=xp),
+            x,
+        ),
+        "softmax": (jaxce.softmax, lambda v, xp: R.softmax(v, xp=xp), x),
+        "logsumexp": (jaxce.logsumexp, lambda v, xp: R.logsumexp(v, xp=xp), x),
+        "sigmoid": (jaxce.sigmoid, lambda v, xp: R.sigmoid(v, xp=xp), x),
+        "log_sigmoid": (jaxce.log_sigmoid, lambda v, xp: R.log_sigmoid(v, xp=xp), x),
+        "logit_soft_cap": (
+            lambda v: jaxce.logit_soft_cap(v, 2.5),
+            lambda v, xp: R.logit_soft_cap(v, 2.5, xp=xp),
+            x,
+        ),
+        "integer_ce_every_option": (integer_ce, integer_ce_ref, x),
+        "soft_ce_logits": (
+            lambda v: jaxce.softmax_cross_entropy(
+                v, soft, label_smoothing=0.1, class_weights=weights
+            ),
+            lambda v, xp: R.softmax_cross_entropy(
+                v, soft, label_smoothing=0.1, class_weights=weights, xp=xp
+            ),
+            x,
+        ),
+        "soft_ce_labels": (
+            lambda t: jaxce.softmax_cross_entropy(jnp.asarray(x), t, label_smoothing=0.1),
+            lambda t, xp: R.softmax_cross_entropy(x, t, label_smoothing=0.1, xp=xp),
+            p,
+        ),
+        "nll_loss": (
+            lambda v: jaxce.nll_loss(v, y, class_weights=weights),
+            lambda v, xp: R.nll_loss(v, y, class_weights=weights, xp=xp),
+            x,
+        ),
+        "sigmoid_bce": (
+            lambda v: jaxce.sigmoid_binary_cross_entropy(
+                v, targets, pos_weight=weights, label_smoothing=0.1
+            ),
+            lambda v, xp: R.sigmoid_binary_cross_entropy(
+                v, targets, pos_weight=weights, label_smoothing=0.1, xp=xp
+            ),
+            x,
+        ),
+        "binary_cross_entropy": (
+            lambda q: jaxce.binary_cross_entropy(q, targets),
+            lambda q, xp: R.binary_cross_entropy(q, targets, xp=xp),
+            probs,
+        ),
+        "entropy": (jaxce.entropy, lambda q, xp: R.entropy(q, xp=xp), p),
+        "softmax_entropy": (
+            jaxce.softmax_entropy,
+            lambda v, xp: R.softmax_entropy(v, xp=xp),
+            x,
+        ),
+        "kl_divergence": (
+            lambda v: jaxce.kl_divergence(v, soft),
+            lambda v, xp: R.kl_divergence(v, soft, xp=xp),
+            x,
+        ),
+        "sigmoid_focal_loss": (
+            lambda v: jaxce.sigmoid_focal_loss(v, targets, alpha=0.25, gamma=1.5),
+            lambda v, xp: R.sigmoid_focal_loss(v, targets, alpha=0.25, gamma=1.5, xp=xp),
+            x,
+        ),
+        "softmax_focal_loss": (
+            lambda v: jaxce.softmax_focal_loss(v, y_ignored, alpha=weights, ignore_index=-100),
+            lambda v, xp: R.softmax_focal_loss(
+                v, y_ignored, alpha=weights, ignore_index=-100, xp=xp
+            ),
+            x,
+        ),
+    }
+
+
+NAMES = list(_cases(np.random.default_rng(0)))
+
+
+def _ref(fn):
+    """A float64 reference as a plain JAX function (differentiated by JAX's autodiff)."""
+
+    def call(v):
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            return fn(v, jnp)
+
+    return call
+
+
+@pytest.fixture(params=NAMES)
+def case(request):
+    f, ref, x = _cases(np.random.default_rng(0))[request.param]
+    return jax.jit(f), _ref(ref), jnp.asarray(x, F64)
+
+
+def test_jvp_matches_reference(case):
+    f, ref, x = case
+    t = jnp.asarray(np.random.default_rng(1).normal(size=x.shape))
+    value, tangent = jax.jvp(f, (x,), (t,))
+    want_value, want_tangent = jax.jvp(ref, (x,), (t,))
+    R.assert_close(value, want_value, rtol=1e-12, atol=1e-12)
+    R.assert_close(tangent, want_tangent, rtol=1e-10, atol=1e-12)
+
+
+def test_jacfwd_equals_jacrev_and_reference(case):
+    f, ref, x = case
+    forward = jax.jacfwd(f)(x)
+    R.assert_close(forward, jax.jacrev(f)(x), rtol=1e-12, atol=1e-13)
+    R.assert_close(forward, jax.jacfwd(ref)(x), rtol=1e-10, atol=1e-12)
+
+
+def test_forward_over_reverse_hvp_and_hessian(case):
+    f, ref, x = case
+    v = jnp.asarray(np.random.default_rng(2).normal(size=x.shape))
+
+    def hvp(g):
+        return jax.jvp(jax.grad(lambda u: jnp.sum(g(u))), (x,), (v,))[1]
+
+    R.assert_close(hvp(f), hvp(ref), rtol=1e-9, atol=1e-11)
+    hessian = jax.hessian(lambda u: jnp.sum(f(u)))(x)
+    R.assert_close(
+        jnp.tensordot(hessian, v, axes=v.ndim), hvp(ref), rtol=1e-9, atol=1e-11
+    )
+
+
+def test_finite_differences_to_second_order(case):
+    f, _, x = case
+    jax.test_util.check_grads(f, (x,), order=2, modes=("fwd", "rev"), eps=1e-6)
+
+
+# ----------------------------------------------------------------- hyperparameters and weights
+def test_forward_mode_to_hyperparameters_and_class_weights():
+    """Tangents of label smoothing, z-loss, the soft cap and the class weights, traced."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(R.random_logits(rng, (4, 6)))
+    y = _labels(rng, (4,), 6)
+    weights = jnp.asarray(rng.uniform(0.5, 2.0, 6))
+
+    def loss(params, xp=None):
+        eps, zl, cap, w = params
+        if xp is None:
+            return jaxce.softmax_cross_entropy_with_integer_labels(
+                x, y, class_weights=w, label_smoothing=eps, z_loss=zl, logit_soft_cap=cap,
+                reduction="mean",
+            )
+        return R.softmax_cross_entropy_with_integer_labels(
+            x, y, class_weights=w, label_smoothing=eps, z_loss=zl, logit_soft_cap_value=cap,
+            reduction="mean", xp=xp,
+        )
+
+    params = (jnp.asarray(0.1), jnp.asarray(0.01), jnp.asarray(3.0), weights)
+    tangents = (jnp.asarray(0.3), jnp.asarray(-0.2), jnp.asarray(0.7), jnp.ones(6))
+    got = jax.jvp(jax.jit(loss), (params,), (tangents,))
+    want = jax.jvp(lambda p: R.jax_ref(lambda *a, xp: loss(a, xp), *p), (params,), (tangents,))
+    R.assert_close(got[0], want[0], rtol=1e-12)
+    R.assert_close(got[1], want[1], rtol=1e-10)
+    grads = jax.grad(jax.jit(loss))(params)
+    want_grads = jax.grad(lambda p: R.jax_ref(lambda *a, xp: loss(a, xp), *p))(params)
+    for g, w in zip(grads, want_grads, strict=True):
+        R.assert_close(g, w, rtol=1e-10, atol=1e-13)
+
+
+# --------------------------------------------------------------------------- the fused loss
+def _fused_problem(rng):
+    x = jnp.asarray(rng.normal(size=(7, 4)))
+    w = jnp.asarray(rng.normal(size=(4, 11)) / 2)
+    y = _labels(rng, (7,), 11).at[2].set(-100)
+    return x, w, y
+
+
+FUSED_OPTIONS = dict(
+    ignore_index=-100, label_smoothing=0.1, z_loss=0.01, logit_soft_cap=3.0, token_chunk=3,
+    vocab_chunk=4,
+)
+
+
+@pytest.mark.parametrize("recompute_logits", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_forward_mode_and_hvp(recompute_logits, reduction):
+    rng = np.random.default_rng(4)
+    x, w, y = _fused_problem(rng)
+    kw = {**FUSED_OPTIONS, "reduction": reduction, "recompute_logits": recompute_logits}
+    options = {k: v for k, v in kw.items() if k not in ("token_chunk", "vocab_chunk",
+                                                         "recompute_logits")}
+
+    def fused(x, w):
+        return jaxce.linear_softmax_cross_entropy(x, w, y, **kw)
+
+    def unfused(x, w):
+        return jaxce.softmax_cross_entropy_with_integer_labels(x @ w, y, **options)
+
+    tx, tw = jnp.asarray(rng.normal(size=x.shape)), jnp.asarray(rng.normal(size=w.shape))
+    got = jax.jvp(jax.jit(fused), (x, w), (tx, tw))
+    want = jax.jvp(unfused, (x, w), (tx, tw))
+    R.assert_close(got[0], want[0], rtol=1e-12)
+    R.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
+
+    def hvp(loss):
+        grad = jax.grad(loss, argnums=(0, 1))
+        return jax.jvp(grad, (x, w), (tx, tw))[1]
+
+    for a, b in zip(hvp(jax.jit(fused)), hvp(unfused), strict=True):
+        R.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    R.assert_close(
+        jax.jacfwd(fused, argnums=1)(x, w), jax.jacrev(unfused, argnums=1)(x, w), rtol=1e-10
+    )
+
+
+def test_fused_per_token_loss_is_reverse_mode_only():
+    """reduction="none" keeps a reverse-mode rule (its per-token cotangent needs the blocks
+    again); forward mode raises JAX's error for such rules, and the reduced losses have it."""
+    x, w, y = _fused_problem(np.random.default_rng(5))
+    f = functools.partial(
+        jaxce.linear_softmax_cross_entropy, labels=y, ignore_index=-100, reduction="none"
+    )
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x: f(x, w), (x,), (x,))
+    hvp = jax.jvp(jax.grad(lambda x: jnp.sum(f(x, w))), (x,), (x,))[1]
+    want = jax.jvp(
+        jax.grad(
+            lambda x: jnp.sum(
+                jaxce.softmax_cross_entropy_with_integer_labels(x @ w, y, ignore_index=-100)
+            )
+        ),
+        (x,),
+        (x,),
+    )[1]
+    R.assert_close(hvp, want, rtol=1e-9, atol=1e-11)

@@ -1,0 +1,281 @@
+"""The per-row kernel (``jaxce/_rows.py``) through every loss built on it.
+
+Regression tests for values that were once plausible but wrong: the smoothing term at logits
+far from zero, NaN inputs counted as empty rows, -inf label logits in class-weight gradients,
+empty inputs, non-scalar hyperparameters and an infinite soft cap. Each runs through the plain,
+the fused and (where the loss has one) the soft-label variant, which share the kernel.
+"""
+
+import _reference as R
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxce
+
+CE = jaxce.softmax_cross_entropy_with_integer_labels
+
+
+def _fused(logits, labels, **kw):
+    """The fused loss of exactly these logits: x = the logits and w = I, so x @ w = logits (a
+    NaN stays in its row; -inf logits need the bias instead)."""
+    logits = jnp.asarray(logits)
+    c = logits.shape[-1]
+    return jaxce.linear_softmax_cross_entropy(
+        logits, jnp.eye(c, dtype=logits.dtype), labels, reduction="none", **kw
+    )
+
+
+def _shifted_reference(logits, labels, **kw):
+    """The float64 reference on logits shifted by their row max: the loss without z-loss is
+    shift-invariant, and the shifted logits are small, so the reference is exact there."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return R.softmax_cross_entropy_with_integer_labels(shifted, labels, **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("variant", ["plain", "fused"])
+@pytest.mark.parametrize(
+    "logits,label,eps",
+    [
+        ([[1e8, 1e8 + 8, 1e8 + 16]], 0, 0.3),  # PyTorch: 13.6003 (it was 11.2003)
+        ([[-1e30] * 64], 5, 0.1),  # log 64 = 4.1589 (it was -4.5e22)
+        ([[3e38, 3e38, -3e38]], 1, 0.5),
+        ([[-5e4, -5e4 + 1, -5e4 + 3, -5e4 - 7]], 3, 1.0),
+    ],
+    ids=["1e8", "-1e30", "3e38", "-5e4"],
+)
+def test_smoothing_is_exact_far_from_zero(dtype, variant, logits, label, eps):
+    x = jnp.asarray(np.array(logits), dtype)
+    labels = jnp.array([label])
+    fn = CE if variant == "plain" else _fused
+    got = fn(x, labels, label_smoothing=eps)
+    want = _shifted_reference(np.asarray(x), np.array([label]), label_smoothing=eps)
+    R.assert_close(got, want, rtol=2e-7 if dtype == jnp.float32 else 1e-14)
+
+
+def test_smoothing_example_against_pytorch_value():
+    """The issue's example, to the digits PyTorch prints: 13.6003."""
+    got = CE(jnp.array([[1e8, 1e8 + 8, 1e8 + 16]]), jnp.array([0]), label_smoothing=0.3)
+    assert abs(float(got[0]) - 13.6003) < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["plain", "fused"])
+def test_smoothing_with_weights_and_mask_far_from_zero(rng, variant):
+    x = R.random_logits(rng, (4, 9)) + 1e7
+    y = rng.integers(0, 9, size=4)
+    w = rng.uniform(0.5, 2.0, 9)
+    kw = dict(label_smoothing=0.2, class_weights=w)
+    fn = CE if variant == "plain" else _fused
+    got = fn(jnp.asarray(x, jnp.float32), jnp.asarray(y), **{**kw, "class_weights": jnp.asarray(w)})
+    # float32 holds the logits to within 1 near 1e7: compare with the logits it was given.
+    given = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    R.assert_close(got, _shifted_reference(given, y, **kw), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ NaN
+NAN_LOSSES = {
+    "integer": lambda x, y: CE(x, y, reduction="none"),
+    "integer_all_options": lambda x, y: CE(
+        x, y, label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=20.0,
+        class_weights=jnp.linspace(0.5, 2.0, x.shape[-1]),
+    ),
+    "fused": lambda x, y: _fused(x, y, label_smoothing=0.1),
+    "focal": lambda x, y: jaxce.softmax_focal_loss(x, y),
+    "soft": lambda x, y: jaxce.softmax_cross_entropy(
+        x, jax.nn.one_hot(y, x.shape[-1], dtype=x.dtype), label_smoothing=0.1
+    ),
+    "softmax_entropy": lambda x, y: jaxce.softmax_entropy(x),
+    "sigmoid_bce": lambda x, y: jaxce.sigmoid_binary_cross_entropy(
+        x, jnp.zeros_like(x)
+    ).sum(-1),
+    "sigmoid_focal": lambda x, y: jaxce.sigmoid_focal_loss(x, jnp.zeros_like(x)).sum(-1),
+}
+
+
+ELEMENTWISE = {"sigmoid_bce", "sigmoid_focal"}
+
+
+@pytest.mark.parametrize("name", list(NAN_LOSSES))
+@pytest.mark.parametrize("where", ["label", "other"])
+def test_nan_logit_gives_nan_for_its_example_only(rng, name, where):
+    """A NaN logit makes its example's loss and gradient NaN (so a sum is NaN); the other
+    examples' losses and gradients are exactly what they are without it."""
+    fn = NAN_LOSSES[name]
+    x = R.random_logits(rng, (3, 6))
+    y = jnp.array([1, 2, 3])
+    bad = x.copy()
+    bad[1, 2 if where == "label" else 4] = np.nan
+    clean = jax.jit(fn)(jnp.asarray(x), y)
+    got = jax.jit(fn)(jnp.asarray(bad), y)
+    assert np.isnan(got[1])
+    R.assert_close(np.asarray(got)[[0, 2]], np.asarray(clean)[[0, 2]], rtol=0, atol=0)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(fn(v, y))))
+    g_clean, g = np.asarray(grad(jnp.asarray(x))), np.asarray(grad(jnp.asarray(bad)))
+    # A row's loss couples its logits: its whole gradient is NaN; an elementwise loss's
+    # gradient is NaN at the NaN logit only.
+    nan = np.isnan(bad) if name in ELEMENTWISE else np.isnan(bad).any(-1, keepdims=True)
+    nan = np.broadcast_to(nan, g.shape)
+    assert np.all(np.isnan(g[nan]))
+    R.assert_close(g[~nan], g_clean[~nan], rtol=0, atol=0)
+    assert np.isnan(jnp.sum(got))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_nan_makes_a_reduced_loss_nan(rng, reduction):
+    x = R.random_logits(rng, (3, 6))
+    x[0, 0] = np.nan
+    y = jnp.array([1, 2, 3])
+    assert np.isnan(CE(jnp.asarray(x), y, reduction=reduction))
+    assert np.isnan(
+        jaxce.linear_softmax_cross_entropy(jnp.asarray(x), jnp.eye(6), y, reduction=reduction)
+    )
+
+
+def test_primitives_agree_on_a_nan_row():
+    x = jnp.array([[1.0, np.nan, 3.0], [1.0, 2.0, 3.0]])
+    assert np.isnan(jaxce.logsumexp(x)[0])
+    assert np.all(np.isnan(jaxce.log_softmax(x)[0]))
+    assert np.all(np.isnan(jaxce.softmax(x)[0]))
+    R.assert_close(jaxce.softmax(x)[1], R.softmax(np.array([1.0, 2.0, 3.0])), rtol=1e-6)
+
+
+def test_nan_in_an_excluded_entry_takes_no_part(rng):
+    """A masked (where=False) entry, like an ignored example, takes no part whatever it holds."""
+    x = R.random_logits(rng, (2, 5))
+    x[0, 3] = np.nan
+    mask = jnp.array([[True, True, True, False, True]])
+    y = jnp.array([0, 1])
+    got = CE(jnp.asarray(x), y, where=mask, label_smoothing=0.1)
+    want = R.softmax_cross_entropy_with_integer_labels(
+        np.where(np.asarray(mask), x, 0.0), y, where=mask, label_smoothing=0.1
+    )
+    R.assert_close(got, want, rtol=1e-6)
+    R.assert_close(jaxce.logsumexp(jnp.asarray(x), where=mask), R.logsumexp(
+        np.where(np.asarray(mask), x, 0.0), where=mask), rtol=1e-6)
+
+
+def test_ignored_example_with_nan_logits_takes_no_part(rng):
+    x = R.random_logits(rng, (2, 5))
+    x[1] = np.nan
+    y = jnp.array([0, -100])
+    for fn in (
+        lambda v: CE(v, y, ignore_index=-100, label_smoothing=0.1, reduction="mean"),
+        lambda v: jaxce.linear_softmax_cross_entropy(
+            v, jnp.eye(5), y, ignore_index=-100, label_smoothing=0.1
+        ),
+    ):
+        value, g = jax.value_and_grad(fn)(jnp.asarray(x))
+        want = CE(jnp.asarray(x[:1]), y[:1], label_smoothing=0.1, reduction="mean")
+        R.assert_close(value, want, rtol=1e-6)
+        assert np.all(np.asarray(g)[1] == 0) and np.all(np.isfinite(g))
+
+
+# ------------------------------------------------------------ class weights at -inf logits
+def test_class_weight_gradient_is_finite_when_a_skipped_row_has_a_minus_inf_label():
+    """An ignored row, and a row with no admissible class, whose label logit is -inf add
+    nothing to d/dclass_weights (it was NaN from 0 * inf)."""
+    x = jnp.array([[0.0, 1.0, 2.0], [-jnp.inf, 1.0, 2.0], [-jnp.inf, -jnp.inf, -jnp.inf]])
+    y = jnp.array([1, -100, 0])
+    kw = dict(ignore_index=-100, label_smoothing=0.1, reduction="sum")
+    g = jax.grad(lambda w: CE(x, y, class_weights=w, **kw))(jnp.ones(3))
+    want = jax.grad(lambda w: CE(x[:1], y[:1], class_weights=w, **kw))(jnp.ones(3))
+    assert np.all(np.isfinite(g)), g
+    R.assert_close(g, want, rtol=1e-6)
+    # The fused loss: a -inf bias makes class 0's logit -inf in every row; row 1 is ignored.
+    h, bias = jnp.ones((2, 3)), jnp.array([-jnp.inf, 0.0, 0.0])
+
+    def fused(w):
+        return jaxce.linear_softmax_cross_entropy(
+            h, jnp.eye(3), y[:2], bias=bias, class_weights=w, **kw
+        )
+
+    g = jax.grad(fused)(jnp.ones(3))
+    want = jax.grad(lambda w: CE(h[:1] + bias[None, :], y[:1], class_weights=w, **kw))(jnp.ones(3))
+    assert np.all(np.isfinite(g)), g
+    R.assert_close(g, want, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- empty inputs
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("recompute_logits", [None, True])
+def test_fused_loss_of_no_tokens(reduction, recompute_logits):
+    if reduction == "none" and recompute_logits is False:
+        return
+    x, w = jnp.zeros((0, 4)), jnp.ones((4, 7))
+    y = jnp.zeros((0,), jnp.int32)
+
+    def f(x, w):
+        out = jaxce.linear_softmax_cross_entropy(
+            x, w, y, reduction=reduction, recompute_logits=recompute_logits
+        )
+        return jnp.sum(out)
+
+    value, (dx, dw) = jax.value_and_grad(f, argnums=(0, 1))(x, w)
+    assert float(value) == 0.0 and dx.shape == (0, 4) and np.all(dw == 0)
+    plain = CE(jnp.zeros((0, 7)), y, reduction=reduction)
+    assert np.asarray(plain).shape == np.asarray(
+        jaxce.linear_softmax_cross_entropy(x, w, y, reduction=reduction)
+    ).shape
+
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda: CE(jnp.zeros((2, 0)), jnp.zeros((2,), jnp.int32)), "logits has 0 classes"),
+        (lambda: jaxce.nll_loss(jnp.zeros((2, 0)), jnp.zeros((2,), jnp.int32)),
+         "log_probs has 0 classes"),
+        (lambda: jaxce.softmax_focal_loss(jnp.zeros((2, 0)), jnp.zeros((2,), jnp.int32)),
+         "logits has 0 classes"),
+        (lambda: jaxce.softmax_cross_entropy(jnp.zeros((2, 0)), jnp.zeros((2, 0))),
+         "logits has 0 classes"),
+        (lambda: jaxce.linear_softmax_cross_entropy(
+            jnp.zeros((2, 3)), jnp.zeros((3, 0)), jnp.zeros((2,), jnp.int32)), "w has 0 classes"),
+    ],
+)
+def test_no_classes_is_an_error_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_empty_batches_give_the_empty_values():
+    y = jnp.zeros((0,), jnp.int32)
+    assert CE(jnp.zeros((0, 5)), y).shape == (0,)
+    assert float(CE(jnp.zeros((0, 5)), y, reduction="mean")) == 0.0
+    assert float(jaxce.softmax_cross_entropy(jnp.zeros((0, 5)), jnp.zeros((0, 5)),
+                                             reduction="mean")) == 0.0
+    assert jaxce.logsumexp(jnp.zeros((3, 0))).tolist() == [-np.inf] * 3
+    assert jaxce.entropy(jnp.zeros((3, 0))).tolist() == [0.0] * 3
+
+
+# --------------------------------------------------------------------------- hyperparameters
+@pytest.mark.parametrize("name", ["label_smoothing", "z_loss", "logit_soft_cap"])
+def test_non_scalar_hyperparameter_is_an_error(name):
+    with pytest.raises(ValueError, match=f"{name} must be a scalar; got an array of shape"):
+        CE(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), **{name: jnp.array([0.1, 0.9])})
+    with pytest.raises(ValueError, match=name):
+        jaxce.linear_softmax_cross_entropy(
+            jnp.zeros((2, 3)), jnp.zeros((3, 4)), jnp.zeros((2,), jnp.int32),
+            **{name: jnp.array([0.1, 0.9])},
+        )
+
+
+def test_non_scalar_focal_parameters_are_errors():
+    x, y = jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match="gamma must be a scalar"):
+        jaxce.softmax_focal_loss(x, y, gamma=jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="alpha must be a scalar"):
+        jaxce.sigmoid_focal_loss(x, jnp.zeros((2, 3)), alpha=jnp.array([0.1, 0.2]))
+    with pytest.raises(ValueError, match="alpha must have shape"):
+        jaxce.softmax_focal_loss(x, y, alpha=jnp.array([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("cap", [float("inf"), np.float32("inf")])
+def test_infinite_soft_cap_means_no_cap(rng, cap):
+    x = jnp.asarray(R.random_logits(rng, (3, 5)))
+    y = jnp.array([0, 1, 2])
+    R.assert_close(CE(x, y, logit_soft_cap=cap), CE(x, y), rtol=0, atol=0)
+    R.assert_close(jaxce.logit_soft_cap(x, cap), x, rtol=0, atol=0)
+    R.assert_close(_fused(x, y, logit_soft_cap=cap), _fused(x, y), rtol=0, atol=0)

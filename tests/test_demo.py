@@ -121,9 +121,54 @@ def test_command_line_runs_one_epoch() -> None:
     assert "softmax, 10 classes" in completed.stderr  # the progress bar
 
 
-def test_command_line_rejects_zero_epochs() -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
+        (["--epochs", "two"], "argument --epochs: expected an integer >= 1, got 'two'"),
+        (["--seed", "-1"], "argument --seed: expected an integer from 0 to 4294967295, got -1"),
+        (["--seed", str(2**32)], "argument --seed: expected an integer from 0 to 4294967295"),
+        (["--plot", "{tmp}/missing/dir/x.png"], "missing/dir' of '"),
+        (["--plot", "{tmp}/loss.txt"], "must end in a suffix matplotlib can write (avif, eps,"),
+        (["--plot", "{tmp}/loss"], "must end in a suffix matplotlib can write"),
+        (["--plot", "{tmp}/folder.png"], "is a folder, not a file"),
+    ],
+)
+def test_command_line_rejects_bad_arguments_before_training(
+    args: list[str], message: str, tmp_path: pathlib.Path, capsys, monkeypatch
+) -> None:
+    """Bad arguments exit with status 2 and a message naming the argument, before any training."""
     from jaxce.__main__ import main
 
+    (tmp_path / "folder.png").mkdir()
+    trained = []
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: trained.append(kwargs))
     with pytest.raises(SystemExit) as excinfo:
-        main(["--epochs", "0"])
+        main([arg.format(tmp=tmp_path) for arg in args])
     assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png"]  # nothing written
+
+
+def test_command_line_rejects_a_plot_it_cannot_write(tmp_path: pathlib.Path, capsys) -> None:
+    from jaxce.__main__ import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the plot's folder should be
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--plot", str(blocker / "x.png")])
+    assert excinfo.value.code == 2
+    assert "argument --plot:" in capsys.readouterr().err
+
+
+def test_command_line_accepts_good_arguments(tmp_path: pathlib.Path, monkeypatch) -> None:
+    """Valid arguments reach the demo unchanged, and the plot file is not created early."""
+    from jaxce.__main__ import main
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: calls.append(kwargs))
+    plot = tmp_path / "curves.PDF"
+    assert main(["--epochs", "3", "--seed", "7", "--plot", str(plot), "--no-progress"]) == 0
+    assert calls == [dict(epochs=3, seed=7, plot=str(plot), progress=False)]
+    assert not plot.exists()

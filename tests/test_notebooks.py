@@ -13,9 +13,10 @@ import sys
 
 import pytest
 
-nbclient = pytest.importorskip("nbclient")
-nbformat = pytest.importorskip("nbformat")
-pytest.importorskip("ipykernel")
+_NEEDS = "the notebooks extra is not installed: pip install -e '.[notebooks]'"
+nbclient = pytest.importorskip("nbclient", reason=_NEEDS)
+nbformat = pytest.importorskip("nbformat", reason=_NEEDS)
+pytest.importorskip("ipykernel", reason=_NEEDS)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"

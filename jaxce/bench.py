@@ -60,7 +60,7 @@ import jaxce
 DTYPES = ("float32", "bfloat16", "float16")
 
 # The default grid: a small classifier (where per-call overhead and compile time matter) up to
-# language-model vocabularies. About 9 minutes on 2 CPU cores; --quick about 40 seconds.
+# language-model vocabularies.
 GRID = {
     "cross_entropy": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768), (4096, 131072)),
     "soft_cross_entropy": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768)),
@@ -81,6 +81,7 @@ ACCELERATOR_GRID = {
     "linear": ((16384, 4096, 131072),),
 }
 DEFAULT_DTYPES = ("float32", "bfloat16")
+GRID_MINUTES = "about 9 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
 # A timed sample calls a program this long at least: a 100 µs call is timed as the mean of 200.
 MIN_SAMPLE_SECONDS = 0.02
 
@@ -602,8 +603,10 @@ def _measure_case(
                 continue
             if repeat:
                 times[name].append(seconds)
-            else:  # time at least MIN_SAMPLE_SECONDS per sample, so that a fast call is
-                # timed in a loop rather than at the resolution of the clock and the scheduler
+            elif seconds < MIN_SAMPLE_SECONDS:  # a fast program: time it in a loop, so that a
+                # sample lasts MIN_SAMPLE_SECONDS, longer than the clock's and the scheduler's
+                # resolution; a second call, after the warm-up, tells how many calls that is
+                seconds = _seconds_per_call(compiled[name], args, 1)
                 calls[name] = max(1, min(10_000, math.ceil(MIN_SAMPLE_SECONDS / seconds)))
             progress.step()
     return [
@@ -1030,16 +1033,20 @@ def _plot_path(path: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jaxce.bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Times jax.jit(jax.value_and_grad(mean loss)) of jaxce's losses side by side with"
-            " optax's and with the memory-traffic floor, in one process, and prints the"
-            " ratios, compile times and compiled temporary memory. Without --shape it runs a"
-            " grid of shapes (about 9 minutes on 2 CPU cores; --quick: under a minute)."
+            "Times jax.jit(jax.value_and_grad(mean loss)) of jaxce's losses side by side with\n"
+            "optax's and with the floor (the least work any implementation must do), in one\n"
+            "process, and prints the ratios, compile times and compiled temporary memory.\n"
+            f"Without --shape it runs a grid of shapes ({GRID_MINUTES} on 2 CPU cores;\n"
+            "--quick: under a minute)."
         ),
         epilog=(
-            "Examples: python -m jaxce.bench --quick;  python -m jaxce.bench cross_entropy"
-            " --shape 4096x32768 --dtype bfloat16;  python -m jaxce.bench linear --shape"
-            " 4096x512x32768 --markdown;  python -m jaxce.bench --json out.json --plot out.png"
+            "examples:\n"
+            "  python -m jaxce.bench --quick\n"
+            "  python -m jaxce.bench cross_entropy --shape 4096x32768 --dtype bfloat16\n"
+            "  python -m jaxce.bench linear --shape 4096x512x32768 --markdown\n"
+            "  python -m jaxce.bench --json results.json --plot results.png"
         ),
     )
     parser.add_argument(

@@ -60,7 +60,9 @@ import jaxce
 DTYPES = ("float32", "bfloat16", "float16")
 
 # The default grid: a small classifier (where per-call overhead and compile time matter) up to
-# language-model vocabularies.
+# language-model vocabularies. soft_cross_entropy and binary read labels as large as the logits
+# and stop at 4096 x 32768 on CPU (at 4096 x 131072, optax's bfloat16 binary cross-entropy alone
+# would need 13 GiB of temporaries); linear's 4096 x 512 x 32768 takes two of the ~7 minutes.
 GRID = {
     "cross_entropy": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768), (4096, 131072)),
     "soft_cross_entropy": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768)),
@@ -81,7 +83,7 @@ ACCELERATOR_GRID = {
     "linear": ((16384, 4096, 131072),),
 }
 DEFAULT_DTYPES = ("float32", "bfloat16")
-GRID_MINUTES = "about 9 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
+GRID_MINUTES = "about 7 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
 # A timed sample calls a program this long at least: a 100 µs call is timed as the mean of 200.
 MIN_SAMPLE_SECONDS = 0.02
 
@@ -751,10 +753,17 @@ def environment() -> dict[str, Any]:
             return None
 
     device = jax.devices()[0]
+    processor = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model only here
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        processor = models[0] if models else processor
+    except OSError:
+        pass
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "system": f"{platform.system()} {platform.machine()}",
-        "processor": platform.processor() or platform.machine(),
+        "processor": processor,
         "cpu_count": os.cpu_count(),
         "backend": jax.default_backend(),
         "device_kind": device.device_kind,
@@ -771,8 +780,8 @@ def describe(env: Mapping[str, Any], repeats: int | None = None) -> str:
     """One line giving the date, machine and versions of a run."""
     runs = "" if repeats is None else f"; median of {repeats} runs after a warm-up, round-robin"
     return (
-        f"{env['date']}, {env['system']} ({env['processor']}, {env['cpu_count']} CPU cores),"
-        f" {env['backend']} device: {env['device_kind']}; JAX {env['jax']}, jaxlib"
+        f"{env['date']}: {env['processor']}, {env['cpu_count']} CPU cores, {env['system']};"
+        f" JAX device {env['device_kind']} ({env['backend']}); JAX {env['jax']}, jaxlib"
         f" {env['jaxlib']}, optax {env['optax']}, jaxce {env['jaxce']}{runs}"
     )
 
@@ -887,7 +896,7 @@ def format_markdown(results: Sequence[Result], header: str = "") -> str:
     """
     lines = [header, ""] if header else []
     for name, group in _by_benchmark(results).items():
-        notes = f" ({_notes(name)})" if _notes(name) else ""
+        notes = f" ({_notes(name).rstrip('.')})" if _notes(name) else ""
         lines += [f"`{name}`: {BENCHMARKS[name].summary}{notes}.", ""]
         columns = [c for c in _COLUMNS if c != "min"]
         lines.append("| " + " | ".join(columns) + " |")
@@ -924,6 +933,7 @@ def plot(path: str | os.PathLike, results: Sequence[Result], header: str = "") -
     ``matplotlib.figure.Figure`` directly).
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     groups = _by_benchmark(results)
     fig = Figure(figsize=(13, 3.6 * len(groups) + 0.6), layout="constrained")
@@ -961,6 +971,7 @@ def plot(path: str | os.PathLike, results: Sequence[Result], header: str = "") -
         ax_memory.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         for ax in (ax_time, ax_memory):
             ax.grid(True, which="major", alpha=0.3)
+            ax.xaxis.set_minor_formatter(NullFormatter())  # no labels crowding within a decade
     if header:
         fig.suptitle(header, fontsize="small")
     fig.savefig(path, dpi=100)

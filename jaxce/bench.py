@@ -1,230 +1,1156 @@
-"""Benchmarks, run as ``python -m jaxce.bench <name>``; each benchmark is a subcommand.
+"""Benchmarks of jaxce against optax and the memory-traffic floor: ``python -m jaxce.bench``.
 
-``cross_entropy``: value and gradient of the mean integer-label softmax cross-entropy, jaxce
-against optax and the memory-traffic floor (one fused pass reading the logits and writing an
-array of their size), with each program's compiled temporary memory.
+Each benchmark times ``jax.jit(jax.value_and_grad(mean loss))`` of a jaxce loss side by side with
+optax's version of the same loss and with a *floor*, a program that does the least work any
+implementation must do:
 
-``linear``: forward + backward of the fused linear softmax cross-entropy against the unfused
-losses (jaxce and optax on ``x @ w``) and the matmul floor (the three products no
-implementation can avoid: ``x @ w``, ``g @ w.T``, ``x.T @ g``), side by side in one process:
-compiled once, warmed up, then the median of ``--repeats`` runs, with each program's compiled
-temporary memory (``compile().memory_analysis()``). Prints a markdown table.
+``cross_entropy``
+    integer labels: ``jaxce.softmax_cross_entropy_with_integer_labels`` against optax's
+    ``softmax_cross_entropy_with_integer_labels``, plus jaxce with every option on (label
+    smoothing, z-loss, logit soft-cap and class weights; optax has no such loss, so that row is
+    compared with the floor only).
+``soft_cross_entropy``
+    probability labels: ``jaxce.softmax_cross_entropy`` against ``optax.softmax_cross_entropy``.
+``binary``
+    ``jaxce.sigmoid_binary_cross_entropy`` against ``optax.sigmoid_binary_cross_entropy``.
+``linear``
+    ``jaxce.linear_softmax_cross_entropy(x, w, labels)`` against the unfused losses (jaxce's and
+    optax's on ``x @ w``), gradients to ``x`` and ``w``.
+
+The floor of the first three reads the logits (and the labels where the loss reads them: soft
+labels, binary targets) once and writes an array of the logits' size, which any forward +
+backward pass must at least do. The floor of ``linear`` is the three matrix products no
+implementation can avoid, ``x @ w``, ``g @ w.T`` and ``x.T @ g``, jitted together.
+
+Every program is compiled once (the compile time reported is ``lower`` + ``compile`` of a fresh
+function, so no cache hides it) and warmed up; then the programs of a shape are timed in turn,
+round-robin, ``repeats`` times, so that machine noise falls on all of them alike. A sample times
+a program for at least ``MIN_SAMPLE_SECONDS`` (a fast program is called in a loop, waiting for
+each call), and the time reported is the median per call over the samples (and the minimum).
+Every ratio compares numbers of the same run. Memory is the compiled program's temporary buffers
+(``compile().memory_analysis().temp_size_in_bytes``); the arguments and results are not counted.
+
+The functions below are the command line's building blocks: ``run`` returns one ``Result`` per
+program and shape, which ``format_table``, ``format_markdown``, ``write_json`` and ``plot`` turn
+into the outputs of ``--markdown``, ``--json`` and ``--plot``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
+
+import jaxce
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# The default grid: a small classifier (where per-call overhead and compile time matter) up to
+# language-model vocabularies. soft_cross_entropy and binary read labels as large as the logits
+# and stop at 4096 x 32768 on CPU (at 4096 x 131072, optax's bfloat16 binary cross-entropy alone
+# would need 13 GiB of temporaries); linear's 4096 x 512 x 32768 takes two of the ~7 minutes.
+GRID = {
+    "cross_entropy": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768), (4096, 131072)),
+    "soft_cross_entropy": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768)),
+    "binary": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768)),
+    "linear": ((1024, 256, 8192), (4096, 512, 32768)),
+}
+QUICK_GRID = {
+    "cross_entropy": ((256, 10), (1024, 1000), (2048, 8192)),
+    "soft_cross_entropy": ((256, 10), (2048, 4096)),
+    "binary": ((256, 10), (2048, 4096)),
+    "linear": ((512, 256, 4096),),
+}
+# Added to the default grid on a GPU or TPU (bfloat16 8192 x 131072 is a language model's step).
+ACCELERATOR_GRID = {
+    "cross_entropy": ((8192, 131072),),
+    "soft_cross_entropy": ((8192, 131072),),
+    "binary": ((8192, 131072),),
+    "linear": ((16384, 4096, 131072),),
+}
+DEFAULT_DTYPES = ("float32", "bfloat16")
+GRID_MINUTES = "about 7 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
+# A timed sample calls a program this long at least: a 100 µs call is timed as the mean of 200.
+MIN_SAMPLE_SECONDS = 0.02
+
+FLOOR, OPTAX, JAXCE = "floor", "optax", "jaxce"
+
+# The options of cross_entropy's "jaxce, all options" row, with class weights in [0.5, 1.5).
+ALL_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-4, "logit_soft_cap": 30.0}
 
 
-def _median_seconds(fn: Callable, args: Sequence, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # warm-up (compiled already)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+# --------------------------------------------------------------------------------------------
+# The programs
 
 
-def _compiled(fn: Callable, args: Sequence):
-    compiled = jax.jit(fn).lower(*args).compile()
-    stats = compiled.memory_analysis()
-    temp = None if stats is None else stats.temp_size_in_bytes
-    return compiled, temp
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One timed program of a benchmark.
 
-
-def linear_programs(**loss_options) -> dict[str, tuple[Callable, str]]:
-    """The programs compared by ``linear``: name -> (function of (x, w, labels, g), note)."""
-    from jaxce._cross_entropy import softmax_cross_entropy_with_integer_labels
-    from jaxce._linear import linear_softmax_cross_entropy
-
-    def grads(loss):
-        return jax.value_and_grad(loss, argnums=(0, 1))
-
-    def fused(x, w, y, g):
-        return grads(lambda x, w: linear_softmax_cross_entropy(x, w, y, **loss_options))(x, w)
-
-    def unfused(x, w, y, g):
-        def loss(x, w):
-            return softmax_cross_entropy_with_integer_labels(x @ w, y, reduction="mean")
-
-        return grads(loss)(x, w)
-
-    def floor(x, w, y, g):
-        return x @ w, g @ w.T, x.T @ g
-
-    programs = {
-        "fused (jaxce.linear_softmax_cross_entropy)": (fused, ""),
-        "unfused jaxce (x @ w, then the loss)": (unfused, ""),
-    }
-    try:
-        import optax
-
-        def unfused_optax(x, w, y, g):
-            def loss(x, w):
-                logits = x @ w
-                return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-            return grads(loss)(x, w)
-
-        programs["unfused optax"] = (unfused_optax, "")
-    except ImportError:  # pragma: no cover - optax is optional here
-        pass
-    programs["matmul floor (x@w, g@w.T, x.T@g)"] = (floor, "")
-    return programs
-
-
-def _measure(programs: dict[str, Callable], args: Sequence, repeats: int, skip=()) -> list:
-    """``(name, seconds, ratio to the last program (the floor), temp bytes)`` per program.
-
-    Each program is compiled, warmed up, and timed as the median of ``repeats`` runs; the
-    floor is measured first.
+    Attributes:
+      name: the row's name in the tables.
+      role: ``"jaxce"``, ``"optax"`` or ``"floor"``; each benchmark has exactly one floor.
+      make: returns a new function of the benchmark's inputs on every call, so that each
+        compilation starts from a fresh function and no cache shortens it.
+      compare_to: the name of the optax program this one is compared with, if any.
     """
-    rows = []
-    floor_seconds = None
-    for name, fn in reversed(list(programs.items())):  # the floor first
-        if any(s in name for s in skip):
-            continue
-        compiled, temp = _compiled(fn, args)
-        seconds = _median_seconds(compiled, args, repeats)
-        floor_seconds = seconds if floor_seconds is None else floor_seconds
-        rows.append((name, seconds, seconds / floor_seconds, temp))
-    return list(reversed(rows))
+
+    name: str
+    role: str
+    make: Callable[[], Callable[..., Any]]
+    compare_to: str | None = None
 
 
-def run_linear(n: int, d: int, v: int, dtype: str, repeats: int, skip: Sequence[str] = ()):
-    """Measures every program of ``linear_programs`` and returns rows for the table."""
-    dt = jnp.dtype(dtype)
-    kx, kw, ky, kg = jax.random.split(jax.random.key(0), 4)
-    x = (jax.random.normal(kx, (n, d), jnp.float32)).astype(dt)
-    w = (jax.random.normal(kw, (d, v), jnp.float32) / d**0.5).astype(dt)
-    y = jax.random.randint(ky, (n,), 0, v)
-    g = (jax.random.normal(kg, (n, v), jnp.float32) / (n * v) ** 0.5).astype(dt)
-    programs = {name: fn for name, (fn, _) in linear_programs().items()}
-    return _measure(programs, (x, w, y, g), repeats, skip)
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """A family of programs timed on the same inputs.
+
+    Attributes:
+      name: the benchmark's name on the command line.
+      summary: one line for the tables.
+      shape_names: the names of the shape's dimensions, e.g. ``("N", "C")``.
+      inputs: ``(shape, dtype) -> tuple of arrays``, the arguments of every program.
+      programs: the programs, the floor last.
+    """
+
+    name: str
+    summary: str
+    shape_names: tuple[str, ...]
+    inputs: Callable[[tuple[int, ...], str], tuple[jax.Array, ...]]
+    programs: tuple[Program, ...]
 
 
-def cross_entropy_programs(**loss_options) -> dict[str, Callable]:
-    """The programs compared by ``cross_entropy``: name -> function of (logits, labels)."""
-    import optax
+def _uniform(shape: tuple[int, ...], seed: int) -> jax.Array:
+    """Deterministic pseudo-random float32 numbers in [0, 1), made in one cheap pass.
 
-    from jaxce._cross_entropy import softmax_cross_entropy_with_integer_labels
+    ``jax.random`` takes about 30 s for the 2**29 numbers of a 4096 x 131072 array on two CPU
+    cores; an integer hash of the element's index looks as random to a loss and is 50x faster.
+    """
+    h = jnp.full(shape, jnp.uint32(seed * 0x9E3779B9 % 2**32), jnp.uint32)
+    for axis in range(len(shape)):
+        index = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+        h = (h ^ index) * jnp.uint32(0x85EBCA6B)
+        h = h ^ (h >> jnp.uint32(13))
+    h = (h ^ (h >> jnp.uint32(16))) * jnp.uint32(0xC2B2AE35)
+    h = h ^ (h >> jnp.uint32(16))
+    return (h >> jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
 
-    def jaxce_loss(logits, labels):
-        def loss(z):
-            return softmax_cross_entropy_with_integer_labels(
-                z, labels, reduction="mean", **loss_options
+
+@jax.jit(static_argnums=(0, 1, 2))
+def _logits(shape: tuple[int, ...], dtype: str, scale: float) -> jax.Array:
+    # Uniform on [-scale, scale): roughly the spread of a trained classifier's logits.
+    u = _uniform(shape, 1)
+    return (jnp.float32(2 * scale) * u - jnp.float32(scale)).astype(dtype)
+
+
+@jax.jit(static_argnums=(0, 1))
+def _integer_labels(n: int, classes: int) -> jax.Array:
+    return (_uniform((n,), 2) * jnp.float32(classes)).astype(jnp.int32) % jnp.int32(classes)
+
+
+def _cross_entropy_inputs(shape, dtype):
+    n, c = shape
+    weights = jnp.float32(0.5) + _uniform((c,), 3)  # class weights in [0.5, 1.5)
+    return _logits(shape, dtype, 4.0), _integer_labels(n, c), weights
+
+
+@jax.jit(static_argnums=(0, 1))
+def _soft_labels(shape: tuple[int, ...], dtype: str) -> jax.Array:
+    u = _uniform(shape, 4)
+    return (u / jnp.sum(u, axis=-1, keepdims=True)).astype(dtype)
+
+
+def _soft_cross_entropy_inputs(shape, dtype):
+    return _logits(shape, dtype, 4.0), _soft_labels(shape, dtype)
+
+
+@jax.jit(static_argnums=(0, 1))
+def _binary_targets(shape: tuple[int, ...], dtype: str) -> jax.Array:
+    return (_uniform(shape, 5) < jnp.float32(0.5)).astype(dtype)
+
+
+def _binary_inputs(shape, dtype):
+    return _logits(shape, dtype, 4.0), _binary_targets(shape, dtype)
+
+
+def _linear_inputs(shape, dtype):
+    n, d, v = shape
+    x = _logits((n, d), dtype, 3.0**0.5)  # unit variance
+    w = _logits((d, v), dtype, (3.0 / d) ** 0.5)  # logits of unit variance
+    g = _logits((n, v), dtype, (3.0 / (n * v)) ** 0.5)  # the floor's stand-in for dlogits
+    return x, w, _integer_labels(n, v), g
+
+
+def _grad_of_logits(mean_loss: Callable[..., jax.Array]) -> Callable[[], Callable]:
+    """``make`` for a program ``(logits, labels, *rest) -> value_and_grad wrt the logits``."""
+
+    def make():
+        def program(logits, labels, *rest):
+            return jax.value_and_grad(lambda z: mean_loss(z, labels, *rest))(logits)
+
+        return program
+
+    return make
+
+
+def _grad_of_x_and_w(mean_loss: Callable[..., jax.Array]) -> Callable[[], Callable]:
+    """``make`` for a program ``(x, w, labels, g) -> value_and_grad wrt x and w``."""
+
+    def make():
+        def program(x, w, labels, g):
+            return jax.value_and_grad(lambda x, w: mean_loss(x, w, labels), argnums=(0, 1))(x, w)
+
+        return program
+
+    return make
+
+
+def _logits_floor():
+    # Reads every logit once and writes an array of their size; each output element depends
+    # on its input element, so XLA can neither drop nor shrink the pass.
+    return lambda logits, *unused: logits * jnp.asarray(2, logits.dtype)
+
+
+def _logits_and_labels_floor():
+    # As _logits_floor, reading the labels too (soft labels and binary targets are as large as
+    # the logits, and any loss on them reads them).
+    return lambda logits, labels: logits + labels
+
+
+def _matmul_floor():
+    return lambda x, w, labels, g: (x @ w, g @ w.T, x.T @ g)
+
+
+def _jaxce_ce(z, labels, weights):
+    return jaxce.softmax_cross_entropy_with_integer_labels(z, labels, reduction="mean")
+
+
+def _jaxce_ce_all_options(z, labels, weights):
+    return jaxce.softmax_cross_entropy_with_integer_labels(
+        z, labels, class_weights=weights, reduction="mean", **ALL_OPTIONS
+    )
+
+
+def _optax_ce(z, labels, weights):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, labels))
+
+
+def _jaxce_soft_ce(z, labels):
+    return jaxce.softmax_cross_entropy(z, labels, reduction="mean")
+
+
+def _optax_soft_ce(z, labels):
+    return jnp.mean(optax.softmax_cross_entropy(z, labels))
+
+
+def _jaxce_binary(z, labels):
+    return jaxce.sigmoid_binary_cross_entropy(z, labels, reduction="mean")
+
+
+def _optax_binary(z, labels):
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(z, labels))
+
+
+def _jaxce_fused(x, w, labels):
+    return jaxce.linear_softmax_cross_entropy(x, w, labels, reduction="mean")
+
+
+def _jaxce_unfused(x, w, labels):
+    return jaxce.softmax_cross_entropy_with_integer_labels(x @ w, labels, reduction="mean")
+
+
+def _optax_unfused(x, w, labels):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ w, labels))
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark(
+            "cross_entropy",
+            "integer-label softmax cross-entropy, value_and_grad of the mean wrt the logits",
+            ("N", "C"),
+            _cross_entropy_inputs,
+            (
+                Program("jaxce", JAXCE, _grad_of_logits(_jaxce_ce), compare_to="optax"),
+                Program("jaxce, all options", JAXCE, _grad_of_logits(_jaxce_ce_all_options)),
+                Program("optax", OPTAX, _grad_of_logits(_optax_ce)),
+                Program("floor (read + write the logits)", FLOOR, _logits_floor),
+            ),
+        ),
+        Benchmark(
+            "soft_cross_entropy",
+            "softmax cross-entropy on probability labels, value_and_grad of the mean wrt the"
+            " logits",
+            ("N", "C"),
+            _soft_cross_entropy_inputs,
+            (
+                Program("jaxce", JAXCE, _grad_of_logits(_jaxce_soft_ce), compare_to="optax"),
+                Program("optax", OPTAX, _grad_of_logits(_optax_soft_ce)),
+                Program(
+                    "floor (read logits and labels, write logits)",
+                    FLOOR,
+                    _logits_and_labels_floor,
+                ),
+            ),
+        ),
+        Benchmark(
+            "binary",
+            "sigmoid binary cross-entropy, value_and_grad of the mean wrt the logits",
+            ("N", "C"),
+            _binary_inputs,
+            (
+                Program("jaxce", JAXCE, _grad_of_logits(_jaxce_binary), compare_to="optax"),
+                Program("optax", OPTAX, _grad_of_logits(_optax_binary)),
+                Program(
+                    "floor (read logits and labels, write logits)",
+                    FLOOR,
+                    _logits_and_labels_floor,
+                ),
+            ),
+        ),
+        Benchmark(
+            "linear",
+            "linear + integer-label softmax cross-entropy, value_and_grad of the mean wrt x and w",
+            ("N", "D", "V"),
+            _linear_inputs,
+            (
+                Program(
+                    "jaxce fused (linear_softmax_cross_entropy)",
+                    JAXCE,
+                    _grad_of_x_and_w(_jaxce_fused),
+                    compare_to="optax unfused (x @ w, then the loss)",
+                ),
+                Program(
+                    "jaxce unfused (x @ w, then the loss)",
+                    JAXCE,
+                    _grad_of_x_and_w(_jaxce_unfused),
+                    compare_to="optax unfused (x @ w, then the loss)",
+                ),
+                Program(
+                    "optax unfused (x @ w, then the loss)", OPTAX, _grad_of_x_and_w(_optax_unfused)
+                ),
+                Program("floor (x @ w, g @ w.T, x.T @ g)", FLOOR, _matmul_floor),
+            ),
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    """What a program should reach; ``None`` where nothing is promised."""
+
+    min_speedup: float | None = None  # optax's time / this program's time
+    max_x_floor: float | None = None  # this program's time / the floor's
+    max_compile_ratio: float | None = None  # this program's compile time / optax's
+
+
+def targets(benchmark: str, program: str, dtype: str, backend: str) -> Targets:
+    """The performance targets of a program of a benchmark, from the project's goals."""
+    if benchmark == "cross_entropy" and program == "jaxce":
+        return Targets(
+            min_speedup=2.0 if dtype == "bfloat16" else 1.0,
+            max_x_floor=1.5 if dtype == "float32" and backend == "cpu" else None,
+            max_compile_ratio=1.5,
+        )
+    if benchmark == "cross_entropy" and program == "jaxce, all options":
+        return Targets(max_x_floor=2.5)
+    if benchmark in ("soft_cross_entropy", "binary") and program == "jaxce":
+        return Targets(min_speedup=1.0, max_x_floor=1.3, max_compile_ratio=1.5)
+    return Targets()
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """The measurements of one program at one shape and dtype.
+
+    Times are in seconds and memory in bytes. ``times`` holds, for each timed sample, the mean
+    time of its ``calls`` calls (more than one for a fast program). The ratios and ``missed`` are
+    filled in by ``compute_ratios`` from the other programs of the same run; ``None`` where
+    there is nothing to compare with (or the measurement failed, then ``error`` says why).
+    """
+
+    benchmark: str
+    program: str
+    role: str
+    shape: tuple[int, ...]
+    dtype: str
+    times: tuple[float, ...] = ()
+    calls: int = 1
+    compile_seconds: float | None = None
+    temp_bytes: int | None = None
+    compare_to: str | None = None
+    error: str | None = None
+    x_floor: float | None = None
+    speedup: float | None = None
+    compile_ratio: float | None = None
+    missed: tuple[str, ...] = ()
+
+    @property
+    def median(self) -> float | None:
+        """The median of the timed runs, in seconds."""
+        return statistics.median(self.times) if self.times else None
+
+    @property
+    def minimum(self) -> float | None:
+        """The fastest timed run, in seconds."""
+        return min(self.times) if self.times else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields and the median and minimum, as JSON-compatible values."""
+        out = dataclasses.asdict(self)
+        out["shape"] = list(self.shape)
+        out["times"] = list(self.times)
+        out["missed"] = list(self.missed)
+        out["median_seconds"] = self.median
+        out["min_seconds"] = self.minimum
+        return out
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def missed_targets(result: Result, backend: str) -> tuple[str, ...]:
+    """The targets a result misses, as sentences; empty when it meets all of them."""
+    t = targets(result.benchmark, result.program, result.dtype, backend)
+    missed = []
+    if t.min_speedup is not None and result.speedup is not None:
+        if result.speedup < t.min_speedup:
+            if t.min_speedup == 1.0:
+                missed.append(f"slower than optax (optax's time / this = {result.speedup:.2f})")
+            else:
+                missed.append(
+                    f"{result.speedup:.2f}x faster than optax (target >= {t.min_speedup:g}x)"
+                )
+    if t.max_x_floor is not None and result.x_floor is not None:
+        if result.x_floor > t.max_x_floor:
+            missed.append(f"{result.x_floor:.2f}x the floor (target <= {t.max_x_floor:g}x)")
+    if t.max_compile_ratio is not None and result.compile_ratio is not None:
+        if result.compile_ratio > t.max_compile_ratio:
+            missed.append(
+                f"compiles in {result.compile_ratio:.2f}x optax's time"
+                f" (target <= {t.max_compile_ratio:g}x)"
             )
+    return tuple(missed)
 
-        return jax.value_and_grad(loss)(logits)
 
-    def optax_loss(logits, labels):
-        def loss(z):
-            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, labels))
+def compute_ratios(results: Sequence[Result], backend: str = "cpu") -> list[Result]:
+    """Fills in each result's ratios from the results of the same benchmark, shape and dtype.
 
-        return jax.value_and_grad(loss)(logits)
+    ``x_floor`` is the median time over the floor's median time, ``speedup`` the compared optax
+    program's median over this one's (above 1: faster than optax), ``compile_ratio`` this
+    program's compile time over optax's. Then ``missed`` lists the targets not met.
 
-    def floor(logits, labels):
-        # Read the logits once and write an array of their size: any forward + backward does
-        # at least this much memory traffic.
-        return logits * jnp.asarray(2, logits.dtype)
+    Args:
+      results: measured results, in any order.
+      backend: the JAX backend they were measured on (``"cpu"``, ``"gpu"``, ``"tpu"``),
+        which some targets depend on.
 
-    options = ", ".join(f"{k}={v}" for k, v in loss_options.items())
+    Returns:
+      New results, in the same order.
+    """
+    cases: dict[tuple, dict[str, Result]] = {}
+    for r in results:
+        cases.setdefault((r.benchmark, r.shape, r.dtype), {})[r.program] = r
+    out = []
+    for r in results:
+        case = cases[(r.benchmark, r.shape, r.dtype)]
+        floor = next((f for f in case.values() if f.role == FLOOR), None)
+        other = case.get(r.compare_to) if r.compare_to else None
+        r = dataclasses.replace(
+            r,
+            x_floor=_ratio(r.median, floor.median if floor else None),
+            speedup=_ratio(other.median if other else None, r.median),
+            compile_ratio=_ratio(r.compile_seconds, other.compile_seconds if other else None),
+        )
+        out.append(dataclasses.replace(r, missed=missed_targets(r, backend)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+class _Progress:
+    """A tqdm progress bar on stderr, plain lines where tqdm is missing, or nothing."""
+
+    def __init__(self, total: int, cases: int, mode: bool | None):
+        self._bar = None
+        self._plain = False
+        self._cases = cases
+        self._case = 0
+        if mode is False:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None and (mode or sys.stderr.isatty()):
+            self._bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+        else:
+            self._plain = True
+
+    def case(self, text: str) -> None:
+        self._case += 1
+        if self._bar is not None:
+            self._bar.set_description(text)
+        elif self._plain:
+            print(f"[{self._case}/{self._cases}] {text}", file=sys.stderr, flush=True)
+
+    def step(self) -> None:
+        if self._bar is not None:
+            self._bar.update()
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        elif self._plain:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _temp_bytes(compiled) -> int | None:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    return None if stats is None else getattr(stats, "temp_size_in_bytes", None)
+
+
+def _error(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    """``(4096, 32768)`` -> ``"4096x32768"``."""
+    return "x".join(str(s) for s in shape)
+
+
+def _measure_case(
+    benchmark: Benchmark, shape: tuple[int, ...], dtype: str, repeats: int, progress: _Progress
+) -> list[Result]:
+    """Compiles, warms up and times every program of a benchmark at one shape and dtype."""
+    base = {
+        p.name: Result(benchmark.name, p.name, p.role, shape, dtype, compare_to=p.compare_to)
+        for p in benchmark.programs
+    }
+    results = dict(base)
+    try:
+        args = jax.block_until_ready(benchmark.inputs(shape, dtype))
+    except Exception as err:
+        message = f"could not make the inputs: {_error(err)}"
+        progress.write(f"{benchmark.name} {format_shape(shape)} {dtype}: {message}")
+        return [dataclasses.replace(r, error=message) for r in results.values()]
+
+    compiled = {}
+    for p in benchmark.programs:
+        try:
+            fn = p.make()  # a fresh function: nothing of an earlier compilation is reused
+            start = time.perf_counter()
+            executable = jax.jit(fn).lower(*args).compile()
+            seconds = time.perf_counter() - start
+            compiled[p.name] = executable
+            results[p.name] = dataclasses.replace(
+                results[p.name], compile_seconds=seconds, temp_bytes=_temp_bytes(executable)
+            )
+        except Exception as err:  # reported in the table; the other programs go on
+            results[p.name] = dataclasses.replace(results[p.name], error=_error(err))
+            progress.write(
+                f"{benchmark.name} {format_shape(shape)} {dtype} {p.name}: {_error(err)}"
+            )
+        progress.step()
+
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    calls = dict.fromkeys(compiled, 1)
+    for repeat in range(repeats + 1):  # the first round is the warm-up
+        for name in list(compiled):
+            try:
+                seconds = _seconds_per_call(compiled[name], args, calls[name])
+            except Exception as err:  # e.g. out of memory: drop this program, keep the others
+                del compiled[name]
+                results[name] = dataclasses.replace(results[name], error=_error(err))
+                progress.write(
+                    f"{benchmark.name} {format_shape(shape)} {dtype} {name}: {_error(err)}"
+                )
+                continue
+            if repeat:
+                times[name].append(seconds)
+            elif seconds < MIN_SAMPLE_SECONDS:  # a fast program: time it in a loop, so that a
+                # sample lasts MIN_SAMPLE_SECONDS, longer than the clock's and the scheduler's
+                # resolution; a second call, after the warm-up, tells how many calls that is
+                seconds = _seconds_per_call(compiled[name], args, 1)
+                calls[name] = max(1, min(10_000, math.ceil(MIN_SAMPLE_SECONDS / seconds)))
+            progress.step()
+    return [
+        dataclasses.replace(r, times=tuple(times[name]), calls=calls[name])
+        if r.error is None
+        else r
+        for name, r in results.items()
+    ]
+
+
+def _seconds_per_call(executable, args: Sequence[jax.Array], calls: int) -> float:
+    """The mean time of ``calls`` calls, each waited for (latency, not pipelined throughput)."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        jax.block_until_ready(executable(*args))
+    return (time.perf_counter() - start) / calls
+
+
+def plan(
+    benchmarks: Sequence[str] | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
+    dtypes: Sequence[str] | None = None,
+    *,
+    quick: bool = False,
+) -> list[tuple[str, tuple[int, ...], str]]:
+    """The ``(benchmark, shape, dtype)`` cases that ``run`` measures, in order.
+
+    Args:
+      benchmarks: names from ``BENCHMARKS``; ``None`` for all of them.
+      shapes: shapes ``(N, C)`` for the logits' benchmarks and ``(N, D, V)`` for ``linear``,
+        each used by the benchmarks of its length; ``None`` for the default grid (``GRID``,
+        extended by ``ACCELERATOR_GRID`` on a GPU or TPU) or ``QUICK_GRID`` when ``quick``.
+      dtypes: names from ``DTYPES``; ``None`` for float32 and bfloat16.
+      quick: use the reduced grid.
+
+    Returns:
+      The cases, benchmark by benchmark, shapes in the given order, dtypes innermost.
+    """
+    names = list(BENCHMARKS) if benchmarks is None else list(benchmarks)
+    for name in names:
+        if name not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    dtypes = list(DEFAULT_DTYPES if dtypes is None else dtypes)
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    cases = []
+    for name in names:
+        rank = len(BENCHMARKS[name].shape_names)
+        if shapes is not None:
+            chosen = [tuple(s) for s in shapes if len(s) == rank]
+        elif quick:
+            chosen = list(QUICK_GRID[name])
+        else:
+            chosen = list(GRID[name])
+            if jax.default_backend() != "cpu":
+                chosen += ACCELERATOR_GRID[name]
+        cases += [(name, shape, dtype) for shape in chosen for dtype in dtypes]
+    return cases
+
+
+def run(
+    benchmarks: Sequence[str] | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
+    dtypes: Sequence[str] | None = None,
+    repeats: int = 5,
+    *,
+    quick: bool = False,
+    progress: bool | None = False,
+) -> list[Result]:
+    """Measures the benchmarks on JAX's default device.
+
+    Args:
+      benchmarks, shapes, dtypes, quick: the cases, as for ``plan``.
+      repeats: timed runs of each program, >= 1, after one warm-up run.
+      progress: ``True`` for a progress bar on stderr (plain lines without tqdm), ``None`` for
+        a bar when stderr is a terminal and plain lines otherwise, ``False`` for silence.
+
+    Returns:
+      One ``Result`` per case and program, with its ratios. A program that fails (e.g. out of
+      memory) gets an ``error`` and the others are still measured; a KeyboardInterrupt stops
+      the run and returns what was measured so far.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1; got {repeats!r}")
+    cases = plan(benchmarks, shapes, dtypes, quick=quick)
+    steps = sum(len(BENCHMARKS[b].programs) * (repeats + 2) for b, _, _ in cases)
+    bar = _Progress(steps, len(cases), progress)
+    results: list[Result] = []
+    try:
+        for name, shape, dtype in cases:
+            bar.case(f"{name} {format_shape(shape)} {dtype}")
+            results += _measure_case(BENCHMARKS[name], shape, dtype, repeats, bar)
+    except KeyboardInterrupt:
+        bar.write("interrupted: reporting what was measured")
+    finally:
+        bar.close()
+    return compute_ratios(results, jax.default_backend())
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+def format_seconds(seconds: float | None, micro: str = "µs") -> str:
+    """A duration with three significant digits in s, ms or µs, e.g. ``"41.2 µs"``."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, micro)):
+        if seconds >= scale or unit == micro:
+            return f"{_three_digits(seconds / scale)} {unit}"
+    raise AssertionError("unreachable")
+
+
+def format_bytes(size: int | None) -> str:
+    """A size with three significant digits in B, KiB, MiB or GiB, e.g. ``"1.50 GiB"``."""
+    if size is None:
+        return "-"
+    for power, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if size >= 2**power:
+            return f"{_three_digits(size / 2**power)} {unit}"
+    return f"{size} B"
+
+
+def _three_digits(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def environment() -> dict[str, Any]:
+    """Date, machine and versions, for the header of a table and the JSON output."""
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    device = jax.devices()[0]
+    processor = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model only here
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        processor = models[0] if models else processor
+    except OSError:
+        pass
     return {
-        f"jaxce ({options or 'no options'})": jaxce_loss,
-        "optax (no options)": optax_loss,
-        "memory-traffic floor (read + write the logits once)": floor,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "system": f"{platform.system()} {platform.machine()}",
+        "processor": processor,
+        "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": version("jaxlib"),
+        "optax": optax.__version__,
+        "jaxce": jaxce.__version__,
     }
 
 
-def run_cross_entropy(n: int, v: int, dtype: str, repeats: int, **loss_options):
-    """Measures every program of ``cross_entropy_programs`` and returns rows for the table."""
-    kx, ky = jax.random.split(jax.random.key(0))
-    logits = (4 * jax.random.normal(kx, (n, v), jnp.float32)).astype(jnp.dtype(dtype))
-    labels = jax.random.randint(ky, (n,), 0, v)
-    return _measure(cross_entropy_programs(**loss_options), (logits, labels), repeats)
+def describe(env: Mapping[str, Any], repeats: int | None = None) -> str:
+    """One line giving the date, machine and versions of a run."""
+    runs = "" if repeats is None else f"; median of {repeats} runs after a warm-up, round-robin"
+    return (
+        f"{env['date']}: {env['processor']}, {env['cpu_count']} CPU cores, {env['system']};"
+        f" JAX device {env['device_kind']} ({env['backend']}); JAX {env['jax']}, jaxlib"
+        f" {env['jaxlib']}, optax {env['optax']}, jaxce {env['jaxce']}{runs}"
+    )
 
 
-def _table(rows, header: str) -> str:
-    lines = [
-        header,
-        "",
-        "| program | time (s) | x floor | temp memory (MiB) |",
-        "|---|---|---|---|",
+_COLUMNS = (
+    "shape",
+    "dtype",
+    "program",
+    "time",
+    "min",
+    "x floor",
+    "speed-up vs optax",
+    "compile",
+    "compile x optax",
+    "temp memory",
+)
+_LEGEND = (
+    "time: median of the timed runs; x floor: time / the floor's time; speed-up vs optax:"
+    " optax's time / this time (above 1: faster than optax); compile: lower + compile of"
+    " jax.jit(value_and_grad); compile x optax: this compile time / optax's; temp memory:"
+    " compiled temporary buffers (arguments and results not counted); *: misses a target (see"
+    " below)."
+)
+
+
+def _rows(results: Sequence[Result], micro: str) -> list[list[str]]:
+    rows = []
+    previous = None
+    for r in results:
+        case = (format_shape(r.shape), r.dtype)
+        first = case if case != previous else ("", "")
+        previous = case
+        name = r.program + (" *" if r.missed else "")
+        if r.error is not None:
+            rows.append([*first, name, f"failed: {r.error}", "", "", "", "", "", ""])
+            continue
+        rows.append(
+            [
+                *first,
+                name,
+                format_seconds(r.median, micro),
+                format_seconds(r.minimum, micro),
+                _times(r.x_floor),
+                _times(r.speedup),
+                format_seconds(r.compile_seconds, micro),
+                _times(r.compile_ratio),
+                format_bytes(r.temp_bytes),
+            ]
+        )
+    return rows
+
+
+def _by_benchmark(results: Sequence[Result]) -> dict[str, list[Result]]:
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(r.benchmark, []).append(r)
+    return groups
+
+
+def _missed_lines(results: Sequence[Result]) -> list[str]:
+    return [
+        f"{r.benchmark} {format_shape(r.shape)} {r.dtype} {r.program}: {'; '.join(r.missed)}"
+        for r in results
+        if r.missed
     ]
-    for name, seconds, ratio, temp in rows:
-        mib = "n/a" if temp is None else f"{temp / 2**20:.1f}"
-        lines.append(f"| {name} | {seconds:.3f} | {ratio:.2f} | {mib} |")
+
+
+def _notes(benchmark: str) -> str:
+    if benchmark == "cross_entropy":
+        options = ", ".join(f"{k}={v:g}" for k, v in ALL_OPTIONS.items())
+        return f"all options: {options} and class_weights."
+    return ""
+
+
+def format_table(results: Sequence[Result], header: str = "", micro: str = "µs") -> str:
+    """The results as aligned plain-text tables, one per benchmark, for a terminal.
+
+    Args:
+      results: from ``run``.
+      header: a first line, e.g. ``describe(environment())``.
+      micro: the unit written for microseconds (``"us"`` where the terminal lacks ``µ``).
+    """
+    lines = [header, ""] if header else []
+    for name, group in _by_benchmark(results).items():
+        lines.append(f"{name}: {BENCHMARKS[name].summary}")
+        if _notes(name):
+            lines.append(_notes(name))
+        table = [list(_COLUMNS), *_rows(group, micro)]
+        widths = [max(len(row[i]) for row in table if len(row) > i) for i in range(len(_COLUMNS))]
+        for k, row in enumerate(table):
+            if row[3].startswith("failed:"):
+                cells = [row[i].ljust(widths[i]) for i in range(3)] + [row[3]]
+            else:
+                cells = [
+                    row[i].ljust(widths[i]) if i < 3 or k == 0 else row[i].rjust(widths[i])
+                    for i in range(len(row))
+                ]
+            lines.append("  ".join(cells).rstrip())
+        lines.append("")
+    lines.append(_LEGEND)
+    missed = _missed_lines(results)
+    lines += ["", f"Targets missed: {len(missed)}", *missed] if missed else ["", "Targets met."]
     return "\n".join(lines)
 
 
+def format_markdown(results: Sequence[Result], header: str = "") -> str:
+    """The results as Markdown tables, one per benchmark, to paste in a README.
+
+    Args:
+      results: from ``run``.
+      header: a first paragraph, e.g. ``describe(environment(), repeats)``.
+    """
+    lines = [header, ""] if header else []
+    for name, group in _by_benchmark(results).items():
+        notes = f" ({_notes(name).rstrip('.')})" if _notes(name) else ""
+        lines += [f"`{name}`: {BENCHMARKS[name].summary}{notes}.", ""]
+        columns = [c for c in _COLUMNS if c != "min"]
+        lines.append("| " + " | ".join(columns) + " |")
+        lines.append("|" + "|".join("---" for _ in columns) + "|")
+        for row in _rows(group, "µs"):
+            del row[4]  # the minimum: the median is what the tables compare
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+        lines.append("")
+    lines.append(_LEGEND)
+    missed = _missed_lines(results)
+    if missed:
+        lines += ["", f"Targets missed ({len(missed)}):", ""] + [f"- {m}" for m in missed]
+    else:
+        lines += ["", "Every target is met."]
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, results: Sequence[Result], env: Mapping[str, Any]) -> None:
+    """Writes ``{"environment": ..., "results": [...]}`` (times in seconds, memory in bytes)."""
+    data = {"environment": dict(env), "results": [r.to_json() for r in results]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+
+
+_LINESTYLES = {"float32": "-", "bfloat16": "--", "float16": ":"}
+
+
+def plot(path: str | os.PathLike, results: Sequence[Result], header: str = "") -> None:
+    """Saves time and temporary memory against size, one line per program and dtype.
+
+    One row of two panels per benchmark; the size is the number of logits (``N * C``, and
+    ``N * D * V`` multiply-adds for ``linear``). Needs matplotlib (no display: it draws with
+    ``matplotlib.figure.Figure`` directly).
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    groups = _by_benchmark(results)
+    fig = Figure(figsize=(13, 3.6 * len(groups) + 0.6), layout="constrained")
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    for (name, group), (ax_time, ax_memory) in zip(groups.items(), axes, strict=True):
+        names = BENCHMARKS[name].shape_names
+        size_label = "·".join(names) + (" (multiply-adds)" if name == "linear" else " (logits)")
+        programs = list(dict.fromkeys(r.program for r in group))
+        roles = {r.program: r.role for r in group}
+        others = iter(["C0", "C4", "C2", "C5", "C6", "C8", "C9"])  # jaxce's rows
+        colors = {p: {OPTAX: "C1", FLOOR: "C7"}.get(roles[p]) or next(others) for p in programs}
+        for program in programs:
+            for dtype in dict.fromkeys(r.dtype for r in group):
+                points = sorted(
+                    (math.prod(r.shape), r.median, r.temp_bytes)
+                    for r in group
+                    if r.program == program and r.dtype == dtype and r.error is None
+                )
+                if not points:
+                    continue
+                sizes = [p[0] for p in points]
+                style = {"color": colors[program], "linestyle": _LINESTYLES[dtype], "marker": "o"}
+                label = f"{program}, {dtype}"
+                ax_time.plot(sizes, [p[1] for p in points], label=label, **style)
+                memory = [(s, m / 2**20) for s, _, m in points if m is not None]
+                if memory:
+                    ax_memory.plot(*zip(*memory, strict=True), label=label, **style)
+        ax_time.set(xscale="log", yscale="log", xlabel=size_label, ylabel="time (s, median)")
+        ax_time.set_title(f"{name}: time", loc="left")
+        ax_memory.set_xscale("log")
+        ax_memory.set_yscale("symlog", linthresh=0.01)
+        ax_memory.set(xlabel=size_label, ylabel="temporary memory (MiB)")
+        ax_memory.set_ylim(bottom=0)
+        ax_memory.set_title(f"{name}: compiled temporary memory", loc="left")
+        ax_memory.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        for ax in (ax_time, ax_memory):
+            ax.grid(True, which="major", alpha=0.3)
+            ax.xaxis.set_minor_formatter(NullFormatter())  # no labels crowding within a decade
+    if header:
+        fig.suptitle(header, fontsize="small")
+    fig.savefig(path, dpi=100)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = text.lower().split("x")
+    expected = "NxC (e.g. 4096x32768) or, for linear, NxDxV (e.g. 4096x512x32768)"
+    if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+    shape = tuple(int(p) for p in parts)
+    if min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"every size must be >= 1; got {text!r}")
+    return shape
+
+
+def _benchmark(text: str) -> str:
+    if text not in BENCHMARKS:
+        raise argparse.ArgumentTypeError(
+            f"unknown benchmark {text!r} (choose from {', '.join(BENCHMARKS)})"
+        )
+    return text
+
+
+def _writable(path: str) -> str:
+    """The path, if a file can be written there (checked before anything is measured)."""
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path!r} is a directory, not a file")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"cannot write {path!r}: no directory {directory!r}")
+    if not os.access(directory, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.W_OK)
+    ):
+        raise argparse.ArgumentTypeError(f"cannot write {path!r}: permission denied")
+    return path
+
+
+def _plot_path(path: str) -> str:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise argparse.ArgumentTypeError(
+            "needs matplotlib, which is not installed (pip install matplotlib)"
+        ) from None
+    formats = Figure().canvas.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        raise argparse.ArgumentTypeError(
+            f"cannot tell the image format of {path!r}: end it with one of"
+            f" {', '.join('.' + f for f in sorted(formats))}"
+        )
+    return _writable(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxce.bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Times jax.jit(jax.value_and_grad(mean loss)) of jaxce's losses side by side with\n"
+            "optax's and with the floor (the least work any implementation must do), in one\n"
+            "process, and prints the ratios, compile times and compiled temporary memory.\n"
+            f"Without --shape it runs a grid of shapes ({GRID_MINUTES} on 2 CPU cores;\n"
+            "--quick: under a minute)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m jaxce.bench --quick\n"
+            "  python -m jaxce.bench cross_entropy --shape 4096x32768 --dtype bfloat16\n"
+            "  python -m jaxce.bench linear --shape 4096x512x32768 --markdown\n"
+            "  python -m jaxce.bench --json results.json --plot results.png"
+        ),
+    )
+    parser.add_argument(
+        "benchmarks",
+        nargs="*",
+        type=_benchmark,
+        metavar="BENCHMARK",
+        help=f"any of {', '.join(BENCHMARKS)} (default: all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a reduced grid, under a minute")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=_shape,
+        metavar="NxC|NxDxV",
+        help="measure this shape instead of the grid (repeatable): NxC for the logits'"
+        " benchmarks, NxDxV for linear",
+    )
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPES,
+        help="the logits' (and x's and w's) dtype, repeatable (default: float32 and bfloat16)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        metavar="N",
+        help="timed runs per program after one warm-up (default 5; 3 with --quick)",
+    )
+    parser.add_argument("--json", type=_writable, metavar="FILE", help="write the results")
+    parser.add_argument(
+        "--plot",
+        type=_plot_path,
+        metavar="FILE.png",
+        help="draw time and memory against size, one line per program (needs matplotlib)",
+    )
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print Markdown tables with a line giving the date, machine and versions",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar on stderr (default: when stderr is a terminal; plain lines"
+        " otherwise or without tqdm)",
+    )
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parses the command line and runs the chosen benchmark.
+    """Parses the command line, runs the benchmarks and prints the tables.
 
     Args:
       argv: command-line arguments without the program name; ``None`` reads ``sys.argv``.
 
     Returns:
-      The process exit status (0).
+      The exit status: 0, or 1 if a program failed (e.g. ran out of memory). Bad arguments
+      exit with status 2 and a message, before anything is measured.
     """
-    parser = argparse.ArgumentParser(prog="python -m jaxce.bench", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    linear = commands.add_parser(
-        "linear", help="fused linear + softmax cross-entropy vs unfused and the matmul floor"
-    )
-    linear.add_argument("--n", type=int, default=4096, help="tokens (default 4096)")
-    linear.add_argument("--d", type=int, default=512, help="hidden size (default 512)")
-    linear.add_argument("--v", type=int, default=32768, help="vocabulary (default 32768)")
-    linear.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    linear.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
-    linear.add_argument(
-        "--skip", action="append", default=[], help="skip programs whose name contains this"
-    )
-    ce = commands.add_parser(
-        "cross_entropy",
-        help="integer-label softmax cross-entropy (value and gradient) vs optax and the"
-        " memory-traffic floor",
-    )
-    ce.add_argument("--n", type=int, default=4096, help="examples (default 4096)")
-    ce.add_argument("--v", type=int, default=32768, help="classes (default 32768)")
-    ce.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    ce.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
-    ce.add_argument("--label-smoothing", type=float, default=0.0)
-    ce.add_argument("--z-loss", type=float, default=0.0)
-    ce.add_argument("--logit-soft-cap", type=float, default=None)
+    parser = _parser()
     args = parser.parse_args(argv)
-    device = jax.devices()[0]
-    if args.command == "cross_entropy":
-        options = {
-            k: v
-            for k, v in (
-                ("label_smoothing", args.label_smoothing),
-                ("z_loss", args.z_loss),
-                ("logit_soft_cap", args.logit_soft_cap),
-            )
-            if v
-        }
-        rows = run_cross_entropy(args.n, args.v, args.dtype, args.repeats, **options)
-        header = (
-            f"N={args.n}, V={args.v}, {args.dtype}, value_and_grad of the mean loss,"
-            f" {device.platform} ({device.device_kind}), median of {args.repeats}"
-        )
-        print(_table(rows, header))
-    if args.command == "linear":
-        rows = run_linear(args.n, args.d, args.v, args.dtype, args.repeats, args.skip)
-        header = (
-            f"N={args.n}, D={args.d}, V={args.v}, {args.dtype}, forward + backward"
-            f" (value_and_grad wrt x and w), {device.platform} ({device.device_kind}),"
-            f" median of {args.repeats}"
-        )
-        print(_table(rows, header))
-    return 0
+    benchmarks = list(dict.fromkeys(args.benchmarks)) or None
+    if args.shape is not None:
+        ranks = {len(s) for s in args.shape}
+        chosen = benchmarks or [b for b in BENCHMARKS if len(BENCHMARKS[b].shape_names) in ranks]
+        for name in chosen:
+            names = BENCHMARKS[name].shape_names
+            if len(names) not in ranks:
+                parser.error(f"{name} needs --shape {'x'.join(names)}; no such shape was given")
+        benchmarks = chosen
+    repeats = args.repeats or (3 if args.quick else 5)
+    dtypes = list(dict.fromkeys(args.dtype)) if args.dtype else None
+
+    results = run(benchmarks, args.shape, dtypes, repeats, quick=args.quick, progress=args.progress)
+    env = environment()
+    try:
+        micro = "µs".encode(sys.stdout.encoding or "ascii") and "µs"
+    except (UnicodeEncodeError, LookupError):
+        micro = "us"  # a terminal that cannot show µ
+    if args.markdown:
+        print(format_markdown(results, describe(env, repeats)))
+    else:
+        print(format_table(results, describe(env, repeats), micro))
+    if args.json:
+        write_json(args.json, results, {**env, "repeats": repeats})
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(args.plot, results, describe(env, repeats))
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 1 if any(r.error for r in results) else 0
 
 
 if __name__ == "__main__":

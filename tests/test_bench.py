@@ -1,0 +1,359 @@
+"""Tests of the benchmark tool, ``python -m jaxce.bench``.
+
+Speed is never asserted here: these tests check the arguments, the outputs, that every ratio comes
+from the numbers of the same run, and that the floors do the work they stand for.
+"""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxce import bench
+
+TINY_SHAPES = [(8, 16), (8, 4, 16)]
+
+
+@pytest.fixture(scope="module")
+def results():
+    """Every benchmark at tiny shapes, float32, one timed sample."""
+    return bench.run(None, TINY_SHAPES, ["float32"], repeats=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
+        (["--dtype", "int32"], "argument --dtype: invalid choice: 'int32'"),
+        (["--repeats", "0"], "argument --repeats: expected an integer >= 1, got 0"),
+        (["--repeats", "-2"], "argument --repeats: expected an integer >= 1, got -2"),
+        (["--repeats", "two"], "argument --repeats: expected an integer >= 1, got 'two'"),
+        (["--shape", "4096"], "argument --shape: expected NxC"),
+        (["--shape", "8xfoo"], "argument --shape: expected NxC"),
+        (["--shape", "1x2x3x4"], "argument --shape: expected NxC"),
+        (["--shape", "0x10"], "argument --shape: every size must be >= 1"),
+        (["softmax"], "unknown benchmark 'softmax'"),
+        (["linear", "--shape", "8x16"], "linear needs --shape NxDxV"),
+        (["cross_entropy", "--shape", "8x4x16"], "cross_entropy needs --shape NxC"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("usage: python -m jaxce.bench")
+    assert "Traceback" not in err
+
+
+def test_unwritable_outputs_are_refused_before_measuring(tmp_path, capsys):
+    cases = [
+        (["--json", str(tmp_path / "missing" / "out.json")], "no directory"),
+        (["--json", str(tmp_path)], "is a directory"),
+        (["--plot", str(tmp_path / "missing" / "out.png")], "no directory"),
+        (["--plot", str(tmp_path / "out.txt")], "cannot tell the image format"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {argv[0]}:" in err and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_prints_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxce.bench", "--dtype", "int32"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "invalid choice: 'int32'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_the_benchmarks_and_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for word in [*bench.BENCHMARKS, "--quick", "--shape", "--dtype", "--json", "--plot"]:
+        assert word in out
+
+
+# --------------------------------------------------------------------------------------------
+# The plan and the run
+
+
+def test_plan_gives_each_benchmark_the_shapes_of_its_rank():
+    cases = bench.plan(None, TINY_SHAPES, ["float32", "bfloat16"])
+    assert ("linear", (8, 4, 16), "bfloat16") in cases
+    assert ("binary", (8, 16), "float32") in cases
+    assert all(len(shape) == (3 if name == "linear" else 2) for name, shape, _ in cases)
+    assert len(cases) == 2 * len(bench.BENCHMARKS)
+    quick = bench.plan(["cross_entropy"], quick=True)
+    assert [s for _, s, d in quick if d == "float32"] == list(bench.QUICK_GRID["cross_entropy"])
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        bench.plan(["nope"])
+    with pytest.raises(ValueError, match="unknown dtype"):
+        bench.plan(None, dtypes=["int32"])
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+        bench.run(["binary"], [(2, 3)], repeats=0)
+
+
+def test_run_measures_every_program(results):
+    expected = {(name, p.name) for name, b in bench.BENCHMARKS.items() for p in b.programs}
+    assert {(r.benchmark, r.program) for r in results} == expected
+    for r in results:
+        assert r.error is None, r
+        assert len(r.times) == 1 and r.times[0] > 0 and r.calls >= 1
+        assert r.compile_seconds > 0
+        assert r.temp_bytes is not None and r.temp_bytes >= 0
+        assert r.x_floor is not None
+        if r.role == bench.FLOOR:
+            assert r.x_floor == 1.0
+        assert (r.speedup is not None) == (r.compare_to is not None)
+
+
+def test_the_compared_programs_compute_the_same_loss():
+    # A ratio to optax means something only if both sides compute the same value and gradient.
+    for name, benchmark in bench.BENCHMARKS.items():
+        shape = (6, 5, 12) if name == "linear" else (6, 12)
+        args = benchmark.inputs(shape, "float32")
+        for p in benchmark.programs:
+            if p.compare_to is None:
+                continue
+            other = next(q for q in benchmark.programs if q.name == p.compare_to)
+            (mine, my_grads), (theirs, their_grads) = (jax.jit(q.make())(*args) for q in (p, other))
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, err_msg=f"{name}: {p.name}")
+            for a, b in zip(jax.tree.leaves(my_grads), jax.tree.leaves(their_grads), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_a_failing_program_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    def broken():
+        def program(logits):
+            raise RuntimeError("out of memory, say")
+
+        return program
+
+    floor = bench.Program("floor", bench.FLOOR, lambda: lambda logits: logits + logits)
+    fake = bench.Benchmark(
+        "fake",
+        "a benchmark with a program that fails",
+        ("N", "C"),
+        lambda shape, dtype: (jnp.ones(shape, dtype),),
+        (bench.Program("broken", bench.JAXCE, broken), floor),
+    )
+    monkeypatch.setitem(bench.BENCHMARKS, "fake", fake)
+    failed, measured = bench.run(["fake"], [(2, 3)], ["float32"], repeats=2, progress=None)
+    assert failed.error == "RuntimeError: out of memory, say"
+    assert failed.times == () and failed.x_floor is None
+    assert measured.error is None and len(measured.times) == 2
+    err = capsys.readouterr().err
+    assert "[1/1] fake 2x3 float32" in err  # plain progress lines: stderr is not a terminal
+    assert "broken: RuntimeError: out of memory, say" in err
+    table = bench.format_table([failed, measured])
+    assert "failed: RuntimeError: out of memory, say" in table
+
+
+# --------------------------------------------------------------------------------------------
+# Ratios and targets
+
+
+def _result(program, role, times, compile_seconds, dtype="float32", compare_to=None, **kw):
+    return bench.Result(
+        kw.pop("benchmark", "cross_entropy"),
+        program,
+        role,
+        kw.pop("shape", (4, 8)),
+        dtype,
+        times=tuple(times),
+        compile_seconds=compile_seconds,
+        compare_to=compare_to,
+        **kw,
+    )
+
+
+def test_ratios_come_from_the_same_case():
+    results = [
+        _result("jaxce", bench.JAXCE, [3.0, 1.0, 2.0], 0.6, compare_to="optax"),
+        _result("optax", bench.OPTAX, [3.0, 4.0, 5.0], 0.5),
+        _result("floor", bench.FLOOR, [1.0, 1.0, 9.0], 0.1),
+        # Another dtype: its numbers must not leak into the float32 case.
+        _result("jaxce", bench.JAXCE, [8.0], 2.0, "bfloat16", compare_to="optax"),
+        _result("optax", bench.OPTAX, [16.0], 1.0, "bfloat16"),
+        _result("floor", bench.FLOOR, [2.0], 1.0, "bfloat16"),
+    ]
+    jaxce, optax_, floor, jaxce_bf16, optax_bf16, floor_bf16 = bench.compute_ratios(results)
+    assert jaxce.median == 2.0 and jaxce.minimum == 1.0
+    assert jaxce.x_floor == 2.0  # medians: 2 / 1
+    assert jaxce.speedup == 2.0  # optax's 4 / jaxce's 2
+    assert jaxce.compile_ratio == pytest.approx(1.2)
+    assert optax_.x_floor == 4.0 and optax_.speedup is None and optax_.compile_ratio is None
+    assert floor.x_floor == 1.0
+    assert jaxce_bf16.x_floor == 4.0 and jaxce_bf16.speedup == 2.0
+    assert jaxce_bf16.compile_ratio == 2.0
+    assert optax_bf16.x_floor == 8.0 and floor_bf16.x_floor == 1.0
+
+
+def test_targets_missed_are_listed():
+    results = [
+        _result("jaxce", bench.JAXCE, [2.0], 1.0, "bfloat16", compare_to="optax"),
+        _result("jaxce, all options", bench.JAXCE, [2.0], 1.0, "bfloat16"),
+        _result("optax", bench.OPTAX, [3.0], 0.5, "bfloat16"),
+        _result("floor", bench.FLOOR, [1.0], 0.1, "bfloat16"),
+    ]
+    jaxce, all_options, optax_, floor = bench.compute_ratios(results, "cpu")
+    assert jaxce.missed == (
+        "1.50x faster than optax (target >= 2x)",
+        "compiles in 2.00x optax's time (target <= 1.5x)",
+    )
+    assert all_options.missed == ()  # 2x the floor: within 2.5x
+    assert optax_.missed == () and floor.missed == ()
+    slower = bench.compute_ratios(
+        [
+            _result("jaxce", bench.JAXCE, [2.0], 0.1, compare_to="optax", benchmark="binary"),
+            _result("optax", bench.OPTAX, [1.0], 0.1, benchmark="binary"),
+            _result("floor", bench.FLOOR, [1.0], 0.1, benchmark="binary"),
+        ]
+    )[0]
+    assert slower.missed == (
+        "slower than optax (optax's time / this = 0.50)",
+        "2.00x the floor (target <= 1.3x)",
+    )
+    assert "Targets missed: 1" in bench.format_table([slower])
+    # A failed comparison is not a miss.
+    assert (
+        bench.compute_ratios([_result("jaxce", bench.JAXCE, [], None, compare_to="optax")])[
+            0
+        ].missed
+        == ()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The floors
+
+
+def _covers_every_element(jacobian, out_size, in_size):
+    matrix = np.asarray(jacobian).reshape(out_size, in_size) != 0
+    return matrix.any(axis=0).all()
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "soft_cross_entropy", "binary"])
+def test_the_logits_floor_reads_every_input_and_writes_the_logits_size(name):
+    benchmark = bench.BENCHMARKS[name]
+    floor = next(p for p in benchmark.programs if p.role == bench.FLOOR).make()
+    args = benchmark.inputs((3, 5), "float32")
+    logits = args[0]
+    out = floor(*args)
+    assert out.shape == logits.shape and out.dtype == logits.dtype
+    # Every output element depends on its own logit (and label): nothing can be dropped.
+    read = [0] if name == "cross_entropy" else [0, 1]  # the integer-label loss reads no labels
+    for i in read:
+        jac = jax.jacrev(lambda a, i=i: floor(*args[:i], a, *args[i + 1 :]))(args[i])
+        assert _covers_every_element(jac, out.size, args[i].size)
+        assert (np.asarray(jac).reshape(out.size, args[i].size) != 0).any(axis=1).all()
+    # XLA does not make the compiled floor cheaper than one read of its inputs and one write.
+    compiled = jax.jit(floor).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert cost["bytes accessed"] >= sum(args[i].nbytes for i in read) + out.nbytes
+
+
+def test_the_matmul_floor_does_the_three_products():
+    benchmark = bench.BENCHMARKS["linear"]
+    floor = next(p for p in benchmark.programs if p.role == bench.FLOOR).make()
+    x, w, labels, g = benchmark.inputs((3, 2, 5), "float32")
+    logits, dx, dw = floor(x, w, labels, g)
+    assert logits.shape == (3, 5) and dx.shape == x.shape and dw.shape == w.shape
+    np.testing.assert_allclose(logits, np.asarray(x) @ np.asarray(w), rtol=1e-6)
+    np.testing.assert_allclose(dx, np.asarray(g) @ np.asarray(w).T, rtol=1e-6)
+    np.testing.assert_allclose(dw, np.asarray(x).T @ np.asarray(g), rtol=1e-6)
+    # Compiled, the three products are all there (2 N D V flops each).
+    cost = jax.jit(floor).lower(x, w, labels, g).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert cost["flops"] >= 3 * 2 * 3 * 2 * 5
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+
+
+def test_units_stay_readable():
+    assert bench.format_seconds(41.23e-6) == "41.2 µs"
+    assert bench.format_seconds(3e-7) == "0.30 µs"
+    assert bench.format_seconds(1.5e-3) == "1.50 ms"
+    assert bench.format_seconds(0.25) == "250 ms"
+    assert bench.format_seconds(12.34) == "12.3 s"
+    assert bench.format_seconds(41e-6, micro="us") == "41.0 us"
+    assert bench.format_seconds(None) == "-"
+    assert bench.format_bytes(0) == "0 B"
+    assert bench.format_bytes(1536) == "1.50 KiB"
+    assert bench.format_bytes(48 * 2**20) == "48.0 MiB"
+    assert bench.format_bytes(2**32) == "4.00 GiB"
+    assert bench.format_bytes(None) == "-"
+
+
+def test_table_and_markdown(results):
+    header = bench.describe(bench.environment(), 1)
+    assert f"JAX {jax.__version__}" in header and "optax" in header
+    table = bench.format_table(results, header)
+    assert table.startswith(header)
+    for name, benchmark in bench.BENCHMARKS.items():
+        assert f"{name}: {benchmark.summary}" in table
+    assert "8x4x16" in table and "x floor" in table and "speed-up vs optax" in table
+    markdown = bench.format_markdown(results, header)
+    rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(rows) == len(results) + 2 * len(bench.BENCHMARKS)  # header and rule per table
+    assert len({row.count(" | ") for row in rows if not row.startswith("|-")}) == 1
+    assert "| 8x16 | float32 | jaxce" in markdown
+
+
+def test_command_line_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    json_path, png_path = tmp_path / "out.json", tmp_path / "out.png"
+    argv = ["cross_entropy", "--shape", "8x16", "--dtype", "bfloat16", "--repeats", "2"]
+    argv += ["--no-progress", "--json", str(json_path), "--plot", str(png_path)]
+    assert bench.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "cross_entropy: integer-label" in out and "jaxce, all options" in out
+    assert err == f"wrote {json_path}\nwrote {png_path}\n"  # --no-progress: nothing else
+
+    data = json.loads(json_path.read_text())
+    env = data["environment"]
+    for key in ("date", "processor", "cpu_count", "device_kind", "jax", "jaxlib", "optax"):
+        assert env[key] is not None, key
+    assert env["repeats"] == 2
+    assert [r["program"] for r in data["results"]] == [
+        p.name for p in bench.BENCHMARKS["cross_entropy"].programs
+    ]
+    jaxce_row = data["results"][0]
+    assert jaxce_row["shape"] == [8, 16] and jaxce_row["dtype"] == "bfloat16"
+    assert len(jaxce_row["times"]) == 2
+    assert jaxce_row["median_seconds"] == pytest.approx(np.median(jaxce_row["times"]))
+    for key in ("min_seconds", "compile_seconds", "temp_bytes", "x_floor", "speedup"):
+        assert isinstance(jaxce_row[key], (int, float)), key
+    assert isinstance(jaxce_row["missed"], list) and jaxce_row["error"] is None
+
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_flag(capsys):
+    argv = ["binary", "--shape", "4x8", "--dtype", "float32", "--repeats", "1", "--markdown"]
+    assert bench.main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("median of 1 runs after a warm-up, round-robin")
+    assert "| shape | dtype | program | time | x floor |" in out

@@ -17,6 +17,7 @@ computed and multiplied by zero.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -24,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
+
+from jaxce import _loops
 
 F = TypeVar("F", bound=Callable)
 
@@ -67,3 +70,33 @@ def contract(grad: jax.Array | None, tangent: object, dtype) -> jax.Array | None
     if grad is None or is_zero(tangent):
         return None
     return jnp.sum(grad.astype(dtype) * jnp.asarray(tangent).astype(dtype))
+
+
+def elementwise(value: Callable, tangent: Callable) -> Callable:
+    """An elementwise loss as a ``jax.custom_jvp`` function ``f(total, *args)``.
+
+    ``value(*args)`` is the elementwise loss and ``tangent(*args, *dots)`` its tangent (one
+    ``dot`` per arg, None where zero; returning None if all are). With ``total=True`` (static)
+    ``f`` returns the sum over all elements, and its tangent the sum of the tangent: the
+    elementwise loss then never exists as an array, in the forward pass or the backward pass
+    (one fusion of the rematerialized factor and the scalar cotangent).
+    """
+    tangent = rematerialized(tangent)
+
+    def primal(total: bool, *args):
+        if total:
+            return _loops.chunked_sum(value, args, jnp.shape(args[0]))
+        return value(*args)
+
+    f = functools.partial(jax.custom_jvp, nondiff_argnums=(0,))(primal)
+
+    def f_jvp(total, primals, tangents):
+        dots = tuple(None if is_zero(t) else t for t in tangents)
+        out = primal(total, *primals)
+        t = tangent(*primals, *dots)
+        if total:
+            return out, jnp.zeros_like(out) if t is None else jnp.sum(t)
+        return out, or_zeros(t, out)
+
+    f.defjvp(f_jvp, symbolic_zeros=True)
+    return f

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from jaxce import _autodiff, _checks
 from jaxce._layout import compute_dtype
-from jaxce._reduction import reduce_loss
+from jaxce._reduction import reduce_total
 from jaxce._sigmoid import stable_log_sigmoid
 
 
@@ -35,14 +35,7 @@ def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
     return loss if weights is None else weights * loss
 
 
-@jax.custom_jvp
-def _sigmoid_bce(x, y, pos_weight, weights, eps):
-    return _sigmoid_bce_value(x, y, pos_weight, weights, eps)
-
-
-@_autodiff.rematerialized
-def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, dots):
-    x_dot, y_dot, pw_dot, w_dot, eps_dot = dots
+def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w_dot, eps_dot):
     xf = x.astype(compute_dtype(x.dtype))
     t = _smoothed(y.astype(xf.dtype), eps)
     pw = jnp.ones_like(xf) if pos_weight is None else pos_weight
@@ -63,15 +56,10 @@ def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, dots):
     if w_dot is not None:
         unweighted = _sigmoid_bce_value(x, y, pos_weight, None, eps)
         out = _autodiff.add(out, unweighted * w_dot)
-    return _autodiff.or_zeros(out, xf)
+    return out
 
 
-def _sigmoid_bce_jvp(primals, tangents):
-    dots = tuple(None if _autodiff.is_zero(t) else t for t in tangents)
-    return _sigmoid_bce(*primals), _sigmoid_bce_tangent(*primals, dots)
-
-
-_sigmoid_bce.defjvp(_sigmoid_bce_jvp, symbolic_zeros=True)
+_sigmoid_bce = _autodiff.elementwise(_sigmoid_bce_value, _sigmoid_bce_tangent)
 
 
 def sigmoid_binary_cross_entropy(
@@ -136,7 +124,8 @@ def sigmoid_binary_cross_entropy(
     # gradients back to the shapes the caller passed.
     eps = _checks.hyperparameter("label_smoothing", label_smoothing, cdt, low=0.0, high=1.0)
     eps = None if _checks.is_literal_zero(label_smoothing) else eps
-    return reduce_loss(_sigmoid_bce(logits, labels, pw, w, eps), reduction)
+    out = _sigmoid_bce(reduction != "none", logits, labels, pw, w, eps)
+    return reduce_total(out, reduction, logits.size)
 
 
 # BCE on probabilities, PyTorch's BCELoss: logs clamped at -100, and the backward pass of
@@ -157,12 +146,6 @@ def _bce_value(p, y, weights):
     return loss if weights is None else weights * loss
 
 
-@jax.custom_jvp
-def _bce(p, y, weights):
-    return _bce_value(p, y, weights)
-
-
-@_autodiff.rematerialized
 def _bce_tangent(p, y, weights, p_dot, y_dot, w_dot):
     pf = p.astype(compute_dtype(p.dtype))
     t = y.astype(pf.dtype)
@@ -176,15 +159,10 @@ def _bce_tangent(p, y, weights, p_dot, y_dot, w_dot):
         out = _autodiff.add(out, w * (log_not_p - log_p) * y_dot.astype(pf.dtype))
     if w_dot is not None:
         out = _autodiff.add(out, _bce_value(p, y, None) * w_dot)
-    return _autodiff.or_zeros(out, pf)
+    return out
 
 
-def _bce_jvp(primals, tangents):
-    dots = tuple(None if _autodiff.is_zero(t) else t for t in tangents)
-    return _bce(*primals), _bce_tangent(*primals, *dots)
-
-
-_bce.defjvp(_bce_jvp, symbolic_zeros=True)
+_bce = _autodiff.elementwise(_bce_value, _bce_tangent)
 
 
 def binary_cross_entropy(
@@ -229,4 +207,4 @@ def binary_cross_entropy(
     w = None
     if weights is not None:
         w = _checks.broadcast_float("weights", weights, probs.shape, cdt, "the shape of probs")
-    return reduce_loss(_bce(probs, labels, w), reduction)
+    return reduce_total(_bce(reduction != "none", probs, labels, w), reduction, probs.size)

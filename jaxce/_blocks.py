@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _checks, _labels, _rows, _xla
+from jaxce import _autodiff, _checks, _labels, _loops, _rows, _xla
 from jaxce._layout import compute_dtype
 
 
@@ -53,73 +53,6 @@ def dtype_of(x: jax.Array, w: jax.Array):
     return compute_dtype(jnp.float64 if jnp.float64 in (x.dtype, w.dtype) else x.dtype)
 
 
-def cut(a: jax.Array, start, size: int, axis: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
-
-
-def paste(a: jax.Array, part: jax.Array, start, axis: int) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(a, part, start, axis)
-
-
-def _loop(count: int, step, carry):
-    """``step(i, carry)`` for ``i`` in ``range(count)``, as a ``while_loop``.
-
-    Not a ``scan`` (what ``fori_loop`` with static bounds builds): these loops run inside
-    ``jax.custom_jvp`` rules, and JAX's partial evaluation of a scan for reverse mode moves
-    every loop-invariant value of its body out of the loop, materializing broadcasts such as a
-    ``[token_chunk, V]`` block of zeros or a column iota (tests/test_linear.py, the memory
-    section). A ``while_loop`` whose inputs are all known is kept whole. The loops compute
-    primal values only; their derivatives are the hand-written rules, differentiable again in
-    forward mode (forward-over-reverse second derivatives), not in reverse mode.
-    """
-    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(count), step, carry)
-
-
-def for_chunks(total: int, size: int, body, carry):
-    """``body(start, length, carry)`` over ``[0, total)`` in chunks of ``size``.
-
-    Full chunks run in a loop (``start`` traced, ``length`` static); the remainder is one more
-    call with its own static length. So no block is padded.
-    """
-    full, tail = divmod(total, size)
-    if full == 1:
-        carry = body(0, size, carry)
-    elif full > 1:
-        carry = _loop(full, lambda i, c: body(i * size, size, c), carry)
-    if tail:
-        carry = body(full * size, tail, carry)
-    return carry
-
-
-def overlapping_chunks(total: int, size: int, body, carry):
-    """``body(start, fresh, carry)`` over ``ceil(total / size)`` chunks of exactly ``size``.
-
-    The last chunk starts at ``total - size`` when ``size`` does not divide ``total``, so it
-    overlaps the one before; ``fresh`` (``[size]`` booleans, None when ``size`` divides
-    ``total``) marks the entries no earlier chunk had, and ``body`` makes the others contribute
-    nothing. Every chunk then runs in one loop: a remainder called after the loop, as in
-    :func:`for_chunks`, makes XLA copy a loop-carried ``[D, V]`` accumulator
-    (tests/test_linear.py::test_ragged_token_chunks_add_no_copy_of_the_w_gradient).
-    """
-    count = -(-total // size)
-    if total % size == 0:
-
-        def step(i, c):
-            return body(i * size, None, c)
-
-    else:
-
-        def step(i, c):
-            nominal = i * size
-            start = jnp.minimum(nominal, total - size)
-            fresh = jax.lax.iota(jnp.int32, size) + start >= nominal
-            return body(start, fresh, c)
-
-    if count == 1:
-        return step(0, carry)
-    return _loop(count, step, carry)
-
-
 def matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype) -> jax.Array:
     """``a`` times ``b`` over the given axes, accumulated in ``dtype`` (float32 for bf16).
 
@@ -137,7 +70,7 @@ def logits(x, w, bias, col0, cols: int, dtype) -> jax.Array:
     """``x @ w[:, cols] + bias[cols]`` for rows ``x`` (``[rows, D]``), in ``dtype``."""
     raw = matmul(x, _xla.columns(w, col0, cols, dtype), (1, 0), dtype)
     if bias is not None:
-        b = bias if cols == bias.shape[0] else cut(bias, col0, cols, 0)
+        b = bias if cols == bias.shape[0] else _loops.cut(bias, col0, cols, 0)
         raw = raw + b.astype(dtype)[None, :]
     return raw
 
@@ -145,7 +78,7 @@ def logits(x, w, bias, col0, cols: int, dtype) -> jax.Array:
 def weights_of(weights: jax.Array | None, col0, cols: int) -> jax.Array | None:
     if weights is None or cols == weights.shape[0]:
         return weights
-    return cut(weights, col0, cols, 0)
+    return _loops.cut(weights, col0, cols, 0)
 
 
 def label_logits(x, w, bias, index, options: _rows.Options, dtype) -> jax.Array:
@@ -176,7 +109,7 @@ def statistics(
     smoothing = options.smoothing
 
     def token_body(t0, rows, acc):
-        x_t = cut(x, t0, rows, 0)
+        x_t = _loops.cut(x, t0, rows, 0)
 
         def vocab_body(c0, cols, part):
             raw = logits(x_t, w, bias, c0, cols, dtype)
@@ -185,12 +118,12 @@ def statistics(
             )
             return _rows.merge(part, block, static.num_classes)
 
-        part = for_chunks(
+        part = _loops.for_chunks(
             v, static.vocab_chunk, vocab_body, vary(_rows.empty((rows, 1), dtype, smoothing))
         )
-        return jax.tree.map(lambda a, p: paste(a, p, t0, 0), acc, part)
+        return jax.tree.map(lambda a, p: _loops.paste(a, p, t0, 0), acc, part)
 
-    return for_chunks(
+    return _loops.for_chunks(
         n, static.token_chunk, token_body, vary(_rows.empty((n, 1), dtype, smoothing))
     )
 
@@ -205,7 +138,7 @@ class RowInfo(NamedTuple):
 
 
 def slice_rows(tree, t0, rows: int):
-    return jax.tree.map(lambda a: cut(a, t0, rows, 0), tree)
+    return jax.tree.map(lambda a: _loops.cut(a, t0, rows, 0), tree)
 
 
 def block_derivative(raw, col0, weights_c, stats: _rows.Stats, info: RowInfo, options):
@@ -260,14 +193,16 @@ def gradients(
 
         def token_body(t0, n_rows, inner):
             dx, dw_c, db_c, dwt_c, dcap = inner
-            x_t = cut(x, t0, n_rows, 0)
+            x_t = _loops.cut(x, t0, n_rows, 0)
             stats_t, info_t = slice_rows((stats, info), t0, n_rows)
             raw = matmul(x_t, w_c, (1, 0), dtype)
             if bias is not None:
-                raw = raw + cut(bias, c0, cols, 0).astype(dtype)[None, :]
+                raw = raw + _loops.cut(bias, c0, cols, 0).astype(dtype)[None, :]
             z, adm, dz, draw = block_derivative(raw, c0, weights_c, stats_t, info_t, options)
             if needs.x:
-                dx = paste(dx, cut(dx, t0, n_rows, 0) + matmul(draw, w_c, (1, 1), dtype), t0, 0)
+                dx = _loops.paste(
+                    dx, _loops.cut(dx, t0, n_rows, 0) + matmul(draw, w_c, (1, 1), dtype), t0, 0
+                )
             if needs.w:
                 dw_c = dw_c + matmul(x_t, draw, (0, 0), dtype)
             if needs.bias:
@@ -282,10 +217,10 @@ def gradients(
         zeros = jnp.zeros((cols,), dtype)
         dw_c = jnp.zeros((d, cols) if needs.w else (0, 0), dtype)
         init = vary((dx, dw_c, zeros, zeros, dcap))
-        dx, dw_c, db_c, dwt_c, dcap = for_chunks(n, static.token_chunk, token_body, init)
+        dx, dw_c, db_c, dwt_c, dcap = _loops.for_chunks(n, static.token_chunk, token_body, init)
         if needs.w:
-            dw = paste(dw, dw_c.astype(dw.dtype), c0, 1)
-        db, dwt = paste(db, db_c, c0, 0), paste(dwt, dwt_c, c0, 0)
+            dw = _loops.paste(dw, dw_c.astype(dw.dtype), c0, 1)
+        db, dwt = _loops.paste(db, db_c, c0, 0), _loops.paste(dwt, dwt_c, c0, 0)
         return dx, dw, db, dwt, dcap
 
     init = (
@@ -295,7 +230,7 @@ def gradients(
         jnp.zeros((v,), dtype),
         jnp.zeros((), dtype),
     )
-    dx, dw, db, dwt, dcap = for_chunks(v, static.vocab_chunk, vocab_body, vary(init))
+    dx, dw, db, dwt, dcap = _loops.for_chunks(v, static.vocab_chunk, vocab_body, vary(init))
     return Grads(
         dx if needs.x else None,
         dw if needs.w else None,

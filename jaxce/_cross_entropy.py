@@ -9,15 +9,16 @@ backward pass, so reverse mode saves only the logits and ``O(N)`` statistics.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _checks, _labels, _rows, _sharding, _xla
+from jaxce import _autodiff, _checks, _labels, _loops, _rows, _sharding, _xla
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype, layout_of
 from jaxce._reduction import reduce_loss
-from jaxce._softmax import max_and_log_sum, probabilities
+from jaxce._softmax import max_and_sum_exp, probabilities, shift_of
 
 
 # ----------------------------------------------------------------------------------------------
@@ -32,14 +33,15 @@ def _integer_ce(x, labels, mask, weights, options, ignore_index):
 def _forward(x, labels, mask, weights, options: _rows.Options, ignore_index):
     """The row statistics of raw logits ``x`` (``[..., C]``, any float dtype) and the loss.
 
-    Written so that XLA needs no ``[..., C]`` temporary: the statistics read ``x`` in its own
-    dtype (``_rows.partial_stats``) and the label logit is read from ``x`` itself (``_xla.pick``).
+    Written so that XLA needs no ``[..., C]`` temporary: the statistics are reduced a chunk of
+    rows at a time (``_rows.row_stats``) and the label logit is read from ``x`` itself
+    (``_xla.pick``).
     """
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[-1]
     meaning = _labels.classify(labels, num_classes, ignore_index)
     label_logit = _rows.capped(_xla.pick(x, meaning.index).astype(dtype), options)
-    stats = _rows.finish(_rows.partial_stats(x, mask, weights, options, num_classes), num_classes)
+    stats = _rows.finish(_rows.row_stats(x, mask, weights, options, num_classes), num_classes)
     w_y = _rows.label_weight(weights, meaning.index, dtype)
     rows = _rows.status(meaning, stats)
     loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)
@@ -199,70 +201,90 @@ def softmax_cross_entropy_with_integer_labels(
 # with a zero target being 0 (0 log 0 = 0, even at -inf logits).
 #   dloss/dz = (sum_c w_c y'_c) p - w y',   dloss/dy = (1-eps) w (lse - z) on admissible rows,
 #   dloss/dw_c = y'_c (lse - z_c),          dloss/deps = sum_c w_c (1/K [c in A] - y_c)(lse - z_c)
-def _soft_targets(x, y, mask, eps):
-    """``(y', admissible)``: the targets mixed with the uniform distribution over admissible
+class _SoftRows(NamedTuple):
+    """Per-row values of the soft-label loss, each ``[..., 1]``, from the forward pass."""
+
+    shift: jax.Array
+    log_sum: jax.Array  # -inf for a row with no admissible class
+    count: jax.Array | None  # K, with label smoothing
+    mass: jax.Array  # sum_c w_c y'_c
+    loss: jax.Array
+
+
+def _soft_targets(adm, y, mask, eps, count):
+    """``y'``: the targets mixed with the uniform distribution over the ``count`` admissible
     classes, 0 on masked classes."""
-    adm = _rows.admissible(x, mask)
     t = y if mask is None else jnp.where(mask, y, jnp.zeros_like(y))
-    if eps is not None:
-        count = jnp.sum(adm, axis=-1, keepdims=True, dtype=y.dtype)
-        t = (1 - eps) * t + jnp.where(adm, eps / jnp.maximum(count, 1), jnp.zeros_like(t))
-    return t, adm
+    if eps is None:
+        return t
+    return (1 - eps) * t + jnp.where(adm, eps / jnp.maximum(count, 1), jnp.zeros_like(t))
 
 
 def _weighted(t, weights):
     return t if weights is None else t * _rows.class_row(weights, t)
 
 
-def _gaps(z, m, log_sum, t):
-    """``lse - z`` as ``(m - z) + log_sum`` where the target ``t`` is nonzero, 0 elsewhere."""
+def _gaps(z, shift, log_sum, t):
+    """``lse - z`` as ``(shift - z) + log_sum`` where the target ``t`` is nonzero, 0 elsewhere
+    (0 log 0 = 0, even at -inf logits)."""
     log_sum = jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(log_sum), log_sum)
-    return jnp.where(t != 0, (m - z) + log_sum, jnp.zeros_like(z))
+    return jnp.where(t != 0, (shift - z) + log_sum, jnp.zeros_like(z))
 
 
-def _soft_value(x, y, mask, weights, eps):
-    m, log_sum = max_and_log_sum(x, mask)
-    z = x.astype(m.dtype)
-    t, _ = _soft_targets(z, y.astype(z.dtype), mask, eps)
-    wt = _weighted(t, weights)
-    loss = jnp.sum(wt * _gaps(z, m, log_sum, wt), axis=-1, keepdims=True)
+def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
+    """The per-row values of a chunk of rows (``[rows, C]``)."""
+    m, sum_exp = max_and_sum_exp(x, mask)
+    shift, log_sum = shift_of(m), jnp.log(sum_exp)
+    z = x.astype(shift.dtype)
+    adm = _rows.admissible(z, mask)
+    count = None
+    if eps is not None:
+        count = jnp.sum(adm, axis=-1, keepdims=True, dtype=z.dtype)
+    wt = _weighted(_soft_targets(adm, y.astype(z.dtype), mask, eps, count), weights)
+    loss = jnp.sum(wt * _gaps(z, shift, log_sum, wt), axis=-1, keepdims=True)
     loss = jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(loss), loss)  # an empty row
-    return loss[..., 0], (m, log_sum)
+    return _SoftRows(shift, log_sum, count, jnp.sum(wt, axis=-1, keepdims=True), loss)
+
+
+def _soft_forward(x, y, mask, weights, eps) -> _SoftRows:
+    def rows(x, y, mask):
+        return _soft_rows(x, y, mask, weights, eps)
+
+    return _loops.by_row_chunks(rows, x, y, mask)
 
 
 @jax.custom_jvp
 def _soft_ce(x, y, mask, weights, eps):
-    return _soft_value(x, y, mask, weights, eps)[0]
+    return _soft_forward(x, y, mask, weights, eps).loss[..., 0]
 
 
 @_autodiff.rematerialized
-def _soft_tangent(x, y, mask, weights, eps, m, log_sum, x_dot, y_dot, w_dot, eps_dot):
-    z = x.astype(m.dtype)
+def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, x_dot, y_dot, w_dot, eps_dot):
+    z = x.astype(rows.shift.dtype)
     yf = y.astype(z.dtype)
-    t, adm = _soft_targets(z, yf, mask, eps)
+    adm = _rows.admissible(z, mask)
+    t = _soft_targets(adm, yf, mask, eps, rows.count)
     wt = _weighted(t, weights)
-    has_row = ~jnp.isneginf(log_sum)
+    has_row = ~jnp.isneginf(rows.log_sum)
     out = None
     if x_dot is not None:
-        p = probabilities(z, m, log_sum, mask)
-        dz = jnp.sum(wt, axis=-1, keepdims=True) * p - wt
-        out = jnp.sum(jnp.where(has_row, dz, 0) * x_dot.astype(z.dtype), axis=-1)
+        p = probabilities(z, rows.shift, rows.log_sum, mask)
+        dz = jnp.where(has_row, rows.mass * p - wt, 0)
+        out = jnp.sum(dz * x_dot.astype(z.dtype), axis=-1)
     gaps = None
     if y_dot is not None or eps_dot is not None:
-        gaps = (m - z) + jnp.where(has_row, log_sum, jnp.zeros_like(log_sum))
+        gaps = (rows.shift - z) + jnp.where(has_row, rows.log_sum, jnp.zeros_like(rows.log_sum))
     if y_dot is not None:
         live = has_row if mask is None else has_row & mask
         scale = 1 if eps is None else 1 - eps
         dy = jnp.where(live, scale * _weighted(gaps, weights), jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dy * y_dot.astype(z.dtype), axis=-1))
     if w_dot is not None:
-        dw = jnp.where(has_row, t * _gaps(z, m, log_sum, t), jnp.zeros_like(z))
+        dw = jnp.where(has_row, t * _gaps(z, rows.shift, rows.log_sum, t), jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dw * _rows.class_row(w_dot, dw), axis=-1))
     if eps_dot is not None:
         y0 = yf if mask is None else jnp.where(mask, yf, jnp.zeros_like(yf))
-        uniform = jnp.where(
-            adm, 1 / jnp.maximum(jnp.sum(adm, -1, keepdims=True, dtype=z.dtype), 1), 0
-        )
+        uniform = jnp.where(adm, 1 / jnp.maximum(rows.count, 1), jnp.zeros_like(z))
         dt = _weighted(uniform - y0, weights)
         d_eps = jnp.where(has_row & (dt != 0), dt * gaps, jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(d_eps, axis=-1) * eps_dot)
@@ -272,8 +294,9 @@ def _soft_tangent(x, y, mask, weights, eps, m, log_sum, x_dot, y_dot, w_dot, eps
 def _soft_ce_jvp(primals, tangents):
     x, y, mask, weights, eps = primals
     x_dot, y_dot, _, w_dot, eps_dot = (None if _autodiff.is_zero(t) else t for t in tangents)
-    loss, (m, log_sum) = _soft_value(x, y, mask, weights, eps)
-    t = _soft_tangent(x, y, mask, weights, eps, m, log_sum, x_dot, y_dot, w_dot, eps_dot)
+    rows = _soft_forward(x, y, mask, weights, eps)
+    loss = rows.loss[..., 0]
+    t = _soft_tangent(x, y, mask, weights, eps, rows, x_dot, y_dot, w_dot, eps_dot)
     return loss, _autodiff.or_zeros(t, loss)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from jaxce import _autodiff, _checks, _labels, _rows
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype
-from jaxce._reduction import reduce_loss
+from jaxce._reduction import reduce_loss, reduce_total
 from jaxce._sigmoid import stable_log_sigmoid
 from jaxce._softmax import max_and_log_sum, probabilities
 
@@ -44,13 +44,11 @@ def _sigmoid_focal_parts(x, y, alpha, gamma):
     return xf, yf, log_p, log_q, ce, p, q, m, a, _pow(m, gamma)
 
 
-@jax.custom_jvp
-def _sigmoid_focal(x, y, alpha, gamma):
+def _sigmoid_focal_value(x, y, alpha, gamma):
     *_, ce, _, _, _, a, mg = _sigmoid_focal_parts(x, y, alpha, gamma)
     return a * ce * mg
 
 
-@_autodiff.rematerialized
 def _sigmoid_focal_tangent(x, y, alpha, gamma, x_dot, y_dot, alpha_dot, gamma_dot):
     xf, yf, log_p, log_q, ce, p, q, m, a, mg = _sigmoid_focal_parts(x, y, alpha, gamma)
     ratio = jnp.where(m > 0, ce / jnp.where(m > 0, m, 1), 0)
@@ -68,16 +66,10 @@ def _sigmoid_focal_tangent(x, y, alpha, gamma, x_dot, y_dot, alpha_dot, gamma_do
         t = _autodiff.add(t, (2 * yf - 1) * ce * mg * alpha_dot)
     if gamma_dot is not None:
         t = _autodiff.add(t, a * ce * mg * _log_or_zero(m) * gamma_dot)
-    return _autodiff.or_zeros(t, xf)
+    return t
 
 
-def _sigmoid_focal_jvp(primals, tangents):
-    x, y, alpha, gamma = primals
-    dots = tuple(None if _autodiff.is_zero(t) else t for t in tangents)
-    return _sigmoid_focal(x, y, alpha, gamma), _sigmoid_focal_tangent(x, y, alpha, gamma, *dots)
-
-
-_sigmoid_focal.defjvp(_sigmoid_focal_jvp, symbolic_zeros=True)
+_sigmoid_focal = _autodiff.elementwise(_sigmoid_focal_value, _sigmoid_focal_tangent)
 
 
 def _gamma(gamma, dtype) -> jax.Array:
@@ -131,7 +123,8 @@ def sigmoid_focal_loss(
     gamma = _gamma(gamma, cdt)
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(cdt)
-    return reduce_loss(_sigmoid_focal(logits, labels, alpha, gamma), reduction)
+    out = _sigmoid_focal(reduction != "none", logits, labels, alpha, gamma)
+    return reduce_total(out, reduction, logits.size)
 
 
 # Softmax focal loss with integer labels. With q = p_y, lp = log q, u = 1 - q:

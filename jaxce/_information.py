@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _checks
+from jaxce import _autodiff, _checks, _loops
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype, layout_of
 from jaxce._reduction import reduce_loss
-from jaxce._softmax import log_probabilities, max_and_log_sum
+from jaxce._softmax import log_probabilities, max_and_sum_exp, shift_of
 
 
 def _safe_log(p: jax.Array) -> jax.Array:
@@ -72,31 +72,37 @@ def entropy(probs: jax.typing.ArrayLike, axis: Axis = -1, *, reduction: str = "n
 
 
 # softmax_entropy: H = lse - sum p z = -sum p log p;  H' = -sum p (log p + H) z'.
-def _softmax_entropy_parts(x):
-    z = x.astype(compute_dtype(x.dtype))
-    m, log_sum = max_and_log_sum(x, None)
-    log_p = log_probabilities(z, m, log_sum, None)
+# The forward pass keeps each row's (shift, log-sum, H), reduced a chunk of rows at a time.
+def _log_p(z, shift, log_sum):
+    """``(p, log p)`` with ``log p`` 0 where ``p`` is (``p log p = 0``)."""
+    log_p = log_probabilities(z, shift, log_sum, None)
     p = jnp.exp(log_p)
-    return p, jnp.where(p > 0, log_p, jnp.zeros_like(z))  # p log p = 0 where p = 0
+    return p, jnp.where(p > 0, log_p, jnp.zeros_like(z))
+
+
+def _entropy_rows(x):
+    m, total = max_and_sum_exp(x, None)
+    shift, log_sum = shift_of(m), jnp.log(total)
+    p, log_p = _log_p(x.astype(shift.dtype), shift, log_sum)
+    return shift, log_sum, 0 - jnp.sum(p * log_p, axis=-1, keepdims=True)
 
 
 @jax.custom_jvp
 def _softmax_entropy(x):
-    p, log_p = _softmax_entropy_parts(x)
-    return 0 - jnp.sum(p * log_p, axis=-1)
+    return _loops.by_row_chunks(_entropy_rows, x)[2][..., 0]
 
 
 @_autodiff.rematerialized
-def _softmax_entropy_tangent(x, x_dot):
-    p, log_p = _softmax_entropy_parts(x)
-    h = -jnp.sum(p * log_p, axis=-1, keepdims=True)
+def _softmax_entropy_tangent(x, shift, log_sum, h, x_dot):
+    p, log_p = _log_p(x.astype(shift.dtype), shift, log_sum)
     return jnp.sum(-p * (log_p + h) * x_dot.astype(p.dtype), axis=-1)
 
 
 @_softmax_entropy.defjvp
 def _softmax_entropy_jvp(primals, tangents):
     (x,), (x_dot,) = primals, tangents
-    return _softmax_entropy(x), _softmax_entropy_tangent(x, x_dot)
+    shift, log_sum, h = _loops.by_row_chunks(_entropy_rows, x)
+    return h[..., 0], _softmax_entropy_tangent(x, shift, log_sum, h, x_dot)
 
 
 def softmax_entropy(

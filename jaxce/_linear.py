@@ -34,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _blocks, _checks, _labels, _rows, _xla
+from jaxce import _autodiff, _blocks, _checks, _labels, _loops, _rows, _xla
 from jaxce._reduction import reduce_loss
 
 
@@ -127,7 +127,7 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
 
     def token_body(t0, fresh, acc):
         stats_acc, z_y_acc, dx, dw, db, dwt, dcap = acc
-        x_t = _blocks.cut(x, t0, rows_per_chunk, 0)
+        x_t = _loops.cut(x, t0, rows_per_chunk, 0)
         meaning_t = _blocks.slice_rows(meaning, t0, rows_per_chunk)
         raw = _block_logits(x_t, w, bias, static.vocab_chunk, dtype)
         stats_t = _rows.finish(_rows.partial_stats(raw, None, weights, options, v), v)
@@ -143,9 +143,9 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
             dx_t, dw = _block_grads(x_t, w, draw, dw, static.vocab_chunk, dtype, needs)
             if needs.x:
                 if fresh is not None:
-                    previous = _blocks.cut(dx, t0, rows_per_chunk, 0)
+                    previous = _loops.cut(dx, t0, rows_per_chunk, 0)
                     dx_t = jnp.where(fresh[:, None], dx_t, previous)
-                dx = _blocks.paste(dx, dx_t, t0, 0)
+                dx = _loops.paste(dx, dx_t, t0, 0)
         if needs.bias:
             db = db + jnp.sum(draw, axis=0)
         if needs.smoothing_weights:
@@ -153,8 +153,8 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
             dwt = dwt + jnp.sum(_rows.finalize(spread, rows), axis=0)
         if needs.cap:
             dcap = dcap + jnp.sum(_rows.cap_derivative(raw, dz, options))
-        stats_acc = jax.tree.map(lambda a, s: _blocks.paste(a, s, t0, 0), stats_acc, stats_t)
-        z_y_acc = _blocks.paste(z_y_acc, label_logit, t0, 0)
+        stats_acc = jax.tree.map(lambda a, s: _loops.paste(a, s, t0, 0), stats_acc, stats_t)
+        z_y_acc = _loops.paste(z_y_acc, label_logit, t0, 0)
         return stats_acc, z_y_acc, dx, dw, db, dwt, dcap
 
     column = jnp.zeros((n, 1), dtype)
@@ -169,7 +169,7 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
         jnp.zeros((v,), dtype),
         jnp.zeros((), dtype),
     )
-    stats, label_logit, dx, dw, db, dwt, dcap = _blocks.overlapping_chunks(
+    stats, label_logit, dx, dw, db, dwt, dcap = _loops.overlapping_chunks(
         n, rows_per_chunk, token_body, init
     )
     grads = _blocks.Grads(
@@ -187,9 +187,9 @@ def _block_logits(x_t, w, bias, cols_per_step, dtype):
     n_rows, v = x_t.shape[0], w.shape[1]
 
     def body(c0, cols, block):
-        return _blocks.paste(block, _blocks.logits(x_t, w, bias, c0, cols, dtype), c0, 1)
+        return _loops.paste(block, _blocks.logits(x_t, w, bias, c0, cols, dtype), c0, 1)
 
-    return _blocks.for_chunks(v, cols_per_step, body, jnp.zeros((n_rows, v), dtype))
+    return _loops.for_chunks(v, cols_per_step, body, jnp.zeros((n_rows, v), dtype))
 
 
 def _block_grads(x_t, w, draw, dw, cols_per_step, dtype, needs):
@@ -202,18 +202,18 @@ def _block_grads(x_t, w, draw, dw, cols_per_step, dtype, needs):
 
     def body(c0, fresh, acc):
         dx_t, dw = acc
-        dz_c = _blocks.cut(draw, c0, cols, 1)
+        dz_c = _loops.cut(draw, c0, cols, 1)
         if fresh is not None:  # columns of the previous chunk: already counted
             dz_c = jnp.where(fresh[None, :], dz_c, jnp.zeros_like(dz_c))
         if needs.x:
             dx_t = dx_t + _blocks.matmul(dz_c, _xla.columns(w, c0, cols, dtype), (1, 1), dtype)
         if needs.w:
             product = _blocks.matmul(x_t, dz_c, (0, 0), dtype)
-            dw = _blocks.paste(dw, _blocks.cut(dw, c0, cols, 1) + product, c0, 1)
+            dw = _loops.paste(dw, _loops.cut(dw, c0, cols, 1) + product, c0, 1)
         return dx_t, dw
 
     init = (jnp.zeros((x_t.shape[0], w.shape[0]), dtype), dw)
-    return _blocks.overlapping_chunks(v, cols, body, init)
+    return _loops.overlapping_chunks(v, cols, body, init)
 
 
 def _summed_jvp(static: _Static, primals, tangents):
@@ -378,7 +378,7 @@ def linear_softmax_cross_entropy(
     dtype = _blocks.dtype_of(x, w)
     options = _rows.make_options(dtype, label_smoothing, z_loss, logit_soft_cap)
     batch_shape = labels.shape
-    x2, labels1 = jnp.reshape(x, (-1, d)), jnp.reshape(labels, (-1,))
+    x2, labels1 = jnp.reshape(x, (labels.size, d)), jnp.reshape(labels, (labels.size,))
     n = x2.shape[0]
     default_rows, default_cols, budget = _xla.chunk_defaults()
     if reduction == "none" and recompute_logits is False:

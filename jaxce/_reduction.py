@@ -27,3 +27,12 @@ def reduce_loss(
         denominator = jnp.sum(normalizer.astype(losses.dtype))
     nonzero = denominator != 0
     return jnp.where(nonzero, total / jnp.where(nonzero, denominator, 1), jnp.zeros_like(total))
+
+
+def reduce_total(out: jax.Array, reduction: str, size: int) -> jax.Array:
+    """The reduction of an elementwise loss computed as ``out``: the elementwise values for
+    ``"none"``, else their sum (see ``_autodiff.elementwise``), divided by the number of
+    elements ``size`` for ``"mean"`` (0 for no element)."""
+    if reduction != "mean":
+        return out
+    return out / size if size else jnp.zeros_like(out)

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _checks, _xla
+from jaxce import _autodiff, _checks, _loops
 from jaxce._labels import Labels
 from jaxce._layout import compute_dtype
 from jaxce._sigmoid import soft_cap, soft_cap_cap_derivative, soft_cap_derivative
@@ -161,11 +161,10 @@ def partial_stats(
     its ``[cols]`` class weights (or None). ``num_classes`` is the whole vocabulary's size:
     each gap term is divided by it before summing, so the sum cannot overflow.
 
-    Written so that XLA needs no ``[..., C]`` temporary (see ``_xla``): without a cap or
-    smoothing the max and the sum read ``x`` in its own dtype; otherwise the max is read from
-    the raw logits (the cap is increasing: the max of the capped logits is the capped max) and
-    one variadic reduction computes every sum in one pass, including the admissible count, so
-    that each of its results is used.
+    The max is read from the raw logits in their own dtype (the cap is increasing: the max of
+    the capped logits is the capped max). Callers reduce large arrays a chunk of rows at a
+    time (:func:`row_stats`) or a block at a time (``_blocks``), so whatever XLA keeps while
+    reducing is the size of a chunk.
     """
     dtype = compute_dtype(x.dtype)
     if options.logit_soft_cap is None and not options.smoothing:
@@ -176,20 +175,32 @@ def partial_stats(
     z = capped_bulk(x.astype(dtype), options)
     adm = admissible(x, mask)
     zero = jnp.zeros_like(z)
-    operands: tuple[jax.Array, ...] = (jnp.where(adm, jnp.exp(z - shift), zero), adm.astype(dtype))
-    if options.smoothing:
-        # A second capped copy (behind a barrier) keeps XLA from sharing, and so materializing,
-        # one capped array between two operands.
-        z_again = capped_bulk(_xla.barrier(x).astype(dtype), options)
-        w = jnp.ones_like(z) if weights is None else class_row(weights, z)
-        gap = w * scaled_difference(shift, z_again, num_classes)
-        operands += (jnp.where(adm, w, zero), jnp.where(adm, gap, zero))
-    sums = tuple(r[..., None] for r in _xla.row_sums(operands))
-    total, count = sums[:2]
-    sum_exp = jnp.where(count > 0, total, jnp.zeros_like(total))  # uses the count (see _xla)
+
+    def row_sum(values):
+        return jnp.sum(jnp.where(adm, values, zero), axis=-1, keepdims=True)
+
+    sum_exp = row_sum(jnp.exp(z - shift))
     if not options.smoothing:
         return Partial(m, sum_exp, None, None, None)
-    return Partial(m, sum_exp, count, sums[2], sums[3])
+    w = jnp.ones_like(z) if weights is None else class_row(weights, z)
+    gap = row_sum(w * scaled_difference(shift, z, num_classes))
+    return Partial(m, sum_exp, row_sum(jnp.ones_like(z)), row_sum(w), gap)
+
+
+def row_stats(
+    x: jax.Array,
+    mask: jax.Array | None,
+    weights: jax.Array | None,
+    options: Options,
+    num_classes: int,
+) -> Partial:
+    """:func:`partial_stats` of ``[..., C]`` logits, reduced a chunk of rows at a time
+    (``_loops.by_row_chunks``): the temporaries are the size of a chunk, on any XLA."""
+
+    def stats(xs, ms):
+        return partial_stats(xs, ms, weights, options, num_classes)
+
+    return _loops.by_row_chunks(stats, x, mask)
 
 
 def rebase(p: Partial, new_max: jax.Array, num_classes: int) -> Partial:
@@ -415,11 +426,9 @@ def class_tangent(x, label_cols, mask, weights, options, stats, w_y, rows, dots:
     device's columns of it): ``sum_c dloss/dx_c x'_c``, the soft cap's and the smoothing class
     weights'. ``label_cols`` is each row's label column (-1 if in no column of ``x``).
 
-    Rematerialized (``_autodiff``): in reverse mode it runs in the backward pass. The barrier
-    keeps XLA from sharing this pass's float32 copy of ``x``, or its broadcast row statistics,
-    with the forward pass's reductions (tests/test_memory.py).
+    Rematerialized (``_autodiff``): in reverse mode it runs in the backward pass, one
+    elementwise pass over ``x``.
     """
-    x, stats = _xla.barrier((x, stats))
     xf = x.astype(stats.shift.dtype)
     z = capped_bulk(xf, options)
     adm = admissible(xf, mask)

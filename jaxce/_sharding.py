@@ -194,7 +194,7 @@ def _sharded_ce_forward(x, labels, mask, weights, options, static: _Static):
     dtype = compute_dtype(x.dtype)
     shard = _shard(labels, x.shape[-1], static)
     mask = _vocab_mask(mask, x.shape, shard.offset, static)
-    local = _rows.partial_stats(x, mask, weights, options, static.vocab_size)
+    local = _rows.row_stats(x, mask, weights, options, static.vocab_size)
     picked = _rows.capped(
         jnp.take_along_axis(x, shard.local[..., None], axis=-1).astype(dtype), options
     )
@@ -838,7 +838,7 @@ def linear_softmax_cross_entropy(
     dtype = _blocks.dtype_of(x, w)
     options = _rows.make_options(dtype, label_smoothing, z_loss, logit_soft_cap)
     batch_shape = labels.shape
-    x2, labels1 = jnp.reshape(x, (-1, d)), jnp.reshape(labels, (-1,))
+    x2, labels1 = jnp.reshape(x, (labels.size, d)), jnp.reshape(labels, (labels.size,))
     n = x2.shape[0]
     default_rows, default_cols, _ = _xla.chunk_defaults()
     static = _FusedStatic(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _xla
+from jaxce import _autodiff, _loops
 from jaxce._checks import Axis, as_float_array
 from jaxce._layout import compute_dtype, layout_of
 
@@ -30,16 +30,16 @@ def row_max(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     for a row with nothing admissible, NaN for a row with a NaN. No derivative: callers use it
     as a shift only.
 
-    Without a mask it reads ``x`` in its own dtype (a max is exact in any dtype), so no float32
-    copy of ``x`` is needed for it.
+    It reads ``x`` in its own dtype (a max is exact in any dtype), so no float32 copy of ``x`` is
+    needed for it.
     """
     x = jax.lax.stop_gradient(x)
     dtype = compute_dtype(x.dtype)
     if x.shape[-1] == 0:  # no class: the max of nothing
         return jnp.full(x.shape[:-1] + (1,), -jnp.inf, dtype)
-    if mask is None:
-        return jnp.max(x, axis=-1, keepdims=True).astype(dtype)
-    return _xla.masked_max(x, mask, dtype)
+    if mask is not None:
+        x = jnp.where(mask, x, jnp.asarray(-jnp.inf, x.dtype))
+    return jnp.max(x, axis=-1, keepdims=True).astype(dtype)
 
 
 def max_and_sum_exp(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -52,13 +52,9 @@ def max_and_sum_exp(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ja
     m = row_max(x, mask)
     shift = shift_of(m)
     e = jnp.exp(x.astype(dtype) - shift)
-    if mask is None:
-        return m, jnp.sum(e, axis=-1, keepdims=True)
-    total, count = (
-        r[..., None] for r in _xla.row_sums((jnp.where(mask, e, 0), mask.astype(dtype)))
-    )
-    # The count must be used, or XLA drops it and the reduction is no longer variadic (_xla).
-    return m, jnp.where(count > 0, total, jnp.zeros_like(total))
+    if mask is not None:
+        e = jnp.where(mask, e, jnp.zeros_like(e))
+    return m, jnp.sum(e, axis=-1, keepdims=True)
 
 
 def max_and_log_sum(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -67,10 +63,15 @@ def max_and_log_sum(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ja
     ``shift`` is the row max (0 for a row with nothing admissible, whose ``log_sum`` is -inf)
     and ``log_sum = log(sum(exp(x - shift)))``. Keeping the two apart is what makes
     ``log_softmax = (x - shift) - log_sum`` exact at huge logits, where ``x - (shift + log_sum)``
-    would lose ``log_sum`` to rounding (at 3e38 it vanishes entirely).
+    would lose ``log_sum`` to rounding (at 3e38 it vanishes entirely). Reduced a chunk of rows
+    at a time (``_loops.by_row_chunks``).
     """
-    m, total = max_and_sum_exp(x, mask)
-    return shift_of(m), jnp.log(total)
+
+    def stats(x, mask):
+        m, total = max_and_sum_exp(x, mask)
+        return shift_of(m), jnp.log(total)
+
+    return _loops.by_row_chunks(stats, x, mask)
 
 
 def log_probabilities(

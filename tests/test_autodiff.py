@@ -55,7 +55,12 @@ def _cases(rng):
 
     def integer_ce_ref(v, xp):
         return R.softmax_cross_entropy_with_integer_labels(
-            v, y_ignored, ignore_index=-100, class_weights=weights, where=mask, xp=xp,
+            v,
+            y_ignored,
+            ignore_index=-100,
+            class_weights=weights,
+            where=mask,
+            xp=xp,
             **ce_options,
         )
 
@@ -179,9 +184,7 @@ def test_forward_over_reverse_hvp_and_hessian(case):
 
     R.assert_close(hvp(f), hvp(ref), rtol=1e-9, atol=1e-11)
     hessian = jax.hessian(lambda u: jnp.sum(f(u)))(x)
-    R.assert_close(
-        jnp.tensordot(hessian, v, axes=v.ndim), hvp(ref), rtol=1e-9, atol=1e-11
-    )
+    R.assert_close(jnp.tensordot(hessian, v, axes=v.ndim), hvp(ref), rtol=1e-9, atol=1e-11)
 
 
 def test_finite_differences_to_second_order(case):
@@ -201,12 +204,23 @@ def test_forward_mode_to_hyperparameters_and_class_weights():
         eps, zl, cap, w = params
         if xp is None:
             return jaxce.softmax_cross_entropy_with_integer_labels(
-                x, y, class_weights=w, label_smoothing=eps, z_loss=zl, logit_soft_cap=cap,
+                x,
+                y,
+                class_weights=w,
+                label_smoothing=eps,
+                z_loss=zl,
+                logit_soft_cap=cap,
                 reduction="mean",
             )
         return R.softmax_cross_entropy_with_integer_labels(
-            x, y, class_weights=w, label_smoothing=eps, z_loss=zl, logit_soft_cap_value=cap,
-            reduction="mean", xp=xp,
+            x,
+            y,
+            class_weights=w,
+            label_smoothing=eps,
+            z_loss=zl,
+            logit_soft_cap_value=cap,
+            reduction="mean",
+            xp=xp,
         )
 
     params = (jnp.asarray(0.1), jnp.asarray(0.01), jnp.asarray(3.0), weights)
@@ -230,7 +244,11 @@ def _fused_problem(rng):
 
 
 FUSED_OPTIONS = dict(
-    ignore_index=-100, label_smoothing=0.1, z_loss=0.01, logit_soft_cap=3.0, token_chunk=3,
+    ignore_index=-100,
+    label_smoothing=0.1,
+    z_loss=0.01,
+    logit_soft_cap=3.0,
+    token_chunk=3,
     vocab_chunk=4,
 )
 
@@ -241,8 +259,9 @@ def test_fused_forward_mode_and_hvp(recompute_logits, reduction):
     rng = np.random.default_rng(4)
     x, w, y = _fused_problem(rng)
     kw = {**FUSED_OPTIONS, "reduction": reduction, "recompute_logits": recompute_logits}
-    options = {k: v for k, v in kw.items() if k not in ("token_chunk", "vocab_chunk",
-                                                         "recompute_logits")}
+    options = {
+        k: v for k, v in kw.items() if k not in ("token_chunk", "vocab_chunk", "recompute_logits")
+    }
 
     def fused(x, w):
         return jaxce.linear_softmax_cross_entropy(x, w, y, **kw)

@@ -1,7 +1,10 @@
-"""The integer-label cross-entropy and its gradient need no [N, V] float32 temporaries.
+"""Temporary memory of the losses' ``jit(value_and_grad)``, which ``memory_analysis()`` gives
+deterministically for a compiled program.
 
-``compile().memory_analysis()`` is deterministic for a given program, so it can be asserted;
-the bound is one bfloat16 logits buffer (the gradient itself is the output, not a temporary).
+The integer-label cross-entropy and its gradient need no ``[N, V]`` float32 temporaries: at most
+one bfloat16 logits buffer (the gradient itself is the output, not a temporary), for every option
+combination. And every loss reduces a chunk of rows at a time, so its temporaries do not grow
+with the number of rows at all, whatever XLA fuses (this differs between JAX versions).
 """
 
 import jax
@@ -93,3 +96,54 @@ def test_every_option_combination_fits_one_bf16_buffer(smoothing, z_loss, cap, w
     if stats is None:  # pragma: no cover - backend without memory analysis
         pytest.skip("memory_analysis not available on this backend")
     assert stats.temp_size_in_bytes <= N * V * 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Every loss reduces a chunk of rows at a time, so its temporaries are a few chunks whatever the
+# number of rows and whatever XLA fuses: the bound is a property of the program (it holds on
+# every JAX the package supports, where fusing the reductions differs between versions).
+C = 4096
+CHUNK = 2**20  # jaxce._xla.ROW_CHUNK_BYTES on CPU
+PER_ROW = 64  # bytes of per-row statistics a loss may keep (a few float32 numbers per row)
+LOSSES = {
+    "integer_all_options": (
+        lambda x, t, y: jaxce.softmax_cross_entropy_with_integer_labels(
+            x,
+            y,
+            label_smoothing=0.1,
+            z_loss=1e-4,
+            logit_soft_cap=30.0,
+            class_weights=jnp.linspace(0.5, 2.0, C),
+            reduction="mean",
+        )
+    ),
+    "soft_labels": lambda x, t, y: jaxce.softmax_cross_entropy(
+        x, t, label_smoothing=0.1, reduction="mean"
+    ),
+    "softmax_focal": lambda x, t, y: jaxce.softmax_focal_loss(x, y, reduction="mean"),
+    "sigmoid_bce": lambda x, t, y: jaxce.sigmoid_binary_cross_entropy(x, t, reduction="mean"),
+    "sigmoid_focal": lambda x, t, y: jaxce.sigmoid_focal_loss(x, t, reduction="mean"),
+    "softmax_entropy": lambda x, t, y: jaxce.softmax_entropy(x, reduction="mean"),
+    "binary_cross_entropy": lambda x, t, y: jaxce.binary_cross_entropy(x, t, reduction="mean"),
+}
+
+
+def _loss_temp_bytes(name, n):
+    x = jax.ShapeDtypeStruct((n, C), jnp.bfloat16)
+    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+    compiled = jax.jit(jax.value_and_grad(LOSSES[name])).lower(x, x, labels).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:  # pragma: no cover - backend without memory analysis
+        pytest.skip("memory_analysis not available on this backend")
+    return stats.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_temporaries_do_not_grow_with_the_rows(name):
+    small, large = 512, 4096
+    at_small, at_large = _loss_temp_bytes(name, small), _loss_temp_bytes(name, large)
+    # A float32 copy of the large logits would be 64 MiB; a bf16 one 32 MiB.
+    assert at_small <= 8 * CHUNK, f"{at_small / 2**20:.2f} MiB at N={small}"
+    assert at_large - at_small <= PER_ROW * (large - small), (
+        f"{at_small / 2**20:.2f} MiB at N={small}, {at_large / 2**20:.2f} MiB at N={large}"
+    )

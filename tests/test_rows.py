@@ -79,7 +79,11 @@ def test_smoothing_with_weights_and_mask_far_from_zero(rng, variant):
 NAN_LOSSES = {
     "integer": lambda x, y: CE(x, y, reduction="none"),
     "integer_all_options": lambda x, y: CE(
-        x, y, label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=20.0,
+        x,
+        y,
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        logit_soft_cap=20.0,
         class_weights=jnp.linspace(0.5, 2.0, x.shape[-1]),
     ),
     "fused": lambda x, y: _fused(x, y, label_smoothing=0.1),
@@ -88,9 +92,7 @@ NAN_LOSSES = {
         x, jax.nn.one_hot(y, x.shape[-1], dtype=x.dtype), label_smoothing=0.1
     ),
     "softmax_entropy": lambda x, y: jaxce.softmax_entropy(x),
-    "sigmoid_bce": lambda x, y: jaxce.sigmoid_binary_cross_entropy(
-        x, jnp.zeros_like(x)
-    ).sum(-1),
+    "sigmoid_bce": lambda x, y: jaxce.sigmoid_binary_cross_entropy(x, jnp.zeros_like(x)).sum(-1),
     "sigmoid_focal": lambda x, y: jaxce.sigmoid_focal_loss(x, jnp.zeros_like(x)).sum(-1),
 }
 
@@ -153,8 +155,11 @@ def test_nan_in_an_excluded_entry_takes_no_part(rng):
         np.where(np.asarray(mask), x, 0.0), y, where=mask, label_smoothing=0.1
     )
     R.assert_close(got, want, rtol=1e-6)
-    R.assert_close(jaxce.logsumexp(jnp.asarray(x), where=mask), R.logsumexp(
-        np.where(np.asarray(mask), x, 0.0), where=mask), rtol=1e-6)
+    R.assert_close(
+        jaxce.logsumexp(jnp.asarray(x), where=mask),
+        R.logsumexp(np.where(np.asarray(mask), x, 0.0), where=mask),
+        rtol=1e-6,
+    )
 
 
 def test_ignored_example_with_nan_logits_takes_no_part(rng):
@@ -216,23 +221,34 @@ def test_fused_loss_of_no_tokens(reduction, recompute_logits):
     value, (dx, dw) = jax.value_and_grad(f, argnums=(0, 1))(x, w)
     assert float(value) == 0.0 and dx.shape == (0, 4) and np.all(dw == 0)
     plain = CE(jnp.zeros((0, 7)), y, reduction=reduction)
-    assert np.asarray(plain).shape == np.asarray(
-        jaxce.linear_softmax_cross_entropy(x, w, y, reduction=reduction)
-    ).shape
+    assert (
+        np.asarray(plain).shape
+        == np.asarray(jaxce.linear_softmax_cross_entropy(x, w, y, reduction=reduction)).shape
+    )
 
 
 @pytest.mark.parametrize(
     "call,name",
     [
         (lambda: CE(jnp.zeros((2, 0)), jnp.zeros((2,), jnp.int32)), "logits has 0 classes"),
-        (lambda: jaxce.nll_loss(jnp.zeros((2, 0)), jnp.zeros((2,), jnp.int32)),
-         "log_probs has 0 classes"),
-        (lambda: jaxce.softmax_focal_loss(jnp.zeros((2, 0)), jnp.zeros((2,), jnp.int32)),
-         "logits has 0 classes"),
-        (lambda: jaxce.softmax_cross_entropy(jnp.zeros((2, 0)), jnp.zeros((2, 0))),
-         "logits has 0 classes"),
-        (lambda: jaxce.linear_softmax_cross_entropy(
-            jnp.zeros((2, 3)), jnp.zeros((3, 0)), jnp.zeros((2,), jnp.int32)), "w has 0 classes"),
+        (
+            lambda: jaxce.nll_loss(jnp.zeros((2, 0)), jnp.zeros((2,), jnp.int32)),
+            "log_probs has 0 classes",
+        ),
+        (
+            lambda: jaxce.softmax_focal_loss(jnp.zeros((2, 0)), jnp.zeros((2,), jnp.int32)),
+            "logits has 0 classes",
+        ),
+        (
+            lambda: jaxce.softmax_cross_entropy(jnp.zeros((2, 0)), jnp.zeros((2, 0))),
+            "logits has 0 classes",
+        ),
+        (
+            lambda: jaxce.linear_softmax_cross_entropy(
+                jnp.zeros((2, 3)), jnp.zeros((3, 0)), jnp.zeros((2,), jnp.int32)
+            ),
+            "w has 0 classes",
+        ),
     ],
 )
 def test_no_classes_is_an_error_naming_the_argument(call, name):
@@ -244,8 +260,10 @@ def test_empty_batches_give_the_empty_values():
     y = jnp.zeros((0,), jnp.int32)
     assert CE(jnp.zeros((0, 5)), y).shape == (0,)
     assert float(CE(jnp.zeros((0, 5)), y, reduction="mean")) == 0.0
-    assert float(jaxce.softmax_cross_entropy(jnp.zeros((0, 5)), jnp.zeros((0, 5)),
-                                             reduction="mean")) == 0.0
+    assert (
+        float(jaxce.softmax_cross_entropy(jnp.zeros((0, 5)), jnp.zeros((0, 5)), reduction="mean"))
+        == 0.0
+    )
     assert jaxce.logsumexp(jnp.zeros((3, 0))).tolist() == [-np.inf] * 3
     assert jaxce.entropy(jnp.zeros((3, 0))).tolist() == [0.0] * 3
 
@@ -257,7 +275,9 @@ def test_non_scalar_hyperparameter_is_an_error(name):
         CE(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), **{name: jnp.array([0.1, 0.9])})
     with pytest.raises(ValueError, match=name):
         jaxce.linear_softmax_cross_entropy(
-            jnp.zeros((2, 3)), jnp.zeros((3, 4)), jnp.zeros((2,), jnp.int32),
+            jnp.zeros((2, 3)),
+            jnp.zeros((3, 4)),
+            jnp.zeros((2,), jnp.int32),
             **{name: jnp.array([0.1, 0.9])},
         )
 

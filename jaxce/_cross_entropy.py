@@ -38,9 +38,9 @@ def _forward(x, labels, mask, weights, options: _rows.Options, ignore_index):
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[-1]
     meaning = _labels.classify(labels, num_classes, ignore_index)
-    label_logit = _rows.capped(_xla.pick(x, meaning.index).astype(dtype), options)
+    label_logit = _rows.capped(_xla.pick(x, meaning.class_index).astype(dtype), options)
     stats = _rows.finish(_rows.partial_stats(x, mask, weights, options, num_classes), num_classes)
-    w_y = _rows.label_weight(weights, meaning.index, dtype)
+    w_y = _rows.label_weight(weights, meaning.class_index, dtype)
     rows = _rows.status(meaning, stats)
     loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)
     counted = jnp.where(rows.active, w_y, jnp.zeros_like(w_y))
@@ -56,10 +56,10 @@ def _integer_ce_jvp(ignore_index, primals, tangents):
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
     t = None
     if dots.per_class(options):
-        t = _rows.class_tangent(x, meaning.index, mask, weights, options, stats, w_y, rows, dots)
+        t = _rows.class_tangent(x, meaning.class_index, mask, weights, options, stats, w_y, rows, dots)
     w_y_dot = None
     if dots.weights is not None:
-        w_y_dot = _rows.label_weight(dots.weights, meaning.index, stats.shift.dtype)
+        w_y_dot = _rows.label_weight(dots.weights, meaning.class_index, stats.shift.dtype)
     derivs = _rows.row_derivatives(stats, label_logit, w_y, options)
     t, counted_dot = _rows.row_tangent(t, derivs, rows, w_y_dot, dots)
     return (loss, counted), (_autodiff.or_zeros(t, loss), _autodiff.or_zeros(counted_dot, counted))
@@ -347,8 +347,8 @@ def softmax_cross_entropy(
 def _nll_value(log_probs, labels, weights, ignore_index):
     dtype = compute_dtype(log_probs.dtype)
     meaning = _labels.classify(labels, log_probs.shape[-1], ignore_index)
-    w_y = _rows.label_weight(weights, meaning.index, dtype)
-    picked = jnp.take_along_axis(log_probs, meaning.index[..., None], axis=-1).astype(dtype)
+    w_y = _rows.label_weight(weights, meaning.class_index, dtype)
+    picked = jnp.take_along_axis(log_probs, meaning.class_index[..., None], axis=-1).astype(dtype)
     # Every row has classes: only ignored and out-of-range labels matter.
     no_stats = _rows.Stats(picked, jnp.zeros_like(picked), None, None, None)
     rows = _rows.status(meaning, no_stats)
@@ -371,10 +371,10 @@ def _nll_jvp(ignore_index, primals, tangents):
     )
     t = counted_dot = None
     if lp_dot is not None:
-        lp_y = jnp.take_along_axis(lp_dot, meaning.index[..., None], axis=-1).astype(w_y.dtype)
+        lp_y = jnp.take_along_axis(lp_dot, meaning.class_index[..., None], axis=-1).astype(w_y.dtype)
         t = _rows.finalize(-w_y, rows) * lp_y
     if w_dot is not None and weights is not None:
-        w_y_dot = _rows.label_weight(w_dot, meaning.index, w_y.dtype)
+        w_y_dot = _rows.label_weight(w_dot, meaning.class_index, w_y.dtype)
         t = _autodiff.add(t, _rows.finalize(-picked, rows) * w_y_dot)
         counted_dot = jnp.where(rows.active, w_y_dot, jnp.zeros_like(w_y_dot))[..., 0]
     t = None if t is None else t[..., 0]

@@ -113,7 +113,7 @@ class _Shard(NamedTuple):
     """Where this device's columns sit in the global vocabulary, and its labels among them."""
 
     offset: jax.Array  # the global index of the first local column
-    meaning: _labels.Labels  # the global labels' meaning (index in [0, vocab_size))
+    meaning: _labels.Labels  # the global labels' meaning (class_index in [0, vocab_size))
     local: jax.Array  # [...] the label's local column, clamped into [0, cols)
     owner: jax.Array  # [..., 1] whether this device holds the label's column
 
@@ -124,8 +124,8 @@ class _Shard(NamedTuple):
 
 def _shard(labels: jax.Array, cols: int, static: _Static) -> _Shard:
     meaning = _labels.classify(labels, static.vocab_size, static.ignore_index)
-    offset = jax.lax.axis_index(static.axis_name).astype(meaning.index.dtype) * cols
-    local = meaning.index - offset
+    offset = jax.lax.axis_index(static.axis_name).astype(meaning.class_index.dtype) * cols
+    local = meaning.class_index - offset
     owner = (local >= 0) & (local < cols)
     return _Shard(offset, meaning, jnp.clip(local, 0, cols - 1), owner[..., None])
 
@@ -164,7 +164,7 @@ def _global(local: _rows.Partial, owned: dict, static: _Static):
     merged = _rows.Partial(
         m,
         total["sum_exp"],
-        total.get("count"),
+        total.get("num_admissible"),
         total.get("weight_total"),
         total.get("gap"),
     )

@@ -96,7 +96,7 @@ def masked_max(x: jax.Array, mask: jax.Array, dtype) -> jax.Array:
 
 def class_axis_sharded(x: jax.Array) -> bool:
     """Whether ``x``'s class (last) axis is split over a mesh axis with explicit sharding."""
-    spec = getattr(jax.typeof(x).sharding, "spec", ())
+    spec: tuple[object, ...] = getattr(jax.typeof(x).sharding, "spec", ())
     return len(spec) == x.ndim and spec[-1] is not None
 
 

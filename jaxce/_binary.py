@@ -67,8 +67,9 @@ def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, dots):
 
 
 def _sigmoid_bce_jvp(primals, tangents):
+    x, y, pos_weight, weights, eps = primals
     dots = tuple(None if _autodiff.is_zero(t) else t for t in tangents)
-    return _sigmoid_bce(*primals), _sigmoid_bce_tangent(*primals, dots)
+    return _sigmoid_bce(*primals), _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, dots)
 
 
 _sigmoid_bce.defjvp(_sigmoid_bce_jvp, symbolic_zeros=True)
@@ -134,7 +135,9 @@ def sigmoid_binary_cross_entropy(
         w = _checks.broadcast_float("weights", weights, logits.shape, cdt, "the logits' shape")
     # Broadcasting pos_weight and weights happens outside the kernel, so autodiff sums their
     # gradients back to the shapes the caller passed.
-    eps = _checks.hyperparameter("label_smoothing", label_smoothing, cdt, low=0.0, high=1.0)
+    eps: jax.Array | None = _checks.hyperparameter(
+        "label_smoothing", label_smoothing, cdt, low=0.0, high=1.0
+    )
     eps = None if _checks.is_literal_zero(label_smoothing) else eps
     return reduce_loss(_sigmoid_bce(logits, labels, pw, w, eps), reduction)
 

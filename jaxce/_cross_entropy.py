@@ -56,7 +56,9 @@ def _integer_ce_jvp(ignore_index, primals, tangents):
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
     t = None
     if dots.per_class(options):
-        t = _rows.class_tangent(x, meaning.class_index, mask, weights, options, stats, w_y, rows, dots)
+        t = _rows.class_tangent(
+            x, meaning.class_index, mask, weights, options, stats, w_y, rows, dots
+        )
     w_y_dot = None
     if dots.weights is not None:
         w_y_dot = _rows.label_weight(dots.weights, meaning.class_index, stats.shift.dtype)
@@ -371,7 +373,8 @@ def _nll_jvp(ignore_index, primals, tangents):
     )
     t = counted_dot = None
     if lp_dot is not None:
-        lp_y = jnp.take_along_axis(lp_dot, meaning.class_index[..., None], axis=-1).astype(w_y.dtype)
+        lp_y = jnp.take_along_axis(lp_dot, meaning.class_index[..., None], axis=-1)
+        lp_y = lp_y.astype(w_y.dtype)
         t = _rows.finalize(-w_y, rows) * lp_y
     if w_dot is not None and weights is not None:
         w_y_dot = _rows.label_weight(w_dot, meaning.class_index, w_y.dtype)

@@ -185,10 +185,14 @@ def _softmax_focal_jvp(ignore_index, primals, tangents):
     )
     t = None
     if x_dot is not None:
-        t = _softmax_focal_logit_tangent(x, meaning.class_index, stats, lp, u, a, gamma, rows, x_dot)
+        t = _softmax_focal_logit_tangent(
+            x, meaning.class_index, stats, lp, u, a, gamma, rows, x_dot
+        )
     ug = _pow(u, gamma)
     if alpha_dot is not None:
-        a_dot = alpha_dot if alpha.ndim == 0 else jnp.take(alpha_dot, meaning.class_index)[..., None]
+        a_dot = (
+            alpha_dot if alpha.ndim == 0 else jnp.take(alpha_dot, meaning.class_index)[..., None]
+        )
         t = _autodiff.add(t, _rows.finalize(-ug * lp * a_dot, rows)[..., 0])
     if gamma_dot is not None:
         d_gamma = _rows.finalize(-a * ug * _log_or_zero(u) * lp, rows)

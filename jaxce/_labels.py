@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from jaxce import _checks
-from jaxce._layout import layout_of
+from jaxce._layout import ClassLayout, layout_of
 
 INDEX_DTYPE = jnp.int32
 
@@ -95,7 +95,7 @@ def prepare(
     ignore_index: object,
     reduction: object,
     class_weights: object = None,
-):
+) -> tuple[ClassLayout, jax.Array, jax.Array, int | None, jax.Array | None]:
     """The shared argument preparation of the integer-label losses on ``[..., C, ...]`` arrays:
     ``(layout, x [..., C], labels, ignore_index, class_weights)``, all validated."""
     x = _checks.as_float_array(name, logits)

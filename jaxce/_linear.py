@@ -84,6 +84,7 @@ def _per_token_bwd(static, res, cotangents):
     info = _blocks.RowInfo(meaning.class_index, w_y, rows, g)
     needs = _blocks.Needs.every(bias, weights, options)
     grads = _blocks.gradients(x, w, bias, weights, options, static, stats, info, dtype, needs)
+    assert grads.x is not None  # Needs.every: every derivative the inputs have
     per_label, d_eps, d_zl = _blocks.row_cotangents(
         stats, label_logit, w_y, rows, g, g_counted, weights is not None, options
     )
@@ -96,7 +97,7 @@ def _per_token_bwd(static, res, cotangents):
     return (
         grads.x.astype(x.dtype),
         grads.w,
-        None if bias is None else grads.bias.astype(bias.dtype),
+        None if grads.bias is None else grads.bias.astype(bias.dtype),
         None,
         d_weights,
         _rows.Options(d_eps, d_zl, grads.cap),

@@ -390,12 +390,13 @@ def _check_vocab_size(vocab_size, padded: int) -> int:
         return padded
     if not isinstance(vocab_size, numbers.Integral) or isinstance(vocab_size, bool):
         raise TypeError(f"vocab_size must be a positive int or None; got {vocab_size!r}.")
-    if not 0 < vocab_size <= padded:
+    value = int(vocab_size)
+    if not 0 < value <= padded:
         raise ValueError(
             f"vocab_size must lie in [1, {padded}] (the columns of all shards together);"
             f" got {vocab_size}."
         )
-    return int(vocab_size)
+    return value
 
 
 def _local_class_vector(name: str, x, cols: int, shards: int) -> jax.Array | None:

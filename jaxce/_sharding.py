@@ -67,13 +67,14 @@ def _sum_to(ct: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
     contributions (the transpose of JAX's implicit ``pvary``)."""
     if ct is None or primal is None:
         return ct
-    extra = _varying(ct) - _varying(primal)
+    out: jax.Array = ct
+    extra = _varying(out) - _varying(primal)
     if extra:
-        ct = jax.lax.psum(ct, tuple(extra))
-    missing = _varying(primal) - _varying(ct)
+        out = jax.lax.psum(out, tuple(extra))
+    missing = _varying(primal) - _varying(out)
     if missing:
-        ct = jax.lax.pcast(ct, tuple(missing), to="varying")
-    return ct
+        out = jax.lax.pcast(out, tuple(missing), to="varying")
+    return out
 
 
 def _vary_like(tree, *refs):
@@ -348,10 +349,10 @@ def _sharded_per_token_bwd(static: _FusedStatic, res, cotangents):
     d_weights = None
     if weights is not None:
         mine = jnp.where(shard.owner[:, 0], per_label, jnp.zeros_like(per_label))
-        d_weights = jnp.zeros(weights.shape, dtype).at[shard.local].add(mine)
+        per_class = jnp.zeros(weights.shape, dtype).at[shard.local].add(mine)
         if grads.smoothing_weights is not None:
-            d_weights = d_weights + grads.smoothing_weights
-        d_weights = _sum_to(d_weights.astype(weights.dtype), weights)
+            per_class = per_class + grads.smoothing_weights
+        d_weights = _sum_to(per_class.astype(weights.dtype), weights)
     d_eps = _sum_to(d_eps, options.label_smoothing)
     d_zl = _sum_to(d_zl, options.z_loss)
     d_cap = _sum_to(grads.cap, options.logit_soft_cap)

@@ -122,7 +122,9 @@ def sigmoid_binary_cross_entropy(
         w = _checks.broadcast_float("weights", weights, logits.shape, cdt, "the logits' shape")
     # Broadcasting pos_weight and weights happens outside the kernel, so autodiff sums their
     # gradients back to the shapes the caller passed.
-    eps = _checks.hyperparameter("label_smoothing", label_smoothing, cdt, low=0.0, high=1.0)
+    eps: jax.Array | None = _checks.hyperparameter(
+        "label_smoothing", label_smoothing, cdt, low=0.0, high=1.0
+    )
     eps = None if _checks.is_literal_zero(label_smoothing) else eps
     out = _sigmoid_bce(reduction != "none", logits, labels, pw, w, eps)
     return reduce_total(out, reduction, logits.size)

@@ -331,7 +331,9 @@ def chunk_size(name: str, value: object, default: int, limit: int) -> int:
     return max(1, min(int(value), limit))
 
 
-def check_arguments(x: object, w: object, labels: object, reduction: object, ignore_index: object):
+def check_arguments(
+    x: object, w: object, labels: object, reduction: object, ignore_index: object
+) -> tuple[jax.Array, jax.Array, jax.Array, int | None]:
     """Validates the fused losses' arrays (local and sharded): ``x`` ``[..., D]``, ``w``
     ``[D, V]`` with ``V >= 1``, integer ``labels`` of ``x``'s shape without D, a reduction and
     an ``ignore_index`` the labels' dtype can hold. Returns ``(x, w, labels, ignore_index)``."""

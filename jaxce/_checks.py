@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import overload
 
 import chex
 import jax
@@ -215,6 +216,14 @@ def broadcast_float(name: str, x: object, shape: Sequence[int], dtype, why: str 
     return jnp.broadcast_to(x.astype(dtype), tuple(shape))
 
 
+@overload
+def class_vector(name: str, x: None, num_classes: int, why: str = "") -> None: ...
+@overload
+def class_vector(
+    name: str, x: jax.typing.ArrayLike, num_classes: int, why: str = ""
+) -> jax.Array: ...
+@overload
+def class_vector(name: str, x: object, num_classes: int, why: str = "") -> jax.Array | None: ...
 def class_vector(name: str, x: object, num_classes: int, why: str = "") -> jax.Array | None:
     """Validates an optional per-class vector (class weights, focal alpha) of length C."""
     if x is None:

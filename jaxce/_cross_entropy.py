@@ -40,9 +40,9 @@ def _forward(x, labels, mask, weights, options: _rows.Options, ignore_index):
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[-1]
     meaning = _labels.classify(labels, num_classes, ignore_index)
-    label_logit = _rows.capped(_xla.pick(x, meaning.index).astype(dtype), options)
+    label_logit = _rows.capped(_xla.pick(x, meaning.class_index).astype(dtype), options)
     stats = _rows.finish(_rows.row_stats(x, mask, weights, options, num_classes), num_classes)
-    w_y = _rows.label_weight(weights, meaning.index, dtype)
+    w_y = _rows.label_weight(weights, meaning.class_index, dtype)
     rows = _rows.status(meaning, stats)
     loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)
     counted = jnp.where(rows.active, w_y, jnp.zeros_like(w_y))
@@ -58,10 +58,12 @@ def _integer_ce_jvp(ignore_index, primals, tangents):
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
     t = None
     if dots.per_class(options):
-        t = _rows.class_tangent(x, meaning.index, mask, weights, options, stats, w_y, rows, dots)
+        t = _rows.class_tangent(
+            x, meaning.class_index, mask, weights, options, stats, w_y, rows, dots
+        )
     w_y_dot = None
     if dots.weights is not None:
-        w_y_dot = _rows.label_weight(dots.weights, meaning.index, stats.shift.dtype)
+        w_y_dot = _rows.label_weight(dots.weights, meaning.class_index, stats.shift.dtype)
     derivs = _rows.row_derivatives(stats, label_logit, w_y, options)
     t, counted_dot = _rows.row_tangent(t, derivs, rows, w_y_dot, dots)
     return (loss, counted), (_autodiff.or_zeros(t, loss), _autodiff.or_zeros(counted_dot, counted))
@@ -206,7 +208,7 @@ class _SoftRows(NamedTuple):
 
     shift: jax.Array
     log_sum: jax.Array  # -inf for a row with no admissible class
-    count: jax.Array | None  # K, with label smoothing
+    num_admissible: jax.Array | None  # K, with label smoothing
     mass: jax.Array  # sum_c w_c y'_c
     loss: jax.Array
 
@@ -263,7 +265,7 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, x_dot, y_dot, w_dot
     z = x.astype(rows.shift.dtype)
     yf = y.astype(z.dtype)
     adm = _rows.admissible(z, mask)
-    t = _soft_targets(adm, yf, mask, eps, rows.count)
+    t = _soft_targets(adm, yf, mask, eps, rows.num_admissible)
     wt = _weighted(t, weights)
     has_row = ~jnp.isneginf(rows.log_sum)
     out = None
@@ -283,8 +285,9 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, x_dot, y_dot, w_dot
         dw = jnp.where(has_row, t * _gaps(z, rows.shift, rows.log_sum, t), jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dw * _rows.class_row(w_dot, dw), axis=-1))
     if eps_dot is not None:
+        assert rows.num_admissible is not None  # kept whenever there is smoothing
         y0 = yf if mask is None else jnp.where(mask, yf, jnp.zeros_like(yf))
-        uniform = jnp.where(adm, 1 / jnp.maximum(rows.count, 1), jnp.zeros_like(z))
+        uniform = jnp.where(adm, 1 / jnp.maximum(rows.num_admissible, 1), jnp.zeros_like(z))
         dt = _weighted(uniform - y0, weights)
         d_eps = jnp.where(has_row & (dt != 0), dt * gaps, jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(d_eps, axis=-1) * eps_dot)
@@ -370,8 +373,8 @@ def softmax_cross_entropy(
 def _nll_value(log_probs, labels, weights, ignore_index):
     dtype = compute_dtype(log_probs.dtype)
     meaning = _labels.classify(labels, log_probs.shape[-1], ignore_index)
-    w_y = _rows.label_weight(weights, meaning.index, dtype)
-    picked = jnp.take_along_axis(log_probs, meaning.index[..., None], axis=-1).astype(dtype)
+    w_y = _rows.label_weight(weights, meaning.class_index, dtype)
+    picked = jnp.take_along_axis(log_probs, meaning.class_index[..., None], axis=-1).astype(dtype)
     # Every row has classes: only ignored and out-of-range labels matter.
     no_stats = _rows.Stats(picked, jnp.zeros_like(picked), None, None, None)
     rows = _rows.status(meaning, no_stats)
@@ -394,10 +397,11 @@ def _nll_jvp(ignore_index, primals, tangents):
     )
     t = counted_dot = None
     if lp_dot is not None:
-        lp_y = jnp.take_along_axis(lp_dot, meaning.index[..., None], axis=-1).astype(w_y.dtype)
+        lp_y = jnp.take_along_axis(lp_dot, meaning.class_index[..., None], axis=-1)
+        lp_y = lp_y.astype(w_y.dtype)
         t = _rows.finalize(-w_y, rows) * lp_y
     if w_dot is not None and weights is not None:
-        w_y_dot = _rows.label_weight(w_dot, meaning.index, w_y.dtype)
+        w_y_dot = _rows.label_weight(w_dot, meaning.class_index, w_y.dtype)
         t = _autodiff.add(t, _rows.finalize(-picked, rows) * w_y_dot)
         counted_dot = jnp.where(rows.active, w_y_dot, jnp.zeros_like(w_y_dot))[..., 0]
     t = None if t is None else t[..., 0]

@@ -138,7 +138,7 @@ def _softmax_focal_forward(x, labels, alpha, gamma, ignore_index):
     meaning = _labels.classify(labels, x.shape[-1], ignore_index)
     stats = _rows.Stats(m, log_sum, None, None, None)
     # log p_y = (z_y - m) - log_sum: exact even where m + log_sum would round to m.
-    z_y = jnp.take_along_axis(z, meaning.index[..., None], axis=-1)
+    z_y = jnp.take_along_axis(z, meaning.class_index[..., None], axis=-1)
     lp = (z_y - m) - stats.log_sum_or_zero()
     u = -jnp.expm1(lp)
     if alpha is None:
@@ -146,7 +146,7 @@ def _softmax_focal_forward(x, labels, alpha, gamma, ignore_index):
     elif alpha.ndim == 0:
         a = jnp.broadcast_to(alpha, lp.shape)
     else:
-        a = jnp.take(alpha, meaning.index)[..., None]
+        a = jnp.take(alpha, meaning.class_index)[..., None]
     rows = _rows.status(meaning, stats)
     loss = _rows.finalize(-a * _pow(u, gamma) * lp, rows)
     counted = rows.active.astype(m.dtype)
@@ -178,10 +178,14 @@ def _softmax_focal_jvp(ignore_index, primals, tangents):
     )
     t = None
     if x_dot is not None:
-        t = _softmax_focal_logit_tangent(x, meaning.index, stats, lp, u, a, gamma, rows, x_dot)
+        t = _softmax_focal_logit_tangent(
+            x, meaning.class_index, stats, lp, u, a, gamma, rows, x_dot
+        )
     ug = _pow(u, gamma)
     if alpha_dot is not None:
-        a_dot = alpha_dot if alpha.ndim == 0 else jnp.take(alpha_dot, meaning.index)[..., None]
+        a_dot = (
+            alpha_dot if alpha.ndim == 0 else jnp.take(alpha_dot, meaning.class_index)[..., None]
+        )
         t = _autodiff.add(t, _rows.finalize(-ug * lp * a_dot, rows)[..., 0])
     if gamma_dot is not None:
         d_gamma = _rows.finalize(-a * ug * _log_or_zero(u) * lp, rows)

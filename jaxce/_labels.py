@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from jaxce import _checks
-from jaxce._layout import layout_of
+from jaxce._layout import ClassLayout, layout_of
 
 INDEX_DTYPE = jnp.int32
 
@@ -31,7 +31,7 @@ INDEX_DTYPE = jnp.int32
 class Labels(NamedTuple):
     """What each integer label means, per example."""
 
-    index: jax.Array  # int32 class index, clamped into [0, C): safe to gather with
+    class_index: jax.Array  # int32 class index, clamped into [0, C): safe to gather with
     ignored: jax.Array  # bool: equal to ignore_index
     invalid: jax.Array  # bool: outside [0, C) and not ignored: the example's loss is NaN
 
@@ -42,15 +42,16 @@ def check_ignore_index(ignore_index: object, dtype=None) -> int | None:
         return None
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}.")
+    value = int(ignore_index)
     if dtype is not None:
         info = jnp.iinfo(dtype)
-        if not info.min <= ignore_index <= info.max:
+        if not info.min <= value <= info.max:
             raise ValueError(
                 f"ignore_index={ignore_index} can never equal a label of dtype {np.dtype(dtype)}"
                 f" (values {info.min}..{info.max}): pass labels of a dtype that can hold it"
                 " (e.g. int32) or an ignore_index in that range."
             )
-    return int(ignore_index)
+    return value
 
 
 def check_integer_labels(
@@ -94,7 +95,7 @@ def prepare(
     ignore_index: object,
     reduction: object,
     class_weights: object = None,
-):
+) -> tuple[ClassLayout, jax.Array, jax.Array, int | None, jax.Array | None]:
     """The shared argument preparation of the integer-label losses on ``[..., C, ...]`` arrays:
     ``(layout, x [..., C], labels, ignore_index, class_weights)``, all validated."""
     x = _checks.as_float_array(name, logits)

@@ -47,7 +47,7 @@ class ClassLayout:
             x = jnp.transpose(x, inverse)
         return x
 
-    def mask_to_last(self, name: str, where: jax.Array | None) -> jax.Array | None:
+    def mask_to_last(self, name: str, where: object) -> jax.Array | None:
         """A boolean mask of the full shape, or of the batch shape (as optax), as ``[..., C]``."""
         if where is None:
             return None

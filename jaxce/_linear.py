@@ -45,7 +45,7 @@ class _Static(NamedTuple):
 
 def _row_results(stats, meaning, label_logit, weights, options, dtype):
     """Per-row loss, counted weight and what the derivatives need, from whole-row stats."""
-    w_y = _rows.label_weight(weights, meaning.index, dtype)
+    w_y = _rows.label_weight(weights, meaning.class_index, dtype)
     rows = _rows.status(meaning, stats)
     loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)
     counted = jnp.where(rows.active, w_y, jnp.zeros_like(w_y))
@@ -58,7 +58,7 @@ def _forward(x, w, bias, labels, weights, options, static: _blocks.Static):
     v = w.shape[1]
     meaning = _labels.classify(labels, v, static.ignore_index)
     stats = _rows.finish(_blocks.statistics(x, w, bias, weights, options, static, dtype), v)
-    label_logit = _blocks.label_logits(x, w, bias, meaning.index, options, dtype)
+    label_logit = _blocks.label_logits(x, w, bias, meaning.class_index, options, dtype)
     loss, counted, w_y, rows = _row_results(stats, meaning, label_logit, weights, options, dtype)
     return loss, counted, (meaning, stats, label_logit, w_y, rows)
 
@@ -81,22 +81,23 @@ def _per_token_bwd(static, res, cotangents):
     x, w, bias, weights, options, (meaning, stats, label_logit, w_y, rows) = res
     g, g_counted = (c.astype(stats.shift.dtype)[:, None] for c in cotangents)
     dtype = stats.shift.dtype
-    info = _blocks.RowInfo(meaning.index, w_y, rows, g)
+    info = _blocks.RowInfo(meaning.class_index, w_y, rows, g)
     needs = _blocks.Needs.every(bias, weights, options)
     grads = _blocks.gradients(x, w, bias, weights, options, static, stats, info, dtype, needs)
+    assert grads.x is not None  # Needs.every: every derivative the inputs have
     per_label, d_eps, d_zl = _blocks.row_cotangents(
         stats, label_logit, w_y, rows, g, g_counted, weights is not None, options
     )
     d_weights = None
     if weights is not None:
-        d_weights = jnp.zeros(weights.shape, dtype).at[meaning.index].add(per_label)
+        d_weights = jnp.zeros(weights.shape, dtype).at[meaning.class_index].add(per_label)
         if grads.smoothing_weights is not None:
             d_weights = d_weights + grads.smoothing_weights
         d_weights = d_weights.astype(weights.dtype)
     return (
         grads.x.astype(x.dtype),
         grads.w,
-        None if bias is None else grads.bias.astype(bias.dtype),
+        None if grads.bias is None else grads.bias.astype(bias.dtype),
         None,
         d_weights,
         _rows.Options(d_eps, d_zl, grads.cap),
@@ -131,13 +132,13 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
         meaning_t = _blocks.slice_rows(meaning, t0, rows_per_chunk)
         raw = _block_logits(x_t, w, bias, static.vocab_chunk, dtype)
         stats_t = _rows.finish(_rows.partial_stats(raw, None, weights, options, v), v)
-        label_logit = _blocks.label_logits(x_t, w, bias, meaning_t.index, options, dtype)
-        w_y = _rows.label_weight(weights, meaning_t.index, dtype)
+        label_logit = _blocks.label_logits(x_t, w, bias, meaning_t.class_index, options, dtype)
+        w_y = _rows.label_weight(weights, meaning_t.class_index, dtype)
         rows = _rows.status(meaning_t, stats_t)
         if fresh is not None:  # rows of the previous chunk count as ignored tokens here
             keep = fresh[:, None]
             rows = _rows.Status(rows.active & keep, rows.poisoned & keep)
-        info = _blocks.RowInfo(meaning_t.index, w_y, rows, jnp.ones_like(w_y))
+        info = _blocks.RowInfo(meaning_t.class_index, w_y, rows, jnp.ones_like(w_y))
         z, adm, dz, draw = _blocks.block_derivative(raw, 0, weights, stats_t, info, options)
         if needs.x or needs.w:
             dx_t, dw = _block_grads(x_t, w, draw, dw, static.vocab_chunk, dtype, needs)
@@ -234,14 +235,14 @@ def _summed_jvp(static: _Static, primals, tangents):
         loss, counted, (meaning, stats, label_logit, w_y, rows) = _forward(
             x, w, bias, labels, weights, options, blocks
         )
-        info = _blocks.RowInfo(meaning.index, w_y, rows, jnp.ones_like(w_y))
+        info = _blocks.RowInfo(meaning.class_index, w_y, rows, jnp.ones_like(w_y))
         grads = _blocks.gradients(x, w, bias, weights, options, blocks, stats, info, dtype, needs)
     t = _autodiff.add(
         _autodiff.contract(grads.x, dots.x, dtype), _blocks.column_tangent(grads, dots, dtype)
     )
     w_y_dot = None
     if dots.rows.weights is not None:
-        w_y_dot = _rows.label_weight(dots.rows.weights, meaning.index, dtype)
+        w_y_dot = _rows.label_weight(dots.rows.weights, meaning.class_index, dtype)
     parts = (stats, label_logit, w_y, rows)
     return _blocks.summed_outputs(loss, counted, t, parts, w_y_dot, dots, options)
 

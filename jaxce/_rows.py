@@ -136,7 +136,7 @@ class Partial(NamedTuple):
 
     max: jax.Array  # the block's max admissible logit (-inf if none, NaN with a NaN)
     sum_exp: jax.Array  # sum_A exp(z - shift): 0 exactly for an empty block
-    count: jax.Array | None  # K of the block
+    num_admissible: jax.Array | None  # K of the block
     weight_total: jax.Array | None  # sum_A w_c
     gap: jax.Array | None  # sum_A w_c (shift - z_c) / num_classes: non-negative terms
 
@@ -216,7 +216,7 @@ def rebase(p: Partial, new_max: jax.Array, num_classes: int) -> Partial:
         return Partial(new_max, sum_exp, None, None, None)
     lift = p.weight_total * scaled_difference(new, old, num_classes)
     gap = jnp.where(keep, p.gap, p.gap + lift)
-    return Partial(new_max, sum_exp, p.count, p.weight_total, gap)
+    return Partial(new_max, sum_exp, p.num_admissible, p.weight_total, gap)
 
 
 def _add(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
@@ -230,7 +230,7 @@ def merge(a: Partial, b: Partial, num_classes: int) -> Partial:
     return Partial(
         m,
         a.sum_exp + b.sum_exp,
-        _add(a.count, b.count),
+        _add(a.num_admissible, b.num_admissible),
         _add(a.weight_total, b.weight_total),
         _add(a.gap, b.gap),
     )
@@ -248,7 +248,7 @@ class Stats(NamedTuple):
 
     shift: jax.Array  # the row max (0 for an empty row)
     log_sum: jax.Array  # log sum_A exp(z - shift): -inf for an empty row, NaN with a NaN
-    count: jax.Array | None  # K (smoothing only)
+    num_admissible: jax.Array | None  # K (smoothing only)
     weight_total: jax.Array | None  # W (smoothing only)
     spread: jax.Array | None  # sum_A w_c (shift - z_c) / K (smoothing only)
 
@@ -268,10 +268,10 @@ class Stats(NamedTuple):
 def finish(p: Partial, num_classes: int) -> Stats:
     """The :class:`Stats` of a row from its statistics merged over all classes."""
     shift, log_sum = shift_of(p.max), jnp.log(p.sum_exp)
-    if p.count is None or p.gap is None:
+    if p.num_admissible is None or p.gap is None:
         return Stats(shift, log_sum, None, None, None)
-    spread = p.gap * (num_classes / jnp.maximum(p.count, 1))
-    return Stats(shift, log_sum, p.count, p.weight_total, spread)
+    spread = p.gap * (num_classes / jnp.maximum(p.num_admissible, 1))
+    return Stats(shift, log_sum, p.num_admissible, p.weight_total, spread)
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -282,8 +282,9 @@ def nll(stats: Stats, label_logit: jax.Array) -> jax.Array:
 
 def smoothing_term(stats: Stats) -> jax.Array:
     """``sum_A w_c (lse - z_c) / K = spread + W / K log_sum``: two non-negative terms."""
-    assert stats.count is not None and stats.weight_total is not None
-    ratio = stats.weight_total / jnp.maximum(stats.count, 1)
+    assert stats.num_admissible is not None and stats.weight_total is not None
+    assert stats.spread is not None
+    ratio = stats.weight_total / jnp.maximum(stats.num_admissible, 1)
     return stats.spread + ratio * stats.log_sum_or_zero()
 
 
@@ -305,8 +306,8 @@ def coefficients(stats: Stats, w_y: jax.Array, options: Options):
     a = b = w_y
     c = None
     if eps is not None:
-        assert stats.count is not None and stats.weight_total is not None
-        inv_count = 1 / jnp.maximum(stats.count, 1)
+        assert stats.num_admissible is not None and stats.weight_total is not None
+        inv_count = 1 / jnp.maximum(stats.num_admissible, 1)
         a = (1 - eps) * w_y + eps * stats.weight_total * inv_count
         b = (1 - eps) * w_y
         c = eps * inv_count
@@ -336,9 +337,9 @@ def logit_derivative(
 def smoothing_weight_derivative(z, adm, stats: Stats, options: Options) -> jax.Array:
     """The smoothing part of ``dloss/dw_c``: ``eps / K (lse - z_c) [c in A]``, with ``lse - z``
     as ``(shift - z) + log_sum``."""
-    assert options.label_smoothing is not None and stats.count is not None
+    assert options.label_smoothing is not None and stats.num_admissible is not None
     gap = (stats.shift - z) + stats.log_sum_or_zero()
-    scale = options.label_smoothing / jnp.maximum(stats.count, 1)
+    scale = options.label_smoothing / jnp.maximum(stats.num_admissible, 1)
     return jnp.where(adm, gap * scale, jnp.zeros_like(z))
 
 

@@ -67,13 +67,14 @@ def _sum_to(ct: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
     contributions (the transpose of JAX's implicit ``pvary``)."""
     if ct is None or primal is None:
         return ct
-    extra = _varying(ct) - _varying(primal)
+    out: jax.Array = ct
+    extra = _varying(out) - _varying(primal)
     if extra:
-        ct = jax.lax.psum(ct, tuple(extra))
-    missing = _varying(primal) - _varying(ct)
+        out = jax.lax.psum(out, tuple(extra))
+    missing = _varying(primal) - _varying(out)
     if missing:
-        ct = jax.lax.pcast(ct, tuple(missing), to="varying")
-    return ct
+        out = jax.lax.pcast(out, tuple(missing), to="varying")
+    return out
 
 
 def _vary_like(tree, *refs):
@@ -113,7 +114,7 @@ class _Shard(NamedTuple):
     """Where this device's columns sit in the global vocabulary, and its labels among them."""
 
     offset: jax.Array  # the global index of the first local column
-    meaning: _labels.Labels  # the global labels' meaning (index in [0, vocab_size))
+    meaning: _labels.Labels  # the global labels' meaning (class_index in [0, vocab_size))
     local: jax.Array  # [...] the label's local column, clamped into [0, cols)
     owner: jax.Array  # [..., 1] whether this device holds the label's column
 
@@ -124,8 +125,8 @@ class _Shard(NamedTuple):
 
 def _shard(labels: jax.Array, cols: int, static: _Static) -> _Shard:
     meaning = _labels.classify(labels, static.vocab_size, static.ignore_index)
-    offset = jax.lax.axis_index(static.axis_name).astype(meaning.index.dtype) * cols
-    local = meaning.index - offset
+    offset = jax.lax.axis_index(static.axis_name).astype(meaning.class_index.dtype) * cols
+    local = meaning.class_index - offset
     owner = (local >= 0) & (local < cols)
     return _Shard(offset, meaning, jnp.clip(local, 0, cols - 1), owner[..., None])
 
@@ -164,7 +165,7 @@ def _global(local: _rows.Partial, owned: dict, static: _Static):
     merged = _rows.Partial(
         m,
         total["sum_exp"],
-        total.get("count"),
+        total.get("num_admissible"),
         total.get("weight_total"),
         total.get("gap"),
     )
@@ -348,10 +349,10 @@ def _sharded_per_token_bwd(static: _FusedStatic, res, cotangents):
     d_weights = None
     if weights is not None:
         mine = jnp.where(shard.owner[:, 0], per_label, jnp.zeros_like(per_label))
-        d_weights = jnp.zeros(weights.shape, dtype).at[shard.local].add(mine)
+        per_class = jnp.zeros(weights.shape, dtype).at[shard.local].add(mine)
         if grads.smoothing_weights is not None:
-            d_weights = d_weights + grads.smoothing_weights
-        d_weights = _sum_to(d_weights.astype(weights.dtype), weights)
+            per_class = per_class + grads.smoothing_weights
+        d_weights = _sum_to(per_class.astype(weights.dtype), weights)
     d_eps = _sum_to(d_eps, options.label_smoothing)
     d_zl = _sum_to(d_zl, options.z_loss)
     d_cap = _sum_to(grads.cap, options.logit_soft_cap)
@@ -390,12 +391,13 @@ def _check_vocab_size(vocab_size, padded: int) -> int:
         return padded
     if not isinstance(vocab_size, numbers.Integral) or isinstance(vocab_size, bool):
         raise TypeError(f"vocab_size must be a positive int or None; got {vocab_size!r}.")
-    if not 0 < vocab_size <= padded:
+    value = int(vocab_size)
+    if not 0 < value <= padded:
         raise ValueError(
             f"vocab_size must lie in [1, {padded}] (the columns of all shards together);"
             f" got {vocab_size}."
         )
-    return int(vocab_size)
+    return value
 
 
 def _local_class_vector(name: str, x, cols: int, shards: int) -> jax.Array | None:

@@ -57,7 +57,7 @@ def row_chunk(num_rows: int, num_classes: int) -> int:
 
 def class_axis_sharded(x: jax.Array) -> bool:
     """Whether ``x``'s class (last) axis is split over a mesh axis with explicit sharding."""
-    spec = getattr(jax.typeof(x).sharding, "spec", ())
+    spec: tuple[object, ...] = getattr(jax.typeof(x).sharding, "spec", ())
     return len(spec) == x.ndim and spec[-1] is not None
 
 

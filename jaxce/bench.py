@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -89,8 +89,15 @@ MIN_SAMPLE_SECONDS = 0.02
 
 FLOOR, OPTAX, JAXCE = "floor", "optax", "jaxce"
 
+
+class _Options(TypedDict):
+    label_smoothing: float
+    z_loss: float
+    logit_soft_cap: float
+
+
 # The options of cross_entropy's "jaxce, all options" row, with class weights in [0.5, 1.5).
-ALL_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-4, "logit_soft_cap": 30.0}
+ALL_OPTIONS: _Options = {"label_smoothing": 0.1, "z_loss": 1e-4, "logit_soft_cap": 30.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1137,7 +1144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run(benchmarks, args.shape, dtypes, repeats, quick=args.quick, progress=args.progress)
     env = environment()
     try:
-        micro = "µs".encode(sys.stdout.encoding or "ascii") and "µs"
+        "µs".encode(sys.stdout.encoding or "ascii")
+        micro = "µs"
     except (UnicodeEncodeError, LookupError):
         micro = "us"  # a terminal that cannot show µ
     if args.markdown:

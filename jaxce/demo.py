@@ -349,11 +349,11 @@ def train_nnx(
         return loss_fn(logits, y), predict_fn(logits)
 
     def evaluate_test() -> tuple[float, float]:
-        loss, predictions = evaluate(model, x_test, y_test)
+        loss, predictions = evaluate(model, jnp.asarray(x_test), jnp.asarray(y_test))
         return float(loss), accuracy(predictions, y_test)
 
     history = _run_epochs(
-        lambda x, y: step(model, optimizer, x, y),
+        lambda x, y: step(model, optimizer, jnp.asarray(x), jnp.asarray(y)),
         evaluate_test,
         x_train,
         y_train,
@@ -431,7 +431,8 @@ def train_linen(
     model = LinenMLP(num_hidden=config.num_hidden, num_outputs=num_outputs)
     return _train_pure(
         model.init,
-        model.apply,
+        # flax types apply's result as maybe (output, state), which it is only with `mutable`.
+        model.apply,  # type: ignore[arg-type]
         x_train,
         y_train,
         x_test,
@@ -546,10 +547,14 @@ def run_demo(
         f"{epochs} epochs, seed {seed}",
         flush=True,  # before the progress bars, which go to stderr
     )
-    common = dict(config=config, progress=progress)
-
     model, multiclass = train_nnx(
-        data.x_train, data.y_train, data.x_test, data.y_test, desc="softmax, 10 classes", **common
+        data.x_train,
+        data.y_train,
+        data.x_test,
+        data.y_test,
+        desc="softmax, 10 classes",
+        config=config,
+        progress=progress,
     )
 
     labels_train, labels_test = derived_labels(data.y_train), derived_labels(data.y_test)
@@ -562,7 +567,8 @@ def run_demo(
         loss_fn=sigmoid_loss,
         predict_fn=threshold_prediction,
         desc="sigmoid, 3 labels",
-        **common,
+        config=config,
+        progress=progress,
     )
     label_predictions = np.asarray(threshold_prediction(model(jnp.asarray(data.x_test))))
     per_label = {
@@ -580,7 +586,8 @@ def run_demo(
         loss_fn=_binary_sigmoid_loss,
         predict_fn=_binary_sigmoid_prediction,
         desc="even/odd, 1 logit",
-        **common,
+        config=config,
+        progress=progress,
     )
     _, binary_softmax = train_nnx(
         data.x_train,
@@ -589,7 +596,8 @@ def run_demo(
         even_test.astype(np.int32),
         num_outputs=2,
         desc="even/odd, 2 logits",
-        **common,
+        config=config,
+        progress=progress,
     )
 
     histories = {

@@ -37,8 +37,16 @@ def is_zero(tangent: object) -> bool:
 
 
 def rematerialized(fn: F) -> F:
-    """``fn`` recomputed in the backward pass instead of saved (``jax.checkpoint``)."""
-    return cast(F, jax.checkpoint(fn))  # jax.checkpoint is typed as returning Callable[..., Any]
+    """``fn`` recomputed in the backward pass instead of saved (``jax.checkpoint``).
+
+    ``prevent_cse=False``: with the default, an optimization barrier keeps the recomputation
+    apart, and XLA (jax 0.12 on CPU) then materializes the broadcast cotangent of a summed
+    elementwise loss as a float32 array of the input's size (tests/test_memory.py,
+    test_temporaries_do_not_grow_with_the_rows). XLA's common-subexpression elimination cannot
+    merge the recomputation into the forward pass here: the rules run inside custom_jvp.
+    """
+    # jax.checkpoint is typed as returning Callable[..., Any].
+    return cast(F, jax.checkpoint(fn, prevent_cse=False))
 
 
 def no_tangent(x: jax.Array) -> np.ndarray:

@@ -151,8 +151,7 @@ def block_derivative(raw, col0, weights_c, stats: _rows.Stats, info: RowInfo, op
     onehot = _rows.one_hot(info.label_cols, z, col0)
     dz = _rows.logit_derivative(z, adm, onehot, weights_c, stats, coeffs) * info.g
     dz = _rows.finalize(dz, info.rows)
-    chain = _rows.capped_derivative(raw, options)
-    return z, adm, dz, (dz if chain is None else dz * chain)
+    return z, adm, dz, _rows.chain(dz, _rows.capped_derivative(raw, options))
 
 
 class Grads(NamedTuple):

@@ -226,11 +226,16 @@ def _weighted(t, weights):
     return t if weights is None else t * _rows.class_row(weights, t)
 
 
-def _gaps(z, shift, log_sum, t):
-    """``lse - z`` as ``(shift - z) + log_sum`` where the target ``t`` is nonzero, 0 elsewhere
-    (0 log 0 = 0, even at -inf logits)."""
-    log_sum = jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(log_sum), log_sum)
-    return jnp.where(t != 0, (shift - z) + log_sum, jnp.zeros_like(z))
+def _gaps(z, shift, t):
+    """``shift - z`` where the target ``t`` is nonzero, 0 elsewhere (0 log 0 = 0, even at -inf
+    logits). ``lse - z`` is this plus the row's log-sum, which is added once per row: a NaN
+    logit (a NaN log-sum) then makes its row NaN whatever the targets (as optax)."""
+    return jnp.where(t != 0, shift - z, jnp.zeros_like(z))
+
+
+def _log_sum_or_zero(log_sum):
+    """The log-sum, 0 for a row with no admissible class (-inf)."""
+    return jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(log_sum), log_sum)
 
 
 def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
@@ -243,9 +248,11 @@ def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
     if eps is not None:
         count = jnp.sum(adm, axis=-1, keepdims=True, dtype=z.dtype)
     wt = _weighted(_soft_targets(adm, y.astype(z.dtype), mask, eps, count), weights)
-    loss = jnp.sum(wt * _gaps(z, shift, log_sum, wt), axis=-1, keepdims=True)
+    mass = jnp.sum(wt, axis=-1, keepdims=True)
+    loss = jnp.sum(wt * _gaps(z, shift, wt), axis=-1, keepdims=True)
+    loss = loss + mass * _log_sum_or_zero(log_sum)
     loss = jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(loss), loss)  # an empty row
-    return _SoftRows(shift, log_sum, count, jnp.sum(wt, axis=-1, keepdims=True), loss)
+    return _SoftRows(shift, log_sum, count, mass, loss)
 
 
 def _soft_forward(x, y, mask, weights, eps) -> _SoftRows:
@@ -275,14 +282,15 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, x_dot, y_dot, w_dot
         out = jnp.sum(dz * x_dot.astype(z.dtype), axis=-1)
     gaps = None
     if y_dot is not None or eps_dot is not None:
-        gaps = (rows.shift - z) + jnp.where(has_row, rows.log_sum, jnp.zeros_like(rows.log_sum))
+        gaps = (rows.shift - z) + _log_sum_or_zero(rows.log_sum)
     if y_dot is not None:
         live = has_row if mask is None else has_row & mask
         scale = 1 if eps is None else 1 - eps
         dy = jnp.where(live, scale * _weighted(gaps, weights), jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dy * y_dot.astype(z.dtype), axis=-1))
     if w_dot is not None:
-        dw = jnp.where(has_row, t * _gaps(z, rows.shift, rows.log_sum, t), jnp.zeros_like(z))
+        gap = _gaps(z, rows.shift, t) + _log_sum_or_zero(rows.log_sum)
+        dw = jnp.where(has_row, t * gap, jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dw * _rows.class_row(w_dot, dw), axis=-1))
     if eps_dot is not None:
         assert rows.num_admissible is not None  # kept whenever there is smoothing
@@ -356,8 +364,8 @@ def softmax_cross_entropy(
     labels = _checks.as_float_array("labels", labels)
     _checks.check_reduction(reduction)
     _checks.check_shape("labels", labels, logits.shape, "the logits' shape")
+    # No classes: every row has no admissible class, a loss of 0 (optax's sum over nothing).
     layout = layout_of("logits", logits, axis)
-    _checks.check_num_classes("logits", layout.num_classes, f"class axis {axis!r}")
     weights = _checks.class_vector("class_weights", class_weights, layout.num_classes)
     mask = layout.mask_to_last("where", where)
     options = _rows.make_options(compute_dtype(logits.dtype), label_smoothing, 0.0, None)

@@ -158,12 +158,15 @@ def _kl(log_q, t, mask):
 def _kl_tangent(log_q, t, mask, lq_dot, t_dot):
     lq, tf, _ = _kl_terms(log_q, t, mask)
     keep = jnp.ones(lq.shape, bool) if mask is None else mask
+    zeros = jnp.zeros_like(lq)
+    # The masks select the coefficients, not the products: transposed, a select of the product
+    # becomes a select of the cotangent times the coefficient, and 0 * NaN at a masked entry.
     out = None
     if lq_dot is not None:
-        out = jnp.where(keep, -tf * lq_dot.astype(lq.dtype), 0)
+        out = jnp.where(keep, -tf, zeros) * lq_dot.astype(lq.dtype)
     if t_dot is not None:
-        dt = (_safe_log(tf) + 1 - lq) * t_dot.astype(lq.dtype)
-        out = _autodiff.add(out, jnp.where(keep, dt, 0))
+        dt = jnp.where(keep, _safe_log(tf) + 1 - lq, zeros) * t_dot.astype(lq.dtype)
+        out = _autodiff.add(out, dt)
     return jnp.sum(_autodiff.or_zeros(out, lq), axis=-1)
 
 

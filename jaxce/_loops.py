@@ -9,6 +9,7 @@ Nothing is ever padded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -137,9 +138,11 @@ def chunked_sum(fn: Callable, args: tuple, shape: tuple[int, ...]) -> jax.Array:
     def rows(*chunks):
         it = iter(chunks)
         values = fn(*(next(it) if f else a for a, f in zip(args, full, strict=True)))
-        return jnp.sum(jnp.reshape(values, (values.shape[0], -1)), axis=-1, keepdims=True)
+        flat = (values.shape[0], math.prod(values.shape[1:]))
+        return jnp.sum(jnp.reshape(values, flat), axis=-1, keepdims=True)
 
-    # Rows of the array flattened to 2-D (a 1-D array is one row per element).
-    two_d = (-1, shape[-1]) if len(shape) > 1 else (-1, 1)
+    # Rows of the array flattened to 2-D (a 1-D array is one row per element); sizes spelled
+    # out, as -1 is undefined for an empty array.
+    two_d = (math.prod(shape[:-1]), shape[-1]) if len(shape) > 1 else (shape[0], 1)
     chunked = tuple(jnp.reshape(a, two_d) for a in chunked)
     return jnp.sum(by_row_chunks(rows, *chunked))

@@ -100,6 +100,15 @@ def capped_derivative(raw: jax.Array, options: Options) -> jax.Array | None:
     return None if cap is None else soft_cap_derivative(raw, cap)
 
 
+def chain(dz: jax.Array, derivative: jax.Array | None) -> jax.Array:
+    """``dz * derivative``, where a zero ``dz`` stays 0: an entry that takes no part (a masked
+    class, a row ignored or with no admissible class) may hold NaN or inf, whose derivative
+    through the soft cap is NaN (tests/test_properties.py, the NaN tests)."""
+    if derivative is None:
+        return dz
+    return jnp.where(dz == 0, jnp.zeros_like(dz), dz * derivative)
+
+
 def admissible(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Classes that take part in the normalisation: ``where`` and a logit above -inf (the cap
     keeps -inf, so the raw logits tell)."""
@@ -291,9 +300,10 @@ def smoothing_term(stats: Stats) -> jax.Array:
 def row_loss(stats: Stats, label_logit: jax.Array, w_y: jax.Array, options: Options):
     """The per-example loss (``[..., 1]``) before rows are finalized."""
     eps, zl = options.label_smoothing, options.z_loss
-    loss = w_y * nll(stats, label_logit)
+    # (1 - eps) w_y before the nll: w_y nll alone may overflow where the loss does not.
+    loss = (w_y if eps is None else (1 - eps) * w_y) * nll(stats, label_logit)
     if eps is not None:
-        loss = (1 - eps) * loss + eps * smoothing_term(stats)
+        loss = loss + eps * smoothing_term(stats)
     if zl is not None:
         lse = stats.lse()
         loss = loss + zl * w_y * lse * lse
@@ -368,7 +378,7 @@ def cap_derivative(raw: jax.Array, dz: jax.Array, options: Options) -> jax.Array
     ``dz = dloss/dz`` of the block."""
     assert options.logit_soft_cap is not None
     d = soft_cap_cap_derivative(raw, options.logit_soft_cap)
-    return jnp.sum(jnp.where(jnp.isneginf(raw), 0, dz * d), axis=-1, keepdims=True)
+    return jnp.sum(chain(dz, d), axis=-1, keepdims=True)
 
 
 # ---------------------------------------------------------------------------- rows' status
@@ -440,8 +450,7 @@ def class_tangent(x, label_cols, mask, weights, options, stats, w_y, rows, dots:
             logit_derivative(z, adm, one_hot(label_cols, z), weights, stats, coeffs), rows
         )
         if dots.x is not None:
-            chain = capped_derivative(xf, options)
-            dx = dz if chain is None else dz * chain
+            dx = chain(dz, capped_derivative(xf, options))
             t = jnp.sum(dx * dots.x.astype(xf.dtype), axis=-1)
         if dots.logit_soft_cap is not None:
             t = _autodiff.add(t, cap_derivative(xf, dz, options)[..., 0] * dots.logit_soft_cap)

@@ -5,6 +5,8 @@
   (and in these tests) fail loudly, so tests cast explicitly.
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -13,11 +15,14 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-try:  # hypothesis is a test dependency; keep property tests short and deterministic
+try:  # hypothesis is a test dependency
     from hypothesis import settings
 
-    settings.register_profile("jaxce", max_examples=30, deadline=None, derandomize=True)
-    settings.load_profile("jaxce")
+    # "ci" (the default): short and deterministic. "thorough": many random examples, run by
+    # hand with `pytest --hypothesis-profile=thorough` or HYPOTHESIS_PROFILE=thorough.
+    settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True)
+    settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # pragma: no cover
     pass
 

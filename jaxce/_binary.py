@@ -12,8 +12,9 @@ from jaxce._sigmoid import stable_log_sigmoid
 
 
 def _times(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a * b`` with ``0 * inf = 0``: a label of exactly 0 or 1 never meets log 0 as NaN."""
-    return jnp.where(a == 0, jnp.zeros_like(b), a * b)
+    """``a * b`` with ``0 * inf = 0``: a label of exactly 0 or 1 (or a weight of 0) never meets
+    log 0 as NaN; a NaN ``b`` (a NaN input) stays NaN."""
+    return jnp.where((a == 0) & ~jnp.isnan(b), jnp.zeros_like(b), a * b)
 
 
 def _smoothed(y, eps):
@@ -26,33 +27,42 @@ def _smoothed(y, eps):
 #   dloss/dx = w ((pw t + 1 - t) sigmoid(x) - pw t),  dloss/dt = w (l- - pw l+),
 #   dloss/dy = (1 - eps) dloss/dt,  dloss/deps = dloss/dt (1/2 - y),
 #   dloss/dpw = -w t l+,  dloss/dw = loss / w.
+def _coefficients(t, pos_weight, weights):
+    """``(w pw t, w (1 - t))``: the weights multiply the labels before the logarithms, so that a
+    weight of 0 gives 0 where ``pw log sigmoid(x)`` alone would overflow."""
+    pos = t if pos_weight is None else pos_weight * t
+    neg = 1 - t
+    if weights is not None:
+        pos, neg = weights * pos, weights * neg
+    return pos, neg
+
+
 def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
     xf = x.astype(compute_dtype(x.dtype))
-    t = _smoothed(y.astype(xf.dtype), eps)
-    pos = t if pos_weight is None else pos_weight * t
+    pos, neg = _coefficients(_smoothed(y.astype(xf.dtype), eps), pos_weight, weights)
     # `0 -` turns the -0.0 of a perfect prediction into 0.0.
-    loss = 0 - (_times(pos, stable_log_sigmoid(xf)) + _times(1 - t, stable_log_sigmoid(-xf)))
-    return loss if weights is None else weights * loss
+    return 0 - (_times(pos, stable_log_sigmoid(xf)) + _times(neg, stable_log_sigmoid(-xf)))
 
 
 def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w_dot, eps_dot):
     xf = x.astype(compute_dtype(x.dtype))
     t = _smoothed(y.astype(xf.dtype), eps)
-    pw = jnp.ones_like(xf) if pos_weight is None else pos_weight
     w = jnp.ones_like(xf) if weights is None else weights
+    w_pw = w if pos_weight is None else w * pos_weight
+    pos, neg = _coefficients(t, pos_weight, weights)
     log_p, log_not_p = stable_log_sigmoid(xf), stable_log_sigmoid(-xf)
     out = None
     if x_dot is not None:
-        dx = w * ((pw * t + 1 - t) * jax.nn.sigmoid(xf) - pw * t)
+        dx = (pos + neg) * jax.nn.sigmoid(xf) - pos
         out = dx * x_dot.astype(xf.dtype)
-    dt = w * (log_not_p - pw * log_p)
+    dt = _times(w, log_not_p) - _times(w_pw, log_p)
     if y_dot is not None:
         dy = dt if eps is None else (1 - eps) * dt
         out = _autodiff.add(out, dy * y_dot.astype(xf.dtype))
     if eps_dot is not None:
         out = _autodiff.add(out, dt * (0.5 - y.astype(xf.dtype)) * eps_dot)
     if pw_dot is not None:
-        out = _autodiff.add(out, -w * _times(t, log_p) * pw_dot)
+        out = _autodiff.add(out, -_times(w * t, log_p) * pw_dot)
     if w_dot is not None:
         unweighted = _sigmoid_bce_value(x, y, pos_weight, None, eps)
         out = _autodiff.add(out, unweighted * w_dot)
@@ -137,7 +147,11 @@ _EPSILON = 1e-12
 
 
 def _clamped_logs(pf):
-    return jnp.maximum(jnp.log(pf), _LOG_FLOOR), jnp.maximum(jnp.log1p(-pf), _LOG_FLOOR)
+    """``log p`` and ``log(1 - p)``, clamped at PyTorch's -100. ``log1p(-p)`` only below 0.25,
+    where ``1 - p`` would lose p's digits: above, ``1 - p`` is exact or nearly, and XLA's
+    float64 ``log1p`` is 70 times less accurate than its ``log`` there."""
+    not_p = jnp.where(pf < 0.25, jnp.log1p(-pf), jnp.log(1 - pf))
+    return jnp.maximum(jnp.log(pf), _LOG_FLOOR), jnp.maximum(not_p, _LOG_FLOOR)
 
 
 def _bce_value(p, y, weights):

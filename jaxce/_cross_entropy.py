@@ -251,7 +251,9 @@ def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
     mass = jnp.sum(wt, axis=-1, keepdims=True)
     loss = jnp.sum(wt * _gaps(z, shift, wt), axis=-1, keepdims=True)
     loss = loss + mass * _log_sum_or_zero(log_sum)
-    loss = jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(loss), loss)  # an empty row
+    # An empty row has loss 0, unless its targets hold a NaN: never hidden.
+    empty = jnp.isneginf(log_sum) & ~jnp.isnan(mass)
+    loss = jnp.where(empty, jnp.zeros_like(loss), loss)
     return _SoftRows(shift, log_sum, count, mass, loss)
 
 

@@ -65,3 +65,28 @@ def test_readme_links_work_on_a_package_index_page() -> None:
     targets = re.findall(r"\]\(([^)\s]+)\)", (REPO / "README.md").read_text())
     relative = [t for t in targets if not t.startswith(("https://", "http://", "#"))]
     assert not relative
+
+
+def test_lower_bounds_are_the_versions_ci_tests() -> None:
+    """Each dependency's lower bound in pyproject.toml is the version `.ci/run` pins for its run
+    on the oldest supported versions (.ci/constraints-oldest.txt), and there is no upper bound."""
+    import tomllib
+
+    constraints = REPO / ".ci" / "constraints-oldest.txt"
+    if not constraints.exists():
+        pytest.skip("the CI files are in the repository, not in the sdist")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = dict(
+        line.split("==")
+        for line in constraints.read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    bounds = {}
+    for requirement in project["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement)
+        assert match, f"{requirement!r}: a lower bound only"
+        name, lower = match.groups()
+        bounds[name] = lower
+    assert set(bounds) == {"jax", "jaxlib", "optax", "chex", "numpy"}
+    for name, lower in bounds.items():
+        assert pins[name] == lower or pins[name].startswith(lower + "."), (name, lower, pins)

@@ -62,7 +62,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # The default grid: a small classifier (where per-call overhead and compile time matter) up to
 # language-model vocabularies. soft_cross_entropy and binary read labels as large as the logits
 # and stop at 4096 x 32768 on CPU (at 4096 x 131072, optax's bfloat16 binary cross-entropy alone
-# would need 13 GiB of temporaries); linear's 4096 x 512 x 32768 takes two of the ~7 minutes.
+# would need 13 GiB of temporaries); linear's 4096 x 512 x 32768 takes two of the ~9 minutes.
 GRID = {
     "cross_entropy": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768), (4096, 131072)),
     "soft_cross_entropy": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768)),
@@ -83,7 +83,7 @@ ACCELERATOR_GRID = {
     "linear": ((16384, 4096, 131072),),
 }
 DEFAULT_DTYPES = ("float32", "bfloat16")
-GRID_MINUTES = "about 7 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
+GRID_MINUTES = "about 9 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
 # A timed sample calls a program this long at least: a 100 µs call is timed as the mean of 200.
 MIN_SAMPLE_SECONDS = 0.02
 

@@ -20,7 +20,7 @@ try:  # hypothesis is a test dependency
 
     # "ci" (the default): short and deterministic. "thorough": many random examples, run by
     # hand with `pytest --hypothesis-profile=thorough` or HYPOTHESIS_PROFILE=thorough.
-    settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True)
+    settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, database=None)
     settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # pragma: no cover

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -1343,7 +1343,8 @@ def exact_logits(draw, dtype):
     x, w, bias = (cast(v, dtype) for v in (x, w, bias))
     z = x.astype(F64) @ w.astype(F64) + bias.astype(F64)
     z = z[np.isfinite(z)]
-    assert np.all(z.astype(cdtype(dtype)).astype(F64) == z)  # exact in the compute dtype
+    # exact in the compute dtype (a bias rounded to a 16-bit dtype may leave the grid)
+    assume(np.all(z.astype(cdtype(dtype)).astype(F64) == z))
     return x, w, bias
 
 
@@ -1407,9 +1408,11 @@ def test_fused_equals_unfused(data):
     want, dz, scale, g_scale = ref["want"], ref["grad"], ref["scale"], ref["g_scale"]
     overflow = ref["overflow"]
     if reduction != "none":
+        # divided before the sum, as the loss is: the sum alone may overflow where the mean
+        # does not
         denominator = counted if reduction == "mean" else 1.0
-        want = want.sum() / denominator if denominator else 0.0
-        scale = scale.sum() / denominator if denominator else 0.0
+        want = (want / denominator).sum() if denominator else 0.0
+        scale = (scale / denominator).sum() if denominator else 0.0
         overflow = overflow.any()
     unit = dict(unit_dtype=P.compute_dtype(dtype), overflow=overflow)
     name = "linear_softmax_cross_entropy"

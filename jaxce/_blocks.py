@@ -309,7 +309,7 @@ def row_cotangents(stats, label_logit, w_y, rows, g, g_counted, weighted: bool, 
     derivs = _rows.row_derivatives(stats, label_logit, w_y, options)
     per_label = d_eps = d_zl = None
     if weighted:
-        counted = jnp.where(rows.active, g_counted, jnp.zeros_like(g_counted))
+        counted = _rows.counted(g_counted, rows)
         per_label = (_rows.finalize(derivs.label_weight * g, rows) + counted)[:, 0]
     if derivs.label_smoothing is not None:
         d_eps = jnp.sum(_rows.finalize(derivs.label_smoothing * g, rows))

@@ -18,7 +18,7 @@ from jaxce import _autodiff, _checks, _labels, _loops, _rows, _sharding, _xla
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype, layout_of
 from jaxce._reduction import reduce_loss
-from jaxce._softmax import max_and_sum_exp, probabilities, shift_of
+from jaxce._softmax import log_sum_or_zero, max_and_sum_exp, probabilities, shift_of
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def _forward(x, labels, mask, weights, options: _rows.Options, ignore_index):
     w_y = _rows.label_weight(weights, meaning.class_index, dtype)
     rows = _rows.status(meaning, stats)
     loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)
-    counted = jnp.where(rows.active, w_y, jnp.zeros_like(w_y))
+    counted = _rows.counted(w_y, rows)
     return loss[..., 0], counted[..., 0], (meaning, stats, label_logit, w_y, rows)
 
 
@@ -233,11 +233,6 @@ def _gaps(z, shift, t):
     return jnp.where(t != 0, shift - z, jnp.zeros_like(z))
 
 
-def _log_sum_or_zero(log_sum):
-    """The log-sum, 0 for a row with no admissible class (-inf)."""
-    return jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(log_sum), log_sum)
-
-
 def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
     """The per-row values of a chunk of rows (``[rows, C]``)."""
     m, sum_exp = max_and_sum_exp(x, mask)
@@ -250,7 +245,7 @@ def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
     wt = _weighted(_soft_targets(adm, y.astype(z.dtype), mask, eps, count), weights)
     mass = jnp.sum(wt, axis=-1, keepdims=True)
     loss = jnp.sum(wt * _gaps(z, shift, wt), axis=-1, keepdims=True)
-    loss = loss + mass * _log_sum_or_zero(log_sum)
+    loss = loss + mass * log_sum_or_zero(log_sum)
     # An empty row has loss 0, unless its targets hold a NaN: never hidden.
     empty = jnp.isneginf(log_sum) & ~jnp.isnan(mass)
     loss = jnp.where(empty, jnp.zeros_like(loss), loss)
@@ -284,14 +279,14 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, x_dot, y_dot, w_dot
         out = jnp.sum(dz * x_dot.astype(z.dtype), axis=-1)
     gaps = None
     if y_dot is not None or eps_dot is not None:
-        gaps = (rows.shift - z) + _log_sum_or_zero(rows.log_sum)
+        gaps = (rows.shift - z) + log_sum_or_zero(rows.log_sum)
     if y_dot is not None:
         live = has_row if mask is None else has_row & mask
         scale = 1 if eps is None else 1 - eps
         dy = jnp.where(live, scale * _weighted(gaps, weights), jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dy * y_dot.astype(z.dtype), axis=-1))
     if w_dot is not None:
-        gap = _gaps(z, rows.shift, t) + _log_sum_or_zero(rows.log_sum)
+        gap = _gaps(z, rows.shift, t) + log_sum_or_zero(rows.log_sum)
         dw = jnp.where(has_row, t * gap, jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dw * _rows.class_row(w_dot, dw), axis=-1))
     if eps_dot is not None:
@@ -389,7 +384,7 @@ def _nll_value(log_probs, labels, weights, ignore_index):
     no_stats = _rows.Stats(picked, jnp.zeros_like(picked), None, None, None)
     rows = _rows.status(meaning, no_stats)
     loss = _rows.finalize(-w_y * picked, rows)
-    counted = jnp.where(rows.active, w_y, jnp.zeros_like(w_y))
+    counted = _rows.counted(w_y, rows)
     return loss[..., 0], counted[..., 0], (meaning, w_y, picked, rows)
 
 
@@ -413,7 +408,7 @@ def _nll_jvp(ignore_index, primals, tangents):
     if w_dot is not None and weights is not None:
         w_y_dot = _rows.label_weight(w_dot, meaning.class_index, w_y.dtype)
         t = _autodiff.add(t, _rows.finalize(-picked, rows) * w_y_dot)
-        counted_dot = jnp.where(rows.active, w_y_dot, jnp.zeros_like(w_y_dot))[..., 0]
+        counted_dot = _rows.counted(w_y_dot, rows)[..., 0]
     t = None if t is None else t[..., 0]
     return (loss, counted), (_autodiff.or_zeros(t, loss), _autodiff.or_zeros(counted_dot, counted))
 

@@ -48,7 +48,7 @@ def _row_results(stats, meaning, label_logit, weights, options, dtype):
     w_y = _rows.label_weight(weights, meaning.class_index, dtype)
     rows = _rows.status(meaning, stats)
     loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)
-    counted = jnp.where(rows.active, w_y, jnp.zeros_like(w_y))
+    counted = _rows.counted(w_y, rows)
     return loss[:, 0], counted[:, 0], w_y, rows
 
 

@@ -42,7 +42,13 @@ from jaxce import _autodiff, _checks, _loops
 from jaxce._labels import Labels
 from jaxce._layout import compute_dtype
 from jaxce._sigmoid import soft_cap, soft_cap_cap_derivative, soft_cap_derivative
-from jaxce._softmax import max_and_sum_exp, probabilities, row_max, shift_of
+from jaxce._softmax import (
+    log_sum_or_zero,
+    max_and_sum_exp,
+    probabilities,
+    row_max,
+    shift_of,
+)
 
 
 class Options(NamedTuple):
@@ -262,9 +268,8 @@ class Stats(NamedTuple):
     spread: jax.Array | None  # sum_A w_c (shift - z_c) / K (smoothing only)
 
     def log_sum_or_zero(self) -> jax.Array:
-        """``log_sum`` with an empty row's -inf replaced by 0 (its results are masked anyway,
-        and a finite value keeps NaN out of the unselected branch); NaN stays NaN."""
-        return jnp.where(jnp.isneginf(self.log_sum), jnp.zeros_like(self.log_sum), self.log_sum)
+        """``log_sum`` with an empty row's -inf replaced by 0 (``_softmax.log_sum_or_zero``)."""
+        return log_sum_or_zero(self.log_sum)
 
     def lse(self) -> jax.Array:
         return self.shift + self.log_sum_or_zero()
@@ -393,6 +398,12 @@ def status(labels: Labels, stats: Stats) -> Status:
     return Status((~labels.ignored)[..., None] & stats.nonempty(), labels.invalid[..., None])
 
 
+def counted(weight: jax.Array, rows: Status) -> jax.Array:
+    """What each row counts for in a ``"mean"``: its weight (or the weight's tangent) where it
+    takes part, 0 where it is ignored or has no admissible class."""
+    return jnp.where(rows.active, weight, jnp.zeros_like(weight))
+
+
 def finalize(values: jax.Array, rows: Status) -> jax.Array:
     """0 on inactive rows (ignored or empty: they take no part, whatever their logits hold),
     NaN on poisoned rows: a bad label never produces a plausible number."""
@@ -467,7 +478,7 @@ def row_tangent(t, derivs: RowDerivatives, rows: Status, w_y_dot, dots: Tangents
     counted_dot = None
     if w_y_dot is not None:
         t = _autodiff.add(t, (finalize(derivs.label_weight, rows) * w_y_dot)[..., 0])
-        counted_dot = jnp.where(rows.active, w_y_dot, jnp.zeros_like(w_y_dot))[..., 0]
+        counted_dot = counted(w_y_dot, rows)[..., 0]
     for d, tangent in (
         (derivs.label_smoothing, dots.label_smoothing),
         (derivs.z_loss, dots.z_loss),

@@ -177,7 +177,7 @@ def _rows_of(stats, shard: _Shard, owned: dict, weights, options, dtype):
     w_y = jnp.ones_like(label_logit) if weights is None else owned["w_y"]
     rows = _rows.status(shard.meaning, stats)
     loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)
-    counted = jnp.where(rows.active, w_y, jnp.zeros_like(w_y))
+    counted = _rows.counted(w_y, rows)
     return loss[..., 0], counted[..., 0], label_logit, w_y, rows
 
 

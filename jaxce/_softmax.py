@@ -25,6 +25,12 @@ def shift_of(m: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
 
+def log_sum_or_zero(log_sum: jax.Array) -> jax.Array:
+    """``log_sum`` with an empty row's -inf replaced by 0 (its results are masked anyway, and a
+    finite value keeps NaN out of the unselected branch); NaN stays NaN."""
+    return jnp.where(jnp.isneginf(log_sum), jnp.zeros_like(log_sum), log_sum)
+
+
 def row_max(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """The max of ``x`` over its last axis where ``mask``, keepdims, in the compute dtype; -inf
     for a row with nothing admissible, NaN for a row with a NaN. No derivative: callers use it

@@ -5,6 +5,7 @@
   (and in these tests) fail loudly, so tests cast explicitly.
 """
 
+import importlib
 import os
 
 import jax
@@ -25,6 +26,15 @@ try:  # hypothesis is a test dependency
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # pragma: no cover
     pass
+
+# Hypothesis mixes literal constants from the project's imported modules into the values it
+# draws, so the "ci" profile's examples would depend on which tests ran first in a pytest-xdist
+# worker. Importing every module now makes that pool, and the examples, the same in every run.
+for _module in ("jaxce", "jaxce.sharded", "jaxce.bench", "jaxce.__main__", "jaxce.demo"):
+    try:
+        importlib.import_module(_module)
+    except ImportError:  # the demo's extras are optional
+        pass
 
 
 @pytest.fixture

@@ -3,7 +3,9 @@
 The integer-label loss is the per-row kernel of ``_rows`` applied to whole rows; the fused and
 the sharded losses apply the same kernel to chunks and shards. Derivatives are hand-written
 ``jax.custom_jvp`` rules (see ``_autodiff``): their ``[..., C]`` factors are recomputed in the
-backward pass, so reverse mode saves only the logits and ``O(N)`` statistics.
+backward pass, so reverse mode saves only the logits and ``O(N)`` statistics; on CPU, for
+float32 logits, also their exponentials, which the forward pass computed anyway
+(``_xla.saves_exponentials``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from jaxce import _autodiff, _checks, _labels, _loops, _rows, _sharding, _xla
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype, layout_of
 from jaxce._reduction import reduce_loss
-from jaxce._softmax import log_sum_or_zero, max_and_sum_exp, probabilities, shift_of
+from jaxce._softmax import (
+    log_sum_or_zero,
+    max_and_exponentials,
+    probabilities,
+    scaled_exponentials,
+    shift_of,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,36 +38,43 @@ def _integer_ce(x, labels, mask, weights, options, ignore_index):
     return loss, counted
 
 
-def _forward(x, labels, mask, weights, options: _rows.Options, ignore_index):
+def _forward(x, labels, mask, weights, options: _rows.Options, ignore_index, keep=False):
     """The row statistics of raw logits ``x`` (``[..., C]``, any float dtype) and the loss.
 
     Written so that XLA needs no ``[..., C]`` temporary: the statistics are reduced a chunk of
     rows at a time (``_rows.row_stats``) and the label logit is read from ``x`` itself
-    (``_xla.pick``).
+    (``_xla.pick``). With ``keep``, they are reduced from whole rows whose exponentials are
+    returned too, for the derivative (``_xla.saves_exponentials``); else those are None.
     """
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[-1]
     meaning = _labels.classify(labels, num_classes, ignore_index)
     label_logit = _rows.capped(_xla.pick(x, meaning.class_index).astype(dtype), options)
-    stats = _rows.finish(_rows.row_stats(x, mask, weights, options, num_classes), num_classes)
+    exponentials = None
+    if keep:
+        partial, exponentials = _rows.stats_and_exponentials(x, mask, weights, options, num_classes)
+    else:
+        partial = _rows.row_stats(x, mask, weights, options, num_classes)
+    stats = _rows.finish(partial, num_classes)
     w_y = _rows.label_weight(weights, meaning.class_index, dtype)
     rows = _rows.status(meaning, stats)
     loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)
     counted = _rows.counted(w_y, rows)
-    return loss[..., 0], counted[..., 0], (meaning, stats, label_logit, w_y, rows)
+    return loss[..., 0], counted[..., 0], (meaning, stats, label_logit, w_y, rows, exponentials)
 
 
 def _integer_ce_jvp(ignore_index, primals, tangents):
     x, labels, mask, weights, options = primals
     x_dot, _, _, w_dot, o_dot = tangents
-    loss, counted, (meaning, stats, label_logit, w_y, rows) = _forward(
-        x, labels, mask, weights, options, ignore_index
-    )
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
+    keep = dots.per_class(options) and _xla.saves_exponentials(x, options.elementwise)
+    loss, counted, (meaning, stats, label_logit, w_y, rows, exponentials) = _forward(
+        x, labels, mask, weights, options, ignore_index, keep
+    )
     t = None
     if dots.per_class(options):
         t = _rows.class_tangent(
-            x, meaning.class_index, mask, weights, options, stats, w_y, rows, dots
+            x, meaning.class_index, mask, weights, options, stats, w_y, rows, dots, exponentials
         )
     w_y_dot = None
     if dots.weights is not None:
@@ -235,8 +250,13 @@ def _gaps(z, shift, t):
 
 def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
     """The per-row values of a chunk of rows (``[rows, C]``)."""
-    m, sum_exp = max_and_sum_exp(x, mask)
-    shift, log_sum = shift_of(m), jnp.log(sum_exp)
+    return _soft_rows_and_exponentials(x, y, mask, weights, eps)[0]
+
+
+def _soft_rows_and_exponentials(x, y, mask, weights, eps) -> tuple[_SoftRows, jax.Array]:
+    """:func:`_soft_rows` and the exponentials ``exp(x - shift)`` its log-sum adds up."""
+    m, e = max_and_exponentials(x, mask)
+    shift, log_sum = shift_of(m), jnp.log(jnp.sum(e, axis=-1, keepdims=True))
     z = x.astype(shift.dtype)
     adm = _rows.admissible(z, mask)
     count = None
@@ -249,7 +269,7 @@ def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
     # An empty row has loss 0, unless its targets hold a NaN: never hidden.
     empty = jnp.isneginf(log_sum) & ~jnp.isnan(mass)
     loss = jnp.where(empty, jnp.zeros_like(loss), loss)
-    return _SoftRows(shift, log_sum, count, mass, loss)
+    return _SoftRows(shift, log_sum, count, mass, loss), e
 
 
 def _soft_forward(x, y, mask, weights, eps) -> _SoftRows:
@@ -265,7 +285,9 @@ def _soft_ce(x, y, mask, weights, eps):
 
 
 @_autodiff.rematerialized
-def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, x_dot, y_dot, w_dot, eps_dot):
+def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, e, x_dot, y_dot, w_dot, eps_dot):
+    """The tangent; ``e``: the forward pass's exponentials if kept (``_xla.saves_exponentials``),
+    else None."""
     z = x.astype(rows.shift.dtype)
     yf = y.astype(z.dtype)
     adm = _rows.admissible(z, mask)
@@ -274,7 +296,10 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, x_dot, y_dot, w_dot
     has_row = ~jnp.isneginf(rows.log_sum)
     out = None
     if x_dot is not None:
-        p = probabilities(z, rows.shift, rows.log_sum, mask)
+        if e is None:
+            p = probabilities(z, rows.shift, rows.log_sum, mask)
+        else:
+            p = scaled_exponentials(e, rows.log_sum)
         dz = jnp.where(has_row, rows.mass * p - wt, 0)
         out = jnp.sum(dz * x_dot.astype(z.dtype), axis=-1)
     gaps = None
@@ -302,9 +327,13 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, x_dot, y_dot, w_dot
 def _soft_ce_jvp(primals, tangents):
     x, y, mask, weights, eps = primals
     x_dot, y_dot, _, w_dot, eps_dot = (None if _autodiff.is_zero(t) else t for t in tangents)
-    rows = _soft_forward(x, y, mask, weights, eps)
+    e = None
+    if x_dot is not None and _xla.saves_exponentials(x, eps is not None, own_buffer=True):
+        rows, e = _soft_rows_and_exponentials(x, y, mask, weights, eps)
+    else:
+        rows = _soft_forward(x, y, mask, weights, eps)
     loss = rows.loss[..., 0]
-    t = _soft_tangent(x, y, mask, weights, eps, rows, x_dot, y_dot, w_dot, eps_dot)
+    t = _soft_tangent(x, y, mask, weights, eps, rows, e, x_dot, y_dot, w_dot, eps_dot)
     return loss, _autodiff.or_zeros(t, loss)
 
 

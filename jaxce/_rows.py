@@ -47,6 +47,7 @@ from jaxce._softmax import (
     max_and_sum_exp,
     probabilities,
     row_max,
+    scaled_exponentials,
     shift_of,
 )
 
@@ -61,6 +62,12 @@ class Options(NamedTuple):
     @property
     def smoothing(self) -> bool:
         return self.label_smoothing is not None
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether the row statistics need more than ``exp(x - max)`` of each logit (a soft
+        cap's ``tanh``, smoothing's differences)."""
+        return self.logit_soft_cap is not None or self.smoothing
 
 
 def make_options(dtype, label_smoothing, z_loss, logit_soft_cap) -> Options:
@@ -181,10 +188,23 @@ def partial_stats(
     time (:func:`row_stats`) or a block at a time (``_blocks``), so whatever XLA keeps while
     reducing is the size of a chunk.
     """
-    dtype = compute_dtype(x.dtype)
-    if options.logit_soft_cap is None and not options.smoothing:
+    if not options.elementwise:
         m, sum_exp = max_and_sum_exp(x, mask)
         return Partial(m, sum_exp, None, None, None)
+    return stats_and_exponentials(x, mask, weights, options, num_classes)[0]
+
+
+def stats_and_exponentials(
+    x: jax.Array,
+    mask: jax.Array | None,
+    weights: jax.Array | None,
+    options: Options,
+    num_classes: int,
+) -> tuple[Partial, jax.Array]:
+    """:func:`partial_stats` of ``x`` and the ``[..., cols]`` exponentials ``exp(z - shift)``
+    its ``sum_exp`` adds up (0 off the admissible entries), in the compute dtype. Kept, they
+    give the probabilities without a second exponential pass (:func:`logit_derivative`)."""
+    dtype = compute_dtype(x.dtype)
     m = capped(row_max(x, mask), options)
     shift = jax.lax.stop_gradient(shift_of(m))
     z = capped_bulk(x.astype(dtype), options)
@@ -194,12 +214,13 @@ def partial_stats(
     def row_sum(values):
         return jnp.sum(jnp.where(adm, values, zero), axis=-1, keepdims=True)
 
-    sum_exp = row_sum(jnp.exp(z - shift))
+    e = jnp.where(adm, jnp.exp(z - shift), zero)
+    sum_exp = jnp.sum(e, axis=-1, keepdims=True)
     if not options.smoothing:
-        return Partial(m, sum_exp, None, None, None)
+        return Partial(m, sum_exp, None, None, None), e
     w = jnp.ones_like(z) if weights is None else class_row(weights, z)
     gap = row_sum(w * scaled_difference(shift, z, num_classes))
-    return Partial(m, sum_exp, row_sum(jnp.ones_like(z)), row_sum(w), gap)
+    return Partial(m, sum_exp, row_sum(jnp.ones_like(z)), row_sum(w), gap), e
 
 
 def row_stats(
@@ -338,10 +359,16 @@ def logit_derivative(
     weights: jax.Array | None,
     stats: Stats,
     coeffs,
+    exponentials: jax.Array | None = None,
 ) -> jax.Array:
-    """``dloss/dz`` over a block of (capped) logits ``z``: all classes, a chunk or a shard."""
+    """``dloss/dz`` over a block of (capped) logits ``z``: all classes, a chunk or a shard.
+    ``exponentials``: the block's ``exp(z - shift)`` where already computed
+    (:func:`stats_and_exponentials`), which saves computing them again."""
     a, b, c = coeffs
-    p = probabilities(z, stats.shift, stats.log_sum, adm)
+    if exponentials is None:
+        p = probabilities(z, stats.shift, stats.log_sum, adm)
+    else:
+        p = scaled_exponentials(exponentials, stats.log_sum)
     dz = a * p - jnp.where(onehot, b, jnp.zeros_like(b))
     if c is not None:
         w = jnp.ones_like(z) if weights is None else class_row(weights, z)
@@ -443,13 +470,16 @@ def tangents_of(x_dot, weights_dot, options_dot: Options, weights, options: Opti
 
 
 @_autodiff.rematerialized
-def class_tangent(x, label_cols, mask, weights, options, stats, w_y, rows, dots: Tangents):
+def class_tangent(
+    x, label_cols, mask, weights, options, stats, w_y, rows, dots: Tangents, exponentials=None
+):
     """The tangent terms that need the whole ``[..., C]`` block of raw logits ``x`` (or a
     device's columns of it): ``sum_c dloss/dx_c x'_c``, the soft cap's and the smoothing class
     weights'. ``label_cols`` is each row's label column (-1 if in no column of ``x``).
 
     Rematerialized (``_autodiff``): in reverse mode it runs in the backward pass, one
-    elementwise pass over ``x``.
+    elementwise pass over ``x``. Given the forward pass's ``exponentials``
+    (:func:`stats_and_exponentials`), reverse mode keeps them instead of computing them again.
     """
     xf = x.astype(stats.shift.dtype)
     z = capped_bulk(xf, options)
@@ -458,7 +488,8 @@ def class_tangent(x, label_cols, mask, weights, options, stats, w_y, rows, dots:
     if dots.x is not None or dots.logit_soft_cap is not None:
         coeffs = coefficients(stats, w_y, options)
         dz = finalize(
-            logit_derivative(z, adm, one_hot(label_cols, z), weights, stats, coeffs), rows
+            logit_derivative(z, adm, one_hot(label_cols, z), weights, stats, coeffs, exponentials),
+            rows,
         )
         if dots.x is not None:
             dx = chain(dz, capped_derivative(xf, options))

@@ -48,19 +48,32 @@ def row_max(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     return jnp.max(x, axis=-1, keepdims=True).astype(dtype)
 
 
+def max_and_exponentials(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``(max, exp(x - shift_of(max)))``: the row max (keepdims) and the ``[..., C]``
+    exponentials, 0 on masked entries, in the compute dtype."""
+    dtype = compute_dtype(x.dtype)
+    m = row_max(x, mask)
+    e = jnp.exp(x.astype(dtype) - shift_of(m))
+    if mask is not None:
+        e = jnp.where(mask, e, jnp.zeros_like(e))
+    return m, e
+
+
 def max_and_sum_exp(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """``(max, sum_exp)`` over admissible entries, keepdims, in the compute dtype.
 
     ``sum_exp = sum(exp(x - shift_of(max)))``: 0 exactly for a row with nothing admissible, at
     least 1 otherwise (the max contributes ``exp(0)``), NaN for a row with a NaN.
     """
-    dtype = compute_dtype(x.dtype)
-    m = row_max(x, mask)
-    shift = shift_of(m)
-    e = jnp.exp(x.astype(dtype) - shift)
-    if mask is not None:
-        e = jnp.where(mask, e, jnp.zeros_like(e))
+    m, e = max_and_exponentials(x, mask)
     return m, jnp.sum(e, axis=-1, keepdims=True)
+
+
+def scaled_exponentials(e: jax.Array, log_sum: jax.Array) -> jax.Array:
+    """The probabilities from the exponentials ``e`` of :func:`max_and_exponentials` and the
+    row's ``log_sum``, as :func:`probabilities` gives them: 0 where ``e`` is (masked entries,
+    empty rows), NaN on a row whose ``log_sum`` is NaN."""
+    return e * jnp.exp(-log_sum_or_zero(log_sum))
 
 
 def max_and_log_sum(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:

@@ -55,6 +55,32 @@ def row_chunk(num_rows: int, num_classes: int) -> int:
     return -(-num_rows // chunks)
 
 
+# The softmax losses' exponentials exp(x - max) on CPU: computing them is most of a loss's time
+# there, so for float32 and float64 logits the reverse-mode forward pass keeps them (one pass
+# computes and sums them) and the backward pass scales them into the gradient. For the
+# integer-label loss XLA writes the gradient into their buffer (they have its size and dtype):
+# no temporary. For soft labels it keeps them in a buffer of their own, so they are kept only
+# while that fits in a CPU's cache (KEPT_BYTES), where it costs no memory traffic; above, the
+# backward pass computes them again. Other dtypes would keep a float32 array larger than the
+# gradient; with a soft cap or smoothing XLA keeps a second array beside them; accelerators,
+# bound by memory bandwidth, recompute them for less than reading them back: all of these
+# rematerialize. Guarded by tests/test_memory.py::test_float32_on_cpu_needs_no_temporaries and
+# ::test_float32_on_cpu_takes_one_exponential_pass.
+KEPT_BYTES = 4 * 2**20
+
+
+def saves_exponentials(x: jax.Array, elementwise: bool, own_buffer: bool = False) -> bool:
+    """Whether a softmax loss's derivative keeps ``exp(x - max)`` of the logits ``x`` rather than
+    computing it again (``elementwise``: its statistics need more than that; ``own_buffer``:
+    XLA cannot write the gradient into theirs)."""
+    return (
+        jax.default_backend() == "cpu"
+        and x.dtype in (jnp.float32, jnp.float64)
+        and not elementwise
+        and (not own_buffer or x.size * x.dtype.itemsize <= KEPT_BYTES)
+    )
+
+
 def class_axis_sharded(x: jax.Array) -> bool:
     """Whether ``x``'s class (last) axis is split over a mesh axis with explicit sharding."""
     spec: tuple[object, ...] = getattr(jax.typeof(x).sharding, "spec", ())

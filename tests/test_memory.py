@@ -7,6 +7,8 @@ combination. And every loss reduces a chunk of rows at a time, so its temporarie
 with the number of rows at all, whatever XLA fuses (this differs between JAX versions).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +149,72 @@ def test_temporaries_do_not_grow_with_the_rows(name):
     assert at_large - at_small <= PER_ROW * (large - small), (
         f"{at_small / 2**20:.2f} MiB at N={small}, {at_large / 2**20:.2f} MiB at N={large}"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# float32 on CPU: the forward pass keeps exp(x - max) for the backward pass
+# (jaxce._xla.saves_exponentials), so both take one exponential pass over the logits. The
+# integer-label loss keeps them in the gradient's buffer: still no [N, V] temporary. Soft labels
+# keep them in a buffer of their own, only up to _xla.KEPT_BYTES.
+FLOAT32_CASES = {
+    "plain": {},
+    "z_loss": {"z_loss": 1e-4},
+    "class_weights": {"class_weights": jnp.linspace(0.5, 2.0, V)},
+    "ignore_index": {"ignore_index": -100},
+    "smoothing": {"label_smoothing": 0.1},
+    "soft_cap": {"logit_soft_cap": 30.0},
+}
+KEPT = 4 * 2**20  # jaxce._xla.KEPT_BYTES
+
+
+def _float32_program(name, rows=N):
+    y = jnp.asarray(np.random.default_rng(0).integers(0, V, size=rows).astype(np.int32))
+
+    def loss(lg, soft):
+        if name == "soft_labels":
+            return jaxce.softmax_cross_entropy(lg, soft, reduction="mean")
+        kw = FLOAT32_CASES[name]
+        return jaxce.softmax_cross_entropy_with_integer_labels(lg, y, reduction="mean", **kw)
+
+    logits = jax.ShapeDtypeStruct((rows, V), jnp.float32)
+    return jax.jit(jax.value_and_grad(loss)).lower(logits, logits)
+
+
+@pytest.mark.parametrize("name", list(FLOAT32_CASES))
+def test_float32_on_cpu_needs_no_temporaries(name):
+    stats = _float32_program(name).compile().memory_analysis()
+    if stats is None:  # pragma: no cover - backend without memory analysis
+        pytest.skip("memory_analysis not available on this backend")
+    # less than half a float32 logits buffer: the kept exponentials share the gradient's
+    assert stats.temp_size_in_bytes <= N * V * 2, f"{stats.temp_size_in_bytes / 2**20:.2f} MiB"
+
+
+@pytest.mark.parametrize("rows", [KEPT // (4 * V), 2 * KEPT // (4 * V)], ids=["kept", "above"])
+def test_float32_soft_labels_keep_at_most_their_budget(rows):
+    stats = _float32_program("soft_labels", rows).compile().memory_analysis()
+    if stats is None:  # pragma: no cover - backend without memory analysis
+        pytest.skip("memory_analysis not available on this backend")
+    assert stats.temp_size_in_bytes <= KEPT + 8 * 2**10 * rows, (
+        f"{stats.temp_size_in_bytes / 2**20:.2f} MiB"
+    )
+
+
+def _exponential_passes(program):
+    # exponentials of logits: of all rows, or of a chunk of rows in a loop
+    wide = re.compile(rf"= f32\[\d+,{V}\]\S* exponential\(")
+    return [line for line in program.compile().as_text().splitlines() if wide.search(line)]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the exponentials are kept on CPU")
+@pytest.mark.parametrize("name", ["plain", "z_loss", "class_weights", "ignore_index"])
+def test_float32_on_cpu_takes_one_exponential_pass(name):
+    passes = _exponential_passes(_float32_program(name))
+    assert len(passes) == 1, "\n".join(passes)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the exponentials are kept on CPU")
+def test_float32_soft_labels_on_cpu_take_one_exponential_pass_within_the_budget():
+    kept = _exponential_passes(_float32_program("soft_labels", KEPT // (4 * V)))
+    assert len(kept) == 1, "\n".join(kept)
+    above = _exponential_passes(_float32_program("soft_labels", 2 * KEPT // (4 * V)))
+    assert len(above) == 2, "\n".join(above)

@@ -44,7 +44,7 @@ from jaxce._layout import compute_dtype
 from jaxce._sigmoid import soft_cap, soft_cap_cap_derivative, soft_cap_derivative
 from jaxce._softmax import (
     log_sum_or_zero,
-    max_and_sum_exp,
+    max_and_exponentials,
     probabilities,
     row_max,
     scaled_exponentials,
@@ -188,9 +188,6 @@ def partial_stats(
     time (:func:`row_stats`) or a block at a time (``_blocks``), so whatever XLA keeps while
     reducing is the size of a chunk.
     """
-    if not options.elementwise:
-        m, sum_exp = max_and_sum_exp(x, mask)
-        return Partial(m, sum_exp, None, None, None)
     return stats_and_exponentials(x, mask, weights, options, num_classes)[0]
 
 
@@ -204,6 +201,9 @@ def stats_and_exponentials(
     """:func:`partial_stats` of ``x`` and the ``[..., cols]`` exponentials ``exp(z - shift)``
     its ``sum_exp`` adds up (0 off the admissible entries), in the compute dtype. Kept, they
     give the probabilities without a second exponential pass (:func:`logit_derivative`)."""
+    if not options.elementwise:
+        m, e = max_and_exponentials(x, mask)
+        return Partial(m, jnp.sum(e, axis=-1, keepdims=True), None, None, None), e
     dtype = compute_dtype(x.dtype)
     m = capped(row_max(x, mask), options)
     shift = jax.lax.stop_gradient(shift_of(m))

@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxce._layout import compute_dtype
+
 # Default chunk sizes of the fused loss per backend, measured with `python -m jaxce.bench linear`:
 # (rows of the recompute strategy's blocks, its vocabulary chunk, the byte budget of one float32
 # [token_chunk, V] block of the single-pass strategy). Accelerators have the bandwidth and the
@@ -56,29 +58,32 @@ def row_chunk(num_rows: int, num_classes: int) -> int:
 
 
 # The softmax losses' exponentials exp(x - max) on CPU: computing them is most of a loss's time
-# there, so for float32 and float64 logits the reverse-mode forward pass keeps them (one pass
-# computes and sums them) and the backward pass scales them into the gradient. For the
-# integer-label loss XLA writes the gradient into their buffer (they have its size and dtype):
-# no temporary. For soft labels it keeps them in a buffer of their own, so they are kept only
-# while that fits in a CPU's cache (KEPT_BYTES), where it costs no memory traffic; above, the
-# backward pass computes them again. Other dtypes would keep a float32 array larger than the
-# gradient; with a soft cap or smoothing XLA keeps a second array beside them; accelerators,
-# bound by memory bandwidth, recompute them for less than reading them back: all of these
-# rematerialize. Guarded by tests/test_memory.py::test_float32_on_cpu_needs_no_temporaries and
-# ::test_float32_on_cpu_takes_one_exponential_pass.
+# there, so the reverse-mode forward pass keeps them (one pass computes and sums them) and the
+# backward pass scales them into the gradient. For float32 and float64 logits of the
+# integer-label loss, XLA writes the gradient into their buffer (they have its size and dtype):
+# no temporary, at any size. Elsewhere (soft labels, whose other reductions read them; bfloat16
+# and float16 logits, whose float32 exponentials are larger than the gradient) they take a
+# buffer of their own, so they are kept only while it fits in a CPU's cache (KEPT_BYTES), where
+# it costs no memory traffic; above, the backward pass computes them again. With a soft cap or
+# smoothing XLA would keep a second array beside them, and accelerators, bound by memory
+# bandwidth, recompute them for less than reading them back: these always recompute.
+# Guarded by tests/test_memory.py::test_float32_on_cpu_needs_no_temporaries,
+# ::test_kept_exponentials_stay_within_their_budget,
+# ::test_float32_on_cpu_takes_one_exponential_pass and
+# ::test_one_exponential_pass_on_cpu_within_the_budget (the other bounds of
+# tests/test_memory.py are measured above KEPT_BYTES).
 KEPT_BYTES = 4 * 2**20
 
 
 def saves_exponentials(x: jax.Array, elementwise: bool, own_buffer: bool = False) -> bool:
     """Whether a softmax loss's derivative keeps ``exp(x - max)`` of the logits ``x`` rather than
     computing it again (``elementwise``: its statistics need more than that; ``own_buffer``:
-    XLA cannot write the gradient into theirs)."""
-    return (
-        jax.default_backend() == "cpu"
-        and x.dtype in (jnp.float32, jnp.float64)
-        and not elementwise
-        and (not own_buffer or x.size * x.dtype.itemsize <= KEPT_BYTES)
-    )
+    XLA cannot write the gradient into theirs even for float32 logits)."""
+    if jax.default_backend() != "cpu" or elementwise:
+        return False
+    if x.dtype in (jnp.float32, jnp.float64) and not own_buffer:
+        return True
+    return x.size * jnp.dtype(compute_dtype(x.dtype)).itemsize <= KEPT_BYTES
 
 
 def class_axis_sharded(x: jax.Array) -> bool:

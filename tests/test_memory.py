@@ -152,10 +152,10 @@ def test_temporaries_do_not_grow_with_the_rows(name):
 
 
 # ----------------------------------------------------------------------------------------------
-# float32 on CPU: the forward pass keeps exp(x - max) for the backward pass
+# On CPU the forward pass keeps exp(x - max) for the backward pass
 # (jaxce._xla.saves_exponentials), so both take one exponential pass over the logits. The
-# integer-label loss keeps them in the gradient's buffer: still no [N, V] temporary. Soft labels
-# keep them in a buffer of their own, only up to _xla.KEPT_BYTES.
+# float32 integer-label loss keeps them in the gradient's buffer: still no [N, V] temporary.
+# Soft labels and bfloat16 logits keep them in a buffer of their own, only up to _xla.KEPT_BYTES.
 FLOAT32_CASES = {
     "plain": {},
     "z_loss": {"z_loss": 1e-4},
@@ -165,9 +165,10 @@ FLOAT32_CASES = {
     "soft_cap": {"logit_soft_cap": 30.0},
 }
 KEPT = 4 * 2**20  # jaxce._xla.KEPT_BYTES
+KEPT_ROWS = KEPT // (4 * V)  # rows whose float32 exponentials are KEPT bytes
 
 
-def _float32_program(name, rows=N):
+def _program(name, rows=N, dtype=jnp.float32):
     y = jnp.asarray(np.random.default_rng(0).integers(0, V, size=rows).astype(np.int32))
 
     def loss(lg, soft):
@@ -176,27 +177,36 @@ def _float32_program(name, rows=N):
         kw = FLOAT32_CASES[name]
         return jaxce.softmax_cross_entropy_with_integer_labels(lg, y, reduction="mean", **kw)
 
-    logits = jax.ShapeDtypeStruct((rows, V), jnp.float32)
+    logits = jax.ShapeDtypeStruct((rows, V), dtype)
     return jax.jit(jax.value_and_grad(loss)).lower(logits, logits)
+
+
+def _temp_bytes(program):
+    stats = program.compile().memory_analysis()
+    if stats is None:  # pragma: no cover - backend without memory analysis
+        pytest.skip("memory_analysis not available on this backend")
+    return stats.temp_size_in_bytes
 
 
 @pytest.mark.parametrize("name", list(FLOAT32_CASES))
 def test_float32_on_cpu_needs_no_temporaries(name):
-    stats = _float32_program(name).compile().memory_analysis()
-    if stats is None:  # pragma: no cover - backend without memory analysis
-        pytest.skip("memory_analysis not available on this backend")
+    temp = _temp_bytes(_program(name))
     # less than half a float32 logits buffer: the kept exponentials share the gradient's
-    assert stats.temp_size_in_bytes <= N * V * 2, f"{stats.temp_size_in_bytes / 2**20:.2f} MiB"
+    assert temp <= N * V * 2, f"{temp / 2**20:.2f} MiB"
 
 
-@pytest.mark.parametrize("rows", [KEPT // (4 * V), 2 * KEPT // (4 * V)], ids=["kept", "above"])
-def test_float32_soft_labels_keep_at_most_their_budget(rows):
-    stats = _float32_program("soft_labels", rows).compile().memory_analysis()
-    if stats is None:  # pragma: no cover - backend without memory analysis
-        pytest.skip("memory_analysis not available on this backend")
-    assert stats.temp_size_in_bytes <= KEPT + 8 * 2**10 * rows, (
-        f"{stats.temp_size_in_bytes / 2**20:.2f} MiB"
-    )
+BUDGET_CASES = {
+    "soft_labels_float32": ("soft_labels", jnp.float32),
+    "integer_bfloat16": ("plain", jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("rows", [KEPT_ROWS, 2 * KEPT_ROWS], ids=["kept", "above"])
+@pytest.mark.parametrize("case", list(BUDGET_CASES))
+def test_kept_exponentials_stay_within_their_budget(case, rows):
+    name, dtype = BUDGET_CASES[case]
+    temp = _temp_bytes(_program(name, rows, dtype))
+    assert temp <= KEPT + 8 * 2**10 * rows, f"{temp / 2**20:.2f} MiB"
 
 
 def _exponential_passes(program):
@@ -205,16 +215,21 @@ def _exponential_passes(program):
     return [line for line in program.compile().as_text().splitlines() if wide.search(line)]
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the exponentials are kept on CPU")
+ON_CPU = pytest.mark.skipif(jax.default_backend() != "cpu", reason="kept on CPU only")
+
+
+@ON_CPU
 @pytest.mark.parametrize("name", ["plain", "z_loss", "class_weights", "ignore_index"])
 def test_float32_on_cpu_takes_one_exponential_pass(name):
-    passes = _exponential_passes(_float32_program(name))
+    passes = _exponential_passes(_program(name))
     assert len(passes) == 1, "\n".join(passes)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the exponentials are kept on CPU")
-def test_float32_soft_labels_on_cpu_take_one_exponential_pass_within_the_budget():
-    kept = _exponential_passes(_float32_program("soft_labels", KEPT // (4 * V)))
+@ON_CPU
+@pytest.mark.parametrize("case", list(BUDGET_CASES))
+def test_one_exponential_pass_on_cpu_within_the_budget(case):
+    name, dtype = BUDGET_CASES[case]
+    kept = _exponential_passes(_program(name, KEPT_ROWS, dtype))
     assert len(kept) == 1, "\n".join(kept)
-    above = _exponential_passes(_float32_program("soft_labels", 2 * KEPT // (4 * V)))
+    above = _exponential_passes(_program(name, 2 * KEPT_ROWS, dtype))
     assert len(above) == 2, "\n".join(above)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxce import _autodiff, _checks
 from jaxce._layout import compute_dtype
 from jaxce._reduction import reduce_total
-from jaxce._sigmoid import stable_log_sigmoid
+from jaxce._sigmoid import log_sigmoid_pair, sigmoid_pair
 
 
 def _times(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -41,7 +41,8 @@ def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
     xf = x.astype(compute_dtype(x.dtype))
     pos, neg = _coefficients(_smoothed(y.astype(xf.dtype), eps), pos_weight, weights)
     # `0 -` turns the -0.0 of a perfect prediction into 0.0.
-    return 0 - (_times(pos, stable_log_sigmoid(xf)) + _times(neg, stable_log_sigmoid(-xf)))
+    log_p, log_not_p = log_sigmoid_pair(xf)
+    return 0 - (_times(pos, log_p) + _times(neg, log_not_p))
 
 
 def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w_dot, eps_dot):
@@ -50,10 +51,10 @@ def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w
     w = jnp.ones_like(xf) if weights is None else weights
     w_pw = w if pos_weight is None else w * pos_weight
     pos, neg = _coefficients(t, pos_weight, weights)
-    log_p, log_not_p = stable_log_sigmoid(xf), stable_log_sigmoid(-xf)
+    log_p, log_not_p = log_sigmoid_pair(xf)
     out = None
     if x_dot is not None:
-        dx = (pos + neg) * jax.nn.sigmoid(xf) - pos
+        dx = (pos + neg) * sigmoid_pair(xf)[0] - pos
         out = dx * x_dot.astype(xf.dtype)
     dt = _times(w, log_not_p) - _times(w_pw, log_p)
     if y_dot is not None:

@@ -12,7 +12,7 @@ from jaxce import _autodiff, _checks, _labels, _rows
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype
 from jaxce._reduction import reduce_loss, reduce_total
-from jaxce._sigmoid import stable_log_sigmoid
+from jaxce._sigmoid import log_sigmoid_pair
 from jaxce._softmax import max_and_log_sum, probabilities
 
 
@@ -36,7 +36,7 @@ def _log_or_zero(u: jax.Array) -> jax.Array:
 def _sigmoid_focal_parts(x, y, alpha, gamma):
     xf = x.astype(compute_dtype(x.dtype))
     yf = y.astype(xf.dtype)
-    log_p, log_q = stable_log_sigmoid(xf), stable_log_sigmoid(-xf)
+    log_p, log_q = log_sigmoid_pair(xf)
     ce = -(jnp.where(yf == 0, 0, yf * log_p) + jnp.where(yf == 1, 0, (1 - yf) * log_q))
     p, q = jnp.exp(log_p), jnp.exp(log_q)
     m = p * (1 - yf) + q * yf

@@ -14,7 +14,23 @@ from jaxce._layout import compute_dtype
 
 def stable_log_sigmoid(x: jax.Array) -> jax.Array:
     """``log(sigmoid(x)) = -softplus(-x) = min(x, 0) - log1p(exp(-|x|))``: no overflow anywhere."""
-    return jnp.minimum(x, 0) - jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return log_sigmoid_pair(x)[0]
+
+
+def log_sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(log sigmoid(x), log sigmoid(-x))`` as ``min(+-x, 0) - log1p(exp(-|x|))``: one
+    exponential and one logarithm for both (the binary losses need both)."""
+    tail = jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return jnp.minimum(x, 0) - tail, jnp.minimum(-x, 0) - tail
+
+
+def sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sigmoid(x), sigmoid(-x))`` from one exponential ``e = exp(-|x|) <= 1``: ``1 / (1 + e)``
+    on the side of x's sign, ``e / (1 + e)`` on the other, neither overflowing."""
+    e = jnp.exp(-jnp.abs(x))
+    big, small = 1 / (1 + e), e / (1 + e)
+    positive = x >= 0
+    return jnp.where(positive, big, small), jnp.where(positive, small, big)
 
 
 def _float(x: jax.Array) -> jax.Array:
@@ -32,7 +48,8 @@ def _sigmoid(x):
 @_autodiff.rematerialized
 def _sigmoid_tangent(x, x_dot):
     xf = _float(x)
-    return (jax.nn.sigmoid(xf) * jax.nn.sigmoid(-xf) * x_dot.astype(xf.dtype)).astype(x.dtype)
+    s, not_s = sigmoid_pair(xf)
+    return (s * not_s * x_dot.astype(xf.dtype)).astype(x.dtype)
 
 
 @_sigmoid.defjvp

@@ -174,8 +174,11 @@ def softmax_cross_entropy_with_integer_labels(
     eps = label_smoothing
     loss = (1.0 - eps) * w_y * nll
     if eps:
-        per_class = xp.where(adm, w * (lse_safe[..., None] - xp.where(adm, z, 0.0)), 0.0)
-        loss = loss + eps * xp.sum(per_class, axis=-1) / xp.where(has, k, 1.0)
+        # each term divided by K before the weight multiplies it: w (lse - z) alone can
+        # overflow float64 where the mean over the classes does not
+        gap = (lse_safe[..., None] - xp.where(adm, z, 0.0)) / xp.where(has, k, 1.0)[..., None]
+        per_class = xp.where(adm, w * gap, 0.0)
+        loss = loss + eps * xp.sum(per_class, axis=-1)
     if z_loss:
         loss = loss + z_loss * w_y * lse_safe**2
     keep = has & ~ignored

@@ -24,7 +24,6 @@ from jaxce._softmax import (
     log_sum_or_zero,
     max_and_exponentials,
     probabilities,
-    scaled_exponentials,
     shift_of,
 )
 
@@ -296,10 +295,7 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, e, x_dot, y_dot, w_
     has_row = ~jnp.isneginf(rows.log_sum)
     out = None
     if x_dot is not None:
-        if e is None:
-            p = probabilities(z, rows.shift, rows.log_sum, mask)
-        else:
-            p = scaled_exponentials(e, rows.log_sum)
+        p = probabilities(z, rows.shift, rows.log_sum, mask, e)
         dz = jnp.where(has_row, rows.mass * p - wt, 0)
         out = jnp.sum(dz * x_dot.astype(z.dtype), axis=-1)
     gaps = None

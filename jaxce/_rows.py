@@ -47,7 +47,6 @@ from jaxce._softmax import (
     max_and_exponentials,
     probabilities,
     row_max,
-    scaled_exponentials,
     shift_of,
 )
 
@@ -365,10 +364,7 @@ def logit_derivative(
     ``exponentials``: the block's ``exp(z - shift)`` where already computed
     (:func:`stats_and_exponentials`), which saves computing them again."""
     a, b, c = coeffs
-    if exponentials is None:
-        p = probabilities(z, stats.shift, stats.log_sum, adm)
-    else:
-        p = scaled_exponentials(exponentials, stats.log_sum)
+    p = probabilities(z, stats.shift, stats.log_sum, adm, exponentials)
     dz = a * p - jnp.where(onehot, b, jnp.zeros_like(b))
     if c is not None:
         w = jnp.ones_like(z) if weights is None else class_row(weights, z)

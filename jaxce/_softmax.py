@@ -69,13 +69,6 @@ def max_and_sum_exp(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ja
     return m, jnp.sum(e, axis=-1, keepdims=True)
 
 
-def scaled_exponentials(e: jax.Array, log_sum: jax.Array) -> jax.Array:
-    """The probabilities from the exponentials ``e`` of :func:`max_and_exponentials` and the
-    row's ``log_sum``, as :func:`probabilities` gives them: 0 where ``e`` is (masked entries,
-    empty rows), NaN on a row whose ``log_sum`` is NaN."""
-    return e * jnp.exp(-log_sum_or_zero(log_sum))
-
-
 def max_and_log_sum(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """``(shift, log_sum)`` with ``logsumexp(x) = shift + log_sum``, keepdims.
 
@@ -105,9 +98,17 @@ def log_probabilities(
 
 
 def probabilities(
-    x: jax.Array, m: jax.Array, log_sum: jax.Array, mask: jax.Array | None
+    x: jax.Array,
+    m: jax.Array,
+    log_sum: jax.Array,
+    mask: jax.Array | None,
+    exponentials: jax.Array | None = None,
 ) -> jax.Array:
-    """``softmax = exp((x - m) - log_sum)``, 0 on masked entries and on empty rows."""
+    """``softmax = exp((x - m) - log_sum)``, 0 on masked entries and on empty rows, NaN on a
+    row with a NaN. Given the row's ``exponentials`` ``exp(x - m)`` (0 where masked, from
+    :func:`max_and_exponentials`), they are scaled instead of computed again."""
+    if exponentials is not None:
+        return exponentials * jnp.exp(-log_sum_or_zero(log_sum))
     return jnp.exp(log_probabilities(x, m, log_sum, mask))
 
 

@@ -22,13 +22,17 @@ labels, binary targets) once and writes an array of the logits' size, which any 
 backward pass must at least do. The floor of ``linear`` is the three matrix products no
 implementation can avoid, ``x @ w``, ``g @ w.T`` and ``x.T @ g``, jitted together.
 
-Every program is compiled once (the compile time reported is ``lower`` + ``compile`` of a fresh
-function, so no cache hides it) and warmed up; then the programs of a shape are timed in turn,
-round-robin, ``repeats`` times, so that machine noise falls on all of them alike. A sample times
-a program for at least ``MIN_SAMPLE_SECONDS`` (a fast program is called in a loop, waiting for
-each call), and the time reported is the median per call over the samples (and the minimum).
-Every ratio compares numbers of the same run. Memory is the compiled program's temporary buffers
-(``compile().memory_analysis().temp_size_in_bytes``); the arguments and results are not counted.
+Every program is compiled ``COMPILE_SAMPLES`` times (the compile time reported is the median of
+``lower`` + ``compile`` of a fresh function, so no cache hides it) and warmed up; then the
+programs of a shape are timed in turn, round-robin, ``repeats`` times, in reverse order every
+other round, so that machine noise and the order of the programs fall on all of them alike. A
+sample times a program for at least ``MIN_SAMPLE_SECONDS`` (a fast program is called in a loop,
+waiting for each call), and the time reported is the median per call over the samples (and the
+minimum). Every ratio compares numbers of the same run, sample by sample: a ratio is the median
+over the rounds of the two programs' times in that round, so that a slow stretch of a shared
+machine, which slows every program of a round, cancels out. Memory is the compiled program's
+temporary buffers (``compile().memory_analysis().temp_size_in_bytes``); the arguments and
+results are not counted.
 
 The functions below are the command line's building blocks: ``run`` returns one ``Result`` per
 program and shape, which ``format_table``, ``format_markdown``, ``write_json`` and ``plot`` turn
@@ -86,6 +90,8 @@ DEFAULT_DTYPES = ("float32", "bfloat16")
 GRID_MINUTES = "about 9 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
 # A timed sample calls a program this long at least: a 100 µs call is timed as the mean of 200.
 MIN_SAMPLE_SECONDS = 0.02
+# Compilations per program, a fresh function each time; the median is reported.
+COMPILE_SAMPLES = 3
 
 FLOOR, OPTAX, JAXCE = "floor", "optax", "jaxce"
 
@@ -443,6 +449,18 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def paired_ratio(numerator: Result | None, denominator: Result | None) -> float | None:
+    """The ratio of two programs' times measured in the same rounds: the median over the rounds
+    of ``numerator``'s time over ``denominator``'s (the ratio of the medians where the two were
+    not timed the same number of times). ``None`` where either has no time."""
+    if numerator is None or denominator is None or not numerator.times or not denominator.times:
+        return None
+    if len(numerator.times) != len(denominator.times) or min(denominator.times) <= 0:
+        return _ratio(numerator.median, denominator.median)
+    pairs = zip(numerator.times, denominator.times, strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
 def missed_targets(result: Result, backend: str) -> tuple[str, ...]:
     """The targets a result misses, as sentences; empty when it meets all of them."""
     t = targets(result.benchmark, result.program, result.dtype, backend)
@@ -470,9 +488,10 @@ def missed_targets(result: Result, backend: str) -> tuple[str, ...]:
 def compute_ratios(results: Sequence[Result], backend: str = "cpu") -> list[Result]:
     """Fills in each result's ratios from the results of the same benchmark, shape and dtype.
 
-    ``x_floor`` is the median time over the floor's median time, ``speedup`` the compared optax
-    program's median over this one's (above 1: faster than optax), ``compile_ratio`` this
-    program's compile time over optax's. Then ``missed`` lists the targets not met.
+    ``x_floor`` is the time over the floor's, ``speedup`` the compared optax program's time over
+    this one's (above 1: faster than optax), each the median over the rounds of the ratio of
+    the two times of a round (:func:`paired_ratio`); ``compile_ratio`` is this program's
+    compile time over optax's. Then ``missed`` lists the targets not met.
 
     Args:
       results: measured results, in any order.
@@ -492,8 +511,8 @@ def compute_ratios(results: Sequence[Result], backend: str = "cpu") -> list[Resu
         other = case.get(r.compare_to) if r.compare_to else None
         r = dataclasses.replace(
             r,
-            x_floor=_ratio(r.median, floor.median if floor else None),
-            speedup=_ratio(other.median if other else None, r.median),
+            x_floor=paired_ratio(r, floor),
+            speedup=paired_ratio(other, r),
             compile_ratio=_ratio(r.compile_seconds, other.compile_seconds if other else None),
         )
         out.append(dataclasses.replace(r, missed=missed_targets(r, backend)))
@@ -582,10 +601,14 @@ def _measure_case(
     compiled = {}
     for p in benchmark.programs:
         try:
-            fn = p.make()  # a fresh function: nothing of an earlier compilation is reused
-            start = time.perf_counter()
-            executable = jax.jit(fn).lower(*args).compile()
-            seconds = time.perf_counter() - start
+            samples = []
+            executable = None
+            for _ in range(COMPILE_SAMPLES):
+                fn = p.make()  # a fresh function: nothing of an earlier compilation is reused
+                start = time.perf_counter()
+                executable = jax.jit(fn).lower(*args).compile()
+                samples.append(time.perf_counter() - start)
+            seconds = statistics.median(samples)
             compiled[p.name] = executable
             results[p.name] = dataclasses.replace(
                 results[p.name], compile_seconds=seconds, temp_bytes=_temp_bytes(executable)
@@ -600,7 +623,8 @@ def _measure_case(
     times: dict[str, list[float]] = {name: [] for name in compiled}
     calls = dict.fromkeys(compiled, 1)
     for repeat in range(repeats + 1):  # the first round is the warm-up
-        for name in list(compiled):
+        order = list(compiled)
+        for name in order if repeat % 2 == 0 else order[::-1]:
             try:
                 seconds = _seconds_per_call(compiled[name], args, calls[name])
             except Exception as err:  # e.g. out of memory: drop this program, keep the others
@@ -807,7 +831,8 @@ _COLUMNS = (
 )
 _LEGEND = (
     "time: median of the timed runs; x floor: time / the floor's time; speed-up vs optax:"
-    " optax's time / this time (above 1: faster than optax); compile: lower + compile of"
+    " optax's time / this time (above 1: faster than optax), both ratios the median over the"
+    f" rounds of the two times of a round; compile: median of {COMPILE_SAMPLES} lower + compile of"
     " jax.jit(value_and_grad); compile x optax: this compile time / optax's; temp memory:"
     " compiled temporary buffers (arguments and results not counted); *: misses a target (see"
     " below)."

@@ -198,14 +198,31 @@ def test_ratios_come_from_the_same_case():
     ]
     jaxce, optax_, floor, jaxce_bf16, optax_bf16, floor_bf16 = bench.compute_ratios(results)
     assert jaxce.median == 2.0 and jaxce.minimum == 1.0
-    assert jaxce.x_floor == 2.0  # medians: 2 / 1
-    assert jaxce.speedup == 2.0  # optax's 4 / jaxce's 2
+    assert jaxce.x_floor == 1.0  # rounds: 3 / 1, 1 / 1, 2 / 9
+    assert jaxce.speedup == 2.5  # rounds: optax's 3 / 3, 4 / 1, 5 / 2
     assert jaxce.compile_ratio == pytest.approx(1.2)
-    assert optax_.x_floor == 4.0 and optax_.speedup is None and optax_.compile_ratio is None
+    assert optax_.x_floor == 3.0  # rounds: 3 / 1, 4 / 1, 5 / 9
+    assert optax_.speedup is None and optax_.compile_ratio is None
     assert floor.x_floor == 1.0
     assert jaxce_bf16.x_floor == 4.0 and jaxce_bf16.speedup == 2.0
     assert jaxce_bf16.compile_ratio == 2.0
     assert optax_bf16.x_floor == 8.0 and floor_bf16.x_floor == 1.0
+
+
+def test_ratios_pair_the_times_of_each_round():
+    # The machine's speed changes from round to round and slows both programs of a round
+    # alike: in two rounds of three jaxce is 1.25x faster; the medians' ratio (3.9 / 4) would
+    # call it slower.
+    jaxce = _result("jaxce", bench.JAXCE, [4.0, 8.0, 2.0], 0.1, compare_to="optax")
+    optax_ = _result("optax", bench.OPTAX, [3.9, 10.0, 2.5], 0.1)
+    assert optax_.median / jaxce.median == pytest.approx(0.975)
+    assert bench.paired_ratio(optax_, jaxce) == pytest.approx(1.25)
+    assert bench.compute_ratios([jaxce, optax_])[0].speedup == pytest.approx(1.25)
+    # Programs timed a different number of times (one failed midway): the medians' ratio.
+    short = _result("optax", bench.OPTAX, [6.0], 0.1)
+    assert bench.paired_ratio(short, jaxce) == pytest.approx(1.5)
+    assert bench.paired_ratio(None, jaxce) is None
+    assert bench.paired_ratio(_result("optax", bench.OPTAX, [], None), jaxce) is None
 
 
 def test_targets_missed_are_listed():

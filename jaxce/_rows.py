@@ -38,7 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _checks, _loops
+from jaxce import _autodiff, _checks, _loops, _xla
 from jaxce._labels import Labels
 from jaxce._layout import compute_dtype
 from jaxce._sigmoid import soft_cap, soft_cap_cap_derivative, soft_cap_derivative
@@ -363,9 +363,23 @@ def logit_derivative(
     """``dloss/dz`` over a block of (capped) logits ``z``: all classes, a chunk or a shard.
     ``exponentials``: the block's ``exp(z - shift)`` where already computed
     (:func:`stats_and_exponentials`), which saves computing them again."""
-    a, b, c = coeffs
-    p = probabilities(z, stats.shift, stats.log_sum, adm, exponentials)
-    dz = a * p - jnp.where(onehot, b, jnp.zeros_like(b))
+    b = coeffs[1]
+    dense = spread_derivative(z, adm, weights, stats, coeffs, exponentials)
+    return dense - jnp.where(onehot, b, jnp.zeros_like(b))
+
+
+def spread_derivative(
+    z: jax.Array,
+    adm: jax.Array,
+    weights: jax.Array | None,
+    stats: Stats,
+    coeffs,
+    exponentials: jax.Array | None = None,
+) -> jax.Array:
+    """``a p_k - c w_k [k admissible]``: :func:`logit_derivative` without the label's own term
+    ``-b [k = y]`` (``b`` is ``coeffs[1]``), which a caller may add to one entry per row."""
+    a, _, c = coeffs
+    dz = a * probabilities(z, stats.shift, stats.log_sum, adm, exponentials)
     if c is not None:
         w = jnp.ones_like(z) if weights is None else class_row(weights, z)
         dz = dz - jnp.where(adm, c * w, jnp.zeros_like(z))
@@ -481,7 +495,20 @@ def class_tangent(
     z = capped_bulk(xf, options)
     adm = admissible(xf, mask)
     t = None
-    if dots.x is not None or dots.logit_soft_cap is not None:
+    if (
+        exponentials is not None
+        and dots.x is not None
+        and _xla.scatters_label_term(x, exponentials)
+    ):
+        # The label's term -b [k = y] as a gather of the tangent: in reverse mode, an addition
+        # to one entry per row. Kept exponentials mean no soft cap (_xla.saves_exponentials).
+        assert dots.logit_soft_cap is None and options.logit_soft_cap is None
+        coeffs = coefficients(stats, w_y, options)
+        dense = spread_derivative(z, adm, weights, stats, coeffs, exponentials)
+        x_dot = dots.x.astype(xf.dtype)
+        t = jnp.sum(finalize(dense, rows) * x_dot, axis=-1)
+        t = t - (finalize(coeffs[1], rows) * _xla.pick(x_dot, label_cols))[..., 0]
+    elif dots.x is not None or dots.logit_soft_cap is not None:
         coeffs = coefficients(stats, w_y, options)
         dz = finalize(
             logit_derivative(z, adm, one_hot(label_cols, z), weights, stats, coeffs, exponentials),

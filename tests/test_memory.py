@@ -233,3 +233,27 @@ def test_one_exponential_pass_on_cpu_within_the_budget(case):
     assert len(kept) == 1, "\n".join(kept)
     above = _exponential_passes(_program(name, 2 * KEPT_ROWS, dtype))
     assert len(above) == 2, "\n".join(above)
+
+
+SCATTER_ROWS = 2**20 // (4 * V)  # rows whose float32 exponentials are _xla.SCATTER_BYTES
+
+
+@ON_CPU
+@pytest.mark.parametrize(
+    "dtype, rows, scattered",
+    [
+        (jnp.float32, N, True),  # in place, at any size
+        (jnp.bfloat16, SCATTER_ROWS, True),
+        (jnp.bfloat16, KEPT_ROWS, False),  # a second float32 buffer would leave the cache
+    ],
+    ids=["float32", "bfloat16_small", "bfloat16_kept"],
+)
+def test_label_term_is_scattered_where_it_pays(dtype, rows, scattered):
+    # jaxce._xla.scatters_label_term: the label's term of the derivative is added to one entry
+    # per row (a scatter) rather than selected at every entry, where that costs no extra memory
+    # traffic; a float32 gradient buffer of its own stays within the kept exponentials' budget.
+    program = _program("plain", rows, dtype)
+    text = program.compile().as_text()
+    assert (" scatter(" in text) == scattered
+    if scattered and dtype != jnp.float32:
+        assert _temp_bytes(program) <= 2 * 2**20 + 8 * 2**10 * rows

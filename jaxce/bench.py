@@ -24,8 +24,9 @@ implementation can avoid, ``x @ w``, ``g @ w.T`` and ``x.T @ g``, jitted togethe
 
 Every program is compiled ``COMPILE_SAMPLES`` times (the compile time reported is the median of
 ``lower`` + ``compile`` of a fresh function, so no cache hides it) and warmed up; then the
-programs of a shape are timed in turn, round-robin, ``repeats`` times, in reverse order every
-other round, so that machine noise and the order of the programs fall on all of them alike. A
+programs of a shape are timed in turn, round-robin, ``repeats`` times, each round starting one
+program further on (of three or more, no program runs twice in a row, and each takes every
+place in the order), so that machine noise and what ran just before fall on all of them alike. A
 sample times a program for at least ``MIN_SAMPLE_SECONDS`` (a fast program is called in a loop,
 waiting for each call), and the time reported is the median per call over the samples (and the
 minimum). Every ratio compares numbers of the same run, sample by sample: a ratio is the median
@@ -624,7 +625,8 @@ def _measure_case(
     calls = dict.fromkeys(compiled, 1)
     for repeat in range(repeats + 1):  # the first round is the warm-up
         order = list(compiled)
-        for name in order if repeat % 2 == 0 else order[::-1]:
+        shift = repeat % len(order) if len(order) > 2 else 0
+        for name in order[shift:] + order[:shift]:
             try:
                 seconds = _seconds_per_call(compiled[name], args, calls[name])
             except Exception as err:  # e.g. out of memory: drop this program, keep the others

@@ -374,3 +374,38 @@ def test_markdown_flag(capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].endswith("median of 1 runs after a warm-up, round-robin")
     assert "| shape | dtype | program | time | x floor |" in out
+
+
+def test_each_round_starts_one_program_further_on(monkeypatch):
+    # Which program ran just before changes a program's time (a large output reuses the pages
+    # that one just freed): no program runs twice in a row, and each takes every place.
+    def program(k):
+        return bench.Program(f"p{k}", bench.JAXCE, lambda: lambda logits: logits * k)
+
+    fake = bench.Benchmark(
+        "fake",
+        "three programs",
+        ("N", "C"),
+        lambda shape, dtype: (jnp.ones(shape, dtype),),
+        (program(1), program(2), bench.Program("floor", bench.FLOOR, lambda: lambda x: x + x)),
+    )
+    monkeypatch.setitem(bench.BENCHMARKS, "fake", fake)
+    ran = []
+    names = {}
+
+    def timed(executable, args, calls):
+        if id(executable) not in names:  # programs are timed first in their listed order
+            names[id(executable)] = ("p1", "p2", "floor")[len(names)]
+        ran.append(names[id(executable)])
+        return 1.0  # slow enough for one call per sample
+
+    monkeypatch.setattr(bench, "_seconds_per_call", timed)
+    bench.run(["fake"], [(2, 3)], ["float32"], repeats=5, progress=False)
+    rounds = [ran[i : i + 3] for i in range(0, len(ran), 3)]
+    assert rounds[:4] == [
+        ["p1", "p2", "floor"],  # the warm-up
+        ["p2", "floor", "p1"],
+        ["floor", "p1", "p2"],
+        ["p1", "p2", "floor"],
+    ]
+    assert all(a != b for a, b in zip(ran, ran[1:], strict=False))

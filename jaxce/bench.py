@@ -88,7 +88,7 @@ ACCELERATOR_GRID = {
     "linear": ((16384, 4096, 131072),),
 }
 DEFAULT_DTYPES = ("float32", "bfloat16")
-GRID_MINUTES = "about 9 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
+GRID_MINUTES = "about 10 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
 # A timed sample calls a program this long at least: a 100 µs call is timed as the mean of 200.
 MIN_SAMPLE_SECONDS = 0.02
 # Compilations per program, a fresh function each time; the median is reported.

@@ -462,6 +462,13 @@ def paired_ratio(numerator: Result | None, denominator: Result | None) -> float 
     return statistics.median(a / b for a, b in pairs)
 
 
+def _below(value: float, limit: float) -> str:
+    """``value`` (< ``limit``) with two decimals, or three where two would round it to
+    ``limit``: 0.996 is "0.996", not "1.00"."""
+    text = f"{value:.2f}"
+    return f"{value:.3f}" if float(text) >= limit else text
+
+
 def missed_targets(result: Result, backend: str) -> tuple[str, ...]:
     """The targets a result misses, as sentences; empty when it meets all of them."""
     t = targets(result.benchmark, result.program, result.dtype, backend)
@@ -469,7 +476,9 @@ def missed_targets(result: Result, backend: str) -> tuple[str, ...]:
     if t.min_speedup is not None and result.speedup is not None:
         if result.speedup < t.min_speedup:
             if t.min_speedup == 1.0:
-                missed.append(f"slower than optax (optax's time / this = {result.speedup:.2f})")
+                missed.append(
+                    f"slower than optax (optax's time / this = {_below(result.speedup, 1.0)})"
+                )
             else:
                 missed.append(
                     f"{result.speedup:.2f}x faster than optax (target >= {t.min_speedup:g}x)"

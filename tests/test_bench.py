@@ -251,6 +251,13 @@ def test_targets_missed_are_listed():
         "2.00x the floor (target <= 1.3x)",
     )
     assert "Targets missed: 1" in bench.format_table([slower])
+    tie = bench.compute_ratios(
+        [
+            _result("jaxce", bench.JAXCE, [1.004], 0.1, compare_to="optax", benchmark="binary"),
+            _result("optax", bench.OPTAX, [1.0], 0.1, benchmark="binary"),
+        ]
+    )[0]
+    assert tie.missed == ("slower than optax (optax's time / this = 0.996)",)
     # A failed comparison is not a miss.
     assert (
         bench.compute_ratios([_result("jaxce", bench.JAXCE, [], None, compare_to="optax")])[

@@ -7,14 +7,8 @@ import jax.numpy as jnp
 
 from jaxce import _autodiff, _checks
 from jaxce._layout import compute_dtype
-from jaxce._reduction import reduce_total
+from jaxce._reduction import reduce_total, weighted
 from jaxce._sigmoid import log_sigmoid_pair, sigmoid_pair
-
-
-def _times(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a * b`` with ``0 * inf = 0``: a label of exactly 0 or 1 (or a weight of 0) never meets
-    log 0 as NaN; a NaN ``b`` (a NaN input) stays NaN."""
-    return jnp.where((a == 0) & ~jnp.isnan(b), jnp.zeros_like(b), a * b)
 
 
 def _smoothed(y, eps):
@@ -42,7 +36,7 @@ def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
     pos, neg = _coefficients(_smoothed(y.astype(xf.dtype), eps), pos_weight, weights)
     # `0 -` turns the -0.0 of a perfect prediction into 0.0.
     log_p, log_not_p = log_sigmoid_pair(xf)
-    return 0 - (_times(pos, log_p) + _times(neg, log_not_p))
+    return 0 - (weighted(pos, log_p) + weighted(neg, log_not_p))
 
 
 def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w_dot, eps_dot):
@@ -56,14 +50,14 @@ def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w
     if x_dot is not None:
         dx = (pos + neg) * sigmoid_pair(xf)[0] - pos
         out = dx * x_dot.astype(xf.dtype)
-    dt = _times(w, log_not_p) - _times(w_pw, log_p)
+    dt = weighted(w, log_not_p) - weighted(w_pw, log_p)
     if y_dot is not None:
         dy = dt if eps is None else (1 - eps) * dt
         out = _autodiff.add(out, dy * y_dot.astype(xf.dtype))
     if eps_dot is not None:
         out = _autodiff.add(out, dt * (0.5 - y.astype(xf.dtype)) * eps_dot)
     if pw_dot is not None:
-        out = _autodiff.add(out, -_times(w * t, log_p) * pw_dot)
+        out = _autodiff.add(out, -weighted(w * t, log_p) * pw_dot)
     if w_dot is not None:
         unweighted = _sigmoid_bce_value(x, y, pos_weight, None, eps)
         out = _autodiff.add(out, unweighted * w_dot)

@@ -11,7 +11,7 @@ import numpy as np
 from jaxce import _autodiff, _checks, _labels, _rows
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype
-from jaxce._reduction import reduce_loss, reduce_total
+from jaxce._reduction import reduce_loss, reduce_total, weighted
 from jaxce._sigmoid import log_sigmoid_pair
 from jaxce._softmax import max_and_log_sum, probabilities
 
@@ -148,7 +148,7 @@ def _softmax_focal_forward(x, labels, alpha, gamma, ignore_index):
     else:
         a = jnp.take(alpha, meaning.class_index)[..., None]
     rows = _rows.status(meaning, stats)
-    loss = _rows.finalize(-a * _pow(u, gamma) * lp, rows)
+    loss = _rows.finalize(weighted(-a * _pow(u, gamma), lp), rows)
     counted = rows.active.astype(m.dtype)
     return loss[..., 0], counted[..., 0], (meaning, stats, lp, u, a, rows)
 
@@ -164,7 +164,10 @@ def _softmax_focal_logit_tangent(x, index, stats, lp, u, a, gamma, rows, x_dot):
     z = x.astype(stats.shift.dtype)
     q = jnp.exp(lp)
     r = jnp.where(u > 0, -lp / jnp.where(u > 0, u, 1), 1)
-    f = _pow(u, gamma) * (1 + gamma * q * r)
+    # q r = q (-log q) / u tends to 0 with q: 0 where q underflows, also where log q is -inf (a
+    # label logit of -inf, or 6.8e38 below the row max in float32), whose r is inf.
+    qr = jnp.where(q == 0, jnp.zeros_like(q), q * r)
+    f = _pow(u, gamma) * (1 + gamma * qr)
     p = probabilities(z, stats.shift, stats.log_sum, None)
     dz = _rows.finalize(a * f * (p - _rows.one_hot(index, z).astype(z.dtype)), rows)
     return jnp.sum(dz * x_dot.astype(z.dtype), axis=-1)

@@ -1,4 +1,4 @@
-"""The one place that knows what ``"mean"`` and ``"sum"`` mean."""
+"""The one place that knows what ``"mean"`` and ``"sum"`` mean, and what a weight of 0 means."""
 
 from __future__ import annotations
 
@@ -36,3 +36,11 @@ def reduce_total(out: jax.Array, reduction: str, size: int) -> jax.Array:
     if reduction != "mean":
         return out
     return out / size if size else jnp.zeros_like(out)
+
+
+def weighted(weight: jax.Array, term: jax.Array) -> jax.Array:
+    """``weight * term`` with ``0 * inf = 0``: a term that counts for nothing (a weight, a label
+    or a smoothing of exactly 0) adds 0, also where it is infinite (log 0 of a label probability
+    that underflowed, an nll that overflowed). A NaN term (a NaN input) stays NaN."""
+    product = weight * term
+    return jnp.where((weight == 0) & ~jnp.isnan(term), jnp.zeros_like(product), product)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jaxce import _autodiff, _checks, _loops, _xla
 from jaxce._labels import Labels
 from jaxce._layout import compute_dtype
+from jaxce._reduction import weighted
 from jaxce._sigmoid import soft_cap, soft_cap_cap_derivative, soft_cap_derivative
 from jaxce._softmax import (
     log_sum_or_zero,
@@ -326,12 +327,12 @@ def row_loss(stats: Stats, label_logit: jax.Array, w_y: jax.Array, options: Opti
     """The per-example loss (``[..., 1]``) before rows are finalized."""
     eps, zl = options.label_smoothing, options.z_loss
     # (1 - eps) w_y before the nll: w_y nll alone may overflow where the loss does not.
-    loss = (w_y if eps is None else (1 - eps) * w_y) * nll(stats, label_logit)
+    loss = weighted(w_y if eps is None else (1 - eps) * w_y, nll(stats, label_logit))
     if eps is not None:
-        loss = loss + eps * smoothing_term(stats)
+        loss = loss + weighted(eps, smoothing_term(stats))
     if zl is not None:
         lse = stats.lse()
-        loss = loss + zl * w_y * lse * lse
+        loss = loss + weighted(zl * w_y, lse * lse)
     return loss
 
 

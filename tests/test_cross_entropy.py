@@ -815,3 +815,27 @@ def test_property_finite_inputs_no_nan(x, y, eps, zl):
     val, (gx, gy) = _soft_vg(xj, jnp.asarray(ps))
     assert not np.isnan(float(val))
     assert not np.any(np.isnan(np.asarray(gx))) and not np.any(np.isnan(np.asarray(gy)))
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"z_loss": 1e-4}, {"label_smoothing": 0.1}], ids=["plain", "z_loss", "eps"]
+)
+def test_a_zero_class_weight_counts_for_nothing_even_where_the_nll_is_infinite(options):
+    # The label logit 6.8e38 below the max (float32: the nll overflows to inf) or masked (-inf):
+    # with class weight 0 the label's terms add 0, not 0 * inf = NaN; a NaN logit stays NaN.
+    x = jnp.array([[-3.38e38, 0.0, 3.38e38], [-jnp.inf, 0.0, 1.0], [jnp.nan, 0.0, 1.0]])
+    y = jnp.array([0, 0, 0])
+    w = jnp.array([0.0, 1.0, 1.0])
+
+    def loss(x):
+        return jaxce.softmax_cross_entropy_with_integer_labels(x, y, class_weights=w, **options)
+
+    got = np.asarray(loss(x))
+    eps = options.get("label_smoothing", 0.0)
+    # the smoothing term of the first row: eps / K sum_c w_c (lse - z_c), K = 3
+    smooth = eps / 3 * (3.38e38 + 0.0)
+    lse = 1.0 + np.log1p(np.exp(-1.0))  # of the second row, over its classes 1 and 2
+    np.testing.assert_allclose(got[:2], [smooth, eps / 2 * (2 * lse - 1.0)], rtol=1e-5)
+    assert np.isnan(got[2])
+    grad = jax.grad(lambda x: jnp.sum(loss(x)[:2]))(x)
+    assert np.all(np.isfinite(np.asarray(grad)[:2]))

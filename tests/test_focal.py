@@ -194,3 +194,27 @@ def test_softmax_focal_dtypes_jit_vmap(rng):
         atol=1e-6,
     )
     assert R.jgrad(lambda a: jnp.sum(f(a, y)))(xb).dtype == jnp.float16
+
+
+# Rows whose label probability underflows to 0 exactly: a masked label (-inf), and a float32
+# row whose label logit is 6.8e38 below the max (the difference overflows to -inf).
+UNDERFLOW_ROWS = [[-np.inf, 0.0, 1.0, 0.5], [-3.38e38, 0.0, 0.0, 3.38e38]]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_softmax_focal_gradient_where_the_label_probability_underflows(dtype, gamma):
+    # dloss/dz = alpha F (p - onehot) with F = u^gamma (1 + gamma q (-log q) / u) -> 1 as
+    # q -> 0: the gradient is softmax - onehot, not 0 * inf = NaN.
+    x = jnp.asarray(UNDERFLOW_ROWS, dtype)
+    y = jnp.array([0, 0])
+    grad = jax.grad(lambda x: jaxce.softmax_focal_loss(x, y, gamma=gamma, reduction="sum"))(x)
+    want = np.asarray(jax.nn.softmax(x.astype(jnp.float32), axis=-1)) - np.eye(4)[[0, 0]]
+    np.testing.assert_allclose(np.float32(grad), want, atol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+    # A zero alpha for the label's class: the example adds 0 (its -log q overflowed or is inf).
+    alpha = jnp.array([0.0, 1.0, 1.0, 1.0])
+    loss = jaxce.softmax_focal_loss(x, y, alpha=alpha, gamma=gamma)
+    np.testing.assert_array_equal(np.float32(loss), [0.0, 0.0])
+    # A NaN logit still makes its row NaN, with any alpha.
+    bad = x.at[0, 1].set(jnp.nan)
+    assert np.isnan(np.float32(jaxce.softmax_focal_loss(bad, y, alpha=alpha, gamma=gamma)[0]))

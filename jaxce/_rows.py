@@ -332,7 +332,8 @@ def row_loss(stats: Stats, label_logit: jax.Array, w_y: jax.Array, options: Opti
         loss = loss + weighted(eps, smoothing_term(stats))
     if zl is not None:
         lse = stats.lse()
-        loss = loss + weighted(zl * w_y, lse * lse)
+        # (zl w_y lse) lse: lse^2 alone overflows float32 from lse = 1.8e19, the term later.
+        loss = loss + weighted(zl * w_y * lse, lse)
     return loss
 
 

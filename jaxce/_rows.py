@@ -497,30 +497,27 @@ def class_tangent(
     z = capped_bulk(xf, options)
     adm = admissible(xf, mask)
     t = None
-    if (
-        exponentials is not None
-        and dots.x is not None
-        and _xla.scatters_label_term(x, exponentials)
-    ):
-        # The label's term -b [k = y] as a gather of the tangent: in reverse mode, an addition
-        # to one entry per row. Kept exponentials mean no soft cap (_xla.saves_exponentials).
-        assert dots.logit_soft_cap is None and options.logit_soft_cap is None
+    if dots.x is not None or dots.logit_soft_cap is not None:
         coeffs = coefficients(stats, w_y, options)
-        dense = spread_derivative(z, adm, weights, stats, coeffs, exponentials)
-        x_dot = dots.x.astype(xf.dtype)
-        t = jnp.sum(finalize(dense, rows) * x_dot, axis=-1)
-        t = t - (finalize(coeffs[1], rows) * _xla.pick(x_dot, label_cols))[..., 0]
-    elif dots.x is not None or dots.logit_soft_cap is not None:
-        coeffs = coefficients(stats, w_y, options)
-        dz = finalize(
-            logit_derivative(z, adm, one_hot(label_cols, z), weights, stats, coeffs, exponentials),
-            rows,
-        )
-        if dots.x is not None:
-            dx = chain(dz, capped_derivative(xf, options))
-            t = jnp.sum(dx * dots.x.astype(xf.dtype), axis=-1)
-        if dots.logit_soft_cap is not None:
-            t = _autodiff.add(t, cap_derivative(xf, dz, options)[..., 0] * dots.logit_soft_cap)
+        if exponentials is not None and _xla.scatters_label_term(x, exponentials):
+            # The label's term -b [k = y] as a gather of the tangent: in reverse mode, an
+            # addition to one entry per row. Kept exponentials mean no soft cap
+            # (_xla.saves_exponentials), so the tangent is the logits'.
+            assert dots.x is not None and options.logit_soft_cap is None
+            dense = spread_derivative(z, adm, weights, stats, coeffs, exponentials)
+            x_dot = dots.x.astype(xf.dtype)
+            t = jnp.sum(finalize(dense, rows) * x_dot, axis=-1)
+            t = t - (finalize(coeffs[1], rows) * _xla.pick(x_dot, label_cols))[..., 0]
+        else:
+            onehot = one_hot(label_cols, z)
+            derivative = logit_derivative(z, adm, onehot, weights, stats, coeffs, exponentials)
+            dz = finalize(derivative, rows)
+            if dots.x is not None:
+                dx = chain(dz, capped_derivative(xf, options))
+                t = jnp.sum(dx * dots.x.astype(xf.dtype), axis=-1)
+            if dots.logit_soft_cap is not None:
+                cap_t = cap_derivative(xf, dz, options)[..., 0] * dots.logit_soft_cap
+                t = _autodiff.add(t, cap_t)
     if dots.weights is not None and options.smoothing:
         dw = finalize(smoothing_weight_derivative(z, adm, stats, options), rows)
         t = _autodiff.add(t, jnp.sum(dw * class_row(dots.weights, dw), axis=-1))

@@ -593,7 +593,12 @@ def format_shape(shape: Sequence[int]) -> str:
 
 
 def _measure_case(
-    benchmark: Benchmark, shape: tuple[int, ...], dtype: str, repeats: int, progress: _Progress
+    benchmark: Benchmark,
+    shape: tuple[int, ...],
+    dtype: str,
+    repeats: int,
+    progress: _Progress,
+    compile_samples: int = COMPILE_SAMPLES,
 ) -> list[Result]:
     """Compiles, warms up and times every program of a benchmark at one shape and dtype."""
     base = {
@@ -613,7 +618,7 @@ def _measure_case(
         try:
             samples = []
             executable = None
-            for _ in range(COMPILE_SAMPLES):
+            for _ in range(compile_samples):
                 fn = p.make()  # a fresh function: nothing of an earlier compilation is reused
                 start = time.perf_counter()
                 executable = jax.jit(fn).lower(*args).compile()
@@ -720,6 +725,7 @@ def run(
     *,
     quick: bool = False,
     progress: bool | None = False,
+    compile_samples: int = COMPILE_SAMPLES,
 ) -> list[Result]:
     """Measures the benchmarks on JAX's default device.
 
@@ -728,6 +734,8 @@ def run(
       repeats: timed runs of each program, >= 1, after one warm-up run.
       progress: ``True`` for a progress bar on stderr (plain lines without tqdm), ``None`` for
         a bar when stderr is a terminal and plain lines otherwise, ``False`` for silence.
+      compile_samples: fresh compilations of each program, >= 1; the compile time reported is
+        their median.
 
     Returns:
       One ``Result`` per case and program, with its ratios. A program that fails (e.g. out of
@@ -736,6 +744,12 @@ def run(
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1; got {repeats!r}")
+    if (
+        isinstance(compile_samples, bool)
+        or not isinstance(compile_samples, int)
+        or compile_samples < 1
+    ):
+        raise ValueError(f"compile_samples must be an integer >= 1; got {compile_samples!r}")
     cases = plan(benchmarks, shapes, dtypes, quick=quick)
     steps = sum(len(BENCHMARKS[b].programs) * (repeats + 2) for b, _, _ in cases)
     bar = _Progress(steps, len(cases), progress)
@@ -743,7 +757,7 @@ def run(
     try:
         for name, shape, dtype in cases:
             bar.case(f"{name} {format_shape(shape)} {dtype}")
-            results += _measure_case(BENCHMARKS[name], shape, dtype, repeats, bar)
+            results += _measure_case(BENCHMARKS[name], shape, dtype, repeats, bar, compile_samples)
     except KeyboardInterrupt:
         bar.write("interrupted: reporting what was measured")
     finally:
@@ -818,9 +832,13 @@ def environment() -> dict[str, Any]:
     }
 
 
-def describe(env: Mapping[str, Any], repeats: int | None = None) -> str:
+def describe(
+    env: Mapping[str, Any], repeats: int | None = None, compile_samples: int | None = None
+) -> str:
     """One line giving the date, machine and versions of a run."""
     runs = "" if repeats is None else f"; median of {repeats} runs after a warm-up, round-robin"
+    if compile_samples is not None:
+        runs += f"; compile time: median of {compile_samples} compilations"
     return (
         f"{env['date']}: {env['processor']}, {env['cpu_count']} CPU cores, {env['system']};"
         f" JAX device {env['device_kind']} ({env['backend']}); JAX {env['jax']}, jaxlib"
@@ -843,10 +861,10 @@ _COLUMNS = (
 _LEGEND = (
     "time: median of the timed runs; x floor: time / the floor's time; speed-up vs optax:"
     " optax's time / this time (above 1: faster than optax), both ratios the median over the"
-    f" rounds of the two times of a round; compile: median of {COMPILE_SAMPLES} lower + compile of"
-    " jax.jit(value_and_grad); compile x optax: this compile time / optax's; temp memory:"
-    " compiled temporary buffers (arguments and results not counted); *: misses a target (see"
-    " below)."
+    " rounds of the two times of a round; compile: lower + compile of jax.jit(value_and_grad),"
+    " the median over fresh compilations; compile x optax: this compile time / optax's; temp"
+    " memory: compiled temporary buffers (arguments and results not counted); *: misses a"
+    " target (see below)."
 )
 
 
@@ -1131,6 +1149,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="timed runs per program after one warm-up (default 5; 3 with --quick)",
     )
+    parser.add_argument(
+        "--compile-samples",
+        type=_positive_int,
+        default=COMPILE_SAMPLES,
+        metavar="N",
+        help=f"fresh compilations per program, the median reported (default {COMPILE_SAMPLES})",
+    )
     parser.add_argument("--json", type=_writable, metavar="FILE", help="write the results")
     parser.add_argument(
         "--plot",
@@ -1177,7 +1202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
     dtypes = list(dict.fromkeys(args.dtype)) if args.dtype else None
 
-    results = run(benchmarks, args.shape, dtypes, repeats, quick=args.quick, progress=args.progress)
+    results = run(
+        benchmarks,
+        args.shape,
+        dtypes,
+        repeats,
+        quick=args.quick,
+        progress=args.progress,
+        compile_samples=args.compile_samples,
+    )
     env = environment()
     try:
         "µs".encode(sys.stdout.encoding or "ascii")
@@ -1185,14 +1218,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UnicodeEncodeError, LookupError):
         micro = "us"  # a terminal that cannot show µ
     if args.markdown:
-        print(format_markdown(results, describe(env, repeats)))
+        print(format_markdown(results, describe(env, repeats, args.compile_samples)))
     else:
-        print(format_table(results, describe(env, repeats), micro))
+        print(format_table(results, describe(env, repeats, args.compile_samples), micro))
     if args.json:
-        write_json(args.json, results, {**env, "repeats": repeats})
+        write_json(
+            args.json,
+            results,
+            {**env, "repeats": repeats, "compile_samples": args.compile_samples},
+        )
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        plot(args.plot, results, describe(env, repeats))
+        plot(args.plot, results, describe(env, repeats, args.compile_samples))
         print(f"wrote {args.plot}", file=sys.stderr)
     return 1 if any(r.error for r in results) else 0
 

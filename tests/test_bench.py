@@ -36,6 +36,7 @@ def results():
         (["--repeats", "0"], "argument --repeats: expected an integer >= 1, got 0"),
         (["--repeats", "-2"], "argument --repeats: expected an integer >= 1, got -2"),
         (["--repeats", "two"], "argument --repeats: expected an integer >= 1, got 'two'"),
+        (["--compile-samples", "0"], "argument --compile-samples: expected an integer >= 1"),
         (["--shape", "4096"], "argument --shape: expected NxC"),
         (["--shape", "8xfoo"], "argument --shape: expected NxC"),
         (["--shape", "1x2x3x4"], "argument --shape: expected NxC"),
@@ -110,6 +111,25 @@ def test_plan_gives_each_benchmark_the_shapes_of_its_rank():
         bench.plan(None, dtypes=["int32"])
     with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
         bench.run(["binary"], [(2, 3)], repeats=0)
+    with pytest.raises(ValueError, match="compile_samples must be an integer >= 1"):
+        bench.run(["binary"], [(2, 3)], compile_samples=0)
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+def test_each_program_is_compiled_afresh_compile_samples_times(monkeypatch, samples):
+    made = []
+
+    def counted():
+        made.append(1)
+        return lambda logits: logits + logits
+
+    floor = bench.Program("floor", bench.FLOOR, counted)
+    fake = bench.Benchmark(
+        "fake", "one program", ("N", "C"), lambda shape, dtype: (jnp.ones(shape, dtype),), (floor,)
+    )
+    monkeypatch.setitem(bench.BENCHMARKS, "fake", fake)
+    (result,) = bench.run(["fake"], [(2, 3)], ["float32"], repeats=1, compile_samples=samples)
+    assert len(made) == samples and result.compile_seconds > 0
 
 
 def test_run_measures_every_program(results):
@@ -360,7 +380,7 @@ def test_command_line_writes_json_and_plot(tmp_path, capsys):
     env = data["environment"]
     for key in ("date", "processor", "cpu_count", "device_kind", "jax", "jaxlib", "optax"):
         assert env[key] is not None, key
-    assert env["repeats"] == 2
+    assert env["repeats"] == 2 and env["compile_samples"] == bench.COMPILE_SAMPLES
     assert [r["program"] for r in data["results"]] == [
         p.name for p in bench.BENCHMARKS["cross_entropy"].programs
     ]
@@ -379,7 +399,9 @@ def test_markdown_flag(capsys):
     argv = ["binary", "--shape", "4x8", "--dtype", "float32", "--repeats", "1", "--markdown"]
     assert bench.main([*argv, "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].endswith("median of 1 runs after a warm-up, round-robin")
+    assert out.splitlines()[0].endswith(
+        "median of 1 runs after a warm-up, round-robin; compile time: median of 3 compilations"
+    )
     assert "| shape | dtype | program | time | x floor |" in out
 
 

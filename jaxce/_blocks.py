@@ -68,7 +68,8 @@ def matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype) -> jax.
 
 def logits(x, w, bias, col0, cols: int, dtype) -> jax.Array:
     """``x @ w[:, cols] + bias[cols]`` for rows ``x`` (``[rows, D]``), in ``dtype``."""
-    raw = matmul(x, _xla.columns(w, col0, cols, dtype), (1, 0), dtype)
+    w_c = _xla.columns(w, col0, cols, _xla.product_dtype(x, w, dtype))
+    raw = matmul(x, w_c, (1, 0), dtype)
     if bias is not None:
         b = bias if cols == bias.shape[0] else _loops.cut(bias, col0, cols, 0)
         raw = raw + b.astype(dtype)[None, :]
@@ -184,10 +185,11 @@ def gradients(
     all tokens in float32) when it is written, in ``w``'s dtype; ``dx`` accumulates in float32.
     """
     (n, d), v = x.shape, w.shape[1]
+    operand = _xla.product_dtype(x, w, dtype)
 
     def vocab_body(c0, cols, acc):
         dx, dw, db, dwt, dcap = acc
-        w_c = _xla.columns(w, c0, cols, dtype)
+        w_c = _xla.columns(w, c0, cols, operand)
         weights_c = weights_of(weights, c0, cols)
 
         def token_body(t0, n_rows, inner):
@@ -198,12 +200,13 @@ def gradients(
             if bias is not None:
                 raw = raw + _loops.cut(bias, c0, cols, 0).astype(dtype)[None, :]
             z, adm, dz, draw = block_derivative(raw, c0, weights_c, stats_t, info_t, options)
+            factor = draw.astype(operand)
             if needs.x:
                 dx = _loops.paste(
-                    dx, _loops.cut(dx, t0, n_rows, 0) + matmul(draw, w_c, (1, 1), dtype), t0, 0
+                    dx, _loops.cut(dx, t0, n_rows, 0) + matmul(factor, w_c, (1, 1), dtype), t0, 0
                 )
             if needs.w:
-                dw_c = dw_c + matmul(x_t, draw, (0, 0), dtype)
+                dw_c = dw_c + matmul(x_t, factor, (0, 0), dtype)
             if needs.bias:
                 db_c = db_c + jnp.sum(draw, axis=0)
             if needs.smoothing_weights:

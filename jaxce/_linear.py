@@ -200,14 +200,15 @@ def _block_grads(x_t, w, draw, dw, cols_per_step, dtype, needs):
     predecessor by fewer columns than there are chunks."""
     v = draw.shape[1]
     cols = -(-v // -(-v // cols_per_step))
+    operand = _xla.product_dtype(x_t, w, dtype)
 
     def body(c0, fresh, acc):
         dx_t, dw = acc
-        dz_c = _loops.cut(draw, c0, cols, 1)
+        dz_c = _loops.cut(draw, c0, cols, 1).astype(operand)
         if fresh is not None:  # columns of the previous chunk: already counted
             dz_c = jnp.where(fresh[None, :], dz_c, jnp.zeros_like(dz_c))
         if needs.x:
-            dx_t = dx_t + _blocks.matmul(dz_c, _xla.columns(w, c0, cols, dtype), (1, 1), dtype)
+            dx_t = dx_t + _blocks.matmul(dz_c, _xla.columns(w, c0, cols, operand), (1, 1), dtype)
         if needs.w:
             product = _blocks.matmul(x_t, dz_c, (0, 0), dtype)
             dw = _loops.paste(dw, _loops.cut(dw, c0, cols, 1) + product, c0, 1)

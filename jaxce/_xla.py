@@ -33,8 +33,14 @@ CHUNK_DEFAULTS = {
 }
 
 
+def backend() -> str:
+    """The platform the computation is traced for (``"cpu"``, ``"gpu"``, ``"tpu"``): every
+    choice of this module depends on it through here."""
+    return jax.default_backend()
+
+
 def chunk_defaults() -> tuple[int, int, int]:
-    return CHUNK_DEFAULTS.get(jax.default_backend(), CHUNK_DEFAULTS["gpu"])
+    return CHUNK_DEFAULTS.get(backend(), CHUNK_DEFAULTS["gpu"])
 
 
 # The row statistics of the plain and sharded losses are reduced a chunk of rows at a time
@@ -49,7 +55,7 @@ ROW_CHUNK_BYTES = {"cpu": 2**20, "gpu": 256 * 2**20, "tpu": 256 * 2**20}
 def row_chunk(num_rows: int, num_classes: int) -> int:
     """Rows per chunk of a ``[num_rows, num_classes]`` reduction: at most the backend's byte
     budget of float32, in chunks evened out over the rows (at least one row)."""
-    budget = ROW_CHUNK_BYTES.get(jax.default_backend(), ROW_CHUNK_BYTES["gpu"])
+    budget = ROW_CHUNK_BYTES.get(backend(), ROW_CHUNK_BYTES["gpu"])
     rows = max(1, budget // (4 * max(num_classes, 1)))
     if rows >= num_rows:
         return max(num_rows, 1)
@@ -79,7 +85,7 @@ def saves_exponentials(x: jax.Array, elementwise: bool, own_buffer: bool = False
     """Whether a softmax loss's derivative keeps ``exp(x - max)`` of the logits ``x`` rather than
     computing it again (``elementwise``: its statistics need more than that; ``own_buffer``:
     XLA cannot write the gradient into theirs even for float32 logits)."""
-    if jax.default_backend() != "cpu" or elementwise:
+    if backend() != "cpu" or elementwise:
         return False
     if x.dtype in (jnp.float32, jnp.float64) and not own_buffer:
         return True
@@ -126,6 +132,23 @@ def pick(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index[..., None], axis=-1)
 
 
+# The fused loss's products of x, w and the derivative blocks. On GPUs and TPUs, inputs of one
+# dtype are multiplied in it: bfloat16 operands run at the matrix units' full rate, accumulated
+# in float32, and each float32 derivative block is rounded to bfloat16 for ``dx`` and ``dw``, as
+# the unfused loss's bfloat16 gradient is. Float32 blocks of w would halve the rate or worse
+# (H200, 16384 x 4096 x 131072 bfloat16: 253 ms against the three products' 79 ms). XLA's CPU
+# backend computes a narrow product in float32 anyway, so there the operands are float32 (w
+# converted a chunk at a time) and the derivative blocks keep their float32 digits; so are
+# mixed inputs everywhere, as ``x @ w`` promotes them. Guarded by
+# tests/test_linear.py::test_accelerators_multiply_bfloat16_blocks_as_they_are.
+def product_dtype(x: jax.Array, w: jax.Array, dtype):
+    """The dtype the fused loss's blocks of ``x``, ``w`` and ``dloss/dz`` are multiplied in
+    (``dtype``: the one its arithmetic happens in, float32 or float64)."""
+    if backend() == "cpu" or x.dtype != w.dtype:
+        return jnp.dtype(dtype)
+    return jnp.dtype(x.dtype)
+
+
 def chunk(a: jax.Array, start, size: int, axis: int) -> jax.Array:
     """``a[start:start + size]`` along ``axis``, inside a loop whose index ``start`` depends on.
 
@@ -136,7 +159,7 @@ def chunk(a: jax.Array, start, size: int, axis: int) -> jax.Array:
     conversion stays after it, so only one chunk is ever float32. Guarded by
     tests/test_memory.py and tests/test_linear.py::test_bfloat16_never_converts_all_of_w.
     """
-    if a.dtype == jnp.float32 or a.dtype == jnp.float64 or jax.default_backend() != "cpu":
+    if a.dtype == jnp.float32 or a.dtype == jnp.float64 or backend() != "cpu":
         return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
     if not isinstance(start, jax.Array):
         return jax.lax.dynamic_slice_in_dim(a, start, size, axis)

@@ -1,6 +1,7 @@
 """Shared test configuration.
 
 * float64 is enabled so that references can be differentiated by JAX in double precision;
+* float32 matrix products at full precision on every backend;
 * strict dtype promotion and rank promotion "raise" make implicit casts and broadcasts in jaxce
   (and in these tests) fail loudly, so tests cast explicitly.
 """
@@ -15,6 +16,9 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Float32 products in float32 on every backend (GPUs and TPUs would otherwise multiply in TF32 or
+# bfloat16 passes), so the float64 references bound what jaxce does, not the matrix units.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 try:  # hypothesis is a test dependency
     from hypothesis import settings

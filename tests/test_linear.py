@@ -6,6 +6,7 @@ with ``compile().memory_analysis()`` (deterministic; the memory tests only compi
 """
 
 import functools
+import re
 
 import _reference as R
 import jax
@@ -14,6 +15,7 @@ import jax.test_util
 import numpy as np
 import pytest
 
+from jaxce import _xla
 from jaxce._cross_entropy import softmax_cross_entropy_with_integer_labels
 from jaxce._linear import linear_softmax_cross_entropy
 
@@ -245,6 +247,46 @@ def test_low_precision_inputs(rng, dtype, reduction):
         R.assert_close(a, e, rtol=1e-2, atol=1e-2 * scale)
 
 
+_DOT = re.compile(
+    r"stablehlo\.dot_general .*: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)"
+)
+
+
+@pytest.mark.parametrize("backend, operand", [("gpu", "bf16"), ("tpu", "bf16"), ("cpu", "f32")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_accelerators_multiply_bfloat16_blocks_as_they_are(
+    rng, monkeypatch, backend, operand, reduction
+):
+    """bfloat16 x and w traced for a GPU or TPU: every product (x w, dz w^T, x^T dz, forward and
+    backward) has bfloat16 operands and a float32 result, so it runs on the matrix units at
+    their full rate; on CPU the operands are float32. Either way the result is as close to
+    float64 as the rounding of the inputs and of dz to bfloat16 allows."""
+    monkeypatch.setattr(_xla, "backend", lambda: backend)
+    x, w, y = _problem(rng, (40,), 16, 300, scale=2.0)
+    x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    ct = jnp.asarray(rng.normal(size=40), jnp.float32)
+    chunks = {"token_chunk": 16, "vocab_chunk": 128}
+
+    def f(x, w):
+        loss = LCE(x, w, jnp.asarray(y), reduction=reduction, label_smoothing=0.1, **chunks)
+        return jnp.sum(loss * ct) if reduction == "none" else loss
+
+    program = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    dots = _DOT.findall(program.lower(x, w).as_text())
+    assert len(dots) >= 4, dots  # x w twice (forward, backward), dz w^T, x^T dz
+    for a, b, out in dots:
+        assert a.endswith(f"x{operand}>") and b.endswith(f"x{operand}>"), (a, b)
+        assert out.endswith("xf32>"), out
+    got = program(x, w)
+    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+    expected = _reference_value_and_grads(
+        x64, w64, None, jnp.asarray(y), reduction, {"label_smoothing": 0.1}, ct.astype(jnp.float64)
+    )
+    R.assert_close(got[0], expected[0], rtol=1e-5)
+    for a, e in zip(got[1], expected[1], strict=True):
+        R.assert_close(a, e, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(e))))
+
+
 def test_bad_label_gives_nan_for_that_token_only(rng):
     x, w, y = _problem(rng, (6,), 4, 10)
     y[2], y[4] = 10, -100
@@ -339,6 +381,11 @@ def test_bad_input(change, error, match):
 
 # ---------------------------------------------------------------------------------- memory
 N, D, V = 4096, 512, 32768
+# The bounds below are of the CPU's chunk defaults; GPUs and TPUs take 512 MiB blocks
+# (_xla.CHUNK_DEFAULTS), and the whole-w conversion they guard against is XLA's CPU backend's.
+CPU_DEFAULTS = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="bounds of the CPU chunk defaults"
+)
 
 
 def _temp_bytes(v, dtype=jnp.float32, reduction="mean", n=N, d=D, **kw):
@@ -358,6 +405,7 @@ def _temp_bytes(v, dtype=jnp.float32, reduction="mean", n=N, d=D, **kw):
     return stats.temp_size_in_bytes
 
 
+@CPU_DEFAULTS
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_temporaries_at_most_64_mib(reduction):
     """The unfused loss needs 1024 MiB of temporaries here (the [N, V] logits and their
@@ -365,6 +413,7 @@ def test_temporaries_at_most_64_mib(reduction):
     assert _temp_bytes(V, reduction=reduction) <= 64 * 2**20
 
 
+@CPU_DEFAULTS
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_doubling_the_vocabulary_grows_temporaries_by_at_most_the_extra_w_gradient(reduction):
     grown = _temp_bytes(2 * V, reduction=reduction) - _temp_bytes(V, reduction=reduction)
@@ -405,6 +454,7 @@ def test_ragged_token_chunks_add_no_copy_of_the_w_gradient():
     assert ragged <= exact, f"{ragged / 2**20:.1f} MiB vs {exact / 2**20:.1f} MiB"
 
 
+@CPU_DEFAULTS
 def test_bfloat16_never_converts_all_of_w():
     """A float32 copy of a bf16 w would be D*V*4 bytes of temporaries (per-token path)."""
     assert _temp_bytes(V, jnp.bfloat16, reduction="none") < D * V * 4

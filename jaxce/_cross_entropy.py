@@ -275,7 +275,8 @@ def _soft_forward(x, y, mask, weights, eps) -> _SoftRows:
     def rows(x, y, mask):
         return _soft_rows(x, y, mask, weights, eps)
 
-    return _loops.by_row_chunks(rows, x, y, mask)
+    fuses_whole = mask is None and weights is None and eps is None
+    return _loops.by_row_chunks(rows, x, y, mask, fuses_whole=fuses_whole)
 
 
 @jax.custom_jvp

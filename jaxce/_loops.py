@@ -105,10 +105,11 @@ def map_rows(fn: Callable, arrays: tuple, rows: int, out_like):
     return for_chunks(n, rows, body, out_like)
 
 
-def by_row_chunks(fn, x: jax.Array, *others: jax.Array | None):
+def by_row_chunks(fn, x: jax.Array, *others: jax.Array | None, fuses_whole: bool = False):
     """``fn(x, *others)`` of ``[..., C]`` arrays whose results are per row (``[..., k]``
     arrays), computed a chunk of rows at a time (``_xla.row_chunk``): whatever XLA keeps while
-    reducing is the size of a chunk, on any XLA (tests/test_memory.py)."""
+    reducing is the size of a chunk, on any XLA (tests/test_memory.py). ``fuses_whole``: XLA
+    fuses ``fn`` whole without a temporary on the backends that read such a reduction whole."""
     lead, cols = x.shape[:-1], x.shape[-1]
 
     n = 1
@@ -121,7 +122,7 @@ def by_row_chunks(fn, x: jax.Array, *others: jax.Array | None):
     arrays = (rows_of(x),) + tuple(rows_of(a) for a in others)
     shapes = jax.eval_shape(fn, *(None if a is None else a[:1] for a in arrays))
     out_like = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
-    out = map_rows(fn, arrays, _xla.row_chunk(n, cols), out_like)
+    out = map_rows(fn, arrays, _xla.row_chunk(n, cols, fuses_whole), out_like)
     return jax.tree.map(lambda a: jnp.reshape(a, lead + a.shape[1:]), out)
 
 
@@ -145,4 +146,5 @@ def chunked_sum(fn: Callable, args: tuple, shape: tuple[int, ...]) -> jax.Array:
     # out, as -1 is undefined for an empty array.
     two_d = (math.prod(shape[:-1]), shape[-1]) if len(shape) > 1 else (shape[0], 1)
     chunked = tuple(jnp.reshape(a, two_d) for a in chunked)
-    return jnp.sum(by_row_chunks(rows, *chunked))
+    float32 = all(a.dtype == jnp.float32 for a in chunked)  # no conversion for XLA to keep
+    return jnp.sum(by_row_chunks(rows, *chunked, fuses_whole=float32))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jaxce
+from jaxce import _xla
 
 N, V = 256, 8192
 
@@ -257,3 +258,62 @@ def test_label_term_is_scattered_where_it_pays(dtype, rows, scattered):
     assert (" scatter(" in text) == scattered
     if scattered and dtype != jnp.float32:
         assert _temp_bytes(program) <= 2 * 2**20 + 8 * 2**10 * rows
+
+
+# On a GPU the reductions XLA fuses whole read whole rows (_xla.WHOLE_ROWS_BACKENDS): traced for
+# each backend, a [4096, 32768] loss (512 MiB of float32, two of the accelerators' 256 MiB
+# chunks) has a loop over row chunks exactly where the measurement found XLA keeping a
+# temporary the size of the array without one.
+CE = jaxce.softmax_cross_entropy_with_integer_labels
+_WEIGHTS = jnp.ones((32768,), jnp.float32)
+_WHOLE_ROW_CASES = {
+    "integer labels": (lambda z, y: CE(z, y, reduction="mean"), "float32", True),
+    "integer labels, bf16": (lambda z, y: CE(z, y, reduction="mean"), "bfloat16", True),
+    "z-loss and class weights": (
+        lambda z, y: CE(z, y, z_loss=1e-4, class_weights=_WEIGHTS, reduction="mean"),
+        "float32",
+        True,
+    ),
+    "smoothing": (lambda z, y: CE(z, y, label_smoothing=0.1, reduction="mean"), "float32", False),
+    "soft cap": (lambda z, y: CE(z, y, logit_soft_cap=30.0, reduction="mean"), "bfloat16", False),
+    "where": (lambda z, y: CE(z, y, where=z > 0, reduction="mean"), "float32", False),
+    "soft labels": (
+        lambda z, y: jaxce.softmax_cross_entropy(z, jax.nn.one_hot(y, 32768), reduction="mean"),
+        "float32",
+        True,
+    ),
+    "soft labels, smoothing": (
+        lambda z, y: jaxce.softmax_cross_entropy(
+            z, jax.nn.one_hot(y, 32768), label_smoothing=0.1, reduction="mean"
+        ),
+        "float32",
+        False,
+    ),
+    "sigmoid BCE": (
+        lambda z, y: jaxce.sigmoid_binary_cross_entropy(z, z > 0, reduction="mean"),
+        "float32",
+        True,
+    ),
+    "sigmoid BCE, bf16": (
+        lambda z, y: jaxce.sigmoid_binary_cross_entropy(z, z > 0, reduction="mean"),
+        "bfloat16",
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("case", list(_WHOLE_ROW_CASES))
+def test_gpus_read_whole_rows_where_xla_fuses_them(monkeypatch, backend, case):
+    monkeypatch.setattr(_xla, "backend", lambda: backend)
+    loss, dtype, whole = _WHOLE_ROW_CASES[case]
+    shapes = (
+        jax.ShapeDtypeStruct((4096, 32768), jnp.dtype(dtype)),
+        jax.ShapeDtypeStruct((4096,), jnp.int32),
+    )
+    text = jax.jit(jax.value_and_grad(loss)).lower(*shapes).as_text()
+    loops = text.count("stablehlo.while")
+    if whole and backend == "gpu":
+        assert loops == 0, f"{case}: {loops} loops"
+    else:
+        assert loops >= 1, f"{case}: no loop over row chunks"

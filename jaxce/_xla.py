@@ -153,11 +153,11 @@ def pick(x: jax.Array, index: jax.Array) -> jax.Array:
 # The fused loss's products of x, w and the derivative blocks. On GPUs and TPUs, inputs of one
 # dtype are multiplied in it: bfloat16 operands run at the matrix units' full rate, accumulated
 # in float32, and each float32 derivative block is rounded to bfloat16 for ``dx`` and ``dw``, as
-# the unfused loss's bfloat16 gradient is. Float32 blocks of w would halve the rate or worse
-# (H200, 16384 x 4096 x 131072 bfloat16: 253 ms against the three products' 79 ms). XLA's CPU
-# backend computes a narrow product in float32 anyway, so there the operands are float32 (w
-# converted a chunk at a time) and the derivative blocks keep their float32 digits; so are
-# mixed inputs everywhere, as ``x @ w`` promotes them. Guarded by
+# the unfused loss's bfloat16 gradient is. Float32 blocks of w halve the rate or worse (H200,
+# bfloat16 16384 x 4096 x 131072: 253 ms with them, 124 ms without; the three products alone,
+# 79 ms). XLA's CPU backend computes a narrow product in float32 anyway, so there the operands
+# are float32 (w converted a chunk at a time) and the derivative blocks keep their float32
+# digits; so are mixed inputs everywhere, as ``x @ w`` promotes them. Guarded by
 # tests/test_linear.py::test_accelerators_multiply_bfloat16_blocks_as_they_are.
 def product_dtype(x: jax.Array, w: jax.Array, dtype):
     """The dtype the fused loss's blocks of ``x``, ``w`` and ``dloss/dz`` are multiplied in

@@ -742,14 +742,9 @@ def run(
       memory) gets an ``error`` and the others are still measured; a KeyboardInterrupt stops
       the run and returns what was measured so far.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1; got {repeats!r}")
-    if (
-        isinstance(compile_samples, bool)
-        or not isinstance(compile_samples, int)
-        or compile_samples < 1
-    ):
-        raise ValueError(f"compile_samples must be an integer >= 1; got {compile_samples!r}")
+    for name, value in (("repeats", repeats), ("compile_samples", compile_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
     cases = plan(benchmarks, shapes, dtypes, quick=quick)
     steps = sum(len(BENCHMARKS[b].programs) * (repeats + 2) for b, _, _ in cases)
     bar = _Progress(steps, len(cases), progress)
@@ -1217,10 +1212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         micro = "µs"
     except (UnicodeEncodeError, LookupError):
         micro = "us"  # a terminal that cannot show µ
+    header = describe(env, repeats, args.compile_samples)
     if args.markdown:
-        print(format_markdown(results, describe(env, repeats, args.compile_samples)))
+        print(format_markdown(results, header))
     else:
-        print(format_table(results, describe(env, repeats, args.compile_samples), micro))
+        print(format_table(results, header, micro))
     if args.json:
         write_json(
             args.json,
@@ -1229,7 +1225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        plot(args.plot, results, describe(env, repeats, args.compile_samples))
+        plot(args.plot, results, header)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 1 if any(r.error for r in results) else 0
 

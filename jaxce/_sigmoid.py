@@ -17,10 +17,15 @@ def stable_log_sigmoid(x: jax.Array) -> jax.Array:
     return log_sigmoid_pair(x)[0]
 
 
+def softplus_tail(x: jax.Array) -> jax.Array:
+    """``log1p(exp(-|x|))``, in ``[0, log 2]``: ``softplus(x) = max(x, 0)`` plus this."""
+    return jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
 def log_sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(log sigmoid(x), log sigmoid(-x))`` as ``min(+-x, 0) - log1p(exp(-|x|))``: one
     exponential and one logarithm for both (the binary losses need both)."""
-    tail = jnp.log1p(jnp.exp(-jnp.abs(x)))
+    tail = softplus_tail(x)
     return jnp.minimum(x, 0) - tail, jnp.minimum(-x, 0) - tail
 
 

@@ -116,6 +116,10 @@ def test_sbce_infinite_logits(dtype):
     pw = jnp.asarray(np.array([2.0, 2.0, 2.0, 2.0]), dtype=dtype)
     got = np.asarray(SBCE(x[:4], y[:4], pos_weight=pw))
     np.testing.assert_array_equal(got, [0.0, np.inf, 0.0, np.inf])
+    # A weight of 0 takes an infinite term out, in the elementwise values and in the sum.
+    w = jnp.asarray(np.array([1.0, 0.0, 1.0, 0.0, 1.0]), dtype=dtype)
+    np.testing.assert_array_equal(np.asarray(SBCE(x, y, weights=w)), [0, 0, 0, 0, np.inf])
+    assert float(SBCE(x[:4], y[:4], weights=w[:4], reduction="sum")) == 0.0
 
 
 @pytest.mark.parametrize("big", [1e4, 3e38])

@@ -66,7 +66,9 @@ def _integer_ce_jvp(ignore_index, primals, tangents):
     x, labels, mask, weights, options = primals
     x_dot, _, _, w_dot, o_dot = tangents
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
-    keep = dots.per_class(options) and _xla.saves_exponentials(x, options.elementwise)
+    keep = dots.per_class(options) and _xla.saves_exponentials(
+        x, soft_cap=options.logit_soft_cap is not None, smoothing=options.smoothing
+    )
     loss, counted, (meaning, stats, label_logit, w_y, rows, exponentials) = _forward(
         x, labels, mask, weights, options, ignore_index, keep
     )
@@ -325,7 +327,8 @@ def _soft_ce_jvp(primals, tangents):
     x, y, mask, weights, eps = primals
     x_dot, y_dot, _, w_dot, eps_dot = (None if _autodiff.is_zero(t) else t for t in tangents)
     e = None
-    if x_dot is not None and _xla.saves_exponentials(x, eps is not None, own_buffer=True):
+    kept = _xla.saves_exponentials(x, smoothing=eps is not None, soft_labels=True)
+    if x_dot is not None and kept:
         rows, e = _soft_rows_and_exponentials(x, y, mask, weights, eps)
     else:
         rows = _soft_forward(x, y, mask, weights, eps)

@@ -86,11 +86,14 @@ def row_chunk(num_rows: int, num_classes: int, fuses_whole: bool = False) -> int
 # backward pass scales them into the gradient. For float32 and float64 logits of the
 # integer-label loss, XLA writes the gradient into their buffer (they have its size and dtype):
 # no temporary, at any size. Elsewhere (soft labels, whose other reductions read them; bfloat16
-# and float16 logits, whose float32 exponentials are larger than the gradient) they take a
-# buffer of their own, so they are kept only while it fits in a CPU's cache (KEPT_BYTES), where
-# it costs no memory traffic; above, the backward pass computes them again. With a soft cap or
-# smoothing XLA would keep a second array beside them, and accelerators, bound by memory
-# bandwidth, recompute them for less than reading them back: these always recompute.
+# and float16 logits, whose float32 exponentials are larger than the gradient; smoothing, whose
+# row sums read them) they take a buffer of their own, so they are kept only while it fits in a
+# CPU's cache (KEPT_BYTES), where it costs no memory traffic; above, the backward pass computes
+# them again. Smoothing of float32 integer-label logits keeps one such buffer (value_and_grad at
+# [1024, 1000]: 4 MiB of temporaries, 1.65 -> 1.00 ms; [256, 10]: 0.90x the time); of bfloat16
+# logits, three (12 MiB at [1024, 1000]), and of soft labels more: these recompute. So do a soft
+# cap (its derivative needs the tanh again anyway) and accelerators, bound by memory bandwidth,
+# which recompute the exponentials for less than reading them back.
 # Guarded by tests/test_memory.py::test_float32_on_cpu_needs_no_temporaries,
 # ::test_kept_exponentials_stay_within_their_budget,
 # ::test_float32_on_cpu_takes_one_exponential_pass and
@@ -99,14 +102,19 @@ def row_chunk(num_rows: int, num_classes: int, fuses_whole: bool = False) -> int
 KEPT_BYTES = 4 * 2**20
 
 
-def saves_exponentials(x: jax.Array, elementwise: bool, own_buffer: bool = False) -> bool:
+def saves_exponentials(
+    x: jax.Array, *, soft_cap: bool = False, smoothing: bool = False, soft_labels: bool = False
+) -> bool:
     """Whether a softmax loss's derivative keeps ``exp(x - max)`` of the logits ``x`` rather than
-    computing it again (``elementwise``: its statistics need more than that; ``own_buffer``:
-    XLA cannot write the gradient into theirs even for float32 logits)."""
-    if backend() != "cpu" or elementwise:
+    computing it again, given its options (a soft cap, label smoothing) and whether its labels
+    are soft."""
+    if backend() != "cpu" or soft_cap:
         return False
-    if x.dtype in (jnp.float32, jnp.float64) and not own_buffer:
-        return True
+    wide = x.dtype in (jnp.float32, jnp.float64)
+    if smoothing and (soft_labels or not wide):
+        return False
+    if wide and not (soft_labels or smoothing):
+        return True  # the gradient's own buffer
     return x.size * jnp.dtype(compute_dtype(x.dtype)).itemsize <= KEPT_BYTES
 
 

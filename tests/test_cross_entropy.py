@@ -261,6 +261,54 @@ def test_int_labels_where_batch_shape(rng):
     R.assert_close(got_mean, full[m].mean(), rtol=1e-12)
 
 
+# On CPU the derivative scales the exponentials the forward pass kept (jaxce._xla.
+# saves_exponentials: float32 and float64 logits, and with smoothing up to a budget); elsewhere,
+# and above the budget, it computes them again. Both against the float64 reference, on logits
+# with masked (-inf) entries, a where mask, an ignored row and a NaN-free empty row.
+KEPT_OR_RECOMPUTED = {
+    "plain": {},
+    "smoothing": dict(label_smoothing=0.2),
+    "smoothing+weights+zloss+ignore": dict(
+        label_smoothing=0.3,
+        class_weights=np.array([0.5, 2.0, 1.0, 3.0, 0.1, 1.5]),
+        z_loss=1e-2,
+        ignore_index=3,
+    ),
+}
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["as_chosen", "recomputed"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "where"])
+@pytest.mark.parametrize("kw", list(KEPT_OR_RECOMPUTED.values()), ids=list(KEPT_OR_RECOMPUTED))
+def test_kept_and_recomputed_exponentials_match_the_reference(
+    monkeypatch, rng, kw, masked, recompute
+):
+    from jaxce import _xla
+
+    if recompute:
+        monkeypatch.setattr(_xla, "saves_exponentials", lambda *a, **k: False)
+    x = R.random_logits(rng, (7, 6), scale=4.0)
+    x[1, 2:4] = -np.inf
+    x[5, :] = -np.inf  # an empty row
+    y = np.array([0, 1, 2, 3, 4, 5, 1], np.int32)
+    kw = dict(kw, reduction="mean")
+    if masked:
+        m = np.ones((7, 6), bool)
+        m[0, 3:] = False
+        m[4, :2] = False
+        kw["where"] = m
+    cot = rng.normal(size=())
+    expected = R.softmax_cross_entropy_with_integer_labels(x, y, **kw)
+    got = CE_INT(jnp.asarray(x), jnp.asarray(y), **_jx(kw))
+    R.assert_close(got, expected, rtol=1e-12, atol=1e-13)
+    g = R.jgrad(lambda v: cot * CE_INT(v, jnp.asarray(y), **_jx(kw)))(jnp.asarray(x))
+    g_ref = R.ref_grad(
+        lambda v, xp: cot * R.softmax_cross_entropy_with_integer_labels(v, y, xp=xp, **kw)
+    )(x)
+    R.assert_close(g, g_ref, rtol=1e-10, atol=1e-13)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_masked_vocab_neg_inf_logits_finite(rng, eps):
     # -inf logits (padded vocabulary) with finite label logits: finite loss and gradient, and

@@ -91,9 +91,9 @@ def row_chunk(num_rows: int, num_classes: int, fuses_whole: bool = False) -> int
 # CPU's cache (KEPT_BYTES), where it costs no memory traffic; above, the backward pass computes
 # them again. Smoothing of float32 integer-label logits keeps one such buffer (value_and_grad at
 # [1024, 1000]: 4 MiB of temporaries, 1.65 -> 1.00 ms; [256, 10]: 0.90x the time); of bfloat16
-# logits, three (12 MiB at [1024, 1000]), and of soft labels more: these recompute. So do a soft
-# cap (its derivative needs the tanh again anyway) and accelerators, bound by memory bandwidth,
-# which recompute the exponentials for less than reading them back.
+# logits, three (12 MiB at [1024, 1000]), and of float32 soft labels two (8 MiB): these
+# recompute. So do a soft cap (its derivative needs the tanh again anyway) and accelerators,
+# bound by memory bandwidth, which recompute the exponentials for less than reading them back.
 # Guarded by tests/test_memory.py::test_float32_on_cpu_needs_no_temporaries,
 # ::test_kept_exponentials_stay_within_their_budget,
 # ::test_float32_on_cpu_takes_one_exponential_pass and

@@ -501,11 +501,11 @@ def class_tangent(
     t = None
     if dots.x is not None or dots.logit_soft_cap is not None:
         coeffs = coefficients(stats, w_y, options)
-        if exponentials is not None and _xla.scatters_label_term(x, exponentials):
+        uncapped = options.logit_soft_cap is None
+        if exponentials is not None and uncapped and _xla.scatters_label_term(x, exponentials):
             # The label's term -b [k = y] as a gather of the tangent: in reverse mode, an
-            # addition to one entry per row. Kept exponentials mean no soft cap
-            # (_xla.saves_exponentials), so the tangent is the logits'.
-            assert dots.x is not None and options.logit_soft_cap is None
+            # addition to one entry per row.
+            assert dots.x is not None
             dense = spread_derivative(z, adm, weights, stats, coeffs, exponentials)
             x_dot = dots.x.astype(xf.dtype)
             t = jnp.sum(finalize(dense, rows) * x_dot, axis=-1)

@@ -87,13 +87,15 @@ def row_chunk(num_rows: int, num_classes: int, fuses_whole: bool = False) -> int
 # integer-label loss, XLA writes the gradient into their buffer (they have its size and dtype):
 # no temporary, at any size. Elsewhere (soft labels, whose other reductions read them; bfloat16
 # and float16 logits, whose float32 exponentials are larger than the gradient; smoothing, whose
-# row sums read them) they take a buffer of their own, so they are kept only while it fits in a
-# CPU's cache (KEPT_BYTES), where it costs no memory traffic; above, the backward pass computes
-# them again. Smoothing of float32 integer-label logits keeps one such buffer (value_and_grad at
-# [1024, 1000]: 4 MiB of temporaries, 1.65 -> 1.00 ms; [256, 10]: 0.90x the time); of bfloat16
-# logits, three (12 MiB at [1024, 1000]), and of float32 soft labels two (8 MiB): these
-# recompute. So do a soft cap (its derivative needs the tanh again anyway) and accelerators,
-# bound by memory bandwidth, which recompute the exponentials for less than reading them back.
+# row sums read them; a soft cap, whose exponentials are of the capped logits) they take a
+# buffer of their own, so they are kept only while it fits in a CPU's cache (KEPT_BYTES), where
+# it costs no memory traffic; above, the backward pass computes them again. Smoothing or a soft
+# cap on float32 integer-label logits keeps one such buffer (value_and_grad at [1024, 1000]:
+# 4 MiB of temporaries; smoothing 1.65 -> 1.00 ms, a soft cap 2.34 -> 1.29 ms; at [256, 10]
+# 0.84-0.90x and 0.66-0.71x the time). Both together keep two, smoothing of bfloat16 logits
+# three (12 MiB at [1024, 1000]), a soft cap on them two, and smoothing of float32 soft labels
+# two (8 MiB): these recompute, as accelerators do, bound by memory bandwidth, where recomputing
+# the exponentials costs less than reading them back.
 # Guarded by tests/test_memory.py::test_float32_on_cpu_needs_no_temporaries,
 # ::test_kept_exponentials_stay_within_their_budget,
 # ::test_float32_on_cpu_takes_one_exponential_pass and
@@ -108,12 +110,13 @@ def saves_exponentials(
     """Whether a softmax loss's derivative keeps ``exp(x - max)`` of the logits ``x`` rather than
     computing it again, given its options (a soft cap, label smoothing) and whether its labels
     are soft."""
-    if backend() != "cpu" or soft_cap:
+    if backend() != "cpu" or (soft_cap and smoothing):
         return False
     wide = x.dtype in (jnp.float32, jnp.float64)
-    if smoothing and (soft_labels or not wide):
+    elementwise = soft_cap or smoothing
+    if elementwise and (soft_labels or not wide):
         return False
-    if wide and not (soft_labels or smoothing):
+    if wide and not (soft_labels or elementwise):
         return True  # the gradient's own buffer
     return x.size * jnp.dtype(compute_dtype(x.dtype)).itemsize <= KEPT_BYTES
 

@@ -262,8 +262,8 @@ def test_int_labels_where_batch_shape(rng):
 
 
 # On CPU the derivative scales the exponentials the forward pass kept (jaxce._xla.
-# saves_exponentials: float32 and float64 logits, and with smoothing up to a budget); elsewhere,
-# and above the budget, it computes them again. Both against the float64 reference, on logits
+# saves_exponentials: float32 and float64 logits, with smoothing or a soft cap up to a budget);
+# elsewhere, and above it, it computes them again. Both against the float64 reference, on logits
 # with masked (-inf) entries, a where mask, an ignored row and a NaN-free empty row.
 KEPT_OR_RECOMPUTED = {
     "plain": {},
@@ -274,6 +274,13 @@ KEPT_OR_RECOMPUTED = {
         z_loss=1e-2,
         ignore_index=3,
     ),
+    "soft_cap": dict(logit_soft_cap_value=3.0),
+    "soft_cap+weights+zloss": dict(
+        logit_soft_cap_value=2.5,
+        class_weights=np.array([0.5, 2.0, 1.0, 3.0, 0.1, 1.5]),
+        z_loss=1e-2,
+    ),
+    "everything": dict(label_smoothing=0.1, logit_soft_cap_value=4.0, z_loss=1e-3),
 }
 
 

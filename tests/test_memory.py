@@ -156,8 +156,8 @@ def test_temporaries_do_not_grow_with_the_rows(name):
 # On CPU the forward pass keeps exp(x - max) for the backward pass
 # (jaxce._xla.saves_exponentials), so both take one exponential pass over the logits. The
 # float32 integer-label loss keeps them in the gradient's buffer: still no [N, V] temporary.
-# Soft labels, bfloat16 logits and float32 logits with smoothing keep them in a buffer of their
-# own, only up to _xla.KEPT_BYTES.
+# Soft labels, bfloat16 logits and float32 logits with smoothing or a soft cap keep them in a
+# buffer of their own, only up to _xla.KEPT_BYTES.
 FLOAT32_CASES = {
     "plain": {},
     "z_loss": {"z_loss": 1e-4},
@@ -201,6 +201,7 @@ BUDGET_CASES = {
     "soft_labels_float32": ("soft_labels", jnp.float32),
     "integer_bfloat16": ("plain", jnp.bfloat16),
     "smoothing_float32": ("smoothing", jnp.float32),
+    "soft_cap_float32": ("soft_cap", jnp.float32),
 }
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxce
+from jaxce import _xla
 
 F64 = np.float64
 CE_INT = R.jitted(jaxce.softmax_cross_entropy_with_integer_labels)
@@ -290,8 +291,6 @@ KEPT_OR_RECOMPUTED = {
 def test_kept_and_recomputed_exponentials_match_the_reference(
     monkeypatch, rng, kw, masked, recompute
 ):
-    from jaxce import _xla
-
     if recompute:
         monkeypatch.setattr(_xla, "saves_exponentials", lambda *a, **k: False)
     x = R.random_logits(rng, (7, 6), scale=4.0)

@@ -80,20 +80,22 @@ def contract(grad: jax.Array | None, tangent: object, dtype) -> jax.Array | None
     return jnp.sum(grad.astype(dtype) * jnp.asarray(tangent).astype(dtype))
 
 
-def elementwise(value: Callable, tangent: Callable) -> Callable:
+def elementwise(value: Callable, tangent: Callable, narrow_fuses_whole: bool = False) -> Callable:
     """An elementwise loss as a ``jax.custom_jvp`` function ``f(total, *args)``.
 
     ``value(*args)`` is the elementwise loss and ``tangent(*args, *dots)`` its tangent (one
     ``dot`` per arg, None where zero; returning None if all are). With ``total=True`` (static)
     ``f`` returns the sum over all elements, and its tangent the sum of the tangent: the
     elementwise loss then never exists as an array, in the forward pass or the backward pass
-    (one fusion of the rematerialized factor and the scalar cotangent).
+    (one fusion of the rematerialized factor and the scalar cotangent). ``narrow_fuses_whole``:
+    the sum of bfloat16 or float16 arguments is read whole too where XLA fuses such a sum
+    (``_loops.chunked_sum``).
     """
     tangent = rematerialized(tangent)
 
     def primal(total: bool, *args):
         if total:
-            return _loops.chunked_sum(value, args, jnp.shape(args[0]))
+            return _loops.chunked_sum(value, args, jnp.shape(args[0]), narrow_fuses_whole)
         return value(*args)
 
     f = functools.partial(jax.custom_jvp, nondiff_argnums=(0,))(primal)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _checks
+from jaxce import _autodiff, _checks, _xla
 from jaxce._layout import compute_dtype
 from jaxce._reduction import reduce_total, weighted
 from jaxce._sigmoid import log_sigmoid_pair, sigmoid_pair, softplus_tail
@@ -59,7 +59,10 @@ def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w
     log_p, log_not_p = log_sigmoid_pair(xf)
     out = None
     if x_dot is not None:
-        dx = (pos + neg) * sigmoid_pair(xf)[0] - pos
+        # Where XLA fuses the loss's sum with this derivative (_xla.reads_whole_rows), sigmoid(x)
+        # from an exponential of its own keeps the two in one pass for bfloat16 logits too.
+        s = jax.nn.sigmoid(xf) if _xla.reads_whole_rows() else sigmoid_pair(xf)[0]
+        dx = (pos + neg) * s - pos
         out = dx * x_dot.astype(xf.dtype)
     dt = weighted(w, log_not_p) - weighted(w_pw, log_p)
     if y_dot is not None:
@@ -75,7 +78,9 @@ def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w
     return out
 
 
-_sigmoid_bce = _autodiff.elementwise(_sigmoid_bce_value, _sigmoid_bce_tangent)
+_sigmoid_bce = _autodiff.elementwise(
+    _sigmoid_bce_value, _sigmoid_bce_tangent, narrow_fuses_whole=True
+)
 
 
 def sigmoid_binary_cross_entropy(

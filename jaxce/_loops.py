@@ -126,11 +126,15 @@ def by_row_chunks(fn, x: jax.Array, *others: jax.Array | None, fuses_whole: bool
     return jax.tree.map(lambda a: jnp.reshape(a, lead + a.shape[1:]), out)
 
 
-def chunked_sum(fn: Callable, args: tuple, shape: tuple[int, ...]) -> jax.Array:
+def chunked_sum(
+    fn: Callable, args: tuple, shape: tuple[int, ...], narrow_fuses_whole: bool = False
+) -> jax.Array:
     """``sum(fn(*args))`` of an elementwise ``fn``, a chunk of rows at a time: the arguments of
     the full ``shape`` are cut into chunks of rows, the others (scalars, None) passed whole, so
     the elementwise values never exist as a whole array (XLA's CPU reductions do not fuse their
-    producers)."""
+    producers). Float32 arguments are read whole where XLA fuses such a sum
+    (``_xla.reads_whole_rows``); narrower ones too if ``narrow_fuses_whole`` (the sum and its
+    derivative share no float32 array for XLA to keep)."""
     full = [a is not None and jnp.shape(a) == shape for a in args]
     if not shape:
         return jnp.sum(fn(*args))
@@ -147,4 +151,4 @@ def chunked_sum(fn: Callable, args: tuple, shape: tuple[int, ...]) -> jax.Array:
     two_d = (math.prod(shape[:-1]), shape[-1]) if len(shape) > 1 else (shape[0], 1)
     chunked = tuple(jnp.reshape(a, two_d) for a in chunked)
     float32 = all(a.dtype == jnp.float32 for a in chunked)  # no conversion for XLA to keep
-    return jnp.sum(by_row_chunks(rows, *chunked, fuses_whole=float32))
+    return jnp.sum(by_row_chunks(rows, *chunked, fuses_whole=float32 or narrow_fuses_whole))

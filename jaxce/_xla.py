@@ -61,9 +61,27 @@ ROW_CHUNK_BYTES = {"cpu": 2**20, "gpu": 256 * 2**20, "tpu": 256 * 2**20}
 # smoothing, class weights or mask, 0.78-0.95x -> 0.95-1.01x, at most 16 MiB; float32
 # elementwise sums (sigmoid BCE), 1.39-1.53x -> 1.80-2.11x, at most 257 KiB. Not so with a soft
 # cap or smoothing (every option on, bfloat16 [8192, 131072]: 4 GiB of temporaries) or for a
-# bfloat16 elementwise sum (4 GiB): those keep their chunks, as TPUs do (not measured). Guarded
-# by tests/test_memory.py::test_gpus_read_whole_rows_where_xla_fuses_them.
+# bfloat16 elementwise sum whose derivative shares an exponential with it (4 GiB, see
+# ``reads_whole_rows``): those keep their chunks, as TPUs do (not measured). Guarded by
+# tests/test_memory.py::test_gpus_read_whole_rows_where_xla_fuses_them.
 WHOLE_ROWS_BACKENDS = ("gpu",)
+
+
+def reads_whole_rows() -> bool:
+    """Whether the backend reads a reduction that XLA fuses whole in one piece.
+
+    There ``value_and_grad`` of an elementwise loss's sum is one multi-output fusion that reads
+    the logits once, writing the gradient as it sums the loss, unless the loss and its
+    derivative share an exponential: then XLA's GPU compiler (JAX 0.11) writes it out as a
+    float32 array for bfloat16 logits. The sigmoid BCE's derivative takes ``sigmoid(x)`` from
+    its own exponential there (``lax.logistic``), not from the loss's ``exp(-|x|)``. Measured on
+    an H200, bfloat16, whole rows against 256 MiB row chunks with the shared exponential:
+    [16384, 4096] 2.04x -> 1.55x the floor (256 MiB -> 32 KiB of temporaries: one chunk held
+    the array too), [4096, 32768] 2.31x -> 2.18x, [8192, 131072] 2.10x -> 1.75x (256 KiB);
+    float32, already one pass, 1.10-1.41x the floor either way (within that machine's noise).
+    On CPU, whose reductions never fuse their producers, the shared exponential is cheaper
+    (float32 [256, 10]: 1.3-1.7x the time with ``lax.logistic``)."""
+    return backend() in WHOLE_ROWS_BACKENDS
 
 
 def row_chunk(num_rows: int, num_classes: int, fuses_whole: bool = False) -> int:
@@ -71,7 +89,7 @@ def row_chunk(num_rows: int, num_classes: int, fuses_whole: bool = False) -> int
     budget of float32, in chunks evened out over the rows (at least one row); all rows where
     ``fuses_whole`` (the reduction is one XLA fuses without a temporary) on a backend in
     ``WHOLE_ROWS_BACKENDS``."""
-    if fuses_whole and backend() in WHOLE_ROWS_BACKENDS:
+    if fuses_whole and reads_whole_rows():
         return max(num_rows, 1)
     budget = ROW_CHUNK_BYTES.get(backend(), ROW_CHUNK_BYTES["gpu"])
     rows = max(1, budget // (4 * max(num_classes, 1)))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxce
+from jaxce import _xla
 
 BIG32 = float(np.float32(3e38))
 SBCE = R.jitted(jaxce.sigmoid_binary_cross_entropy)
@@ -41,8 +42,18 @@ def test_sbce_values(rng, shape):
 GRID = list(itertools.product([False, True], [False, "full", "row"], [0.0, 0.1], ["none", "mean"]))
 
 
+@pytest.fixture(params=["cpu", "gpu"])
+def backend_forms(request, monkeypatch):
+    """The forms jaxce's losses take for each backend (``_xla.backend``), traced afresh here."""
+    monkeypatch.setattr(_xla, "backend", lambda: request.param)
+    jax.clear_caches()  # traces of the other backend's forms are cached by function
+    yield request.param
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("pos_weight,weights,eps,reduction", GRID)
-def test_sbce_option_grid(rng, pos_weight, weights, eps, reduction):
+def test_sbce_option_grid(rng, backend_forms, pos_weight, weights, eps, reduction):
+    # On GPUs the derivative takes sigmoid(x) from lax.logistic (_xla.reads_whole_rows)
     n, c = 5, 3
     x = R.random_logits(rng, (n, c))
     y = (rng.random((n, c)) < 0.5).astype(np.float64)
@@ -56,9 +67,12 @@ def test_sbce_option_grid(rng, pos_weight, weights, eps, reduction):
     got = SBCE(jnp.asarray(x), jnp.asarray(y), **_jx(kw))
     expected = R.sigmoid_binary_cross_entropy(x, y, **kw)
     R.assert_close(got, expected, rtol=1e-12, atol=1e-14)
-    g = R.jgrad(lambda a: jnp.sum(SBCE(a, jnp.asarray(y), **_jx(kw))))(jnp.asarray(x))
+    loss = lambda a: jnp.sum(SBCE(a, jnp.asarray(y), **_jx(kw)))  # noqa: E731
+    g = R.jgrad(loss)(jnp.asarray(x))
     g_ref = R.ref_grad(lambda a, xp: xp.sum(R.sigmoid_binary_cross_entropy(a, y, xp=xp, **kw)))(x)
     R.assert_close(g, g_ref, rtol=1e-11, atol=1e-14)
+    logistic = "logistic" in str(jax.make_jaxpr(jax.grad(loss))(jnp.asarray(x)))
+    assert logistic == (backend_forms == "gpu")
 
 
 def test_sbce_hand_derived_torch():

@@ -300,6 +300,11 @@ _WHOLE_ROW_CASES = {
     "sigmoid BCE, bf16": (
         lambda z, y: jaxce.sigmoid_binary_cross_entropy(z, z > 0, reduction="mean"),
         "bfloat16",
+        True,
+    ),
+    "BCE on probabilities, bf16": (
+        lambda z, y: jaxce.binary_cross_entropy(jax.nn.sigmoid(z), z > 0, reduction="mean"),
+        "bfloat16",
         False,
     ),
 }

@@ -22,18 +22,22 @@ labels, binary targets) once and writes an array of the logits' size, which any 
 backward pass must at least do. The floor of ``linear`` is the three matrix products no
 implementation can avoid, ``x @ w``, ``g @ w.T`` and ``x.T @ g``, jitted together.
 
-Every program is compiled ``COMPILE_SAMPLES`` times (the compile time reported is the median of
-``lower`` + ``compile`` of a fresh function, so no cache hides it) and warmed up; then the
-programs of a shape are timed in turn, round-robin, ``repeats`` times, each round starting one
-program further on (of three or more, no program runs twice in a row, and each takes every
-place in the order), so that machine noise and what ran just before fall on all of them alike. A
-sample times a program for at least ``MIN_SAMPLE_SECONDS`` (a fast program is called in a loop,
-waiting for each call), and the time reported is the median per call over the samples (and the
-minimum). Every ratio compares numbers of the same run, sample by sample: a ratio is the median
-over the rounds of the two programs' times in that round, so that a slow stretch of a shared
-machine, which slows every program of a round, cancels out. Memory is the compiled program's
-temporary buffers (``compile().memory_analysis().temp_size_in_bytes``); the arguments and
-results are not counted.
+Every program is compiled once as a warm-up and then ``COMPILE_SAMPLES`` times (the compile time
+reported is the median of ``lower`` + ``compile`` of a fresh function, so no cache of JAX hides
+it). The warm-up is there because XLA's GPU compiler autotunes each matrix product's shape once
+per process and keeps the result: the first program of a shape to compile would pay for the others
+(``linear`` at 16384 x 4096 x 131072 float32 on an H200: 18.6 s for whichever of optax's and
+jaxce's unfused programs compiled first, 0.3 s for the other). Each program is then run once as a
+warm-up, and the programs of a shape are timed in turn, round-robin, ``repeats`` times, each round
+starting one program further on (of three or more, no program runs twice in a row, and each takes
+every place in the order), so that machine noise and what ran just before fall on all of them
+alike. A sample times a program for at least ``MIN_SAMPLE_SECONDS`` (a fast program is called in a
+loop, waiting for each call), and the time reported is the median per call over the samples (and
+the minimum). Every ratio compares numbers of the same run, sample by sample: a ratio is the
+median over the rounds of the two programs' times in that round, so that a slow stretch of a
+shared machine, which slows every program of a round, cancels out. Memory is the compiled
+program's temporary buffers (``compile().memory_analysis().temp_size_in_bytes``); the arguments
+and results are not counted.
 
 The functions below are the command line's building blocks: ``run`` returns one ``Result`` per
 program and shape, which ``format_table``, ``format_markdown``, ``write_json`` and ``plot`` turn
@@ -618,11 +622,12 @@ def _measure_case(
         try:
             samples = []
             executable = None
-            for _ in range(compile_samples):
+            for sample in range(compile_samples + 1):  # the first is a warm-up (see above)
                 fn = p.make()  # a fresh function: nothing of an earlier compilation is reused
                 start = time.perf_counter()
                 executable = jax.jit(fn).lower(*args).compile()
-                samples.append(time.perf_counter() - start)
+                if sample:
+                    samples.append(time.perf_counter() - start)
             seconds = statistics.median(samples)
             compiled[p.name] = executable
             results[p.name] = dataclasses.replace(
@@ -734,8 +739,8 @@ def run(
       repeats: timed runs of each program, >= 1, after one warm-up run.
       progress: ``True`` for a progress bar on stderr (plain lines without tqdm), ``None`` for
         a bar when stderr is a terminal and plain lines otherwise, ``False`` for silence.
-      compile_samples: fresh compilations of each program, >= 1; the compile time reported is
-        their median.
+      compile_samples: fresh compilations of each program after an untimed one, >= 1; the
+        compile time reported is their median.
 
     Returns:
       One ``Result`` per case and program, with its ratios. A program that fails (e.g. out of
@@ -833,7 +838,7 @@ def describe(
     """One line giving the date, machine and versions of a run."""
     runs = "" if repeats is None else f"; median of {repeats} runs after a warm-up, round-robin"
     if compile_samples is not None:
-        runs += f"; compile time: median of {compile_samples} compilations"
+        runs += f"; compile time: median of {compile_samples} compilations after a warm-up one"
     return (
         f"{env['date']}: {env['processor']}, {env['cpu_count']} CPU cores, {env['system']};"
         f" JAX device {env['device_kind']} ({env['backend']}); JAX {env['jax']}, jaxlib"
@@ -857,9 +862,9 @@ _LEGEND = (
     "time: median of the timed runs; x floor: time / the floor's time; speed-up vs optax:"
     " optax's time / this time (above 1: faster than optax), both ratios the median over the"
     " rounds of the two times of a round; compile: lower + compile of jax.jit(value_and_grad),"
-    " the median over fresh compilations; compile x optax: this compile time / optax's; temp"
-    " memory: compiled temporary buffers (arguments and results not counted); *: misses a"
-    " target (see below)."
+    " the median over fresh compilations after an untimed one; compile x optax: this compile"
+    " time / optax's; temp memory: compiled temporary buffers (arguments and results not"
+    " counted); *: misses a target (see below)."
 )
 
 
@@ -1149,7 +1154,10 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=COMPILE_SAMPLES,
         metavar="N",
-        help=f"fresh compilations per program, the median reported (default {COMPILE_SAMPLES})",
+        help=(
+            f"fresh compilations per program after an untimed one, the median reported"
+            f" (default {COMPILE_SAMPLES})"
+        ),
     )
     parser.add_argument("--json", type=_writable, metavar="FILE", help="write the results")
     parser.add_argument(

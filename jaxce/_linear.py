@@ -339,7 +339,8 @@ def linear_softmax_cross_entropy(
       token_chunk: rows per block (default per backend). In the single-pass strategy the block
         is ``[token_chunk, V]`` in float32, so the default is chosen from a byte budget.
       vocab_chunk: columns per block of the other strategies, and per product of the
-        single-pass strategy (default per backend).
+        single-pass strategy (default per backend; the whole vocabulary in the single pass on
+        GPUs).
       recompute_logits: for a reduced loss, ``False`` computes the gradients in one pass
         (6NDV FLOPs; with a bfloat16/float16 ``w`` a float32 ``[D, V]`` accumulator), ``True``
         computes the row statistics first and then the gradients a vocabulary chunk at a time
@@ -401,7 +402,8 @@ def linear_softmax_cross_entropy(
     )
     if single_pass:
         rows = _blocks.chunk_size("token_chunk", token_chunk, _single_pass_rows(n, v, budget), n)
-        cols = _single_pass_cols(rows, d, v, default_cols)
+        whole = _xla.whole_vocab_single_pass()
+        cols = v if whole else _single_pass_cols(rows, d, v, default_cols)
     else:
         rows, cols = default_rows, default_cols
     static = _blocks.Static(

@@ -43,6 +43,23 @@ def chunk_defaults() -> tuple[int, int, int]:
     return CHUNK_DEFAULTS.get(backend(), CHUNK_DEFAULTS["gpu"])
 
 
+# The fused loss's single pass on GPUs takes each block of tokens with the whole vocabulary, where
+# elsewhere it loops over vocabulary chunks inside the loop over tokens (``dw[:, cols] += x^T
+# dz[:, cols]``). There the inner loop costs time (every iteration is kernel launches and a round
+# trip of the loop's predicate to the host) and no memory: measured on an H200, value_and_grad in
+# float32 with the default token chunks, whole vocabulary against the vocabulary chunk of
+# CHUNK_DEFAULTS: 1024 x 256 x 8192 2.02 -> 0.71 ms (11.3 -> 8.3 MiB of temporaries), 4096 x 512 x
+# 32768 6.28 -> 3.71 ms (193 -> 129 MiB), 16384 x 4096 x 131072 265 -> 196 ms (1232 -> 1040 MiB;
+# the unfused loss 194 ms, the three products alone 178 ms). TPUs keep the chunks (not measured).
+# Guarded by tests/test_linear.py::test_gpus_take_the_whole_vocabulary_in_the_single_pass.
+WHOLE_VOCAB_BACKENDS = ("gpu",)
+
+
+def whole_vocab_single_pass() -> bool:
+    """Whether the fused loss's single pass takes the whole vocabulary in each block."""
+    return backend() in WHOLE_VOCAB_BACKENDS
+
+
 # The row statistics of the plain and sharded losses are reduced a chunk of rows at a time
 # (_rows.row_stats): whatever XLA keeps while reducing a chunk (a float32 copy of it,
 # exp(z - max), the capped logits) is at most a few chunks, whatever the compiler version

@@ -159,6 +159,35 @@ def test_default_chunks_and_vmap(rng):
     R.assert_close(got, np.array(expected), rtol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_gpus_take_the_whole_vocabulary_in_the_single_pass(rng, monkeypatch, backend):
+    """Traced for a GPU, the single pass loops over token chunks only; elsewhere also over
+    vocabulary chunks inside (here 8192 columns at D = 2048 are cut to 1024 on CPU). The value
+    and gradients equal the float64 reference either way."""
+    monkeypatch.setattr(_xla, "backend", lambda: backend)
+    n, d, v = 64, 2048, 8192
+    shapes = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+
+    def loss(x, w, y):
+        return LCE(x, w, y, label_smoothing=0.1, z_loss=1e-4)
+
+    program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    loops = program.lower(*shapes).as_text().count("stablehlo.while")
+    assert loops == 1 if backend == "gpu" else loops >= 2, loops
+    x, w, y = _problem(rng, (8,), 16, 300)  # several token chunks: N / 8 rows per chunk
+    got = program(jnp.asarray(x), jnp.asarray(w), jnp.asarray(y))
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-4}
+    expected = _reference_value_and_grads(
+        jnp.asarray(x), jnp.asarray(w), None, jnp.asarray(y), "mean", kw, None
+    )
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        R.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
 def test_class_weight_gradient(rng):
     """Gradients also flow to class_weights (a learned reweighting), in both strategies."""
     x, w, y = _problem(rng, (23,), 5, 41)

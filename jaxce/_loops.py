@@ -105,11 +105,18 @@ def map_rows(fn: Callable, arrays: tuple, rows: int, out_like):
     return for_chunks(n, rows, body, out_like)
 
 
-def by_row_chunks(fn, x: jax.Array, *others: jax.Array | None, fuses_whole: bool = False):
+def by_row_chunks(
+    fn,
+    x: jax.Array,
+    *others: jax.Array | None,
+    fuses_whole: bool = False,
+    fuses_whole_on_cpu: bool = False,
+):
     """``fn(x, *others)`` of ``[..., C]`` arrays whose results are per row (``[..., k]``
     arrays), computed a chunk of rows at a time (``_xla.row_chunk``): whatever XLA keeps while
     reducing is the size of a chunk, on any XLA (tests/test_memory.py). ``fuses_whole``: XLA
-    fuses ``fn`` whole without a temporary on the backends that read such a reduction whole."""
+    fuses ``fn`` whole without a temporary on the backends that read such a reduction whole;
+    ``fuses_whole_on_cpu``: on CPU too."""
     lead, cols = x.shape[:-1], x.shape[-1]
 
     n = 1
@@ -122,7 +129,8 @@ def by_row_chunks(fn, x: jax.Array, *others: jax.Array | None, fuses_whole: bool
     arrays = (rows_of(x),) + tuple(rows_of(a) for a in others)
     shapes = jax.eval_shape(fn, *(None if a is None else a[:1] for a in arrays))
     out_like = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
-    out = map_rows(fn, arrays, _xla.row_chunk(n, cols, fuses_whole), out_like)
+    rows = _xla.row_chunk(n, cols, fuses_whole, fuses_whole_on_cpu)
+    out = map_rows(fn, arrays, rows, out_like)
     return jax.tree.map(lambda a: jnp.reshape(a, lead + a.shape[1:]), out)
 
 

@@ -232,13 +232,17 @@ def row_stats(
 ) -> Partial:
     """:func:`partial_stats` of ``[..., C]`` logits, reduced a chunk of rows at a time
     (``_loops.by_row_chunks``): the temporaries are the size of a chunk, on any XLA; whole rows
-    where only ``max`` and ``sum exp`` are reduced, on a GPU (``_xla.row_chunk``)."""
+    where only ``max`` and ``sum exp`` are reduced, on a GPU, and on CPU for float32 and
+    float64 logits (``_xla.row_chunk``)."""
 
     def stats(xs, ms):
         return partial_stats(xs, ms, weights, options, num_classes)
 
     fuses_whole = mask is None and not options.elementwise
-    return _loops.by_row_chunks(stats, x, mask, fuses_whole=fuses_whole)
+    wide = x.dtype in (jnp.float32, jnp.float64)
+    return _loops.by_row_chunks(
+        stats, x, mask, fuses_whole=fuses_whole, fuses_whole_on_cpu=fuses_whole and wide
+    )
 
 
 def rebase(p: Partial, new_max: jax.Array, num_classes: int) -> Partial:

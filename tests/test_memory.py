@@ -325,3 +325,43 @@ def test_gpus_read_whole_rows_where_xla_fuses_them(monkeypatch, backend, case):
         assert loops == 0, f"{case}: {loops} loops"
     else:
         assert loops >= 1, f"{case}: no loop over row chunks"
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss alone (an evaluation step, no gradient): on CPU the integer-label statistics of
+# float32 and float64 logits are read in whole rows, which XLA fuses without a temporary from
+# jaxlib 0.10.2 on (_xla.row_chunk); bfloat16 logits, whose float32 copy XLA would keep, and
+# smoothing keep their 1 MiB row chunks, as every case does on an older jaxlib.
+ALONE_CASES = {
+    "plain": ({}, jnp.float32, True),
+    "z_loss_and_class_weights": (
+        {"z_loss": 1e-4, "class_weights": jnp.linspace(0.5, 2.0, V)},
+        jnp.float32,
+        True,
+    ),
+    "ignore_index": ({"ignore_index": -100}, jnp.float32, True),
+    "bfloat16": ({}, jnp.bfloat16, False),
+    "smoothing": ({"label_smoothing": 0.1}, jnp.float32, False),
+    "where": ({"where": None}, jnp.float32, False),  # the mask: the program's second argument
+}
+
+
+@pytest.mark.parametrize("case", list(ALONE_CASES))
+def test_the_loss_alone_reads_whole_float32_rows_on_cpu(monkeypatch, case):
+    monkeypatch.setattr(_xla, "backend", lambda: "cpu")
+    kw, dtype, whole = ALONE_CASES[case]
+    whole = whole and _xla.cpu_fuses_whole_rows()  # else every case keeps its chunks
+    rows = 2048  # 64 MiB of float32 logits, 64 row chunks
+    y = jnp.zeros((rows,), jnp.int32)
+
+    def loss(lg, mask):
+        options = {k: mask if k == "where" else v for k, v in kw.items()}
+        return jaxce.softmax_cross_entropy_with_integer_labels(lg, y, reduction="mean", **options)
+
+    shapes = (jax.ShapeDtypeStruct((rows, V), dtype), jax.ShapeDtypeStruct((rows, V), jnp.bool_))
+    program = jax.jit(loss).lower(*shapes)
+    loops = program.as_text().count("stablehlo.while")
+    assert (loops == 0) == whole, f"{loops} loops"
+    if jax.default_backend() == "cpu":
+        temp = _temp_bytes(program)  # a float32 copy of the logits would be 64 MiB
+        assert temp <= (CHUNK if whole else 4 * CHUNK), f"{temp / 2**20:.2f} MiB"

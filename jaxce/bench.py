@@ -99,6 +99,7 @@ MIN_SAMPLE_SECONDS = 0.02
 COMPILE_SAMPLES = 3
 
 FLOOR, OPTAX, JAXCE = "floor", "optax", "jaxce"
+OPTAX_ALONE = "optax, loss alone"  # the mean loss without its gradient (an evaluation step)
 
 
 class _Options(TypedDict):
@@ -225,6 +226,19 @@ def _grad_of_logits(mean_loss: Callable[..., jax.Array]) -> Callable[[], Callabl
     return make
 
 
+def _loss_alone(mean_loss: Callable[..., jax.Array]) -> Callable[[], Callable]:
+    """``make`` for a program ``(logits, labels, *rest) -> the mean loss``, no gradient (an
+    evaluation step)."""
+
+    def make():
+        def program(logits, labels, *rest):
+            return mean_loss(logits, labels, *rest)
+
+        return program
+
+    return make
+
+
 def _grad_of_x_and_w(mean_loss: Callable[..., jax.Array]) -> Callable[[], Callable]:
     """``make`` for a program ``(x, w, labels, g) -> value_and_grad wrt x and w``."""
 
@@ -307,6 +321,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Program("jaxce", JAXCE, _grad_of_logits(_jaxce_ce), compare_to="optax"),
                 Program("jaxce, all options", JAXCE, _grad_of_logits(_jaxce_ce_all_options)),
                 Program("optax", OPTAX, _grad_of_logits(_optax_ce)),
+                Program("jaxce, loss alone", JAXCE, _loss_alone(_jaxce_ce), compare_to=OPTAX_ALONE),
+                Program(OPTAX_ALONE, OPTAX, _loss_alone(_optax_ce)),
                 Program("floor (read + write the logits)", FLOOR, _logits_floor),
             ),
         ),
@@ -319,6 +335,13 @@ BENCHMARKS: dict[str, Benchmark] = {
             (
                 Program("jaxce", JAXCE, _grad_of_logits(_jaxce_soft_ce), compare_to="optax"),
                 Program("optax", OPTAX, _grad_of_logits(_optax_soft_ce)),
+                Program(
+                    "jaxce, loss alone",
+                    JAXCE,
+                    _loss_alone(_jaxce_soft_ce),
+                    compare_to=OPTAX_ALONE,
+                ),
+                Program(OPTAX_ALONE, OPTAX, _loss_alone(_optax_soft_ce)),
                 Program(
                     "floor (read logits and labels, write logits)",
                     FLOOR,
@@ -392,6 +415,8 @@ def targets(benchmark: str, program: str, dtype: str, backend: str) -> Targets:
         )
     if benchmark == "cross_entropy" and program == "jaxce, all options":
         return Targets(max_x_floor=2.5)
+    if program == "jaxce, loss alone":
+        return Targets(min_speedup=1.0)
     if benchmark in ("soft_cross_entropy", "binary") and program == "jaxce":
         return Targets(min_speedup=1.0, max_x_floor=1.3, max_compile_ratio=1.5)
     return Targets()
@@ -1152,11 +1177,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile-samples",
         type=_positive_int,
-        default=COMPILE_SAMPLES,
         metavar="N",
         help=(
             f"fresh compilations per program after an untimed one, the median reported"
-            f" (default {COMPILE_SAMPLES})"
+            f" (default {COMPILE_SAMPLES}; 1 with --quick)"
         ),
     )
     parser.add_argument("--json", type=_writable, metavar="FILE", help="write the results")
@@ -1203,6 +1227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"{name} needs --shape {'x'.join(names)}; no such shape was given")
         benchmarks = chosen
     repeats = args.repeats or (3 if args.quick else 5)
+    compile_samples = args.compile_samples or (1 if args.quick else COMPILE_SAMPLES)
     dtypes = list(dict.fromkeys(args.dtype)) if args.dtype else None
 
     results = run(
@@ -1212,7 +1237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats,
         quick=args.quick,
         progress=args.progress,
-        compile_samples=args.compile_samples,
+        compile_samples=compile_samples,
     )
     env = environment()
     try:
@@ -1220,7 +1245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         micro = "µs"
     except (UnicodeEncodeError, LookupError):
         micro = "us"  # a terminal that cannot show µ
-    header = describe(env, repeats, args.compile_samples)
+    header = describe(env, repeats, compile_samples)
     if args.markdown:
         print(format_markdown(results, header))
     else:
@@ -1229,7 +1254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(
             args.json,
             results,
-            {**env, "repeats": repeats, "compile_samples": args.compile_samples},
+            {**env, "repeats": repeats, "compile_samples": compile_samples},
         )
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:

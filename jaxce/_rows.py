@@ -239,10 +239,8 @@ def row_stats(
         return partial_stats(xs, ms, weights, options, num_classes)
 
     fuses_whole = mask is None and not options.elementwise
-    wide = x.dtype in (jnp.float32, jnp.float64)
-    return _loops.by_row_chunks(
-        stats, x, mask, fuses_whole=fuses_whole, fuses_whole_on_cpu=fuses_whole and wide
-    )
+    on_cpu = fuses_whole and _xla.computes_in_place(x)
+    return _loops.by_row_chunks(stats, x, mask, fuses_whole=fuses_whole, fuses_whole_on_cpu=on_cpu)
 
 
 def rebase(p: Partial, new_max: jax.Array, num_classes: int) -> Partial:

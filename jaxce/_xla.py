@@ -167,6 +167,12 @@ def row_chunk(
 KEPT_BYTES = 4 * 2**20
 
 
+def computes_in_place(x: jax.Array) -> bool:
+    """Whether ``x``'s arithmetic happens in its own dtype (float32, float64): no float32 copy
+    of it for XLA to keep."""
+    return compute_dtype(x.dtype) == x.dtype
+
+
 def saves_exponentials(
     x: jax.Array, *, soft_cap: bool = False, smoothing: bool = False, soft_labels: bool = False
 ) -> bool:
@@ -175,7 +181,7 @@ def saves_exponentials(
     are soft."""
     if backend() != "cpu" or (soft_cap and smoothing):
         return False
-    wide = x.dtype in (jnp.float32, jnp.float64)
+    wide = computes_in_place(x)
     elementwise = soft_cap or smoothing
     if elementwise and (soft_labels or not wide):
         return False

@@ -750,7 +750,13 @@ def test_soft_label_cross_entropy(data):
     eps = float(eps_arg.astype(F64))
     adm = where & (x64 > -np.inf)
     m, log_sum, log_p, p, k = row_stats(x64, adm)
-    shifted = np.where(np.isneginf(x64), -np.inf, x64 - m[:, None])
+    # Differences to the row max; one that overflows float64 (a logit of -1.8e308 in a row whose
+    # max is 1.8e308) is kept at the largest float rather than read as a -inf (masked) logit: its
+    # term is then beyond the range, where inf is the answer (``overflow`` below).
+    with np.errstate(over="ignore"):
+        shifted = np.where(
+            np.isneginf(x64), -np.inf, np.maximum(x64 - m[:, None], -P.finfo("float64").max)
+        )
     kw = {} if plain else dict(where=where, label_smoothing=eps, class_weights=w64)
     want = R.softmax_cross_entropy(shifted, y64, **kw)
     target = np.where(adm, (1 - eps) * y64 + eps / np.maximum(k, 1)[:, None], 0.0)
@@ -809,6 +815,17 @@ def test_soft_label_mass_on_minus_inf():
     y = jnp.array([[0.5, 0.5, 0.0]])
     assert float(jaxce.softmax_cross_entropy(x, y)[0]) == np.inf
     assert float(CE(x, jnp.array([1]))[0]) == np.inf
+
+
+def test_soft_label_term_beyond_the_range():
+    """A target on a finite logit whose distance to the row max overflows float64 (-1.8e308
+    in a row whose max is 1.8e308): the cross-entropy, 3.6e308, is beyond the range: +inf, as
+    for an integer label there (a thorough run of the property test above found its reference
+    reading that logit as a masked one)."""
+    x = jnp.array([[-1.79769313e308, 0.0, 0.0, 1.79769313e308]], jnp.float64)
+    y = jnp.array([[1.0, 0.0, 0.0, 0.0]], jnp.float64)
+    assert float(jaxce.softmax_cross_entropy(x, y)[0]) == np.inf
+    assert float(CE(x, jnp.array([0]))[0]) == np.inf
 
 
 # ===================================================================== NLL
@@ -1187,7 +1204,9 @@ def test_sigmoid_focal_loss(data):
     weight = 1.0 if alpha_kind == "none" else a64 * y64 + (1 - a64) * (1 - y64)
     want = weight * ce * base**g64
     logs = np.maximum(-scipy.special.log_expit(x64), -scipy.special.log_expit(-x64))
-    scale = np.abs(want) * (1 + g64 * (logs + 1))
+    # A loss of 0 has a scale of 0, even where the logs overflow (a logit of -1.8e308).
+    with np.errstate(over="ignore"):
+        scale = times(np.abs(want), 1 + g64 * (logs + 1))
     P.compare("sigmoid_focal_loss", dtype, loss, want, scale, unit_dtype=P.compute_dtype(dtype))
     # The gradients are finite wherever a bound on their true magnitude is representable:
     # |d/dx| and |d/dy| <= |ct| (2 + 2 gamma)(|x| + 2)
@@ -1901,3 +1920,26 @@ def test_precision_page_lists_every_measurement():
             assert (function, dtype) in table, f"{function} ({dtype}) missing from the page"
             assert table[(function, dtype)] <= bound, (function, dtype)
     assert {f for f, _ in table} <= set(P.BOUNDS)
+
+
+def test_precision_merge_keeps_the_worse_cell():
+    """``python tests/_precision.py --merge``: each cell the worse of the new run and the table,
+    and the table's cells the run did not measure."""
+    rows = [
+        {"function": "softmax", "dtype": "float32", "units": 0.5, "examples": 3},
+        {"function": "softmax", "dtype": "float64", "units": 2.0, "examples": 4},
+    ]
+    previous = {
+        ("softmax", "float32"): 1.5,
+        ("softmax", "float64"): 1.0,
+        ("sigmoid", "float16"): 0.7,
+    }
+    merged = {(r["function"], r["dtype"]): r for r in P.merge_worse(rows, previous)}
+    assert merged[("softmax", "float32")]["units"] == 1.5
+    assert merged[("softmax", "float64")]["units"] == 2.0
+    assert merged[("sigmoid", "float16")] == {
+        "function": "sigmoid",
+        "dtype": "float16",
+        "units": 0.7,
+        "examples": 0,
+    }

@@ -270,11 +270,28 @@ def write_page(rows: list[dict], meta: str, path: Path = PAGE) -> None:
     path.write_text(f"{head}{_BEGIN}\n{meta}\n\n{render_table(rows)}\n{_END}{tail}")
 
 
+def merge_worse(rows: list[dict], previous: dict[tuple[str, str], float]) -> list[dict]:
+    """``rows`` (this run's measurements) with each cell the worse of this run's and
+    ``previous``'s (the page's table), and the previous cells this run did not measure (a test
+    that failed stops early); those count no examples."""
+    merged = {(r["function"], r["dtype"]): dict(r) for r in rows}
+    for key, units in previous.items():
+        row = merged.setdefault(
+            key, {"function": key[0], "dtype": key[1], "units": 0.0, "examples": 0}
+        )
+        row["units"] = max(row["units"], units)
+    return [merged[key] for key in sorted(merged)]
+
+
 def main(argv: list[str]) -> int:
     """Runs the property tests with the thorough profile in one process and rewrites the
-    table of docs/precision.md with the worst errors they measured."""
+    table of docs/precision.md with the worst errors they measured; with ``--merge``, the worse
+    of those and the table's."""
     import jax
 
+    merge = "--merge" in argv
+    argv = [a for a in argv if a != "--merge"]
+    previous = read_page() if merge else {}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "precision.json")
         env = dict(os.environ, **{OUT_ENV: out})
@@ -297,12 +314,19 @@ def main(argv: list[str]) -> int:
             return result.returncode or 1
         rows = json.loads(Path(out).read_text())
     examples = sum(r["examples"] for r in rows)
+    rows = merge_worse(rows, previous)
     meta = (
         f"Measured on {start:%Y-%m-%d} with the `thorough` profile: {examples} comparisons"
         f" ({len(rows)} function and dtype pairs) in {minutes:.0f} minutes, JAX"
         f" {jax.__version__}, NumPy {np.__version__}, {platform.machine()} CPU"
         f" ({os.cpu_count()} cores), Python {platform.python_version()}."
         + ("" if result.returncode == 0 else " **Some property tests failed in this run.**")
+        + (
+            " Each cell is the worse of this run's error and the one the table held before"
+            " (`--merge`), which covers the functions a failing test stopped before measuring."
+            if merge
+            else ""
+        )
     )
     write_page(rows, meta)
     print(f"wrote {PAGE} ({examples} comparisons); pytest exit status {result.returncode}")

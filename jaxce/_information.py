@@ -197,8 +197,8 @@ def kl_divergence(
       log_predictions: log-probabilities :math:`\log q`, any shape.
       targets: probabilities :math:`t`, the same shape.
       axis: the class axis or a tuple of axes to sum over.
-      where: optional boolean mask broadcastable to the inputs; only ``True`` entries are
-        summed.
+      where: optional boolean mask broadcastable to the inputs as optax's (a ``[C]`` mask
+        masks classes in every row); only ``True`` entries are summed.
       reduction: ``"none"`` (per distribution, optax's result), ``"sum"`` or ``"mean"`` (over
         distributions).
 
@@ -220,7 +220,7 @@ def kl_divergence(
     _checks.check_shape("targets", targets, log_predictions.shape, "the shape of log_predictions")
     _checks.check_reduction(reduction)
     layout = layout_of("log_predictions", log_predictions, axis)
-    mask = layout.mask_to_last("where", where)
+    mask = layout.mask_to_last("where", where, per_example=False)
     return reduce_loss(
         _kl(layout.to_last(log_predictions), layout.to_last(targets), mask), reduction
     )

@@ -47,23 +47,36 @@ class ClassLayout:
             x = jnp.transpose(x, inverse)
         return x
 
-    def mask_to_last(self, name: str, where: object) -> jax.Array | None:
-        """A boolean mask of the full shape, or of the batch shape (as optax), as ``[..., C]``."""
+    def mask_to_last(self, name: str, where: object, per_example: bool = True) -> jax.Array | None:
+        """A boolean mask broadcastable to the full shape, as ``[..., C]``.
+
+        With ``per_example`` (the cross-entropies, as optax's), a mask with as many axes as the
+        batch (the full rank minus the class axes) is one flag per example: the class axes are
+        inserted back before broadcasting, even where its shape would also broadcast against
+        the classes. Without it (``log_softmax`` and the other functions that mirror
+        ``jax.nn``'s or optax's ``where``), the mask broadcasts as it is, NumPy's way.
+        """
         if where is None:
             return None
         where = _checks.as_bool_array(name, where)
         given = where
-        if where.ndim == len(self.batch_axes) and where.ndim != len(self.shape):
-            # A per-row mask, optax's convention: insert the class axes back.
+        batch = tuple(self.shape[a] for a in self.batch_axes)
+        one_per_example = per_example and where.ndim == len(batch) != len(self.shape)
+        if one_per_example:
             where = jnp.expand_dims(where, self.axes)
         try:
             chex.assert_is_broadcastable(where.shape, self.shape)
         except AssertionError as err:
-            batch = tuple(self.shape[a] for a in self.batch_axes)
-            raise ValueError(
-                f"{name} of shape {given.shape} must broadcast to {self.shape} (the array's"
-                f" shape) or be of shape {batch} (one flag per example)."
-            ) from err
+            if one_per_example:
+                message = (
+                    f"{name} of shape {given.shape} has the rank of the batch of an array of"
+                    f" shape {self.shape}, so it is read as one flag per example (optax's"
+                    f" convention) and must broadcast to {batch}; to mask classes, give it the"
+                    " array's rank (size-1 batch axes)."
+                )
+            else:
+                message = f"{name} of shape {given.shape} must broadcast to {self.shape}."
+            raise ValueError(message) from err
         where = jnp.broadcast_to(where, self.shape)
         return self.to_last(where)
 

@@ -184,7 +184,7 @@ _logsumexp = _primitive(_logsumexp_value, _logsumexp_tangent)
 def _prepare(x, axis, where):
     x = as_float_array("x", x)
     layout = layout_of("x", x, axis)
-    return layout, layout.to_last(x), layout.mask_to_last("where", where)
+    return layout, layout.to_last(x), layout.mask_to_last("where", where, per_example=False)
 
 
 def log_softmax(
@@ -199,9 +199,9 @@ def log_softmax(
     Args:
       x: floating-point array with at least one axis.
       axis: the class axis, or a tuple of axes normalised together.
-      where: optional boolean mask, broadcastable to ``x`` (or of ``x``'s shape without
-        ``axis``): ``False`` entries take no part and come back as ``-inf``. A row with no
-        admissible entry gives ``-inf`` everywhere and zero gradient.
+      where: optional boolean mask broadcastable to ``x`` as ``jax.nn``'s (a ``[C]`` mask
+        masks classes in every row): ``False`` entries take no part and come back as
+        ``-inf``. A row with no admissible entry gives ``-inf`` everywhere and zero gradient.
 
     Returns:
       An array of ``x``'s shape and dtype (computed in at least float32). Differentiable in
@@ -230,8 +230,9 @@ def softmax(
     Args:
       x: floating-point array with at least one axis.
       axis: the class axis, or a tuple of axes normalised together.
-      where: optional boolean mask broadcastable to ``x`` (or of ``x``'s shape without
-        ``axis``); ``False`` entries get probability 0. A row with no admissible entry is all 0.
+      where: optional boolean mask broadcastable to ``x`` as ``jax.nn``'s (a ``[C]`` mask
+        masks classes in every row); ``False`` entries get probability 0. A row with no
+        admissible entry is all 0.
 
     Returns:
       An array of ``x``'s shape and dtype whose entries along ``axis`` sum to 1 (NaN in every
@@ -257,8 +258,9 @@ def logsumexp(
     Args:
       x: floating-point array with at least one axis.
       axis: the axis, or a tuple of axes, to reduce.
-      where: optional boolean mask broadcastable to ``x`` (or of ``x``'s shape without
-        ``axis``); only ``True`` entries are summed. An empty row gives ``-inf``.
+      where: optional boolean mask broadcastable to ``x`` as ``jax.nn``'s (a ``[C]`` mask
+        masks classes in every row); only ``True`` entries are summed. An empty row gives
+        ``-inf``.
 
     Returns:
       ``x``'s shape without ``axis``, in ``x``'s dtype (NaN for a row containing a NaN). The

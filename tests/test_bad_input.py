@@ -205,8 +205,7 @@ CASES = [
         raises(
             ValueError,
             r"where.*\(3,\).*\(4, 10\)",
-            "`where` of shape (3,) does not broadcast to (4, 10) (or to the shape without the"
-            " class axis)",
+            "`where` of shape (3,) does not broadcast to (4, 10)",
         ),
     ),
     # ------------------------------------------------------------------ sigmoid, soft cap
@@ -314,6 +313,19 @@ CASES = [
             ValueError,
             r"labels.*\(4,\).*\(4, 10\).*\(5,\)",
             "`labels` must have shape (4,) (logits (4, 10) without axis -1); got (5,)",
+        ),
+    ),
+    Case(
+        "softmax_cross_entropy_with_integer_labels/where_of_classes",
+        ce,
+        "`where` of shape (10,) (one flag per class) for logits (4, 10)",
+        lambda z, y, m: ce(z, y, where=m),
+        (LOGITS, LABELS, jnp.ones(10, bool)),
+        raises(
+            ValueError,
+            r"where.*\(10,\).*one flag per example.*\(4,\).*the array's rank",
+            "a `where` with the batch's rank is one flag per example (optax's convention), so it"
+            " must broadcast to (4,); a mask of classes needs the logits' rank, e.g. (1, 10)",
         ),
     ),
     Case(

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import jax.test_util
 import numpy as np
+import optax
 import pytest
 import scipy.special
 
@@ -103,8 +104,48 @@ def test_neg_inf_logit_behaves_like_excluded(rng):
     x_inf = np.where(m, x, -np.inf)
     for fn in (jaxce.log_softmax, jaxce.softmax, jaxce.logsumexp):
         a = fn(jnp.asarray(x_inf))
-        b = fn(jnp.asarray(x), where=jnp.asarray(m[None, :]))
+        b = fn(jnp.asarray(x), where=jnp.asarray(m))
         R.assert_close(a, b, rtol=1e-14, err_msg=fn.__name__)
+
+
+@pytest.mark.parametrize("rows", [5, 3])
+def test_a_mask_of_classes_broadcasts_over_the_rows(rng, rows):
+    """A ``[C]`` mask masks those classes in every row, as ``jax.nn``'s ``where`` (and optax's
+    for ``kl_divergence``) does, also where there are as many rows as classes."""
+    x = jnp.asarray(R.random_logits(rng, (rows, 5)))
+    m = jnp.asarray([True, False, True, True, False])
+    full = jnp.broadcast_to(m, x.shape)
+    pairs = (
+        (jaxce.log_softmax, jax.nn.log_softmax),
+        (jaxce.softmax, jax.nn.softmax),
+        (jaxce.logsumexp, jax.nn.logsumexp),
+    )
+    for fn, reference in pairs:
+        got = fn(x, where=m)
+        np.testing.assert_array_equal(got, fn(x, where=full), err_msg=fn.__name__)
+        R.assert_close(got, reference(x, axis=-1, where=m), rtol=1e-14, err_msg=fn.__name__)
+    lq, t = jax.nn.log_softmax(x), jax.nn.softmax(-x)
+    got = jaxce.kl_divergence(lq, t, where=m)
+    np.testing.assert_array_equal(got, jaxce.kl_divergence(lq, t, where=full))
+    R.assert_close(got, optax.kl_divergence(lq, t, where=m), rtol=1e-14)
+
+
+def test_the_cross_entropies_read_a_batch_shaped_mask_per_example(rng):
+    """The cross-entropies keep optax's convention: a mask with the batch's rank is one flag per
+    example, even where it would also broadcast against the classes (5 rows, 5 classes)."""
+    x = jnp.asarray(R.random_logits(rng, (5, 5)))
+    labels = jnp.asarray([0, 2, 3, 0, 2])
+    m = jnp.asarray([True, False, True, True, False])
+    got = jaxce.softmax_cross_entropy_with_integer_labels(x, labels, where=m)
+    want = optax.softmax_cross_entropy_with_integer_labels(x, labels, where=m)
+    R.assert_close(got, want, rtol=1e-14)
+    np.testing.assert_array_equal(np.asarray(got)[~np.asarray(m)], 0.0)
+    soft = jax.nn.one_hot(labels, 5)
+    R.assert_close(
+        jaxce.softmax_cross_entropy(x, soft, where=m),
+        optax.softmax_cross_entropy(x, soft, where=m),
+        rtol=1e-14,
+    )
 
 
 @pytest.mark.parametrize("how", ["where", "neginf"])

@@ -17,9 +17,11 @@ from jaxce._softmax import max_and_log_sum, probabilities
 
 
 def _pow(base: jax.Array, gamma: jax.Array) -> jax.Array:
-    """``base ** gamma`` for ``base >= 0`` with ``0 ** 0 = 1``, differentiable everywhere."""
+    """``base ** gamma`` for ``base >= 0`` with ``0 ** 0 = 1``, differentiable everywhere; NaN
+    for a NaN base (a NaN label or logit), whatever ``gamma``."""
     safe = jnp.where(base > 0, base, 1)
-    return jnp.where(base > 0, safe**gamma, jnp.where(gamma == 0, 1, 0).astype(base.dtype))
+    at_zero = jnp.where(gamma == 0, 1, 0).astype(base.dtype)
+    return jnp.where(base > 0, safe**gamma, jnp.where(jnp.isnan(base), base, at_zero))
 
 
 def _log_or_zero(u: jax.Array) -> jax.Array:

@@ -139,13 +139,14 @@ def softmax_entropy(
     return reduce_loss(_softmax_entropy(layout.to_last(logits)), reduction)
 
 
-# KL(t || q) = sum t (log t - log q), 0 where t = 0.
+# KL(t || q) = sum t (log t - log q), 0 where t = 0 unless log q is NaN (as optax: a NaN is never
+# hidden by a zero target).
 # KL' = sum (-t lq' + (log t + 1 - log q) t')  (log floored as in entropy).
 def _kl_terms(log_q, t, mask):
     lq = log_q.astype(compute_dtype(log_q.dtype))
     tf = t.astype(lq.dtype)
-    live = tf != 0 if mask is None else (tf != 0) & mask
-    return lq, tf, live
+    live = (tf != 0) | jnp.isnan(lq)
+    return lq, tf, live if mask is None else live & mask
 
 
 @jax.custom_jvp

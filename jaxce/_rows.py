@@ -42,7 +42,12 @@ from jaxce import _autodiff, _checks, _loops, _xla
 from jaxce._labels import Labels
 from jaxce._layout import compute_dtype
 from jaxce._reduction import weighted
-from jaxce._sigmoid import soft_cap, soft_cap_cap_derivative, soft_cap_derivative
+from jaxce._sigmoid import (
+    soft_cap,
+    soft_cap_bulk,
+    soft_cap_cap_derivative,
+    soft_cap_derivative,
+)
 from jaxce._softmax import (
     log_sum_or_zero,
     max_and_exponentials,
@@ -104,7 +109,7 @@ def capped_bulk(x: jax.Array, options: Options) -> jax.Array:
     ``[..., C]`` temporary (tests/test_memory.py).
     """
     cap = options.logit_soft_cap
-    return x if cap is None else cap * jnp.tanh(x / cap)
+    return x if cap is None else soft_cap_bulk(x, cap)
 
 
 def capped_derivative(raw: jax.Array, options: Options) -> jax.Array | None:

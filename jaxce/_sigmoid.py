@@ -131,10 +131,27 @@ def log_sigmoid(x: jax.typing.ArrayLike) -> jax.Array:
 # Soft cap: z = cap tanh(x / cap), keeping -inf (a masked logit) at -inf.
 #   dz/dx = 1 - tanh(u)^2,  dz/dcap = tanh(u) - u (1 - tanh(u)^2),  u = x / cap
 # (both 0 at x = -inf, whose output does not depend on anything).
+#
+# Where |u| is below sqrt(eps), tanh(u) rounds to u and cap tanh(u) is x itself. Taking x there is
+# what keeps the cap exact where u is no number to compute with: a huge cap, where x / cap
+# underflows (XLA's CPU backend flushes it to 0, which gave 0 for every logit below 1.2 with a
+# cap of 1e38), and an infinite cap that was traced (a schedule under jit: inf * tanh(0) is NaN),
+# for which z = x is the definition ("inf means no cap"). A NaN u (x = +-inf with an infinite cap,
+# or a NaN x) fails the comparison and keeps x too.
+def _tanh_is_identity_below(dtype) -> float:
+    return float(jnp.finfo(dtype).eps) ** 0.5
+
+
+def soft_cap_bulk(x: jax.Array, cap: jax.Array) -> jax.Array:
+    """``cap * tanh(x / cap)``, where ``-inf`` becomes ``-cap`` (see :func:`soft_cap`)."""
+    u = x / cap
+    capped = cap * jnp.tanh(u)
+    return jnp.where(jnp.abs(u) >= _tanh_is_identity_below(x.dtype), capped, x)
+
+
 def soft_cap(x: jax.Array, cap: jax.Array) -> jax.Array:
     """``cap * tanh(x / cap)`` in ``x``'s dtype, keeping ``-inf`` (a masked logit) at ``-inf``."""
-    capped = cap * jnp.tanh(x / cap)
-    return jnp.where(jnp.isneginf(x), x, capped)
+    return jnp.where(jnp.isneginf(x), x, soft_cap_bulk(x, cap))
 
 
 def soft_cap_derivative(x: jax.Array, cap: jax.Array) -> jax.Array:
@@ -143,10 +160,17 @@ def soft_cap_derivative(x: jax.Array, cap: jax.Array) -> jax.Array:
     return 1 - t * t
 
 
+# tanh(u) is +-1 exactly in float32 and float64 from |u| = 19.1 on, where u (1 - tanh(u)^2) is 0:
+# clamping u there keeps that product 0 where x / cap overflows (x = 3e38, cap = 0.5; x = +inf),
+# instead of inf * 0 = NaN.
+_TANH_SATURATES = 40.0
+
+
 def soft_cap_cap_derivative(x: jax.Array, cap: jax.Array) -> jax.Array:
     """``d/dcap cap * tanh(x / cap) = tanh(u) - u (1 - tanh(u)**2)``, ``u = x / cap`` (0 at
-    -inf)."""
+    -inf, 1 at +inf)."""
     u = jnp.where(jnp.isneginf(x), jnp.zeros_like(x), x / cap)
+    u = jnp.clip(u, -_TANH_SATURATES, _TANH_SATURATES)
     t = jnp.tanh(u)
     return t - u * (1 - t * t)
 

@@ -58,6 +58,7 @@ BOUNDS = {
     "sigmoid (gradient)": 4,
     "log_sigmoid (gradient)": 4,
     "logit_soft_cap (gradient)": 4,
+    "logit_soft_cap (cap gradient)": 8,
     "softmax_cross_entropy_with_integer_labels": 16,
     "softmax_cross_entropy_with_integer_labels (gradient)": 16,
     "softmax_cross_entropy": 16,
@@ -327,6 +328,7 @@ def main(argv: list[str]) -> int:
             if merge
             else ""
         )
+        + (f" The tests run: `{' '.join(argv)}`." if argv else "")
     )
     write_page(rows, meta)
     print(f"wrote {PAGE} ({examples} comparisons); pytest exit status {result.returncode}")

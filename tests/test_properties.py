@@ -370,8 +370,31 @@ def test_log_softmax_softmax_logsumexp(data):
 def _sigmoids(x, cap, ct):
     s, s_pull = jax.vjp(jaxce.sigmoid, x)
     ls, ls_pull = jax.vjp(jaxce.log_sigmoid, x)
-    c, c_pull = jax.vjp(lambda v: jaxce.logit_soft_cap(v, cap), x)
-    return s, ls, c, s_pull(ct)[0], ls_pull(ct)[0], c_pull(ct)[0]
+    c, c_pull = jax.vjp(jaxce.logit_soft_cap, x, cap)  # the cap traced, as a schedule's
+    g_c, g_cap = c_pull(ct)
+    return s, ls, c, s_pull(ct)[0], ls_pull(ct)[0], g_c, g_cap
+
+
+# Caps of every size: a few units to 1e4, one so large that x / cap underflows for x of order 1
+# (the largest finite number of the compute dtype among them), and inf, "no cap", traced.
+CAPS = st.sampled_from([0.5, 5.0, 30.0, 1e4, 1e30, 3e38, math.inf]) | st.floats(0.01, 1e4)
+
+
+def soft_cap_reference(x64, cap):
+    """``cap tanh(x / cap)`` and its derivatives in ``x`` and ``cap`` in float64 (``u = x / cap``
+    is normal there for every cap the tests draw), with their limits at infinite ``x`` and the
+    identity for an infinite cap."""
+    if math.isinf(cap):
+        return x64, np.ones_like(x64), np.zeros_like(x64)
+    with np.errstate(invalid="ignore"):
+        u = x64 / cap
+        t = np.tanh(u)
+        d_cap = np.where(np.isinf(u), np.sign(u), t - u * (1 - t * t))
+    return (
+        np.where(np.isneginf(x64), -np.inf, cap * t),
+        1 - t * t,
+        np.where(np.isneginf(x64), 0.0, d_cap),
+    )
 
 
 ELEMENTWISE_SHAPES = ((12,), (3, 4), (), (0,))
@@ -385,37 +408,39 @@ def test_sigmoid_log_sigmoid_soft_cap(data):
     shape = draw(st.sampled_from(ELEMENTWISE_SHAPES), "shape")
     n = math.prod(shape)
     x = draw(values(n, 1, dtype), "x").reshape(shape)
-    cap = draw(st.sampled_from([0.5, 5.0, 30.0, 1e4]) | st.floats(0.01, 1e4), "cap")
+    cap = draw(CAPS, "cap")
     ct = cotangent(draw, shape, dtype)
     cap_arg = jnp.asarray(cap, cdtype(dtype))
     out = _sigmoids(jnp.asarray(x), cap_arg, jnp.asarray(ct))
-    for o in out:
+    for o in out[:-1]:
         assert o.dtype == jnp.dtype(dtype) and o.shape == shape
-    s, ls, c, g_s, g_ls, g_c = (P.to_f64(o) for o in out)
+    s, ls, c, g_s, g_ls, g_c, g_cap = (P.to_f64(o) for o in out)
     x64, ct64 = x.astype(F64), ct.astype(F64)
     cap = float(np.asarray(cap_arg).astype(F64))  # the cap as the library sees it
     u = dict(unit_dtype=dtype)
     want_s, want_ls = scipy.special.expit(x64), scipy.special.log_expit(x64)
     P.compare("sigmoid", dtype, s, want_s, np.abs(want_s), **u)
     P.compare("log_sigmoid", dtype, ls, want_ls, np.abs(want_ls), **u)
-    want_c = R.logit_soft_cap(x64, cap)
-    # x / cap underflows (to 0) below cap * tiny: an absolute error of that much is allowed
-    tiny = float(P.finfo(P.compute_dtype(dtype)).smallest_normal)
-    floor = cap * tiny / float(P.finfo(dtype).eps)
-    P.compare("logit_soft_cap", dtype, c, want_c, np.maximum(np.abs(want_c), floor), **u)
+    want_c, d_x, d_cap = soft_cap_reference(x64, cap)
+    P.compare("logit_soft_cap", dtype, c, want_c, np.abs(want_c), **u)
     q = scipy.special.expit(-x64)
     want = ct64 * want_s * q
     P.compare("sigmoid (gradient)", dtype, g_s, want, np.abs(want), **u)
     P.compare("log_sigmoid (gradient)", dtype, g_ls, ct64 * q, np.abs(ct64 * q), **u)
-    t = np.tanh(x64 / cap)
     # 1 - tanh^2 is formed from terms of size 1: it has an absolute error of a few units
+    P.compare("logit_soft_cap (gradient)", dtype, g_c, ct64 * d_x, np.abs(ct64) * (2 - d_x), **u)
+    # d/dcap = tanh(u) - u (1 - tanh(u)^2), summed over the entries: terms of size |tanh(u)|
+    # and |u| (1 - tanh(u)^2) each, with the rounding of u = x / cap itself (as large as u)
+    with np.errstate(invalid="ignore", over="ignore"):
+        size = np.abs(np.tanh(x64 / cap)) + 2 * np.abs(x64 / cap) * d_x
+    size = np.where(np.isfinite(size), size, 1.0)
     P.compare(
-        "logit_soft_cap (gradient)",
+        "logit_soft_cap (cap gradient)",
         dtype,
-        g_c,
-        ct64 * (1 - t * t),
-        np.abs(ct64) * (1 + t * t),
-        **u,
+        g_cap,
+        np.sum(ct64 * d_cap),
+        np.sum(np.abs(ct64) * size),
+        unit_dtype=cdtype(dtype),
     )
     if n and draw(st.booleans(), "probe NaN"):
         i = draw(st.integers(0, n - 1), "NaN index")
@@ -423,7 +448,8 @@ def test_sigmoid_log_sigmoid_soft_cap(data):
         bad[i] = np.nan
         out2 = _sigmoids(jnp.asarray(bad.reshape(shape)), cap_arg, jnp.asarray(ct))
         others = np.arange(n) != i
-        for before, after in zip(out, out2, strict=True):
+        assert np.isnan(P.to_f64(out2[-1]))  # the cap's gradient sums over every entry
+        for before, after in zip(out[:-1], out2[:-1], strict=True):
             before, after = P.to_f64(before).reshape(-1), P.to_f64(after).reshape(-1)
             assert np.isnan(after[i]) and same(before[others], after[others])
 
@@ -469,7 +495,7 @@ def ce_cases(draw, shapes=CE_SHAPES, variants=VARIANTS, dtypes=DTYPES):
     hyper = (
         draw(st.sampled_from([0.0, 0.1, 1.0]) | reals(0, 1)),
         draw(st.sampled_from([0.0, 1e-4, 1e-2, 1.0])),
-        draw(st.sampled_from([1.0, 5.0, 30.0, 1e4]) | st.floats(0.1, 1e4)),
+        draw(CAPS.filter(lambda cap: cap >= 0.1)),
     )
     if plain:
         hyper = (0.0, 0.0, 1.0)
@@ -513,7 +539,7 @@ def ce_reference(case):
     labels = case["labels"]
     rows, cols = x64.shape
     eps, zl, cap = (float(h.astype(F64)) for h in case["hyper"])
-    if variant != "capped":
+    if variant != "capped" or math.isinf(cap):  # a traced inf: no cap
         cap = None
     where = case["where"]
     w = case["w"].astype(F64)
@@ -529,18 +555,15 @@ def ce_reference(case):
         label_smoothing=eps,
     )
     with np.errstate(invalid="ignore", over="ignore"):
-        if cap is not None:  # capped logits are small: the reference is exact on them
-            want = R.softmax_cross_entropy_with_integer_labels(
-                x64, labels, z_loss=zl, logit_soft_cap_value=cap, **kw
-            )
-        else:  # shifted by the row max, where the reference is exact; then the z-loss
-            shifted = np.where(np.isneginf(z), -np.inf, z - m[:, None])
-            want = R.softmax_cross_entropy_with_integer_labels(shifted, labels, **kw)
+        # the (capped) logits shifted by the row max, where the reference is exact (a huge cap
+        # leaves them huge); then the z-loss
+        shifted = np.where(np.isneginf(z), -np.inf, z - m[:, None])
+        want = R.softmax_cross_entropy_with_integer_labels(shifted, labels, **kw)
     y = np.clip(labels, 0, max(cols - 1, 0))
     active = (labels != IGNORE) & (k > 0)
     w_y = w[y] if cols else np.zeros(rows)
     with np.errstate(invalid="ignore", over="ignore"):
-        if cap is None and zl:
+        if zl:
             want = want + np.where(active, zl * w_y * lse * lse, 0.0)
         z_y = gather(z, y) if cols else np.zeros(rows)
         kk = np.maximum(k, 1)
@@ -1103,7 +1126,8 @@ def test_entropy_softmax_entropy_kl_divergence(data):
     compared = mask | np.isfinite(lq64)
     P.compare("kl_divergence (gradient)", dtype, g_t, want_t, t_scale, mask=compared, **u)
 
-    # NaN in a row's input: that row's result is NaN (a KL term only where where and t != 0)
+    # NaN in a row's input: that row's result is NaN (a KL term wherever where is True: a NaN
+    # log q is not hidden by a zero target, as in optax)
     def first(k):  # the results with the k-th first
         return lambda arrays: (lambda out: out[k:] + out[:k])(run(arrays))
 
@@ -1113,7 +1137,7 @@ def test_entropy_softmax_entropy_kl_divergence(data):
     elif which == "logits":
         nan_probe(draw, first(1), arrays, 1, lambda r, c: True)
     elif which == "log_q":
-        nan_probe(draw, first(2), arrays, 2, lambda r, c: mask[r, c] and t[r, c] != 0)
+        nan_probe(draw, first(2), arrays, 2, lambda r, c: mask[r, c])
     else:
         nan_probe(draw, first(2), arrays, 3, lambda r, c: mask[r, c])
 
@@ -1213,6 +1237,20 @@ def test_sigmoid_focal_loss(data):
     bound = np.maximum(np.abs(ct.astype(F64)), 1) * (2 + 2 * g64) * (np.abs(x64) + 2)
     representable = bound < float(P.finfo(dtype).max)
     P.assert_finite("sigmoid_focal_loss gradient", gx[representable], gy[representable])
+
+    # A NaN logit or label makes that entry's loss and both its derivatives NaN (whatever gamma:
+    # its modulating factor m^gamma is NaN too), and changes no other entry.
+    if n and draw(st.booleans(), "probe NaN"):
+        i = draw(st.integers(0, n - 1), "NaN index")
+        k = draw(st.integers(0, 1), "NaN in (0: logit, 1: label)")
+        bad = [a.copy().reshape(-1) for a in (x, y)]
+        bad[k][i] = np.nan
+        args2 = (bad[0].reshape(shape), bad[1].reshape(shape)) + args[2:]
+        out2 = _sigmoid_focal(*(jnp.asarray(a) for a in args2), alpha_kind)
+        others = np.arange(n) != i
+        for before, after in zip(out, out2, strict=True):
+            before, after = P.to_f64(before).reshape(-1), P.to_f64(after).reshape(-1)
+            assert np.isnan(after[i]) and same(before[others], after[others])
 
 
 @functools.partial(jax.jit, static_argnames=("alpha_kind",))

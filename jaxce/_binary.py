@@ -151,8 +151,10 @@ def sigmoid_binary_cross_entropy(
     return reduce_total(out, reduction, logits.size)
 
 
-# BCE on probabilities, PyTorch's BCELoss: logs clamped at -100, and the backward pass of
-# PyTorch: dloss/dp = w (p - y) / max(p (1 - p), 1e-12); dloss/dy = w (log(1-p) - log p), clamped.
+# BCE on probabilities, PyTorch's BCELoss: logs clamped at -100, and PyTorch's derivative in p,
+# dloss/dp = w (p - y) / max(p (1 - p), 1e-12). dloss/dy = w (log(1-p) - log p) with the clamped
+# logs, the derivative of the loss as computed (at most 100 in magnitude), where PyTorch gives the
+# unclamped -logit(p): infinite at p = 0 or 1.
 _LOG_FLOOR = -100.0
 _EPSILON = 1e-12
 

@@ -56,6 +56,22 @@ def test_sigmoid_focal_gamma0_is_bce(rng):
     )
 
 
+def test_sigmoid_focal_gamma0_is_bce_at_infinite_logits():
+    """Values and both derivatives, at +-inf too (where the focusing terms were 0 * inf = NaN
+    before their limits were taken)."""
+    x = jnp.tile(jnp.asarray([-jnp.inf, -50.0, 0.0, 50.0, jnp.inf]), 3)
+    y = jnp.repeat(jnp.asarray([0.0, 1.0, 0.3]), 5)
+
+    def value_and_grads(loss):
+        total = lambda a, b: jnp.sum(loss(a, b))  # noqa: E731
+        return (loss(x, y), *jax.grad(total, (0, 1))(x, y))
+
+    got = value_and_grads(lambda a, b: SFL(a, b, gamma=0.0))
+    want = value_and_grads(jaxce.sigmoid_binary_cross_entropy)
+    for g, w, name in zip(got, want, ("loss", "d/dx", "d/dy"), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=0, err_msg=name)
+
+
 @pytest.mark.parametrize("big", [1e4, 3e38])
 def test_sigmoid_focal_extremes(big):
     x = jnp.asarray(np.array([big, -big, big, -big, 0.0]), dtype=jnp.float32)

@@ -210,8 +210,11 @@ def stats_and_exponentials(
         m, e = max_and_exponentials(x, mask)
         return Partial(m, jnp.sum(e, axis=-1, keepdims=True), None, None, None), e
     dtype = compute_dtype(x.dtype)
-    m = capped(row_max(x, mask), options)
-    shift = jax.lax.stop_gradient(shift_of(m))
+    # The max is a shift only, without a derivative (as row_max's): capped, it would carry one
+    # in the cap, which the merges (rebase) and lse = shift + log_sum then add to derivatives
+    # taken of the derivative (d/dcap of dloss/dx, a Hessian in the cap).
+    m = jax.lax.stop_gradient(capped(row_max(x, mask), options))
+    shift = shift_of(m)
     z = capped_bulk(x.astype(dtype), options)
     adm = admissible(x, mask)
     zero = jnp.zeros_like(z)

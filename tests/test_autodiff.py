@@ -235,6 +235,50 @@ def test_forward_mode_to_hyperparameters_and_class_weights():
         R.assert_close(g, w, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(logit_soft_cap=2.0),
+        dict(logit_soft_cap=2.0, label_smoothing=0.1),
+        dict(logit_soft_cap=2.0, z_loss=0.05),
+        dict(logit_soft_cap=2.0, label_smoothing=0.1, z_loss=0.05, class_weights=True),
+    ],
+    ids=["cap", "cap+smoothing", "cap+z_loss", "all"],
+)
+def test_hessian_in_the_logits_and_the_hyperparameters(options):
+    """Second derivatives mixing the logits and every traced hyperparameter (d/dcap of dloss/dx,
+    d2loss/dcap2, ...) against autodiff of the float64 reference: the row max is a shift without
+    a derivative, also once capped (it carried one in the cap, which the derivatives of the
+    derivative picked up)."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(R.random_logits(rng, (3, 5)))
+    y = _labels(rng, (3,), 5)
+    names = [k for k in options if k != "class_weights"]
+    w = jnp.asarray(rng.uniform(0.5, 2.0, 5)) if options.get("class_weights") else None
+    hyper = jnp.asarray([options[k] for k in names])
+
+    def loss(x, hyper, w, xp=None):
+        kw = dict(zip(names, hyper, strict=True))
+        if xp is None:
+            return jaxce.softmax_cross_entropy_with_integer_labels(
+                x, y, class_weights=w, reduction="sum", **kw
+            )
+        kw["logit_soft_cap_value"] = kw.pop("logit_soft_cap")
+        return R.softmax_cross_entropy_with_integer_labels(
+            x, y, class_weights=w, reduction="sum", xp=xp, **kw
+        )
+
+    def ref(x, hyper, w):
+        return R.jax_ref(lambda *a, xp: loss(*a, xp=xp), x, hyper, w)
+
+    argnums = (0, 1) if w is None else (0, 1, 2)
+    got = jax.hessian(jax.jit(loss), argnums=argnums)(x, hyper, w)
+    want = jax.hessian(ref, argnums=argnums)(x, hyper, w)
+    for got_row, want_row in zip(got, want, strict=True):
+        for g, h in zip(got_row, want_row, strict=True):
+            R.assert_close(g, h, rtol=1e-9, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- the fused loss
 def _fused_problem(rng):
     x = jnp.asarray(rng.normal(size=(7, 4)))
@@ -284,6 +328,29 @@ def test_fused_forward_mode_and_hvp(recompute_logits, reduction):
     R.assert_close(
         jax.jacfwd(fused, argnums=1)(x, w), jax.jacrev(unfused, argnums=1)(x, w), rtol=1e-10
     )
+
+
+@pytest.mark.parametrize("recompute_logits", [False, True])
+def test_fused_hessian_in_the_cap(recompute_logits):
+    """The fused loss's second derivatives in x, w and a traced soft cap equal the unfused
+    loss's (whose are checked against the reference above)."""
+    rng = np.random.default_rng(6)
+    x, w, y = _fused_problem(rng)
+    kw = dict(ignore_index=-100, label_smoothing=0.1, reduction="mean")
+
+    def fused(x, w, cap):
+        chunks = dict(token_chunk=3, vocab_chunk=4, recompute_logits=recompute_logits)
+        return jaxce.linear_softmax_cross_entropy(x, w, y, logit_soft_cap=cap, **chunks, **kw)
+
+    def unfused(x, w, cap):
+        return jaxce.softmax_cross_entropy_with_integer_labels(x @ w, y, logit_soft_cap=cap, **kw)
+
+    cap = jnp.asarray(3.0)
+    got = jax.hessian(jax.jit(fused), argnums=(0, 1, 2))(x, w, cap)
+    want = jax.hessian(unfused, argnums=(0, 1, 2))(x, w, cap)
+    for got_row, want_row in zip(got, want, strict=True):
+        for g, h in zip(got_row, want_row, strict=True):
+            R.assert_close(g, h, rtol=1e-9, atol=1e-11)
 
 
 def test_fused_per_token_loss_is_reverse_mode_only():

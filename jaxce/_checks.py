@@ -52,9 +52,35 @@ def as_float_array(name: str, x: object) -> jax.Array:
     return x
 
 
+def _narrowed_out_of_range(name: str, x: object) -> None:
+    """Raises for a NumPy array of 64-bit integers that ``jnp.asarray`` would narrow to 32 bits
+    (JAX without ``jax_enable_x64``) and that holds a value the narrow dtype cannot: wrapped, an
+    ``int64`` label of 2**32 + 3 would become class 3. Its values are concrete, so this is known
+    at trace time."""
+    if not isinstance(x, np.ndarray | np.generic):
+        return
+    kind = np.asarray(x).dtype
+    if kind.kind not in "iu" or jax.dtypes.canonicalize_dtype(kind) == kind:
+        return
+    narrow = np.iinfo(jax.dtypes.canonicalize_dtype(kind))
+    values = np.asarray(x)
+    beyond = (values < narrow.min) | (values > narrow.max)
+    if beyond.any():
+        count = int(beyond.sum())
+        more = f" (and {count - 1} more)" if count > 1 else ""
+        raise ValueError(
+            f"{name} of dtype {kind} holds {values[beyond].flat[0]}{more}, beyond the range of"
+            f" {narrow.dtype}, which JAX narrows {kind} to without 64-bit mode: it"
+            " would wrap to another class. Enable jax_enable_x64, or map such labels to one"
+            " that is out of range (e.g. -1) first."
+        )
+
+
 def as_int_array(name: str, x: object) -> jax.Array:
     """``x`` as an array of class indices, raising ``TypeError`` unless its dtype is integer
-    (booleans are not class indices)."""
+    (booleans are not class indices), and ``ValueError`` for a NumPy 64-bit label that 32-bit
+    JAX would wrap into range."""
+    _narrowed_out_of_range(name, x)
     x = as_array(name, x)
     if x.dtype == jnp.bool_ or not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(

@@ -4,6 +4,10 @@ Comparisons happen in the label's own dtype and indices are int32 afterwards, so
 never wraps into another class and a wide one never wraps into range.
 """
 
+import os
+import subprocess
+import sys
+
 import _reference as R
 import jax
 import jax.numpy as jnp
@@ -67,6 +71,38 @@ def test_wide_labels_out_of_range_are_nan_not_wrapped(rng, dtype, value):
     for name, loss in _losses(logits, labels).items():
         loss = np.asarray(loss)
         assert np.isnan(loss[0]) and np.isfinite(loss[1]), name
+
+
+_WITHOUT_X64 = """
+import numpy as np, jax.numpy as jnp, jaxce
+logits = jnp.zeros((2, 5)).at[:, 3].set(5.0)
+losses = (
+    lambda y: jaxce.softmax_cross_entropy_with_integer_labels(logits, y),
+    lambda y: jaxce.nll_loss(logits, y),
+    lambda y: jaxce.linear_softmax_cross_entropy(jnp.eye(2), logits, y),
+    lambda y: jaxce.check_labels(y, 5),
+)
+for loss in losses:
+    loss(np.array([3, 3], np.int64))  # narrowed to int32 losslessly
+    for labels in (np.array([3, 2**32 + 3], np.int64), np.array([0, 2**32], np.uint64)):
+        try:
+            loss(labels)
+        except ValueError as err:
+            assert "beyond the range" in str(err) and str(labels[1]) in str(err), err
+        else:
+            raise AssertionError(f"{labels!r} was accepted")
+print("ok")
+"""
+
+
+def test_numpy_int64_labels_beyond_int32_are_an_error_without_x64():
+    """Without 64-bit mode JAX narrows a NumPy int64 array to int32, where 2**32 + 3 wraps to
+    class 3: the losses and check_labels raise instead of computing class 3's loss."""
+    env = dict(os.environ, JAX_ENABLE_X64="0", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_X64], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_ignore_index_in_a_narrow_dtype(rng):

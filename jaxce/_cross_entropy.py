@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxce import _autodiff, _checks, _labels, _loops, _rows, _sharding, _xla
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype, layout_of
-from jaxce._reduction import reduce_loss
+from jaxce._reduction import reduce_loss, weighted
 from jaxce._softmax import (
     log_sum_or_zero,
     max_and_exponentials,
@@ -412,7 +412,7 @@ def _nll_value(log_probs, labels, weights, ignore_index):
     # Every row has classes: only ignored and out-of-range labels matter.
     no_stats = _rows.Stats(picked, jnp.zeros_like(picked), None, None, None)
     rows = _rows.status(meaning, no_stats)
-    loss = _rows.finalize(-w_y * picked, rows)
+    loss = _rows.finalize(weighted(w_y, -picked), rows)  # a weight of 0 on log 0: 0
     counted = _rows.counted(w_y, rows)
     return loss[..., 0], counted[..., 0], (meaning, w_y, picked, rows)
 

@@ -893,3 +893,19 @@ def test_a_zero_class_weight_counts_for_nothing_even_where_the_nll_is_infinite(o
     assert np.isnan(got[2])
     grad = jax.grad(lambda x: jnp.sum(loss(x)[:2]))(x)
     assert np.all(np.isfinite(np.asarray(grad)[:2]))
+
+
+def test_nll_a_zero_class_weight_counts_for_nothing_even_at_log_zero():
+    """As the cross-entropy's: a label whose log-probability is -inf (or -3.4e38) with class
+    weight 0 adds 0, not 0 * inf = NaN (PyTorch's nll_loss gives NaN); a NaN stays NaN."""
+    lp = jnp.array([[-jnp.inf, -0.1, -3.0], [-3.4e38, -0.1, -3.0], [jnp.nan, -1.0, -2.0]])
+    y = jnp.array([0, 0, 0])
+    w = jnp.array([0.0, 1.0, 1.0])
+    got = np.asarray(jaxce.nll_loss(lp, y, class_weights=w))
+    assert got[0] == 0.0 and got[1] == 0.0 and np.isnan(got[2])
+    equivalent = jaxce.softmax_cross_entropy_with_integer_labels(
+        jnp.array([[-jnp.inf, 0.0, 1.0]]), y[:1], class_weights=w
+    )
+    assert float(equivalent[0]) == 0.0
+    grad = jax.grad(lambda a: jnp.sum(jaxce.nll_loss(a, y, class_weights=w)[:2]))(lp)
+    np.testing.assert_array_equal(np.asarray(grad)[:2], 0.0)

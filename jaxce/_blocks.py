@@ -142,6 +142,13 @@ def slice_rows(tree, t0, rows: int):
     return jax.tree.map(lambda a: _loops.cut(a, t0, rows, 0), tree)
 
 
+def live_rows(x_t: jax.Array, rows: _rows.Status) -> jax.Array:
+    """``x_t`` with the rows that take no part (ignored or empty) set to 0, for ``dw = x^T dz``:
+    their ``dz`` is 0, but 0 times a NaN or infinite activation (a padding token's garbage)
+    would still make ``dw`` NaN. A poisoned row (a bad label) keeps its NaN."""
+    return jnp.where(rows.active | rows.poisoned, x_t, jnp.zeros_like(x_t))
+
+
 def block_derivative(raw, col0, weights_c, stats: _rows.Stats, info: RowInfo, options):
     """``(dz, dloss/draw)`` of a block of raw logits (columns from ``col0``), times ``g``:
     ``dz`` w.r.t. the capped logits, the second through the soft cap. 0 on inactive rows,
@@ -206,7 +213,7 @@ def gradients(
                     dx, _loops.cut(dx, t0, n_rows, 0) + matmul(factor, w_c, (1, 1), dtype), t0, 0
                 )
             if needs.w:
-                dw_c = dw_c + matmul(x_t, factor, (0, 0), dtype)
+                dw_c = dw_c + matmul(live_rows(x_t, info_t.rows), factor, (0, 0), dtype)
             if needs.bias:
                 db_c = db_c + jnp.sum(draw, axis=0)
             if needs.smoothing_weights:

@@ -141,7 +141,8 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
         info = _blocks.RowInfo(meaning_t.class_index, w_y, rows, jnp.ones_like(w_y))
         z, adm, dz, draw = _blocks.block_derivative(raw, 0, weights, stats_t, info, options)
         if needs.x or needs.w:
-            dx_t, dw = _block_grads(x_t, w, draw, dw, static.vocab_chunk, dtype, needs)
+            x_live = _blocks.live_rows(x_t, rows) if needs.w else x_t
+            dx_t, dw = _block_grads(x_live, w, draw, dw, static.vocab_chunk, dtype, needs)
             if needs.x:
                 if fresh is not None:
                     previous = _loops.cut(dx, t0, rows_per_chunk, 0)

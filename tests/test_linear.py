@@ -325,6 +325,34 @@ def test_bad_label_gives_nan_for_that_token_only(rng):
     assert np.isnan(LCE(jnp.asarray(x), jnp.asarray(w), jnp.asarray(y), ignore_index=-100))
 
 
+@pytest.mark.parametrize("recompute_logits", [False, True])
+@pytest.mark.parametrize("garbage", [np.nan, np.inf])
+def test_garbage_activations_of_ignored_tokens_poison_nothing(rng, recompute_logits, garbage):
+    """A padding token's activations may hold NaN or inf: with its label ignore_index it adds
+    nothing to the loss or to any gradient, dw and dbias included (0 times its activation)."""
+    x, w, y = _problem(rng, (7,), 4, 10)
+    y[[1, 5]] = -100
+    bias = jnp.asarray(rng.normal(size=10))
+    kw = dict(
+        ignore_index=-100,
+        label_smoothing=0.1,
+        token_chunk=3,
+        vocab_chunk=4,
+        recompute_logits=recompute_logits,
+    )
+
+    def value_and_grads(x):
+        loss = lambda x, w, b: LCE(x, w, jnp.asarray(y), bias=b, **kw)  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, jnp.asarray(w), bias)
+
+    clean = value_and_grads(jnp.asarray(x))
+    dirty_x = x.copy()
+    dirty_x[1, 2], dirty_x[5, :] = garbage, -garbage
+    dirty = value_and_grads(jnp.asarray(dirty_x))
+    for a, b in zip(jax.tree.leaves(clean), jax.tree.leaves(dirty), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-15)
+
+
 def test_masked_classes_and_empty_mean(rng):
     """A -inf bias removes a class (it never enters the logsumexp or the smoothing); a batch of
     only ignored tokens has mean 0 with zero gradient."""

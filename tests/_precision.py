@@ -58,7 +58,7 @@ BOUNDS = {
     "sigmoid (gradient)": 4,
     "log_sigmoid (gradient)": 4,
     "logit_soft_cap (gradient)": 4,
-    "logit_soft_cap (cap gradient)": 8,
+    "logit_soft_cap (cap gradient)": 16,
     "softmax_cross_entropy_with_integer_labels": 16,
     "softmax_cross_entropy_with_integer_labels (gradient)": 16,
     "softmax_cross_entropy": 16,

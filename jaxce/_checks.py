@@ -59,11 +59,12 @@ def _narrowed_out_of_range(name: str, x: object) -> None:
     at trace time."""
     if not isinstance(x, np.ndarray | np.generic):
         return
-    kind = np.asarray(x).dtype
-    if kind.kind not in "iu" or jax.dtypes.canonicalize_dtype(kind) == kind:
-        return
-    narrow = np.iinfo(jax.dtypes.canonicalize_dtype(kind))
     values = np.asarray(x)
+    kind = values.dtype
+    narrow_kind = jax.dtypes.canonicalize_dtype(kind)
+    if kind.kind not in "iu" or narrow_kind == kind:
+        return
+    narrow = np.iinfo(narrow_kind)
     beyond = (values < narrow.min) | (values > narrow.max)
     if beyond.any():
         count = int(beyond.sum())

@@ -58,13 +58,12 @@ def _sigmoid_focal_tangent(x, y, alpha, gamma, x_dot, y_dot, alpha_dot, gamma_do
     if x_dot is not None:
         # ratio * (p * q) first: ratio can be ~3e38 where p * q is 0, and gamma * ratio overflows.
         # Where p * q is 0 (an infinite logit, ratio infinite) the product's limit is 0.
-        focus = jnp.where(p * q == 0, 0, ratio * (p * q))
+        focus = weighted(p * q, ratio)
         dx = a * mg * ((p - yf) + gamma * (focus * (1 - 2 * yf)))
         t = dx * x_dot.astype(xf.dtype)
     if y_dot is not None:
         # gamma = 0 (the BCE) keeps an infinite slope of the log terms, not 0 * inf = NaN
-        focus = jnp.where(gamma == 0, 0, gamma * (ratio * (q - p)))
-        dy = a * mg * ((log_q - log_p) + focus)
+        dy = a * mg * ((log_q - log_p) + weighted(gamma, ratio * (q - p)))
         if alpha is not None:
             dy = dy + (2 * alpha - 1) * ce * mg
         t = _autodiff.add(t, dy * y_dot.astype(xf.dtype))

@@ -274,9 +274,8 @@ def test_hessian_in_the_logits_and_the_hyperparameters(options):
     argnums = (0, 1) if w is None else (0, 1, 2)
     got = jax.hessian(jax.jit(loss), argnums=argnums)(x, hyper, w)
     want = jax.hessian(ref, argnums=argnums)(x, hyper, w)
-    for got_row, want_row in zip(got, want, strict=True):
-        for g, h in zip(got_row, want_row, strict=True):
-            R.assert_close(g, h, rtol=1e-9, atol=1e-12)
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        R.assert_close(g, h, rtol=1e-9, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- the fused loss
@@ -348,9 +347,8 @@ def test_fused_hessian_in_the_cap(recompute_logits):
     cap = jnp.asarray(3.0)
     got = jax.hessian(jax.jit(fused), argnums=(0, 1, 2))(x, w, cap)
     want = jax.hessian(unfused, argnums=(0, 1, 2))(x, w, cap)
-    for got_row, want_row in zip(got, want, strict=True):
-        for g, h in zip(got_row, want_row, strict=True):
-            R.assert_close(g, h, rtol=1e-9, atol=1e-11)
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        R.assert_close(g, h, rtol=1e-9, atol=1e-11)
 
 
 def test_fused_per_token_loss_is_reverse_mode_only():

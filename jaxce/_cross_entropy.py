@@ -281,8 +281,56 @@ def _soft_forward(x, y, mask, weights, eps) -> _SoftRows:
     return _loops.by_row_chunks(rows, x, y, mask, fuses_whole=fuses_whole)
 
 
+def _fusible_soft_loss(x, y):
+    """The soft-label loss without options, written only in operations that XLA's CPU compiler
+    fuses into its reductions (arithmetic, ``exp``, ``log``, ``min``, ``max``, conversions; no
+    comparison or select), so that the loss alone reads whole rows and keeps nothing of their
+    size (``_xla.fuses_soft_loss``). A row whose exact loss needs a select comes out NaN here:
+    a zero target on a -inf logit (``0 * inf``, where the loss takes ``0 log 0 = 0``), a row of
+    -inf logits, a +inf or NaN logit or target."""
+    dtype = compute_dtype(x.dtype)
+    big = jnp.finfo(dtype).max
+    m = jnp.max(x, axis=-1, keepdims=True).astype(dtype)
+    # The shift m, written twice: below 4096 rows XLA leaves the log between the two reductions
+    # outside their fusions, and one broadcast shared by both would be kept as an [..., C] array.
+    # Where m is -inf, both are -big, and the row comes out NaN (-inf + inf).
+    shift = jnp.maximum(m, -big)
+    shift_again = -jnp.minimum(-m, big)
+    log_sum = jnp.log(jnp.sum(jnp.exp(x.astype(dtype) - shift), axis=-1, keepdims=True))
+    # Likewise one conversion of narrow logits shared by both would be kept as a float32 copy.
+    x_again = jax.lax.optimization_barrier(x)
+    gaps = (shift_again - x_again.astype(dtype)) + log_sum
+    return jnp.sum(y.astype(dtype) * gaps, axis=-1)
+
+
+@jax.custom_batching.custom_vmap
+def _plain_soft_loss(x, y):
+    """The soft-label loss without options, one fused pass (:func:`_fusible_soft_loss`); if a
+    row comes out NaN there, the whole batch again as :func:`_soft_forward` computes it, so the
+    two agree wherever the fused pass gives a number (a NaN input stays NaN either way)."""
+    fused = _fusible_soft_loss(x, y)
+
+    def exact():
+        return _soft_forward(x, y, None, None, None).loss[..., 0]
+
+    return jax.lax.cond(jnp.any(jnp.isnan(fused)), exact, lambda: fused)
+
+
+@_plain_soft_loss.def_vmap
+def _plain_soft_loss_vmap(axis_size, in_batched, x, y):
+    # A batch of batches is one batch: one test for NaN rows over all of it, where vmap of the
+    # cond would select between both branches, each computed.
+    x, y = (
+        a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+        for a, b in zip((x, y), in_batched, strict=True)
+    )
+    return _plain_soft_loss(x, y), True
+
+
 @jax.custom_jvp
 def _soft_ce(x, y, mask, weights, eps):
+    if mask is None and weights is None and eps is None and _xla.fuses_soft_loss(x, y):
+        return _plain_soft_loss(x, y)
     return _soft_forward(x, y, mask, weights, eps).loss[..., 0]
 
 

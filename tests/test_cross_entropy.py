@@ -909,3 +909,25 @@ def test_nll_a_zero_class_weight_counts_for_nothing_even_at_log_zero():
     assert float(equivalent[0]) == 0.0
     grad = jax.grad(lambda a: jnp.sum(jaxce.nll_loss(a, y, class_weights=w)[:2]))(lp)
     np.testing.assert_array_equal(np.asarray(grad)[:2], 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_soft_loss_alone_under_vmap(rng, dtype):
+    """The loss alone of a batch of batches is that of each batch, a -inf logit under a zero
+    target (which the fused CPU pass leaves to the row chunks) in one of them only; vmap tests
+    for such rows once over all of them (a cond, not a select between both branches)."""
+    x = R.random_logits(rng, (3, 4, 6))
+    y = R.random_probs(rng, (3, 4, 6))
+    x[1, 2, 0], y[1, 2, 0] = -np.inf, 0.0
+    y = y / y.sum(-1, keepdims=True)
+    xs, ys = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+    batched = jax.jit(jax.vmap(jaxce.softmax_cross_entropy))(xs, ys)
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], CE_SOFT(xs[i], ys[i]), rtol=1e-6)
+    want = R.softmax_cross_entropy(x, y, where=np.isfinite(x))
+    R.assert_close(batched, want, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+    shared = jax.vmap(jaxce.softmax_cross_entropy, in_axes=(0, None))(xs, ys[0])
+    np.testing.assert_allclose(shared[1], CE_SOFT(xs[1], ys[0]), rtol=1e-6)
+    if _xla.fuses_soft_loss(xs, ys):
+        jaxpr = str(jax.make_jaxpr(jax.vmap(jaxce.softmax_cross_entropy))(xs, ys))
+        assert "cond[" in jaxpr

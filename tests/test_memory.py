@@ -365,3 +365,29 @@ def test_the_loss_alone_reads_whole_float32_rows_on_cpu(monkeypatch, case):
     if jax.default_backend() == "cpu":
         temp = _temp_bytes(program)  # a float32 copy of the logits would be 64 MiB
         assert temp <= (CHUNK if whole else 4 * CHUNK), f"{temp / 2**20:.2f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# The soft-label loss alone without options: on CPU (jaxlib 0.10.2 on) float32, bfloat16 and
+# float64 logits take one fused pass (_cross_entropy._fusible_soft_loss) that keeps only per-row
+# numbers, below the 4096 rows where XLA splits it into two fusions as above them; float16 keeps
+# its row chunks. The two shifts and the barrier of that pass are what keep an [N, C] broadcast
+# or float32 copy out of it (without them: 4-64 MiB here).
+@pytest.mark.parametrize("rows", [1024, 2048, 4096, 8192])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64, jnp.float16])
+def test_the_soft_label_loss_alone_reads_whole_rows_on_cpu(monkeypatch, dtype, rows):
+    from jaxce import _cross_entropy
+
+    monkeypatch.setattr(_xla, "backend", lambda: "cpu")
+    fused = _xla.cpu_fuses_whole_rows() and dtype != jnp.float16
+    shapes = (jax.ShapeDtypeStruct((rows, V), dtype),) * 2
+    program = jax.jit(jaxce.softmax_cross_entropy).lower(*shapes)
+    assert ("optimization_barrier" in program.as_text()) == fused
+    if jax.default_backend() != "cpu" or not fused:
+        return
+    one_pass = _temp_bytes(jax.jit(_cross_entropy._fusible_soft_loss).lower(*shapes))
+    assert one_pass <= PER_ROW * rows, f"{one_pass / 2**20:.2f} MiB"
+    # The compiled program also holds the row chunks' branch, taken when a row comes out NaN
+    # (chunks of CHUNK bytes of float32, twice that of float64).
+    bound = 16 * CHUNK if dtype == jnp.float64 else 8 * CHUNK
+    assert _temp_bytes(program) <= bound, f"{_temp_bytes(program) / 2**20:.2f} MiB"

@@ -741,7 +741,8 @@ def _soft(x, y, where, weights, eps, ct, variant):
     if variant != "plain":
         kw = dict(where=where, class_weights=weights, label_smoothing=eps)
     loss, pull = jax.vjp(lambda a, b: jaxce.softmax_cross_entropy(a, b, **kw), x, y)
-    return (loss, *pull(ct))
+    # The loss alone is a program of its own (on CPU one fused pass, _xla.fuses_soft_loss).
+    return (loss, *pull(ct), jaxce.softmax_cross_entropy(x, y, **kw))
 
 
 @_settings(1.0)
@@ -765,9 +766,11 @@ def test_soft_label_cross_entropy(data):
     ct = cotangent(draw, (rows,), cdtype(dtype))
     args = (x.reshape(shape), y.reshape(shape), where.reshape(shape), w, eps_arg)
     out = _soft(*(jnp.asarray(a) for a in args), jnp.asarray(ct.reshape(shape[:-1])), variant)
-    assert out[0].dtype == cdtype(dtype) and out[1].dtype == out[2].dtype == jnp.dtype(dtype)
-    loss = P.to_f64(out[0]).reshape(rows)
-    gx, gy = (P.to_f64(o).reshape(rows, cols) for o in out[1:])
+    assert out[0].dtype == out[3].dtype == cdtype(dtype) and out[1].dtype == out[
+        2
+    ].dtype == jnp.dtype(dtype)
+    loss, alone = (P.to_f64(o).reshape(rows) for o in (out[0], out[3]))
+    gx, gy = (P.to_f64(o).reshape(rows, cols) for o in out[1:3])
 
     x64, y64, w64, ct64 = x.astype(F64), y.astype(F64), w.astype(F64), ct.astype(F64)
     eps = float(eps_arg.astype(F64))
@@ -791,7 +794,9 @@ def test_soft_label_cross_entropy(data):
     top = float(P.finfo(cdtype(dtype)).max)
     over = adm & (-log_p > top)
     overflow = (over & (wt != 0)).any(-1)
-    P.compare(name, dtype, loss, want, scale, unit_dtype=P.compute_dtype(dtype), overflow=overflow)
+    for got in (loss, alone):
+        u = dict(unit_dtype=P.compute_dtype(dtype))
+        P.compare(name, dtype, got, want, scale, overflow=overflow, **u)
     # d/dz = (sum w y') p - w y';  d/dy = (1 - eps) w (lse - z) on where & admissible rows
     mass = wt.sum(-1, keepdims=True)
     want_gx = ct64[:, None] * (mass * p - wt)
@@ -817,18 +822,20 @@ def test_soft_label_cross_entropy(data):
         (bad_x if source == "logits" else bad_y)[r, c] = np.nan
         args2 = (bad_x.reshape(shape), bad_y.reshape(shape)) + args[2:]
         out2 = _soft(*(jnp.asarray(a) for a in args2), jnp.asarray(ct.reshape(shape[:-1])), variant)
-        loss2 = P.to_f64(out2[0]).reshape(rows)
+        loss2, alone2 = (P.to_f64(o).reshape(rows) for o in (out2[0], out2[3]))
         others = np.arange(rows) != r
         assert same(loss[others], loss2[others])
-        for before, after in zip(out[1:], out2[1:], strict=True):
+        # the loss alone computes every row again when one is NaN: the others are unchanged
+        assert same(alone[others], alone2[others])
+        for before, after in zip(out[1:3], out2[1:3], strict=True):
             assert same(
                 P.to_f64(before).reshape(rows, cols)[others],
                 P.to_f64(after).reshape(rows, cols)[others],
             )
         if not where[r, c]:  # a masked class takes no part, whatever it holds
-            assert same(loss[r], loss2[r])
+            assert same(loss[r], loss2[r]) and same(alone[r], alone2[r])
         else:  # never hidden, not even where every target or weight of the row is 0
-            assert np.isnan(loss2[r]), loss2[r]
+            assert np.isnan(loss2[r]) and np.isnan(alone2[r]), (loss2[r], alone2[r])
 
 
 def test_soft_label_mass_on_minus_inf():

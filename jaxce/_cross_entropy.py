@@ -33,17 +33,20 @@ from jaxce._softmax import (
 # a "mean" (its class weight if it takes part, else 0).
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _integer_ce(x, labels, mask, weights, options, ignore_index):
-    loss, counted, _ = _forward(x, labels, mask, weights, options, ignore_index)
+    loss, counted, _ = _forward(x, labels, mask, weights, options, ignore_index, alone=True)
     return loss, counted
 
 
-def _forward(x, labels, mask, weights, options: _rows.Options, ignore_index, keep=False):
+def _forward(
+    x, labels, mask, weights, options: _rows.Options, ignore_index, keep=False, alone=False
+):
     """The row statistics of raw logits ``x`` (``[..., C]``, any float dtype) and the loss.
 
     Written so that XLA needs no ``[..., C]`` temporary: the statistics are reduced a chunk of
     rows at a time (``_rows.row_stats``) and the label logit is read from ``x`` itself
     (``_xla.pick``). With ``keep``, they are reduced from whole rows whose exponentials are
     returned too, for the derivative (``_xla.saves_exponentials``); else those are None.
+    ``alone``: no derivative follows (``_rows.row_stats``).
     """
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[-1]
@@ -53,7 +56,7 @@ def _forward(x, labels, mask, weights, options: _rows.Options, ignore_index, kee
     if keep:
         partial, exponentials = _rows.stats_and_exponentials(x, mask, weights, options, num_classes)
     else:
-        partial = _rows.row_stats(x, mask, weights, options, num_classes)
+        partial = _rows.row_stats(x, mask, weights, options, num_classes, alone)
     stats = _rows.finish(partial, num_classes)
     w_y = _rows.label_weight(weights, meaning.class_index, dtype)
     rows = _rows.status(meaning, stats)
@@ -298,7 +301,7 @@ def _fusible_soft_loss(x, y):
     shift_again = -jnp.minimum(-m, big)
     log_sum = jnp.log(jnp.sum(jnp.exp(x.astype(dtype) - shift), axis=-1, keepdims=True))
     # Likewise one conversion of narrow logits shared by both would be kept as a float32 copy.
-    x_again = jax.lax.optimization_barrier(x)
+    x_again = _xla.unshared(x)
     gaps = (shift_again - x_again.astype(dtype)) + log_sum
     return jnp.sum(y.astype(dtype) * gaps, axis=-1)
 

@@ -237,17 +237,23 @@ def row_stats(
     weights: jax.Array | None,
     options: Options,
     num_classes: int,
+    alone: bool = False,
 ) -> Partial:
     """:func:`partial_stats` of ``[..., C]`` logits, reduced a chunk of rows at a time
     (``_loops.by_row_chunks``): the temporaries are the size of a chunk, on any XLA; whole rows
-    where only ``max`` and ``sum exp`` are reduced, on a GPU, and on CPU for float32 and
-    float64 logits (``_xla.row_chunk``)."""
+    where only ``max`` and ``sum exp`` are reduced, on a GPU, and on CPU for float32 and float64
+    logits, and for bfloat16 ones where no derivative follows (``alone``: the loss without its
+    gradient, whose backward pass would otherwise share their float32 conversion;
+    ``_xla.row_chunk``)."""
 
     def stats(xs, ms):
         return partial_stats(xs, ms, weights, options, num_classes)
 
     fuses_whole = mask is None and not options.elementwise
-    on_cpu = fuses_whole and _xla.computes_in_place(x)
+    narrow = alone and _xla.fuses_whole_on_cpu(x)
+    on_cpu = fuses_whole and (_xla.computes_in_place(x) or narrow)
+    if on_cpu and narrow:
+        x = _xla.unshared(x)
     return _loops.by_row_chunks(stats, x, mask, fuses_whole=fuses_whole, fuses_whole_on_cpu=on_cpu)
 
 

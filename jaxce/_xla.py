@@ -106,16 +106,20 @@ def reads_whole_rows() -> bool:
 
 # On CPU, XLA (from jaxlib 0.10.2 on; 0.8.2-0.10.1 keep a float32 copy of the logits) also fuses
 # the integer-label statistics (the max and the sum of exponentials, with z-loss, class weights or
-# ignore_index) whole for float32 and float64 logits, keeping nothing of the array's size, where
-# their 1 MiB row chunks each cost a loop iteration and a chunk's temporary. That is the loss
-# without its gradient (an evaluation step; value_and_grad keeps the exponentials instead, see
-# KEPT_BYTES). Measured, the loss alone, chunks against whole rows against optax, float32: [1024,
-# 1000] 0.97 / 0.51 / 0.48 ms, [4096, 4096] 9.5 / 7.7 / 7.6 ms, [4096, 32768] 75 / 70 / 70 ms
-# (ignore_index: 108 / 67 / 67 ms), no temporaries (1 MiB with chunks); float64 [1024, 1000] 1.66
-# / 1.08 / 1.06 ms. Not so for bfloat16 (a float32 copy: 64 MiB at [4096, 4096], 4x the time), for
-# the soft-label statistics or for elementwise sums (128 MiB at [4096, 4096] float32, 3.5x the
-# time): those keep their chunks. Guarded by
-# tests/test_memory.py::test_the_loss_alone_reads_whole_float32_rows_on_cpu, on the oldest and the
+# ignore_index) whole for float32, float64 and bfloat16 logits, keeping nothing of the array's
+# size, where their 1 MiB row chunks each cost a loop iteration and a chunk's temporary. That is
+# the loss without its gradient (an evaluation step; value_and_grad keeps the exponentials
+# instead, see KEPT_BYTES). Measured, the loss alone, chunks against whole rows against optax,
+# float32: [1024, 1000] 0.97 / 0.51 / 0.48 ms, [4096, 4096] 9.5 / 7.7 / 7.6 ms, [4096, 32768] 75 /
+# 70 / 70 ms (ignore_index: 108 / 67 / 67 ms), no temporaries (1 MiB with chunks); float64 [1024,
+# 1000] 1.66 / 1.08 / 1.06 ms. bfloat16 logits are converted for the sum inside the fusion only
+# when that conversion is a value of its own (``unshared``), else XLA keeps a float32 copy (64 MiB
+# at [4096, 4096], 1.5x the time of the chunks); so, against optax's loss in the same run, whole
+# rows 1.83x / 1.99x / 2.00x / 1.89x at [1024, 1000] / [2048, 8192] / [4096, 4096] / [16384,
+# 4096], chunks 0.80x / 1.12x / 1.28x / 1.36x. Not so for float16 (which XLA's CPU fusions do not
+# take), for smoothing or for elementwise sums (128 MiB at [4096, 4096] float32, 3.5x the time):
+# those keep their chunks. Guarded by
+# tests/test_memory.py::test_the_loss_alone_reads_whole_rows_on_cpu, on the oldest and the
 # newest JAX that CI installs.
 CPU_WHOLE_ROWS_JAXLIB = (0, 10, 2)
 
@@ -140,19 +144,35 @@ def cpu_fuses_whole_rows() -> bool:
 # (which XLA's CPU fusions do not take: a float32 copy) and not on accelerators (a branch on a
 # device value waits for the device there). Guarded by
 # tests/test_memory.py::test_the_soft_label_loss_alone_reads_whole_rows_on_cpu.
-FUSED_SOFT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float64)
-
-
 def fuses_soft_loss(x: jax.Array, y: jax.Array) -> bool:
     """Whether the soft-label loss alone of logits ``x`` and labels ``y`` is one fused pass
     (``_cross_entropy._fusible_soft_loss``) rather than row chunks."""
     return (
         backend() == "cpu"
-        and cpu_fuses_whole_rows()
-        and x.dtype in FUSED_SOFT_DTYPES
-        and y.dtype in FUSED_SOFT_DTYPES
+        and fuses_whole_on_cpu(x)
+        and y.dtype in CPU_FUSED_DTYPES
         and x.shape[-1] > 0
     )
+
+
+# The dtypes whose elementwise arithmetic and conversions XLA's CPU compiler fuses into its
+# reductions (from jaxlib 0.10.2 on).
+CPU_FUSED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float64)
+
+
+def fuses_whole_on_cpu(x: jax.Array) -> bool:
+    """Whether XLA's CPU compiler can fuse a reduction of ``x`` (and its conversion) whole."""
+    return cpu_fuses_whole_rows() and x.dtype in CPU_FUSED_DTYPES
+
+
+def unshared(x: jax.Array) -> jax.Array:
+    """``x``, as a value of its own on CPU where it is narrower than its compute dtype: its
+    float32 conversion, read by one reduction, then stays inside that reduction's fusion, where a
+    conversion shared with another computation that reads ``x`` (XLA merges equal ones) would be
+    kept as a whole float32 array. An optimization barrier: no copy, no arithmetic."""
+    if backend() == "cpu" and not computes_in_place(x):
+        return jax.lax.optimization_barrier(x)
+    return x
 
 
 def row_chunk(

@@ -472,7 +472,8 @@ def _ce(x, labels, where, weights, hyper, ct, variant):
     if variant == "capped":
         kw["logit_soft_cap"] = cap
     loss, pull = jax.vjp(lambda v: CE(v, labels, **kw), x)
-    return loss, pull(ct)[0]
+    # The loss alone is a program of its own (on CPU whole rows where XLA fuses them).
+    return loss, pull(ct)[0], CE(x, labels, **kw)
 
 
 CE_SHAPES = ((6, 5), (2, 3, 4), (3, 1), (0, 5))
@@ -515,11 +516,12 @@ def ce_cases(draw, shapes=CE_SHAPES, variants=VARIANTS, dtypes=DTYPES):
     )
 
 
-def run_ce(case, x=None):
-    """:func:`_ce` on a case (``x`` replaces its logits), results as float64 ``[rows, ...]``."""
+def run_ce(case, x=None, with_alone=False):
+    """:func:`_ce` on a case (``x`` replaces its logits), results as float64 ``[rows, ...]``;
+    ``with_alone``: the loss as the pair (with its gradient, alone)."""
     shape, rows = case["shape"], case["x"].shape[0]
     x = case["x"] if x is None else x
-    loss, grad = _ce(
+    loss, grad, alone = _ce(
         jnp.asarray(x.reshape(shape)),
         jnp.asarray(case["labels"].reshape(shape[:-1])),
         jnp.asarray(case["where"].reshape(shape)),
@@ -528,7 +530,10 @@ def run_ce(case, x=None):
         jnp.asarray(case["ct"].reshape(shape[:-1])),
         variant=case["variant"],
     )
-    assert loss.dtype == cdtype(case["dtype"]) and grad.dtype == jnp.dtype(case["dtype"])
+    assert loss.dtype == alone.dtype == cdtype(case["dtype"])
+    assert grad.dtype == jnp.dtype(case["dtype"])
+    if with_alone:
+        return (P.to_f64(a).reshape(rows) for a in (loss, alone)), P.to_f64(grad).reshape(x.shape)
     return P.to_f64(loss).reshape(rows), P.to_f64(grad).reshape(x.shape)
 
 
@@ -633,19 +638,20 @@ def test_integer_label_cross_entropy(case, data):
     """Every option, shape and dtype against the reference, values and gradients; NaN only
     where a NaN is, nothing at all from an ignored example or a masked class."""
     dtype = case["dtype"]
-    loss, grad = run_ce(case)
+    losses, grad = run_ce(case, with_alone=True)
     ref = ce_reference(case)
     name = "softmax_cross_entropy_with_integer_labels"
-    P.compare(
-        name,
-        dtype,
-        loss,
-        ref["want"],
-        ref["scale"],
-        unit_dtype=P.compute_dtype(dtype),
-        overflow=ref["overflow"],
-        mask=~ref["ambiguous"],
-    )
+    for loss in losses:
+        P.compare(
+            name,
+            dtype,
+            loss,
+            ref["want"],
+            ref["scale"],
+            unit_dtype=P.compute_dtype(dtype),
+            overflow=ref["overflow"],
+            mask=~ref["ambiguous"],
+        )
     P.compare(
         f"{name} (gradient)",
         dtype,
@@ -679,26 +685,27 @@ def test_integer_labels_nan_stays_in_its_example(case, data):
     elif case["variant"] != "plain" and kind == "masked" and labels[r] != c:
         where[r, c] = False
     case = dict(case, labels=labels, where=where)
-    loss, grad = run_ce(case)
+    (loss, alone), grad = run_ce(case, with_alone=True)
     admissible = where[r] & ~np.isneginf(x[r])
     label = labels[r]
     takes_part = label != IGNORE and (where[r, c] or (label == c and admissible.any()))
     bad = x.copy()
     bad[r, c] = np.nan if takes_part else data.draw(st.sampled_from([np.nan, np.inf]), "value")
-    loss2, grad2 = run_ce(case, bad)
+    (loss2, alone2), grad2 = run_ce(case, bad, with_alone=True)
     others = np.arange(rows) != r
     assert same(loss[others], loss2[others]) and same(grad[others], grad2[others])
+    assert same(alone[others], alone2[others])
     if takes_part and where[r, c]:
-        assert np.isnan(loss2[r]) and np.isnan(grad2[r]).any()
+        assert np.isnan(loss2[r]) and np.isnan(alone2[r]) and np.isnan(grad2[r]).any()
     elif takes_part:  # a masked label: its logit is read (optax), in the loss's linear term
         # -w_y z_y only, whose derivative does not depend on z_y: the other classes keep their
         # gradient, the label's is NaN through the soft cap and unchanged without one.
-        assert np.isnan(loss2[r])
+        assert np.isnan(loss2[r]) and np.isnan(alone2[r])
         others_c = np.arange(cols) != c
         assert same(grad2[r][others_c], grad[r][others_c]), (grad2[r], grad[r])
         assert np.isnan(grad2[r, c]) or same(grad2[r, c], grad[r, c]), (grad2[r], grad[r])
     else:
-        assert same(loss[r], loss2[r]), (loss[r], loss2[r])
+        assert same(loss[r], loss2[r]) and same(alone[r], alone2[r]), (loss[r], loss2[r])
         expected = grad[r].copy()
         expected[c] = 0.0
         assert same(grad2[r], expected), (grad2[r], expected)

@@ -142,8 +142,14 @@ def cpu_fuses_whole_rows() -> bool:
 # temporaries are unchanged, 4-8 MiB). Such a batch pays both: float32 [4096, 4096] with 100 -inf
 # columns took 66 ms, against 42 ms in chunks alone and 23 ms without -inf logits. Not float16
 # (which XLA's CPU fusions do not take: a float32 copy) and not on accelerators (a branch on a
-# device value waits for the device there). Guarded by
+# device value waits for the device there), and not below FUSED_SOFT_MIN_ELEMENTS logits, which
+# XLA leaves to its own fusions: there the pass and the test for NaN rows only add kernels
+# (float32 [256, 10]: 37 µs against 28 µs in chunks and 27 µs for optax's loss; [64, 100] a tie,
+# [256, 256] 167 against 242 µs). Guarded by
 # tests/test_memory.py::test_the_soft_label_loss_alone_reads_whole_rows_on_cpu.
+FUSED_SOFT_MIN_ELEMENTS = 8192
+
+
 def fuses_soft_loss(x: jax.Array, y: jax.Array) -> bool:
     """Whether the soft-label loss alone of logits ``x`` and labels ``y`` is one fused pass
     (``_cross_entropy._fusible_soft_loss``) rather than row chunks."""
@@ -152,6 +158,7 @@ def fuses_soft_loss(x: jax.Array, y: jax.Array) -> bool:
         and fuses_whole_on_cpu(x)
         and y.dtype in CPU_FUSED_DTYPES
         and x.shape[-1] > 0
+        and x.size >= FUSED_SOFT_MIN_ELEMENTS
     )
 
 

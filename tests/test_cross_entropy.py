@@ -916,8 +916,8 @@ def test_soft_loss_alone_under_vmap(rng, dtype):
     """The loss alone of a batch of batches is that of each batch, a -inf logit under a zero
     target (which the fused CPU pass leaves to the row chunks) in one of them only; vmap tests
     for such rows once over all of them (a cond, not a select between both branches)."""
-    x = R.random_logits(rng, (3, 4, 6))
-    y = R.random_probs(rng, (3, 4, 6))
+    x = R.random_logits(rng, (3, 64, 256))  # above _xla.FUSED_SOFT_MIN_ELEMENTS per batch
+    y = R.random_probs(rng, (3, 64, 256))
     x[1, 2, 0], y[1, 2, 0] = -np.inf, 0.0
     y = y / y.sum(-1, keepdims=True)
     xs, ys = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
@@ -931,3 +931,39 @@ def test_soft_loss_alone_under_vmap(rng, dtype):
     if _xla.fuses_soft_loss(xs, ys):
         jaxpr = str(jax.make_jaxpr(jax.vmap(jaxce.softmax_cross_entropy))(xs, ys))
         assert "cond[" in jaxpr
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+def test_soft_loss_alone_rows_the_fused_pass_leaves(rng, dtype):
+    """Rows whose loss needs a select (a zero target on a -inf logit, a row of -inf logits, a
+    +inf or NaN logit, a NaN target) come out NaN in the fused CPU pass: the batch is computed
+    again in chunks, so the loss alone agrees with value_and_grad's everywhere, inf and NaN
+    included; a batch without such rows takes the fused pass itself."""
+    rows, cols = 64, 256  # above _xla.FUSED_SOFT_MIN_ELEMENTS
+    x = R.random_logits(rng, (rows, cols))
+    y = R.random_probs(rng, (rows, cols))
+    x[0, 3], y[0, 3] = -np.inf, 0.0  # 0 log 0 = 0: finite
+    x[1, 5] = -np.inf  # a target on a -inf logit: +inf
+    x[2] = -np.inf  # no admissible class: 0
+    y[2] = 0.0
+    x[3, 7] = np.inf  # NaN
+    x[4, 9] = np.nan  # NaN
+    y[5, 11] = np.nan  # NaN
+    x[6] += 3e4  # large offset: exact in the shifted form
+    xs, ys = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+    alone = jax.jit(jaxce.softmax_cross_entropy)(xs, ys)
+    with_grad = jax.jit(jax.value_and_grad(lambda a: jaxce.softmax_cross_entropy(a, ys).sum()))
+    per_row = jax.jit(jax.vmap(jax.value_and_grad(jaxce.softmax_cross_entropy)))(xs, ys)[0]
+    assert with_grad(xs)[0].dtype == alone.dtype
+    np.testing.assert_array_equal(np.isnan(alone), np.isnan(per_row))
+    np.testing.assert_allclose(alone, per_row, rtol=1e-6)
+    assert np.isfinite(alone[0]) and alone[1] == np.inf and alone[2] == 0.0
+    assert np.isnan(alone[3:6]).all() and np.isfinite(alone[6:]).all()
+    rounded = (np.asarray(a[6:].astype(jnp.float64)) for a in (xs, ys))  # as the loss reads them
+    want = R.softmax_cross_entropy(*rounded)
+    R.assert_close(alone[6:], want, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
+    if _xla.fuses_soft_loss(xs, ys):  # then the rows without such entries take the fused pass
+        from jaxce import _cross_entropy
+
+        fused = _cross_entropy._fusible_soft_loss(xs[6:], ys[6:])
+        np.testing.assert_array_equal(jax.jit(jaxce.softmax_cross_entropy)(xs[6:], ys[6:]), fused)

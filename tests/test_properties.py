@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxce
+from jaxce import _cross_entropy
 
 F64 = np.float64
 DTYPES = P.DTYPES
@@ -748,8 +749,11 @@ def _soft(x, y, where, weights, eps, ct, variant):
     if variant != "plain":
         kw = dict(where=where, class_weights=weights, label_smoothing=eps)
     loss, pull = jax.vjp(lambda a, b: jaxce.softmax_cross_entropy(a, b, **kw), x, y)
-    # The loss alone is a program of its own (on CPU one fused pass, _xla.fuses_soft_loss).
-    return (loss, *pull(ct), jaxce.softmax_cross_entropy(x, y, **kw))
+    alone = jaxce.softmax_cross_entropy(x, y, **kw)
+    # The loss alone without options is on CPU one fused pass above a size (_xla.fuses_soft_loss),
+    # which these small shapes do not reach: that pass, whatever the size.
+    fused = _cross_entropy._plain_soft_loss(x, y) if variant == "plain" else alone
+    return (loss, *pull(ct), alone, fused)
 
 
 @_settings(1.0)
@@ -773,10 +777,10 @@ def test_soft_label_cross_entropy(data):
     ct = cotangent(draw, (rows,), cdtype(dtype))
     args = (x.reshape(shape), y.reshape(shape), where.reshape(shape), w, eps_arg)
     out = _soft(*(jnp.asarray(a) for a in args), jnp.asarray(ct.reshape(shape[:-1])), variant)
-    assert out[0].dtype == out[3].dtype == cdtype(dtype) and out[1].dtype == out[
+    assert out[0].dtype == out[3].dtype == out[4].dtype == cdtype(dtype) and out[1].dtype == out[
         2
     ].dtype == jnp.dtype(dtype)
-    loss, alone = (P.to_f64(o).reshape(rows) for o in (out[0], out[3]))
+    loss, alone, fused = (P.to_f64(o).reshape(rows) for o in (out[0], out[3], out[4]))
     gx, gy = (P.to_f64(o).reshape(rows, cols) for o in out[1:3])
 
     x64, y64, w64, ct64 = x.astype(F64), y.astype(F64), w.astype(F64), ct.astype(F64)
@@ -801,7 +805,7 @@ def test_soft_label_cross_entropy(data):
     top = float(P.finfo(cdtype(dtype)).max)
     over = adm & (-log_p > top)
     overflow = (over & (wt != 0)).any(-1)
-    for got in (loss, alone):
+    for got in (loss, alone, fused):
         u = dict(unit_dtype=P.compute_dtype(dtype))
         P.compare(name, dtype, got, want, scale, overflow=overflow, **u)
     # d/dz = (sum w y') p - w y';  d/dy = (1 - eps) w (lse - z) on where & admissible rows
@@ -829,11 +833,12 @@ def test_soft_label_cross_entropy(data):
         (bad_x if source == "logits" else bad_y)[r, c] = np.nan
         args2 = (bad_x.reshape(shape), bad_y.reshape(shape)) + args[2:]
         out2 = _soft(*(jnp.asarray(a) for a in args2), jnp.asarray(ct.reshape(shape[:-1])), variant)
-        loss2, alone2 = (P.to_f64(o).reshape(rows) for o in (out2[0], out2[3]))
+        loss2, alone2, fused2 = (P.to_f64(o).reshape(rows) for o in (out2[0], out2[3], out2[4]))
         others = np.arange(rows) != r
-        assert same(loss[others], loss2[others])
-        # the loss alone computes every row again when one is NaN: the others are unchanged
-        assert same(alone[others], alone2[others])
+        assert same(loss[others], loss2[others]) and same(alone[others], alone2[others])
+        # the fused pass computes every row again when one is NaN: the others agree with it
+        np.testing.assert_allclose(fused2[others], fused[others], rtol=1e-5)
+        assert np.isnan(fused2[r]) == np.isnan(alone2[r])
         for before, after in zip(out[1:3], out2[1:3], strict=True):
             assert same(
                 P.to_f64(before).reshape(rows, cols)[others],

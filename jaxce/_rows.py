@@ -250,7 +250,7 @@ def row_stats(
         return partial_stats(xs, ms, weights, options, num_classes)
 
     fuses_whole = mask is None and not options.elementwise
-    narrow = alone and _xla.fuses_whole_on_cpu(x)
+    narrow = alone and _xla.fusible_on_cpu(x)
     on_cpu = fuses_whole and (_xla.computes_in_place(x) or narrow)
     if on_cpu and narrow:
         x = _xla.unshared(x)

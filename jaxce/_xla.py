@@ -115,7 +115,7 @@ def reads_whole_rows() -> bool:
 # 1000] 1.66 / 1.08 / 1.06 ms. bfloat16 logits are converted for the sum inside the fusion only
 # when that conversion is a value of its own (``unshared``), else XLA keeps a float32 copy (64 MiB
 # at [4096, 4096], 1.5x the time of the chunks); so, against optax's loss in the same run, whole
-# rows 1.83x / 1.99x / 2.00x / 1.89x at [1024, 1000] / [2048, 8192] / [4096, 4096] / [16384,
+# rows 1.60x / 1.85x / 1.97x / 1.95x at [1024, 1000] / [2048, 8192] / [4096, 4096] / [16384,
 # 4096], chunks 0.80x / 1.12x / 1.28x / 1.36x. Not so for float16 (which XLA's CPU fusions do not
 # take), for smoothing or for elementwise sums (128 MiB at [4096, 4096] float32, 3.5x the time):
 # those keep their chunks. Guarded by
@@ -130,11 +130,31 @@ def cpu_fuses_whole_rows() -> bool:
     return tuple(int(n) for n in numbers) >= CPU_WHOLE_ROWS_JAXLIB
 
 
+# The dtypes whose elementwise arithmetic and conversions XLA's CPU compiler fuses into its
+# reductions (from jaxlib 0.10.2 on).
+CPU_FUSED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float64)
+
+
+def fusible_on_cpu(x: jax.Array) -> bool:
+    """Whether XLA's CPU compiler can fuse a reduction of ``x`` (and its conversion) whole."""
+    return cpu_fuses_whole_rows() and x.dtype in CPU_FUSED_DTYPES
+
+
+def unshared(x: jax.Array) -> jax.Array:
+    """``x``, as a value of its own on CPU where it is narrower than its compute dtype: its
+    float32 conversion, read by one reduction, then stays inside that reduction's fusion, where a
+    conversion shared with another computation that reads ``x`` (XLA merges equal ones) would be
+    kept as a whole float32 array. An optimization barrier: no copy, no arithmetic."""
+    if backend() == "cpu" and not computes_in_place(x):
+        return jax.lax.optimization_barrier(x)
+    return x
+
+
 # The soft-label loss alone (no derivative) without options, on CPU from jaxlib 0.10.2: XLA fuses
 # a reduction with its producers whole (into a YNNPACK graph) when they are arithmetic, exp, log,
 # min, max and conversions, with no comparison or select, for float32, bfloat16 and float64. The
 # loss written so (_cross_entropy._fusible_soft_loss) reads whole rows and keeps only per-row
-# numbers, where its row chunks ran at 0.36-0.65x optax's speed. Measured, the loss alone against
+# numbers, where its row chunks ran at 0.36-0.72x optax's speed. Measured, the loss alone against
 # optax's in the same run, float32 / bfloat16: [1024, 1000] 1.12x / 1.39x, [2048, 8192] 1.43x /
 # 1.72x (optax keeps 64 MiB there), [4096, 4096] 0.92x / 0.88x, [16384, 4096] 0.99x / 0.88x.
 # Rows that need the select of 0 log 0 = 0 (a zero target on a -inf logit) come out NaN and the
@@ -155,31 +175,11 @@ def fuses_soft_loss(x: jax.Array, y: jax.Array) -> bool:
     (``_cross_entropy._fusible_soft_loss``) rather than row chunks."""
     return (
         backend() == "cpu"
-        and fuses_whole_on_cpu(x)
+        and fusible_on_cpu(x)
         and y.dtype in CPU_FUSED_DTYPES
         and x.shape[-1] > 0
         and x.size >= FUSED_SOFT_MIN_ELEMENTS
     )
-
-
-# The dtypes whose elementwise arithmetic and conversions XLA's CPU compiler fuses into its
-# reductions (from jaxlib 0.10.2 on).
-CPU_FUSED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float64)
-
-
-def fuses_whole_on_cpu(x: jax.Array) -> bool:
-    """Whether XLA's CPU compiler can fuse a reduction of ``x`` (and its conversion) whole."""
-    return cpu_fuses_whole_rows() and x.dtype in CPU_FUSED_DTYPES
-
-
-def unshared(x: jax.Array) -> jax.Array:
-    """``x``, as a value of its own on CPU where it is narrower than its compute dtype: its
-    float32 conversion, read by one reduction, then stays inside that reduction's fusion, where a
-    conversion shared with another computation that reads ``x`` (XLA merges equal ones) would be
-    kept as a whole float32 array. An optimization barrier: no copy, no arithmetic."""
-    if backend() == "cpu" and not computes_in_place(x):
-        return jax.lax.optimization_barrier(x)
-    return x
 
 
 def row_chunk(

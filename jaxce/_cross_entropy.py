@@ -24,6 +24,7 @@ from jaxce._softmax import (
     log_sum_or_zero,
     max_and_exponentials,
     probabilities,
+    row_max,
     shift_of,
 )
 
@@ -293,7 +294,7 @@ def _fusible_soft_loss(x, y):
     -inf logits, a +inf or NaN logit or target."""
     dtype = compute_dtype(x.dtype)
     big = jnp.finfo(dtype).max
-    m = jnp.max(x, axis=-1, keepdims=True).astype(dtype)
+    m = row_max(x, None)
     # The shift m, written twice: below 4096 rows XLA leaves the log between the two reductions
     # outside their fusions, and one broadcast shared by both would be kept as an [..., C] array.
     # Where m is -inf, both are -big, and the row comes out NaN (-inf + inf).

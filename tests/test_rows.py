@@ -56,6 +56,31 @@ def test_smoothing_is_exact_far_from_zero(dtype, variant, logits, label, eps):
     R.assert_close(got, want, rtol=2e-7 if dtype == jnp.float32 else 1e-14)
 
 
+def test_scaled_difference_rounds_as_the_plain_difference():
+    """``scaled_difference`` (the smoothing gap's terms) is ``(a - b) / n`` with its two
+    roundings wherever ``a - b`` is finite and the halves are normal numbers, bit for bit, and
+    finite where only ``a - b`` overflows."""
+    from jaxce import _rows
+
+    rng = np.random.default_rng(0)
+    magnitude = 10.0 ** rng.uniform(-30, 38, size=(2, 4096))
+    a, b = (np.float32(m * rng.choice([-1.0, 1.0], size=m.shape)) for m in magnitude)
+    huge = np.float32(10.0 ** rng.uniform(38.25, 38.53, size=(2, 512)))  # 1.8e38 to 3.4e38
+    a, b = np.concatenate([a, huge[0]]), np.concatenate([b, -huge[1]])
+    a, b = np.maximum(a, b), np.minimum(a, b)
+    with np.errstate(over="ignore"):
+        d = a - b
+    finite = np.isfinite(d)
+    assert finite.sum() > 4000 and (~finite).sum() > 300
+    for n in (2, 3, 1000, 256_000):
+        got = np.asarray(_rows.scaled_difference(jnp.asarray(a), jnp.asarray(b), n))
+        plain = np.asarray((jnp.asarray(a) - jnp.asarray(b)) / n)  # XLA's own division
+        np.testing.assert_array_equal(got[finite], plain[finite])
+        np.testing.assert_allclose(got[finite], d[finite] / np.float32(n), rtol=1.2e-7)
+        exact = (a[~finite].astype(np.float64) - b[~finite]) / n
+        np.testing.assert_allclose(got[~finite], exact, rtol=2.5e-7)
+
+
 def test_smoothing_example_against_pytorch_value():
     """The issue's example, to the digits PyTorch prints: 13.6003."""
     got = CE(jnp.array([[1e8, 1e8 + 8, 1e8 + 16]]), jnp.array([0]), label_smoothing=0.3)

@@ -358,8 +358,9 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, e, x_dot, y_dot, w_
         gaps = (rows.shift - z) + log_sum_or_zero(rows.log_sum)
     if y_dot is not None:
         live = has_row if mask is None else has_row & mask
-        scale = 1 if eps is None else 1 - eps
-        dy = jnp.where(live, scale * _weighted(gaps, weights), jnp.zeros_like(z))
+        scale = jnp.ones_like(z) if eps is None else jnp.full_like(z, 1 - eps)
+        # A weight of 0 (a class weight, eps = 1) on an infinite gap (a -inf logit) adds 0.
+        dy = jnp.where(live, weighted(_weighted(scale, weights), gaps), jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dy * y_dot.astype(z.dtype), axis=-1))
     if w_dot is not None:
         gap = _gaps(z, rows.shift, t) + log_sum_or_zero(rows.log_sum)

@@ -572,6 +572,26 @@ def test_soft_label_gradient_is_minus_log_probs(rng):
     R.assert_close(gy, -(0.8) * w * R.log_softmax(x), rtol=1e-12)
 
 
+@pytest.mark.parametrize("eps", [None, 0.1, 1.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_soft_label_gradient_is_zero_where_nothing_depends_on_the_label(eps, masked):
+    """A class of weight 0 (or smoothing of 1) on a -inf logit (a masked vocabulary entry):
+    the loss does not depend on its label, whose derivative is 0, not 0 * inf = NaN."""
+    x = jnp.array([[-jnp.inf, 1.0, 2.0], [0.5, -jnp.inf, -1.0]])
+    y = jnp.array([[0.0, 0.3, 0.7], [0.6, 0.0, 0.4]])
+    w = jnp.array([0.0, 0.0, 1.0]) if eps != 1.0 else jnp.array([0.5, 1.0, 2.0])
+    kw = dict(class_weights=w, where=jnp.array([[False, True, True]]) if masked else None)
+    if eps is not None:
+        kw["label_smoothing"] = eps
+    gy = jax.grad(lambda b: jnp.sum(CE_SOFT(x, b, **kw)))(y)
+    log_p = np.asarray(jax.nn.log_softmax(jnp.where(kw["where"], x, -jnp.inf) if masked else x))
+    scale = 1.0 if eps is None else 1.0 - eps
+    coef = scale * np.asarray(w)
+    want = -coef * np.where(coef == 0, 0.0, log_p)
+    np.testing.assert_allclose(np.asarray(gy), want, rtol=1e-6)
+    assert np.isfinite(np.asarray(gy)).all()
+
+
 def test_soft_hand_derived_torch_probability_targets():
     # torch: loss_i = -sum_c w_c y'_c log p_c, y' = (1-eps) y + eps/C; mean divides by N
     x = np.array([[1.0, 2.0, 3.0], [0.0, 0.5, -0.5]])

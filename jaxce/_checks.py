@@ -177,9 +177,8 @@ def hyperparameter(
     A Python number or a 0-d array; a non-scalar is an error rather than silently using its
     first element. A concrete value outside ``low..high`` (or NaN, or infinite unless
     ``allow_inf``) is a ``ValueError`` naming it. A traced value (a schedule under ``jit``)
-    cannot be checked at trace time: outside the range it becomes NaN, so the loss is NaN,
-    never a plausible number.
-    """
+    cannot be checked at trace time: outside the range it becomes NaN, so the loss and its
+    derivatives (this one's included) are NaN, never a plausible number."""
     if isinstance(value, bool) or not isinstance(
         value, numbers.Real | jax.Array | np.ndarray | np.generic
     ):
@@ -203,7 +202,9 @@ def hyperparameter(
     valid = _in_range(x, low, high, open_low)
     if not allow_inf:
         valid = valid & jnp.isfinite(x)
-    return jnp.where(valid, x, jnp.asarray(jnp.nan, dtype))
+    # x times 1 or NaN rather than a select of NaN, whose derivative would be 0: out of range,
+    # the derivative with respect to the hyperparameter is NaN too.
+    return x * jnp.where(valid, jnp.ones_like(x), jnp.full_like(x, jnp.nan))
 
 
 def is_literal_zero(value: object) -> bool:

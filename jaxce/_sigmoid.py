@@ -136,8 +136,9 @@ def log_sigmoid(x: jax.typing.ArrayLike) -> jax.Array:
 # what keeps the cap exact where u is no number to compute with: a huge cap, where x / cap
 # underflows (XLA's CPU backend flushes it to 0, which gave 0 for every logit below 1.2 with a
 # cap of 1e38), and an infinite cap that was traced (a schedule under jit: inf * tanh(0) is NaN),
-# for which z = x is the definition ("inf means no cap"). A NaN u (x = +-inf with an infinite cap,
-# or a NaN x) fails the comparison and keeps x too.
+# for which z = x is the definition ("inf means no cap"). A NaN u from x (x = +-inf with an
+# infinite cap, or a NaN x) fails the comparison and keeps x too; a NaN cap (a traced cap out of
+# range, see _checks.hyperparameter) takes cap * tanh(u), NaN, never the uncapped x.
 def _tanh_is_identity_below(dtype) -> float:
     return float(jnp.finfo(dtype).eps) ** 0.5
 
@@ -146,7 +147,7 @@ def soft_cap_bulk(x: jax.Array, cap: jax.Array) -> jax.Array:
     """``cap * tanh(x / cap)``, where ``-inf`` becomes ``-cap`` (see :func:`soft_cap`)."""
     u = x / cap
     capped = cap * jnp.tanh(u)
-    return jnp.where(jnp.abs(u) >= _tanh_is_identity_below(x.dtype), capped, x)
+    return jnp.where((jnp.abs(u) >= _tanh_is_identity_below(x.dtype)) | jnp.isnan(cap), capped, x)
 
 
 def soft_cap(x: jax.Array, cap: jax.Array) -> jax.Array:

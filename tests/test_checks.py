@@ -428,3 +428,94 @@ def test_check_labels_under_jit_with_checkify(order):
         err.throw()
     err, _ = g(jnp.asarray(np.array([0, -1, 2, 1], np.int32)), logits)
     assert err.get() is not None
+
+
+# ------------------------------------------------------------- traced hyperparameters
+W34 = np.linspace(-1.0, 1.0, 12).reshape(3, 4)  # x [4, 3] @ w [3, 4]: logits [4, 4]
+
+# (id, fn(x, value) -> per-example losses, x, out-of-range values): a hyperparameter traced under
+# jit (a schedule) cannot be checked at trace time; out of range it makes the loss NaN, never a
+# plausible number, and the derivatives with respect to the logits and to itself NaN.
+TRACED = (
+    [
+        (
+            f"ce_int/{name}",
+            lambda x, v, name=name: jaxce.softmax_cross_entropy_with_integer_labels(
+                x, jnp.asarray(Y4), **{name: v}
+            ),
+            X43,
+            bad,
+        )
+        for name, bad in (
+            ("label_smoothing", (-0.5, 1.5, np.nan)),
+            ("z_loss", (-1.0, np.nan, np.inf)),
+            ("logit_soft_cap", (-1.0, 0.0, np.nan)),
+        )
+    ]
+    + [
+        (
+            f"linear/{name}",
+            lambda x, v, name=name: jaxce.linear_softmax_cross_entropy(
+                x, jnp.asarray(W34), jnp.asarray(Y4), **{name: v}
+            ),
+            X43,
+            bad,
+        )
+        for name, bad in (
+            ("label_smoothing", (-0.5, np.nan)),
+            ("z_loss", (-1.0, np.nan)),
+            ("logit_soft_cap", (-1.0, 0.0, np.nan)),
+        )
+    ]
+    + [
+        (
+            "ce_soft/label_smoothing",
+            lambda x, v: jaxce.softmax_cross_entropy(x, jnp.asarray(P43), label_smoothing=v),
+            X43,
+            (-0.5, 1.5, np.nan),
+        ),
+        (
+            "bce/label_smoothing",
+            lambda x, v: jaxce.sigmoid_binary_cross_entropy(x, jnp.asarray(B43), label_smoothing=v),
+            X43,
+            (-0.5, 1.5, np.nan),
+        ),
+        ("logit_soft_cap", lambda x, v: jaxce.logit_soft_cap(x, v), X43, (-1.0, 0.0, np.nan)),
+        (
+            "sigmoid_focal/gamma",
+            lambda x, v: jaxce.sigmoid_focal_loss(x, jnp.asarray(B43), gamma=v),
+            X43,
+            (-1.0, np.nan),
+        ),
+        (
+            "sigmoid_focal/alpha",
+            lambda x, v: jaxce.sigmoid_focal_loss(x, jnp.asarray(B43), alpha=v),
+            X43,
+            (-0.5, 1.5, np.nan),
+        ),
+        (
+            "softmax_focal/gamma",
+            lambda x, v: jaxce.softmax_focal_loss(x, jnp.asarray(Y4), gamma=v),
+            X43,
+            (-1.0, np.nan),
+        ),
+        (
+            "softmax_focal/alpha",
+            lambda x, v: jaxce.softmax_focal_loss(x, jnp.asarray(Y4), alpha=v),
+            X43,
+            (-0.5, np.nan),
+        ),
+    ]
+)
+
+
+@pytest.mark.parametrize("fn,x,bad", [c[1:] for c in TRACED], ids=[c[0] for c in TRACED])
+def test_traced_hyperparameter_out_of_range_gives_nan(fn, x, bad):
+    loss = jax.jit(fn)
+    grads = jax.jit(jax.grad(lambda x, v: jnp.sum(fn(x, v)), argnums=(0, 1)))
+    x = jnp.asarray(x, jnp.float32)
+    for value in bad:
+        v = jnp.float32(value)
+        assert np.isnan(np.asarray(loss(x, v))).all(), value
+        gx, gv = grads(x, v)
+        assert np.isnan(np.asarray(gx)).all() and np.isnan(np.asarray(gv)), value

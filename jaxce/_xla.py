@@ -335,9 +335,9 @@ def chunk(a: jax.Array, start, size: int, axis: int) -> jax.Array:
         return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
 
     def unreachable(a):
-        shape = list(a.shape)
-        shape[axis] = size
-        return jnp.zeros(shape, a.dtype)
+        # A slice of a, not fresh zeros: inside shard_map it then varies over the same mesh
+        # axes as read's, which cond requires of its branches (never executed: start >= 0).
+        return jax.lax.slice_in_dim(a, 0, size, axis=axis)
 
     return jax.lax.cond(start >= 0, read, unreachable, a)
 

@@ -32,6 +32,7 @@ CHECKS = (
     "every_device_returns_the_same_loss",
     "fused_every_option_on_every_mesh",
     "fused_each_option",
+    "fused_narrow_dtypes_over_vocabulary_chunks",
     "hlo_logits_moves_only_rows",
     "hlo_fused_moves_rows_dx_and_the_data_parallel_dw",
     "plain_jit_on_automatic_axes_moves_only_rows",

@@ -433,89 +433,46 @@ def test_check_labels_under_jit_with_checkify(order):
 # ------------------------------------------------------------- traced hyperparameters
 W34 = np.linspace(-1.0, 1.0, 12).reshape(3, 4)  # x [4, 3] @ w [3, 4]: logits [4, 4]
 
-# (id, fn(x, value) -> per-example losses, x, out-of-range values): a hyperparameter traced under
-# jit (a schedule) cannot be checked at trace time; out of range it makes the loss NaN, never a
-# plausible number, and the derivatives with respect to the logits and to itself NaN.
-TRACED = (
-    [
-        (
-            f"ce_int/{name}",
-            lambda x, v, name=name: jaxce.softmax_cross_entropy_with_integer_labels(
-                x, jnp.asarray(Y4), **{name: v}
-            ),
-            X43,
-            bad,
-        )
-        for name, bad in (
-            ("label_smoothing", (-0.5, 1.5, np.nan)),
-            ("z_loss", (-1.0, np.nan, np.inf)),
-            ("logit_soft_cap", (-1.0, 0.0, np.nan)),
-        )
-    ]
-    + [
-        (
-            f"linear/{name}",
-            lambda x, v, name=name: jaxce.linear_softmax_cross_entropy(
-                x, jnp.asarray(W34), jnp.asarray(Y4), **{name: v}
-            ),
-            X43,
-            bad,
-        )
-        for name, bad in (
-            ("label_smoothing", (-0.5, np.nan)),
-            ("z_loss", (-1.0, np.nan)),
-            ("logit_soft_cap", (-1.0, 0.0, np.nan)),
-        )
-    ]
-    + [
-        (
-            "ce_soft/label_smoothing",
-            lambda x, v: jaxce.softmax_cross_entropy(x, jnp.asarray(P43), label_smoothing=v),
-            X43,
-            (-0.5, 1.5, np.nan),
-        ),
-        (
-            "bce/label_smoothing",
-            lambda x, v: jaxce.sigmoid_binary_cross_entropy(x, jnp.asarray(B43), label_smoothing=v),
-            X43,
-            (-0.5, 1.5, np.nan),
-        ),
-        ("logit_soft_cap", lambda x, v: jaxce.logit_soft_cap(x, v), X43, (-1.0, 0.0, np.nan)),
-        (
-            "sigmoid_focal/gamma",
-            lambda x, v: jaxce.sigmoid_focal_loss(x, jnp.asarray(B43), gamma=v),
-            X43,
-            (-1.0, np.nan),
-        ),
-        (
-            "sigmoid_focal/alpha",
-            lambda x, v: jaxce.sigmoid_focal_loss(x, jnp.asarray(B43), alpha=v),
-            X43,
-            (-0.5, 1.5, np.nan),
-        ),
-        (
-            "softmax_focal/gamma",
-            lambda x, v: jaxce.softmax_focal_loss(x, jnp.asarray(Y4), gamma=v),
-            X43,
-            (-1.0, np.nan),
-        ),
-        (
-            "softmax_focal/alpha",
-            lambda x, v: jaxce.softmax_focal_loss(x, jnp.asarray(Y4), alpha=v),
-            X43,
-            (-0.5, np.nan),
-        ),
-    ]
-)
+# A hyperparameter traced under jit (a schedule) cannot be checked at trace time; out of range
+# it makes the loss NaN, never a plausible number, and the derivatives with respect to the
+# logits and to itself NaN. (loss, hyperparameter, out-of-range values), logits X43.
+LOSSES = {
+    "ce_int": lambda x, **kw: jaxce.softmax_cross_entropy_with_integer_labels(x, Y4, **kw),
+    "linear": lambda x, **kw: jaxce.linear_softmax_cross_entropy(x, W34, Y4, **kw),
+    "ce_soft": lambda x, **kw: jaxce.softmax_cross_entropy(x, P43, **kw),
+    "bce": lambda x, **kw: jaxce.sigmoid_binary_cross_entropy(x, B43, **kw),
+    "soft_cap": jaxce.logit_soft_cap,
+    "sigmoid_focal": lambda x, **kw: jaxce.sigmoid_focal_loss(x, B43, **kw),
+    "softmax_focal": lambda x, **kw: jaxce.softmax_focal_loss(x, Y4, **kw),
+}
+NAN = np.nan
+TRACED = [
+    ("ce_int", "label_smoothing", (-0.5, 1.5, NAN)),
+    ("ce_int", "z_loss", (-1.0, NAN, np.inf)),
+    ("ce_int", "logit_soft_cap", (-1.0, 0.0, NAN)),
+    ("linear", "label_smoothing", (-0.5, NAN)),
+    ("linear", "z_loss", (-1.0, NAN)),
+    ("linear", "logit_soft_cap", (-1.0, 0.0, NAN)),
+    ("ce_soft", "label_smoothing", (-0.5, 1.5, NAN)),
+    ("bce", "label_smoothing", (-0.5, 1.5, NAN)),
+    ("soft_cap", "cap", (-1.0, 0.0, NAN)),
+    ("sigmoid_focal", "gamma", (-1.0, NAN)),
+    ("sigmoid_focal", "alpha", (-0.5, 1.5, NAN)),
+    ("softmax_focal", "gamma", (-1.0, NAN)),
+    ("softmax_focal", "alpha", (-0.5, NAN)),
+]
 
 
-@pytest.mark.parametrize("fn,x,bad", [c[1:] for c in TRACED], ids=[c[0] for c in TRACED])
-def test_traced_hyperparameter_out_of_range_gives_nan(fn, x, bad):
-    loss = jax.jit(fn)
+@pytest.mark.parametrize("loss,name,bad", TRACED, ids=[f"{a}/{b}" for a, b, _ in TRACED])
+def test_traced_hyperparameter_out_of_range_gives_nan(loss, name, bad):
+    def fn(x, v):
+        return LOSSES[loss](x, **{name: v})
+
+    loss_of = jax.jit(fn)
     grads = jax.jit(jax.grad(lambda x, v: jnp.sum(fn(x, v)), argnums=(0, 1)))
-    x = jnp.asarray(x, jnp.float32)
+    x = jnp.asarray(X43, jnp.float32)
     for value in bad:
         v = jnp.float32(value)
-        assert np.isnan(np.asarray(loss(x, v))).all(), value
+        assert np.isnan(np.asarray(loss_of(x, v))).all(), value
         gx, gv = grads(x, v)
         assert np.isnan(np.asarray(gx)).all() and np.isnan(np.asarray(gv)), value

@@ -353,9 +353,8 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, e, x_dot, y_dot, w_
         p = probabilities(z, rows.shift, rows.log_sum, mask, e)
         dz = jnp.where(has_row, rows.mass * p - wt, 0)
         out = jnp.sum(dz * x_dot.astype(z.dtype), axis=-1)
-    gaps = None
-    if y_dot is not None or eps_dot is not None:
-        gaps = (rows.shift - z) + log_sum_or_zero(rows.log_sum)
+    # lse - z (only the labels' and the smoothing's derivatives read it)
+    gaps = (rows.shift - z) + log_sum_or_zero(rows.log_sum)
     if y_dot is not None:
         live = has_row if mask is None else has_row & mask
         scale = jnp.ones_like(z) if eps is None else jnp.full_like(z, 1 - eps)

@@ -25,7 +25,7 @@ from jaxce._softmax import (
     max_and_exponentials,
     probabilities,
     row_max,
-    shift_of,
+    shift_and_log_sum,
 )
 
 
@@ -261,7 +261,7 @@ def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
 def _soft_rows_and_exponentials(x, y, mask, weights, eps) -> tuple[_SoftRows, jax.Array]:
     """:func:`_soft_rows` and the exponentials ``exp(x - shift)`` its log-sum adds up."""
     m, e = max_and_exponentials(x, mask)
-    shift, log_sum = shift_of(m), jnp.log(jnp.sum(e, axis=-1, keepdims=True))
+    shift, log_sum = shift_and_log_sum(m, jnp.sum(e, axis=-1, keepdims=True))
     z = x.astype(shift.dtype)
     adm = _rows.admissible(z, mask)
     count = None

@@ -9,7 +9,7 @@ from jaxce import _autodiff, _checks, _loops
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype, layout_of
 from jaxce._reduction import reduce_loss
-from jaxce._softmax import log_probabilities, max_and_sum_exp, shift_of
+from jaxce._softmax import log_probabilities, max_and_sum_exp, shift_and_log_sum
 
 
 def _safe_log(p: jax.Array) -> jax.Array:
@@ -81,8 +81,7 @@ def _log_p(z, shift, log_sum):
 
 
 def _entropy_rows(x):
-    m, total = max_and_sum_exp(x, None)
-    shift, log_sum = shift_of(m), jnp.log(total)
+    shift, log_sum = shift_and_log_sum(*max_and_sum_exp(x, None))
     p, log_p = _log_p(x.astype(shift.dtype), shift, log_sum)
     return shift, log_sum, 0 - jnp.sum(p * log_p, axis=-1, keepdims=True)
 

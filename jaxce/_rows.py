@@ -53,6 +53,7 @@ from jaxce._softmax import (
     max_and_exponentials,
     probabilities,
     row_max,
+    shift_and_log_sum,
     shift_of,
 )
 
@@ -326,13 +327,9 @@ class Stats(NamedTuple):
 
 
 def finish(p: Partial, num_classes: int) -> Stats:
-    """The :class:`Stats` of a row from its statistics merged over all classes.
-
-    A row whose max is NaN (a NaN logit, or a traced soft cap out of range) has a NaN
-    ``log_sum``, also where XLA's CPU code took ``exp(NaN)`` in its sum to 0 (it does in some
-    fusions with a select, which made such a row look empty: loss 0)."""
-    shift, log_sum = shift_of(p.max), jnp.log(p.sum_exp)
-    log_sum = jnp.where(jnp.isnan(p.max), jnp.full_like(log_sum, jnp.nan), log_sum)
+    """The :class:`Stats` of a row from its statistics merged over all classes (a NaN max gives
+    a NaN ``log_sum``: :func:`shift_and_log_sum`)."""
+    shift, log_sum = shift_and_log_sum(p.max, p.sum_exp)
     if p.num_admissible is None or p.gap is None:
         return Stats(shift, log_sum, None, None, None)
     spread = p.gap * (num_classes / jnp.maximum(p.num_admissible, 1))

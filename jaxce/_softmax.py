@@ -25,6 +25,17 @@ def shift_of(m: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
 
+def shift_and_log_sum(m: jax.Array, sum_exp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(shift_of(m), log(sum_exp))``: a row's shift and log-sum from its max ``m`` and its sum
+    of exponentials ``sum_exp = sum(exp(x - shift))``, keepdims.
+
+    A row whose max is NaN (a NaN logit, or a traced soft cap out of range) has a NaN log-sum,
+    also where XLA's CPU code took ``exp(NaN)`` in its sum to 0: it does in some fusions with a
+    select, which made such a row look empty (loss 0). Every row statistic goes through here."""
+    log_sum = jnp.log(sum_exp)
+    return shift_of(m), jnp.where(jnp.isnan(m), jnp.full_like(log_sum, jnp.nan), log_sum)
+
+
 def log_sum_or_zero(log_sum: jax.Array) -> jax.Array:
     """``log_sum`` with an empty row's -inf replaced by 0 (its results are masked anyway, and a
     finite value keeps NaN out of the unselected branch); NaN stays NaN."""
@@ -80,8 +91,7 @@ def max_and_log_sum(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ja
     """
 
     def stats(x, mask):
-        m, total = max_and_sum_exp(x, mask)
-        return shift_of(m), jnp.log(total)
+        return shift_and_log_sum(*max_and_sum_exp(x, mask))
 
     return _loops.by_row_chunks(stats, x, mask)
 

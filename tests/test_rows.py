@@ -169,6 +169,21 @@ def test_primitives_agree_on_a_nan_row():
     R.assert_close(jaxce.softmax(x)[1], R.softmax(np.array([1.0, 2.0, 3.0])), rtol=1e-6)
 
 
+def test_a_nan_max_makes_the_log_sum_nan_whatever_the_sum():
+    """Every row statistic takes its log-sum through one helper, which keeps a NaN max NaN: XLA's
+    CPU code evaluates exp(NaN) to 0 inside some fused sums with a select, and a NaN row whose
+    sum came out 0 would otherwise look empty (log-sum -inf, loss 0)."""
+    from jaxce._softmax import shift_and_log_sum
+
+    m = jnp.array([[np.nan], [np.nan], [1.0], [-np.inf], [np.inf]])
+    total = jnp.array([[0.0], [3.0], [2.0], [0.0], [np.nan]])
+    shift, log_sum = shift_and_log_sum(m, total)
+    np.testing.assert_array_equal(shift[:, 0], [0.0, 0.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(
+        log_sum[:, 0], [np.nan, np.nan, np.log(np.asarray(total)[2, 0]), -np.inf, np.nan]
+    )
+
+
 def test_nan_in_an_excluded_entry_takes_no_part(rng):
     """A masked (where=False) entry, like an ignored example, takes no part whatever it holds."""
     x = R.random_logits(rng, (2, 5))

@@ -246,11 +246,12 @@ def _weighted(t, weights):
     return t if weights is None else t * _rows.class_row(weights, t)
 
 
-def _gaps(z, shift, t):
-    """``shift - z`` where the target ``t`` is nonzero, 0 elsewhere (0 log 0 = 0, even at -inf
-    logits). ``lse - z`` is this plus the row's log-sum, which is added once per row: a NaN
-    logit (a NaN log-sum) then makes its row NaN whatever the targets (as optax)."""
-    return jnp.where(t != 0, shift - z, jnp.zeros_like(z))
+def _half_gaps(z, shift, t):
+    """``(shift - z) / 2`` where the target ``t`` is nonzero, 0 elsewhere (0 log 0 = 0, even at
+    -inf logits; halves: ``_rows.half_difference``). ``(lse - z) / 2`` is this plus half the
+    row's log-sum, which is added once per row: a NaN logit (a NaN log-sum) then makes its row
+    NaN whatever the targets (as optax)."""
+    return jnp.where(t != 0, _rows.half_difference(shift, z), jnp.zeros_like(z))
 
 
 def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
@@ -269,8 +270,10 @@ def _soft_rows_and_exponentials(x, y, mask, weights, eps) -> tuple[_SoftRows, ja
         count = jnp.sum(adm, axis=-1, keepdims=True, dtype=z.dtype)
     wt = _weighted(_soft_targets(adm, y.astype(z.dtype), mask, eps, count), weights)
     mass = jnp.sum(wt, axis=-1, keepdims=True)
-    loss = jnp.sum(wt * _gaps(z, shift, wt), axis=-1, keepdims=True)
-    loss = loss + mass * log_sum_or_zero(log_sum)
+    # Half the loss, doubled once summed: a term w y' (lse - z) may be representable where
+    # lse - z is not (logits 3e38 and -3e38), and the sum where its terms' sum is not.
+    half = jnp.sum(wt * _half_gaps(z, shift, wt), axis=-1, keepdims=True)
+    loss = (half + mass * (log_sum_or_zero(log_sum) * 0.5)) * 2
     # An empty row has loss 0, unless its targets hold a NaN: never hidden.
     empty = jnp.isneginf(log_sum) & ~jnp.isnan(mass)
     loss = jnp.where(empty, jnp.zeros_like(loss), loss)
@@ -310,14 +313,16 @@ def _fusible_soft_loss(x, y):
 @jax.custom_batching.custom_vmap
 def _plain_soft_loss(x, y):
     """The soft-label loss without options, one fused pass (:func:`_fusible_soft_loss`); if a
-    row comes out NaN there, the whole batch again as :func:`_soft_forward` computes it, so the
-    two agree wherever the fused pass gives a number (a NaN input stays NaN either way)."""
+    row comes out NaN or infinite there, the whole batch again as :func:`_soft_forward`
+    computes it, so the two agree wherever the fused pass gives a finite number (a NaN input
+    stays NaN either way; a row whose ``lse - z`` overflows where its loss does not is finite in
+    the second)."""
     fused = _fusible_soft_loss(x, y)
 
     def exact():
         return _soft_forward(x, y, None, None, None).loss[..., 0]
 
-    return jax.lax.cond(jnp.any(jnp.isnan(fused)), exact, lambda: fused)
+    return jax.lax.cond(jnp.any(~jnp.isfinite(fused)), exact, lambda: fused)
 
 
 @_plain_soft_loss.def_vmap
@@ -353,17 +358,17 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, e, x_dot, y_dot, w_
         p = probabilities(z, rows.shift, rows.log_sum, mask, e)
         dz = jnp.where(has_row, rows.mass * p - wt, 0)
         out = jnp.sum(dz * x_dot.astype(z.dtype), axis=-1)
-    # lse - z (only the labels' and the smoothing's derivatives read it)
-    gaps = (rows.shift - z) + log_sum_or_zero(rows.log_sum)
+    # (lse - z) / 2 (only the labels', the weights' and the smoothing's derivatives read it):
+    # each weights it, then doubles the product or the sum (_rows.half_gap)
+    gaps = _rows.half_gap(rows.shift, z, rows.log_sum)
     if y_dot is not None:
         live = has_row if mask is None else has_row & mask
         scale = jnp.ones_like(z) if eps is None else jnp.full_like(z, 1 - eps)
         # A weight of 0 (a class weight, eps = 1) on an infinite gap (a -inf logit) adds 0.
-        dy = jnp.where(live, weighted(_weighted(scale, weights), gaps), jnp.zeros_like(z))
+        dy = jnp.where(live, weighted(_weighted(scale, weights), gaps) * 2, jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dy * y_dot.astype(z.dtype), axis=-1))
     if w_dot is not None:
-        gap = _gaps(z, rows.shift, t) + log_sum_or_zero(rows.log_sum)
-        dw = jnp.where(has_row, t * gap, jnp.zeros_like(z))
+        dw = jnp.where(has_row & (t != 0), (t * gaps) * 2, jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dw * _rows.class_row(w_dot, dw), axis=-1))
     if eps_dot is not None:
         assert rows.num_admissible is not None  # kept whenever there is smoothing
@@ -371,7 +376,7 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, e, x_dot, y_dot, w_
         uniform = jnp.where(adm, 1 / jnp.maximum(rows.num_admissible, 1), jnp.zeros_like(z))
         dt = _weighted(uniform - y0, weights)
         d_eps = jnp.where(has_row & (dt != 0), dt * gaps, jnp.zeros_like(z))
-        out = _autodiff.add(out, jnp.sum(d_eps, axis=-1) * eps_dot)
+        out = _autodiff.add(out, (jnp.sum(d_eps, axis=-1) * 2) * eps_dot)
     return out
 
 

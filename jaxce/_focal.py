@@ -153,7 +153,10 @@ def _softmax_focal_forward(x, labels, alpha, gamma, ignore_index):
     else:
         a = jnp.take(alpha, meaning.class_index)[..., None]
     rows = _rows.status(meaning, stats)
-    loss = _rows.finalize(weighted(-a * _pow(u, gamma), lp), rows)
+    # alpha_y u^gamma times half of -lp, doubled after: -lp alone may overflow (a label logit
+    # 3e38 below the row max) where the loss does not (a small alpha_y).
+    half = _rows.half_gap(m, z_y, log_sum)
+    loss = _rows.finalize(weighted(a * _pow(u, gamma), half) * 2, rows)
     counted = rows.active.astype(m.dtype)
     return loss[..., 0], counted[..., 0], (meaning, stats, lp, u, a, rows)
 

@@ -25,6 +25,12 @@ the logits are from zero (at logits near 1e8, or of -1e30, ``lse`` itself has no
 spare). The smoothing sum is kept the same way, as ``sum_A w_c (m - z_c)`` (a sum of
 non-negative terms), never as ``W m - sum_A w_c z_c``.
 
+Range. Every weighted difference is formed from halves, ``w ((m/2 - z/2) + log_sum/2)``, and
+doubled once its weight has scaled it: halving is exact, so it rounds as ``w (lse - z)`` does,
+but a difference beyond the range (logits 3e38 and -3e38) no longer overflows where its
+weighted term is representable (a class weight or a smoothing of 1e-10 on it). The loss is
+infinite only where its value is beyond the range.
+
 NaN. A NaN among a row's admissible logits makes its ``sum_exp`` NaN, and so its loss and
 derivative NaN; such a row is never mistaken for an empty one (``sum_exp == 0``), which takes no
 part (loss 0, derivative 0).
@@ -166,22 +172,31 @@ class Partial(NamedTuple):
     sum_exp: jax.Array  # sum_A exp(z - shift): 0 exactly for an empty block
     num_admissible: jax.Array | None  # K of the block
     weight_total: jax.Array | None  # sum_A w_c
-    gap: jax.Array | None  # sum_A w_c (shift - z_c) / num_classes: non-negative terms
+    gap: jax.Array | None  # sum_A w_c (shift - z_c) / (2 num_classes): non-negative terms
 
 
-def scaled_difference(a: jax.Array, b: jax.Array, n: int) -> jax.Array:
-    """``(a - b) / n`` for ``a >= b``, as ``(a / 2 - b / 2) / (n / 2)``: halving is exact, so
-    this rounds as ``(a - b) / n`` does (the same two roundings) wherever ``a - b`` is finite,
-    and the halves' difference cannot overflow (``a = 3e38, b = -3e38``). Only halves of
-    subnormal numbers (below 1.2e-38 in float32) round, by at most half the smallest one.
+def half_difference(a: jax.Array, b: jax.Array, n: int = 1) -> jax.Array:
+    """``(a - b) / (2 n)`` for ``a >= b``, as ``(a / 2 - b / 2) / n``: halving is exact, so
+    this rounds as ``(a - b) / n`` does, halved exactly, wherever ``a - b`` is finite, and the
+    halves' difference cannot overflow (``a = 3e38, b = -3e38``). Only halves of subnormal
+    numbers (below 1.2e-38 in float32) round, by at most half the smallest one.
 
-    Four operations per entry, where the guarded form (``isinf`` of the difference, a select)
-    took ten: XLA's CPU compiler fuses the smoothing gap's sum into the per-row loss, and at so
-    many operations per entry it split that fusion over threads, whose wake-up was most of a
-    small call (float32 [256, 10] with label smoothing: the fusion 35.6 -> 2.5 us,
+    Three or four operations per entry, where a guarded form (``isinf`` of the difference, a
+    select) took ten: XLA's CPU compiler fuses the smoothing gap's sum into the per-row loss,
+    and at so many operations per entry it split that fusion over threads, whose wake-up was
+    most of a small call (float32 [256, 10] with label smoothing: the fusion 35.6 -> 2.5 us,
     ``value_and_grad`` 0.76x the time; [1024, 1000] 0.89x, [4096, 4096] 0.95x)."""
     half = jnp.asarray(0.5, jnp.result_type(a, b))
-    return (a * half - b * half) / (n * half)
+    difference = a * half - b * half
+    return difference if n == 1 else difference / n
+
+
+def half_gap(shift: jax.Array, z: jax.Array, log_sum: jax.Array) -> jax.Array:
+    """``(lse - z) / 2`` as ``(shift/2 - z/2) + log_sum/2``, finite for finite logits
+    (``log_sum``: the row's, an empty row's -inf read as 0). A caller multiplies it by its
+    weight and doubles the product (or the sum of products): that rounds as ``w (lse - z)``
+    does, and is infinite only where the weighted term is beyond the range."""
+    return half_difference(shift, z) + log_sum_or_zero(log_sum) * jnp.asarray(0.5, z.dtype)
 
 
 def partial_stats(
@@ -235,7 +250,7 @@ def stats_and_exponentials(
     if not options.smoothing:
         return Partial(m, sum_exp, None, None, None), e
     w = jnp.ones_like(z) if weights is None else class_row(weights, z)
-    gap = row_sum(w * scaled_difference(shift, z, num_classes))
+    gap = row_sum(w * half_difference(shift, z, num_classes))
     return Partial(m, sum_exp, row_sum(jnp.ones_like(z)), row_sum(w), gap), e
 
 
@@ -276,7 +291,7 @@ def rebase(p: Partial, new_max: jax.Array, num_classes: int) -> Partial:
     sum_exp = jnp.where(keep, p.sum_exp, p.sum_exp * jnp.exp(old - new))
     if p.gap is None or p.weight_total is None:
         return Partial(new_max, sum_exp, None, None, None)
-    lift = p.weight_total * scaled_difference(new, old, num_classes)
+    lift = p.weight_total * half_difference(new, old, num_classes)
     gap = jnp.where(keep, p.gap, p.gap + lift)
     return Partial(new_max, sum_exp, p.num_admissible, p.weight_total, gap)
 
@@ -312,7 +327,7 @@ class Stats(NamedTuple):
     log_sum: jax.Array  # log sum_A exp(z - shift): -inf for an empty row, NaN with a NaN
     num_admissible: jax.Array | None  # K (smoothing only)
     weight_total: jax.Array | None  # W (smoothing only)
-    spread: jax.Array | None  # sum_A w_c (shift - z_c) / K (smoothing only)
+    half_spread: jax.Array | None  # sum_A w_c (shift - z_c) / (2 K) (smoothing only)
 
     def log_sum_or_zero(self) -> jax.Array:
         """``log_sum`` with an empty row's -inf replaced by 0 (``_softmax.log_sum_or_zero``)."""
@@ -332,31 +347,34 @@ def finish(p: Partial, num_classes: int) -> Stats:
     shift, log_sum = shift_and_log_sum(p.max, p.sum_exp)
     if p.num_admissible is None or p.gap is None:
         return Stats(shift, log_sum, None, None, None)
-    spread = p.gap * (num_classes / jnp.maximum(p.num_admissible, 1))
-    return Stats(shift, log_sum, p.num_admissible, p.weight_total, spread)
+    half_spread = p.gap * (num_classes / jnp.maximum(p.num_admissible, 1))
+    return Stats(shift, log_sum, p.num_admissible, p.weight_total, half_spread)
 
 
 # ---------------------------------------------------------------------------- the loss
-def nll(stats: Stats, label_logit: jax.Array) -> jax.Array:
-    """``lse - z_y`` as ``(shift - z_y) + log_sum``."""
-    return (stats.shift - label_logit) + stats.log_sum_or_zero()
+def half_nll(stats: Stats, label_logit: jax.Array) -> jax.Array:
+    """``(lse - z_y) / 2`` (:func:`half_gap`)."""
+    return half_gap(stats.shift, label_logit, stats.log_sum)
 
 
-def smoothing_term(stats: Stats) -> jax.Array:
-    """``sum_A w_c (lse - z_c) / K = spread + W / K log_sum``: two non-negative terms."""
+def half_smoothing_term(stats: Stats) -> jax.Array:
+    """``sum_A w_c (lse - z_c) / (2 K) = half_spread + W / K log_sum / 2``: two non-negative
+    terms."""
     assert stats.num_admissible is not None and stats.weight_total is not None
-    assert stats.spread is not None
+    assert stats.half_spread is not None
     ratio = stats.weight_total / jnp.maximum(stats.num_admissible, 1)
-    return stats.spread + ratio * stats.log_sum_or_zero()
+    return stats.half_spread + ratio * (stats.log_sum_or_zero() * 0.5)
 
 
 def row_loss(stats: Stats, label_logit: jax.Array, w_y: jax.Array, options: Options):
     """The per-example loss (``[..., 1]``) before rows are finalized."""
     eps, zl = options.label_smoothing, options.z_loss
-    # (1 - eps) w_y before the nll: w_y nll alone may overflow where the loss does not.
-    loss = weighted(w_y if eps is None else (1 - eps) * w_y, nll(stats, label_logit))
+    # (1 - eps) w_y times half the nll, doubled after the weights: w_y nll alone may overflow
+    # where the loss does not (module docstring, "Range").
+    half = weighted(w_y if eps is None else (1 - eps) * w_y, half_nll(stats, label_logit))
     if eps is not None:
-        loss = loss + weighted(eps, smoothing_term(stats))
+        half = half + weighted(eps, half_smoothing_term(stats))
+    loss = half * 2
     if zl is not None:
         lse = stats.lse()
         # (zl w_y lse) lse: lse^2 alone overflows float32 from lse = 1.8e19, the term later.
@@ -416,12 +434,12 @@ def spread_derivative(
 
 
 def smoothing_weight_derivative(z, adm, stats: Stats, options: Options) -> jax.Array:
-    """The smoothing part of ``dloss/dw_c``: ``eps / K (lse - z_c) [c in A]``, with ``lse - z``
-    as ``(shift - z) + log_sum``."""
+    """The smoothing part of ``dloss/dw_c``: ``eps / K (lse - z_c) [c in A]``, from
+    :func:`half_gap`."""
     assert options.label_smoothing is not None and stats.num_admissible is not None
-    gap = (stats.shift - z) + stats.log_sum_or_zero()
     scale = options.label_smoothing / jnp.maximum(stats.num_admissible, 1)
-    return jnp.where(adm, gap * scale, jnp.zeros_like(z))
+    term = (half_gap(stats.shift, z, stats.log_sum) * scale) * 2
+    return jnp.where(adm, term, jnp.zeros_like(z))
 
 
 class RowDerivatives(NamedTuple):
@@ -434,12 +452,12 @@ class RowDerivatives(NamedTuple):
 
 def row_derivatives(stats: Stats, label_logit, w_y, options: Options) -> RowDerivatives:
     eps, zl = options.label_smoothing, options.z_loss
-    n = nll(stats, label_logit)
-    per_label = n if eps is None else (1 - eps) * n
+    n = half_nll(stats, label_logit)
+    per_label = (n if eps is None else weighted(1 - eps, n)) * 2
     lse = stats.lse()
     if zl is not None:
         per_label = per_label + zl * lse * lse
-    d_eps = None if eps is None else smoothing_term(stats) - w_y * n
+    d_eps = None if eps is None else (half_smoothing_term(stats) - weighted(w_y, n)) * 2
     d_zl = None if zl is None else w_y * lse * lse
     return RowDerivatives(per_label, d_eps, d_zl)
 

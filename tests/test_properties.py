@@ -608,14 +608,22 @@ def ce_reference(case):
         ct = case["ct"].astype(F64)
         grad = np.where(active[:, None], ct[:, None] * dz, 0.0)
         g_scale = np.abs(ct)[:, None] * g_scale
-    # Rows where a term of the formula, lse - z_c or the z-loss, is beyond the range: the
-    # loss cannot be computed in that dtype (an infinite or NaN result is accepted there).
+    # Rows where a term of the formula is beyond the range: the loss cannot be computed in that
+    # dtype (an infinite or NaN result is accepted there; compare() also accepts it where the
+    # loss itself is). Every weighted lse - z is formed from halves and doubled after its
+    # weight (_rows, "Range"), so below float64 only the smoothing's half sum and the z-loss
+    # count: a term lse - z_c beyond the range under a small weight must not overflow. In
+    # float64 the reference's own differences overflow, so there each term counts.
     top = float(P.finfo(cdtype(case["dtype"])).max)
     with np.errstate(invalid="ignore", over="ignore"):
-        overflow = (lse - z_y > top) | (zl * w_y * lse * lse > top)
-        if variant != "plain":  # the smoothing terms are formed, even at a traced eps of 0
-            gap = np.where(adm, lse[:, None] - z, 0.0)
-            overflow |= ((gap > top) | (w * (gap / kk[:, None]) > top)).any(-1)
+        overflow = zl * w_y * lse * lse > top
+        gap = np.where(adm, lse[:, None] - z, 0.0)
+        if cdtype(case["dtype"]) == np.float64:
+            overflow |= lse - z_y > top
+            if variant != "plain":  # the smoothing terms are formed, even at a traced eps of 0
+                overflow |= ((gap > top) | (w * (gap / kk[:, None]) > top)).any(-1)
+        elif variant != "plain":
+            overflow |= np.where(adm, w * gap, 0.0).sum(-1) / (2 * kk) > top
         # the z-loss's coefficient 2 zl w_y lse of the gradient, likewise
         g_overflow = (overflow | (np.abs(a) > top)) & active
     # A label at a -inf logit with a zero coefficient, 0 * inf: NaN or 0 are both accepted.
@@ -742,6 +750,129 @@ def test_smoothing_label_term_does_not_overflow(eps, fused):
     np.testing.assert_allclose(P.to_f64(got)[0], want, rtol=1e-6)
 
 
+# Logits spanning more than float32's range: lse - z is up to 6.8e38 for the far logits, beyond
+# it, but a small weight, target or smoothing on them makes every term of the loss representable.
+def _fused_linear(x, labels, **kw):  # x's rows are those of the logits: x @ I
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    return jaxce.linear_softmax_cross_entropy(x, eye, labels, reduction="none", **kw)
+
+
+SPAN_CASES = {
+    # name: (jaxce loss, float64 reference, soft labels?, hyperparameters differentiated)
+    "integer, weights": (CE, R.softmax_cross_entropy_with_integer_labels, False, ["class_weights"]),
+    "integer, smoothing": (CE, R.softmax_cross_entropy_with_integer_labels, False, ["eps"]),
+    "integer, both": (
+        CE,
+        R.softmax_cross_entropy_with_integer_labels,
+        False,
+        ["class_weights", "eps"],
+    ),
+    "fused, both": (
+        _fused_linear,
+        R.softmax_cross_entropy_with_integer_labels,
+        False,
+        ["class_weights", "eps"],
+    ),
+    "soft": (jaxce.softmax_cross_entropy, R.softmax_cross_entropy, True, []),
+    "soft, both": (
+        jaxce.softmax_cross_entropy,
+        R.softmax_cross_entropy,
+        True,
+        ["class_weights", "eps"],
+    ),
+    "focal, alpha": (jaxce.softmax_focal_loss, R.softmax_focal_loss, False, ["alpha"]),
+}
+# far apart: 3.4e38 - (-3.4e38) is beyond float32, and so are most differences drawn from these
+SPAN_VALUES = st.sampled_from([3.4e38, 3e38, 1e38, 1e30, 0.0, -1e30, -1e38, -3e38, -3.4e38])
+SMALL = st.sampled_from([1e-12, 1e-10, 1e-6, 1e-3]) | st.floats(1e-12, 1.0).map(np.float32)
+
+
+SPAN_COLS = 4
+
+
+@functools.cache
+def _span_loss_and_grads(name, keys):
+    """The jitted loss of a case and its sum's derivatives with respect to ``keys``."""
+    fn, _, soft, _ = SPAN_CASES[name]
+
+    def loss(x, y, *values):
+        given = dict(zip(keys, values, strict=True))
+        return fn(x, given.pop("labels") if soft else y, **given)
+
+    def both(x, y, *values):
+        total = jax.grad(lambda *v: jnp.sum(loss(x, y, *v)), argnums=tuple(range(len(keys))))
+        return loss(x, y, *values), total(*values) if keys else ()
+
+    return jax.jit(both)
+
+
+@pytest.mark.parametrize("name", list(SPAN_CASES))
+@_settings(0.5)
+@given(data=st.data())
+def test_weighted_terms_beyond_the_difference_range(name, data):
+    """Float32 logits spanning more than float32's range (a difference ``lse - z`` of up to
+    6.8e38) under small weights, soft labels, smoothing or focal ``alpha``: the loss and its
+    derivatives with respect to those are finite wherever their float64 value is within the
+    range, and match it. Beyond the range they may be infinite. (Terms were once formed as
+    ``w * (lse - z)``, which overflowed before a weight of 1e-10 could scale them.)"""
+    draw = data.draw
+    _, ref, soft, hyper = SPAN_CASES[name]
+    cols = SPAN_COLS
+    x = draw(hnp.arrays(np.float32, (2, cols), elements=SPAN_VALUES), "logits")
+    x[0, :2] = [3e38, -3e38]  # one row spans the range whatever was drawn
+    if soft:
+        y = draw(hnp.arrays(np.float32, (2, cols), elements=SMALL), "labels")
+    else:
+        y = draw(hnp.arrays(np.int32, (2,), elements=st.integers(0, cols - 1)), "labels")
+    args = {"labels": y} if soft else {}
+    if "class_weights" in hyper:
+        args["class_weights"] = draw(hnp.arrays(np.float32, (cols,), elements=SMALL), "w")
+    if "alpha" in hyper:
+        args["alpha"] = draw(hnp.arrays(np.float32, (cols,), elements=SMALL), "alpha")
+    if "eps" in hyper:
+        args["label_smoothing"] = np.float32(draw(SMALL, "eps"))
+    keys = tuple(args)
+    loss, grads = _span_loss_and_grads(name, keys)(
+        jnp.asarray(x), jnp.asarray(y), *(jnp.asarray(v) for v in args.values())
+    )
+    wide = {k: np.asarray(v, F64) for k, v in args.items()}
+    # Each loss is the same for logits shifted by their row max, where the float64 reference
+    # is exact (at 3e38 itself, its lse would lose log-sums below 1e22 to rounding).
+    shifted = x.astype(F64) - x.max(-1, keepdims=True)
+
+    def theirs(**given):
+        given = {**wide, **given}
+        labels = given.pop("labels") if soft else y
+        return ref(shifted, labels, **given)
+
+    # The float64 derivatives: the loss is linear in the weights and alpha (its value at each
+    # unit vector) and affine in the smoothing; the labels' is (1 - eps) w (lse - z). Every one
+    # is a sum of non-negative terms, but the smoothing's, whose size is that of its two ends.
+    want, scale = [theirs()], [theirs()]
+    for key in keys:
+        if key == "label_smoothing":
+            at_one, at_zero = (np.sum(theirs(label_smoothing=e)) for e in (1.0, 0.0))
+            want.append(at_one - at_zero)
+            scale.append(at_one + at_zero)
+            continue
+        if key == "labels":  # (1 - eps) w (lse - z)
+            eps = wide.get("label_smoothing", 0.0)
+            w = wide.get("class_weights", 1.0)
+            d = (1 - eps) * w * -R.log_softmax(shifted)
+        else:
+            units = np.eye(wide[key].size)
+            d = np.array([np.sum(theirs(**{key: u})) for u in units])
+        want.append(d)
+        scale.append(np.abs(d))
+    top = float(np.finfo(np.float32).max)
+    for what, g, w, size in zip(["loss", *keys], [loss, *grads], want, scale, strict=True):
+        g, w, size = (np.asarray(a, F64) for a in (g, w, size))
+        inside = np.abs(size) <= top / 2
+        assert np.all(np.isfinite(g[inside])), (name, what, g, w)
+        error = np.abs(g[inside] - w[inside])
+        np.testing.assert_array_less(error, 1e-5 * size[inside] + 1e-30, err_msg=f"{name}: {what}")
+
+
 # ============================================================ cross-entropy, soft labels
 @functools.partial(jax.jit, static_argnames=("variant",))
 def _soft(x, y, where, weights, eps, ct, variant):
@@ -801,9 +932,12 @@ def test_soft_label_cross_entropy(data):
     gap = np.where(adm, -log_p + 1, 0.0)  # lse - z + 1
     scale = times(wt, gap).sum(-1)
     name = "softmax_cross_entropy"
-    # a term lse - z_c beyond the range: an infinite or NaN result is accepted
+    # a term beyond the range: an infinite or NaN result is accepted. Below float64 each
+    # w y' (lse - z_c) is formed from halves (_rows, "Range"): only a weighted term beyond the
+    # range counts, not lse - z_c alone; in float64 the reference's own differences overflow.
     top = float(P.finfo(cdtype(dtype)).max)
-    over = adm & (-log_p > top)
+    wide = cdtype(dtype) == np.float64
+    over = adm & ((-log_p > top) if wide else (wt * -log_p / 2 > top))
     overflow = (over & (wt != 0)).any(-1)
     for got in (loss, alone, fused):
         u = dict(unit_dtype=P.compute_dtype(dtype))
@@ -811,7 +945,9 @@ def test_soft_label_cross_entropy(data):
     # d/dz = (sum w y') p - w y';  d/dy = (1 - eps) w (lse - z) on where & admissible rows
     mass = wt.sum(-1, keepdims=True)
     want_gx = ct64[:, None] * (mass * p - wt)
-    g_scale = np.abs(ct64)[:, None] * (mass * (p * xlogx_scale(log_p) + underflow(p, dtype)) + wt)
+    # p's error, its flush to 0, and the rounding of the sum that gives the mass (log2 K units)
+    p_err = p * (xlogx_scale(log_p) + np.log2(np.maximum(k, 1))[:, None])
+    g_scale = np.abs(ct64)[:, None] * (mass * (p_err + underflow(p, dtype)) + wt)
     u = dict(unit_dtype=dtype)
     P.compare(f"{name} (gradient)", dtype, gx, want_gx, g_scale, **u)
     live = where & (k > 0)[:, None]
@@ -821,8 +957,11 @@ def test_soft_label_cross_entropy(data):
     # (at a -inf logit the derivative is +inf: not compared; beyond the range, or where
     # lse - z is, an infinite or NaN result is accepted)
     compared = ~(np.isneginf(x64) & live)
+    if wide:  # where the reference's own lse - z overflows float64, it has no value to compare
+        compared &= ~(np.isinf(log_p) & np.isfinite(x64))
     with np.errstate(invalid="ignore", over="ignore"):
-        over_gy = adm & (np.maximum(1, (1 - eps) * w64) * -log_p > top)
+        weight_gy = np.maximum(1, (1 - eps) * w64) if wide else (1 - eps) * w64
+        over_gy = adm & ((weight_gy * -log_p > top) | np.isinf(log_p))
     P.compare(
         f"{name} (gradient)", dtype, gy, want_gy, gy_scale, mask=compared, overflow=over_gy, **u
     )

@@ -56,10 +56,10 @@ def test_smoothing_is_exact_far_from_zero(dtype, variant, logits, label, eps):
     R.assert_close(got, want, rtol=2e-7 if dtype == jnp.float32 else 1e-14)
 
 
-def test_scaled_difference_rounds_as_the_plain_difference():
-    """``scaled_difference`` (the smoothing gap's terms) is ``(a - b) / n`` with its two
-    roundings wherever ``a - b`` is finite and the halves are normal numbers, bit for bit, and
-    finite where only ``a - b`` overflows."""
+def test_half_difference_rounds_as_the_plain_difference():
+    """``half_difference`` (every weighted ``lse - z`` and the smoothing gap's terms) is
+    ``(a - b) / n``, halved exactly, wherever ``a - b`` is finite and the halves are normal
+    numbers, bit for bit, and finite where only ``a - b`` overflows."""
     from jaxce import _rows
 
     rng = np.random.default_rng(0)
@@ -72,12 +72,13 @@ def test_scaled_difference_rounds_as_the_plain_difference():
         d = a - b
     finite = np.isfinite(d)
     assert finite.sum() > 4000 and (~finite).sum() > 300
-    for n in (2, 3, 1000, 256_000):
-        got = np.asarray(_rows.scaled_difference(jnp.asarray(a), jnp.asarray(b), n))
+    for n in (1, 2, 3, 1000, 256_000):
+        got = np.asarray(_rows.half_difference(jnp.asarray(a), jnp.asarray(b), n))
         plain = np.asarray((jnp.asarray(a) - jnp.asarray(b)) / n)  # XLA's own division
-        np.testing.assert_array_equal(got[finite], plain[finite])
-        np.testing.assert_allclose(got[finite], d[finite] / np.float32(n), rtol=1.2e-7)
-        exact = (a[~finite].astype(np.float64) - b[~finite]) / n
+        np.testing.assert_array_equal(got[finite] * 2, plain[finite])
+        np.testing.assert_allclose(got[finite] * 2, d[finite] / np.float32(n), rtol=1.2e-7)
+        exact = (a[~finite].astype(np.float64) - b[~finite]) / (2 * n)
+        assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got[~finite], exact, rtol=2.5e-7)
 
 

@@ -403,6 +403,20 @@ def jitted(fn):
 # test helpers (not references)
 
 
+def fused_of_logits(logits, labels, **kw):
+    """``linear_softmax_cross_entropy`` of exactly these logits, per example: x = the logits and
+    w = I, so x @ w = logits (a NaN stays in its row; -inf logits need the bias instead)."""
+    import jax.numpy as jnp
+
+    import jaxce
+
+    logits = jnp.asarray(logits)
+    c = logits.shape[-1]
+    return jaxce.linear_softmax_cross_entropy(
+        logits, jnp.eye(c, dtype=logits.dtype), labels, reduction="none", **kw
+    )
+
+
 def assert_close(actual, expected, rtol=1e-10, atol=1e-12, err_msg=""):
     """``assert_allclose`` in float64 that treats NaN == NaN and requires equal infinities."""
     a = np.asarray(np.asarray(actual, dtype=np.float32) if _is_low(actual) else actual, F64)

@@ -752,11 +752,6 @@ def test_smoothing_label_term_does_not_overflow(eps, fused):
 
 # Logits spanning more than float32's range: lse - z is up to 6.8e38 for the far logits, beyond
 # it, but a small weight, target or smoothing on them makes every term of the loss representable.
-def _fused_linear(x, labels, **kw):  # x's rows are those of the logits: x @ I
-    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-    return jaxce.linear_softmax_cross_entropy(x, eye, labels, reduction="none", **kw)
-
-
 SPAN_CASES = {
     # name: (jaxce loss, float64 reference, soft labels?, hyperparameters differentiated)
     "integer, weights": (CE, R.softmax_cross_entropy_with_integer_labels, False, ["class_weights"]),
@@ -768,7 +763,7 @@ SPAN_CASES = {
         ["class_weights", "eps"],
     ),
     "fused, both": (
-        _fused_linear,
+        R.fused_of_logits,
         R.softmax_cross_entropy_with_integer_labels,
         False,
         ["class_weights", "eps"],

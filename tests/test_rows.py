@@ -17,16 +17,6 @@ import jaxce
 CE = jaxce.softmax_cross_entropy_with_integer_labels
 
 
-def _fused(logits, labels, **kw):
-    """The fused loss of exactly these logits: x = the logits and w = I, so x @ w = logits (a
-    NaN stays in its row; -inf logits need the bias instead)."""
-    logits = jnp.asarray(logits)
-    c = logits.shape[-1]
-    return jaxce.linear_softmax_cross_entropy(
-        logits, jnp.eye(c, dtype=logits.dtype), labels, reduction="none", **kw
-    )
-
-
 def _shifted_reference(logits, labels, **kw):
     """The float64 reference on logits shifted by their row max: the loss without z-loss is
     shift-invariant, and the shifted logits are small, so the reference is exact there."""
@@ -50,7 +40,7 @@ def _shifted_reference(logits, labels, **kw):
 def test_smoothing_is_exact_far_from_zero(dtype, variant, logits, label, eps):
     x = jnp.asarray(np.array(logits), dtype)
     labels = jnp.array([label])
-    fn = CE if variant == "plain" else _fused
+    fn = CE if variant == "plain" else R.fused_of_logits
     got = fn(x, labels, label_smoothing=eps)
     want = _shifted_reference(np.asarray(x), np.array([label]), label_smoothing=eps)
     R.assert_close(got, want, rtol=2e-7 if dtype == jnp.float32 else 1e-14)
@@ -94,7 +84,7 @@ def test_smoothing_with_weights_and_mask_far_from_zero(rng, variant):
     y = rng.integers(0, 9, size=4)
     w = rng.uniform(0.5, 2.0, 9)
     kw = dict(label_smoothing=0.2, class_weights=w)
-    fn = CE if variant == "plain" else _fused
+    fn = CE if variant == "plain" else R.fused_of_logits
     got = fn(jnp.asarray(x, jnp.float32), jnp.asarray(y), **{**kw, "class_weights": jnp.asarray(w)})
     # float32 holds the logits to within 1 near 1e7: compare with the logits it was given.
     given = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
@@ -112,7 +102,7 @@ NAN_LOSSES = {
         logit_soft_cap=20.0,
         class_weights=jnp.linspace(0.5, 2.0, x.shape[-1]),
     ),
-    "fused": lambda x, y: _fused(x, y, label_smoothing=0.1),
+    "fused": lambda x, y: R.fused_of_logits(x, y, label_smoothing=0.1),
     "focal": lambda x, y: jaxce.softmax_focal_loss(x, y),
     "soft": lambda x, y: jaxce.softmax_cross_entropy(
         x, jax.nn.one_hot(y, x.shape[-1], dtype=x.dtype), label_smoothing=0.1
@@ -335,4 +325,6 @@ def test_infinite_soft_cap_means_no_cap(rng, cap):
     y = jnp.array([0, 1, 2])
     R.assert_close(CE(x, y, logit_soft_cap=cap), CE(x, y), rtol=0, atol=0)
     R.assert_close(jaxce.logit_soft_cap(x, cap), x, rtol=0, atol=0)
-    R.assert_close(_fused(x, y, logit_soft_cap=cap), _fused(x, y), rtol=0, atol=0)
+    R.assert_close(
+        R.fused_of_logits(x, y, logit_soft_cap=cap), R.fused_of_logits(x, y), rtol=0, atol=0
+    )

@@ -59,6 +59,8 @@ def _forward(
     else:
         partial = _rows.row_stats(x, mask, weights, options, num_classes, alone)
     stats = _rows.finish(partial, num_classes)
+    label_mask = None if mask is None else _xla.pick(mask, meaning.class_index)
+    label_logit = _rows.label_logit_within(label_logit, stats, label_mask)
     w_y = _rows.label_weight(weights, meaning.class_index, dtype)
     rows = _rows.status(meaning, stats)
     loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)

@@ -44,12 +44,14 @@ class _Static(NamedTuple):
 
 
 def _row_results(stats, meaning, label_logit, weights, options, dtype):
-    """Per-row loss, counted weight and what the derivatives need, from whole-row stats."""
+    """Per-row loss, counted weight and what the derivatives need (the label's logit within
+    its row's max among them), from whole-row stats."""
+    label_logit = _rows.label_logit_within(label_logit, stats)
     w_y = _rows.label_weight(weights, meaning.class_index, dtype)
     rows = _rows.status(meaning, stats)
     loss = _rows.finalize(_rows.row_loss(stats, label_logit, w_y, options), rows)
     counted = _rows.counted(w_y, rows)
-    return loss[:, 0], counted[:, 0], w_y, rows
+    return loss[:, 0], counted[:, 0], (label_logit, w_y, rows)
 
 
 def _forward(x, w, bias, labels, weights, options, static: _blocks.Static):
@@ -59,7 +61,9 @@ def _forward(x, w, bias, labels, weights, options, static: _blocks.Static):
     meaning = _labels.classify(labels, v, static.ignore_index)
     stats = _rows.finish(_blocks.statistics(x, w, bias, weights, options, static, dtype), v)
     label_logit = _blocks.label_logits(x, w, bias, meaning.class_index, options, dtype)
-    loss, counted, w_y, rows = _row_results(stats, meaning, label_logit, weights, options, dtype)
+    loss, counted, (label_logit, w_y, rows) = _row_results(
+        stats, meaning, label_logit, weights, options, dtype
+    )
     return loss, counted, (meaning, stats, label_logit, w_y, rows)
 
 
@@ -230,7 +234,7 @@ def _summed_jvp(static: _Static, primals, tangents):
         stats, label_logit, grads = _single_pass(
             x, w, bias, meaning, weights, options, blocks, needs
         )
-        loss, counted, w_y, rows = _row_results(
+        loss, counted, (label_logit, w_y, rows) = _row_results(
             stats, meaning, label_logit, weights, options, dtype
         )
     else:

@@ -352,6 +352,38 @@ def finish(p: Partial, num_classes: int) -> Stats:
 
 
 # ---------------------------------------------------------------------------- the loss
+def label_logit_within(
+    label_logit: jax.Array, stats: Stats, label_admissible: jax.Array | None = None
+) -> jax.Array:
+    """The label's logit, at most its row's max where the label is admissible and the max is
+    finite, so that its ``lse - z_y`` is never below ``log_sum >= 0``.
+
+    The label's logit is computed apart from the row's max: a product-sum of ``x`` and the
+    label's column of ``w`` in the fused loss, beside the block's matmul the max is taken from;
+    a soft cap of one number, beside the cap of the whole row (XLA's code for ``tanh`` differs
+    between the two, as between a jitted program and an eager call). It can then round above
+    the max, and a row that the label dominates had a loss below 0 (-1.75 with float32 logits
+    near 1e6 in the fused loss, -5e-4 with logits near 3e3 under a soft cap of 1e4, called
+    eagerly). Both are within a rounding of the exact logit, so the max is as close to it.
+    ``label_admissible`` (``[..., 1]``, nonzero where the label's class is admissible; None:
+    all are) leaves a masked label's logit as it is: it may exceed the admissible classes' max
+    (its loss below 0, optax's convention). A row with no finite max keeps its label's logit
+    (a NaN or infinite one follows the NaN policy)."""
+    above = jnp.isfinite(stats.log_sum) & (label_logit > stats.shift)  # a finite max only
+    if label_admissible is not None:
+        above = above & label_admissible.astype(bool)
+    # The max's value with the label logit's derivative (they are a rounding apart): derivatives
+    # taken of the derivative rules, which read this loss, keep their label term.
+    return jnp.where(above, stats.shift + _rounding_apart(label_logit), label_logit)
+
+
+def _rounding_apart(x: jax.Array) -> jax.Array:
+    """0, with ``x``'s derivative; 0 where ``x`` is infinite (no derivative at inf either)."""
+    finite = jnp.isfinite(x)
+    x = jnp.where(finite, x, jnp.zeros_like(x))
+    return x - jax.lax.stop_gradient(x)
+
+
 def half_nll(stats: Stats, label_logit: jax.Array) -> jax.Array:
     """``(lse - z_y) / 2`` (:func:`half_gap`)."""
     return half_gap(stats.shift, label_logit, stats.log_sum)

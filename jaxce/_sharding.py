@@ -202,7 +202,13 @@ def _sharded_ce_forward(x, labels, mask, weights, options, static: _Static):
     owned = {"label_logit": _owned(picked, shard)}
     if weights is not None:
         owned["w_y"] = _pick(weights.astype(dtype), shard)
+    if mask is not None:
+        label_mask = jnp.take_along_axis(mask, shard.local[..., None], axis=-1)
+        owned["label_admissible"] = _owned(label_mask.astype(dtype), shard)
     stats, owned = _global(local, owned, static)
+    owned["label_logit"] = _rows.label_logit_within(
+        owned["label_logit"], stats, owned.get("label_admissible")
+    )
     loss, counted, label_logit, w_y, rows = _rows_of(stats, shard, owned, weights, options, dtype)
     return loss, counted, (shard, mask, stats, label_logit, w_y, rows)
 
@@ -261,6 +267,7 @@ def _sharded_linear_forward(x, w, bias, labels, weights, options, static: _Fused
     if weights is not None:
         owned["w_y"] = _pick(weights.astype(dtype), shard)
     stats, owned = _global(local, owned, core)
+    owned["label_logit"] = _rows.label_logit_within(owned["label_logit"], stats)
     loss, counted, label_logit, w_y, rows = _rows_of(stats, shard, owned, weights, options, dtype)
     return loss, counted, (shard, stats, label_logit, w_y, rows), vary
 

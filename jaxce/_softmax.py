@@ -31,8 +31,15 @@ def shift_and_log_sum(m: jax.Array, sum_exp: jax.Array) -> tuple[jax.Array, jax.
 
     A row whose max is NaN (a NaN logit, or a traced soft cap out of range) has a NaN log-sum,
     also where XLA's CPU code took ``exp(NaN)`` in its sum to 0: it does in some fusions with a
-    select, which made such a row look empty (loss 0). Every row statistic goes through here."""
-    log_sum = jnp.log(sum_exp)
+    select, which made such a row look empty (loss 0). A row whose max is finite has a sum of at
+    least 1 (the max's own ``exp(0)``), floored there: where the max and the entries are soft
+    capped apart (``tanh`` of one number and of a row, whose codes can differ by a rounding),
+    the max's own term can round below 1, and the log-sum below 0. Every row statistic goes
+    through here."""
+    below = jnp.isfinite(m) & (sum_exp < 1)
+    # 1 with the sum's derivative (a rounding apart), which derivatives of derivatives read
+    one = 1 + (sum_exp - jax.lax.stop_gradient(sum_exp))
+    log_sum = jnp.log(jnp.where(below, one, sum_exp))
     return shift_of(m), jnp.where(jnp.isnan(m), jnp.full_like(log_sum, jnp.nan), log_sum)
 
 

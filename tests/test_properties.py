@@ -47,8 +47,10 @@ import scipy.special
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from jax.sharding import AxisType
 
 import jaxce
+import jaxce.sharded
 from jaxce import _cross_entropy
 
 F64 = np.float64
@@ -869,6 +871,69 @@ def test_weighted_terms_beyond_the_difference_range(name, data):
 
 
 # ============================================================ cross-entropy, soft labels
+@functools.cache
+def _loss_at_the_max(case):
+    """The per-example loss of ``case`` (``AT_THE_MAX``) as a function of ``(x, w, labels,
+    cap)``: jitted (the cap traced) but for the eager case; ``w`` is None for the logits' loss."""
+    if case == "integer, capped, eager":
+        return lambda x, w, labels, cap: CE(x, labels, logit_soft_cap=cap)
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+    def loss(x, w, labels, cap):
+        kw = {} if cap is None else {"logit_soft_cap": cap}
+        if case == "sharded fused":
+            return jaxce.sharded.linear_softmax_cross_entropy(
+                x, w, labels, axis_name="model", mesh=mesh, reduction="none", **kw
+            )
+        return jaxce.linear_softmax_cross_entropy(x, w, labels, reduction="none", **kw)
+
+    return jax.jit(loss)
+
+
+AT_THE_MAX = ("fused", "fused, capped", "sharded fused", "integer, capped, eager")
+
+
+@pytest.mark.parametrize("case", AT_THE_MAX)
+@_settings(0.3)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    magnitude=st.sampled_from([1e2, 1e3, 1e4, 1e5]) | st.floats(1.0, 1e6),
+)
+def test_a_label_at_its_rows_max_has_a_loss_of_at_least_0(case, seed, magnitude):
+    """Float32 rows whose label is their max, far from zero: the loss, ``lse - z_y >= lse - max
+    >= 0``, is never below 0, and within the rounding of the logits of its float64 value. The
+    label's logit is computed apart from the row's max (a product-sum beside the fused loss's
+    matmul; a soft cap of one number beside the row's, whose ``tanh`` differs in an eager call)
+    and could round above it: -1.75 at fused logits near 1e6, -5e-4 at soft-capped ones near
+    3e3."""
+    rng = np.random.default_rng(seed)
+    capped = "capped" in case
+    if case == "integer, capped, eager":
+        x64 = rng.standard_normal((2048, 333)) * magnitude
+        cap = np.float32(10 * magnitude)
+        x, w = x64.astype(np.float32), None
+        z64 = cap * np.tanh(x.astype(F64) / cap)
+        rounding = np.max(np.abs(z64), axis=-1)
+    else:
+        n, d, v = 64, 128, 512
+        x = (rng.standard_normal((n, d)) * magnitude).astype(np.float32)
+        w = rng.standard_normal((d, v)).astype(np.float32)
+        raw = x.astype(F64) @ w.astype(F64)
+        cap = np.float32(3 * np.max(np.abs(raw))) if capped else None
+        z64 = raw if cap is None else cap * np.tanh(raw / cap)
+        # the products' rounding: d terms of up to |x_i w_i| each
+        rounding = d * (np.abs(x).astype(F64) @ np.abs(w).astype(F64)).max(-1)
+    labels = np.argmax(z64, axis=-1).astype(np.int32)
+    got = _loss_at_the_max(case)(
+        jnp.asarray(x), w, jnp.asarray(labels), None if cap is None else jnp.asarray(cap)
+    )
+    got = np.asarray(got, F64)
+    want = -np.take_along_axis(R.log_softmax(z64), labels[:, None], -1)[:, 0]
+    assert np.all(got >= 0), (case, got.min(), np.argmin(got))
+    bound = 4 * float(np.finfo(np.float32).eps) * rounding + 1e-6
+    assert np.all(np.abs(got - want) <= bound), (case, np.max(np.abs(got - want) - bound))
+
+
 @functools.partial(jax.jit, static_argnames=("variant",))
 def _soft(x, y, where, weights, eps, ct, variant):
     kw = {}

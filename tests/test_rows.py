@@ -160,18 +160,20 @@ def test_primitives_agree_on_a_nan_row():
     R.assert_close(jaxce.softmax(x)[1], R.softmax(np.array([1.0, 2.0, 3.0])), rtol=1e-6)
 
 
-def test_a_nan_max_makes_the_log_sum_nan_whatever_the_sum():
+def test_the_log_sum_of_a_nan_max_is_nan_and_of_a_finite_max_at_least_0():
     """Every row statistic takes its log-sum through one helper, which keeps a NaN max NaN: XLA's
     CPU code evaluates exp(NaN) to 0 inside some fused sums with a select, and a NaN row whose
-    sum came out 0 would otherwise look empty (log-sum -inf, loss 0)."""
+    sum came out 0 would otherwise look empty (log-sum -inf, loss 0). A finite max's row sums
+    at least its own exp(0) = 1: a sum rounded below it is floored there."""
     from jaxce._softmax import shift_and_log_sum
 
-    m = jnp.array([[np.nan], [np.nan], [1.0], [-np.inf], [np.inf]])
-    total = jnp.array([[0.0], [3.0], [2.0], [0.0], [np.nan]])
+    # The last row: a finite max's sum rounded below its own exp(0) = 1 is floored at 1.
+    m = jnp.array([[np.nan], [np.nan], [1.0], [-np.inf], [np.inf], [2.0]])
+    total = jnp.array([[0.0], [3.0], [2.0], [0.0], [np.nan], [1 - 2**-20]])
     shift, log_sum = shift_and_log_sum(m, total)
-    np.testing.assert_array_equal(shift[:, 0], [0.0, 0.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(shift[:, 0], [0.0, 0.0, 1.0, 0.0, 0.0, 2.0])
     np.testing.assert_array_equal(
-        log_sum[:, 0], [np.nan, np.nan, np.log(np.asarray(total)[2, 0]), -np.inf, np.nan]
+        log_sum[:, 0], [np.nan, np.nan, np.log(np.asarray(total)[2, 0]), -np.inf, np.nan, 0.0]
     )
 
 

@@ -54,6 +54,15 @@ def no_tangent(x: jax.Array) -> np.ndarray:
     return np.zeros(np.shape(x), jax.dtypes.float0)
 
 
+def zero_with_derivative(x: jax.Array) -> jax.Array:
+    """0 with ``x``'s derivative (0 where ``x`` is infinite: no derivative at inf either). Added
+    to a value a rounding apart from ``x`` that replaces it, it keeps ``x``'s derivative, which
+    derivatives taken of the derivative rules read."""
+    finite = jnp.isfinite(x)
+    x = jnp.where(finite, x, jnp.zeros_like(x))
+    return x - jax.lax.stop_gradient(x)
+
+
 def add(total: jax.Array | None, term: jax.Array | None) -> jax.Array | None:
     """Sums tangent terms, any of which may be absent (None)."""
     if term is None:

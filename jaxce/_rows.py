@@ -372,16 +372,9 @@ def label_logit_within(
     above = jnp.isfinite(stats.log_sum) & (label_logit > stats.shift)  # a finite max only
     if label_admissible is not None:
         above = above & label_admissible.astype(bool)
-    # The max's value with the label logit's derivative (they are a rounding apart): derivatives
-    # taken of the derivative rules, which read this loss, keep their label term.
-    return jnp.where(above, stats.shift + _rounding_apart(label_logit), label_logit)
-
-
-def _rounding_apart(x: jax.Array) -> jax.Array:
-    """0, with ``x``'s derivative; 0 where ``x`` is infinite (no derivative at inf either)."""
-    finite = jnp.isfinite(x)
-    x = jnp.where(finite, x, jnp.zeros_like(x))
-    return x - jax.lax.stop_gradient(x)
+    # the max's value with the label logit's derivative (they are a rounding apart)
+    clamped = stats.shift + _autodiff.zero_with_derivative(label_logit)
+    return jnp.where(above, clamped, label_logit)
 
 
 def half_nll(stats: Stats, label_logit: jax.Array) -> jax.Array:

@@ -37,8 +37,7 @@ def shift_and_log_sum(m: jax.Array, sum_exp: jax.Array) -> tuple[jax.Array, jax.
     the max's own term can round below 1, and the log-sum below 0. Every row statistic goes
     through here."""
     below = jnp.isfinite(m) & (sum_exp < 1)
-    # 1 with the sum's derivative (a rounding apart), which derivatives of derivatives read
-    one = 1 + (sum_exp - jax.lax.stop_gradient(sum_exp))
+    one = 1 + _autodiff.zero_with_derivative(sum_exp)  # a rounding apart
     log_sum = jnp.log(jnp.where(below, one, sum_exp))
     return shift_of(m), jnp.where(jnp.isnan(m), jnp.full_like(log_sum, jnp.nan), log_sum)
 

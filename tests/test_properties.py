@@ -870,7 +870,6 @@ def test_weighted_terms_beyond_the_difference_range(name, data):
         np.testing.assert_array_less(error, 1e-5 * size[inside] + 1e-30, err_msg=f"{name}: {what}")
 
 
-# ============================================================ cross-entropy, soft labels
 @functools.cache
 def _loss_at_the_max(case):
     """The per-example loss of ``case`` (``AT_THE_MAX``) as a function of ``(x, w, labels,
@@ -934,6 +933,7 @@ def test_a_label_at_its_rows_max_has_a_loss_of_at_least_0(case, seed, magnitude)
     assert np.all(np.abs(got - want) <= bound), (case, np.max(np.abs(got - want) - bound))
 
 
+# ============================================================ cross-entropy, soft labels
 @functools.partial(jax.jit, static_argnames=("variant",))
 def _soft(x, y, where, weights, eps, ct, variant):
     kw = {}

@@ -290,11 +290,11 @@ def _soft_forward(x, y, mask, weights, eps) -> _SoftRows:
     return _loops.by_row_chunks(rows, x, y, mask, fuses_whole=fuses_whole)
 
 
-def _fusible_soft_loss(x, y):
-    """The soft-label loss without options, written only in operations that XLA's CPU compiler
+def _fusible_soft_rows(x, y) -> _SoftRows:
+    """The soft-label rows without options, written only in operations that XLA's CPU compiler
     fuses into its reductions (arithmetic, ``exp``, ``log``, ``min``, ``max``, conversions; no
-    comparison or select), so that the loss alone reads whole rows and keeps nothing of their
-    size (``_xla.fuses_soft_loss``). A row whose exact loss needs a select comes out NaN here:
+    comparison or select), so that they read whole rows and keep nothing of their size
+    (``_xla.fuses_soft_loss``). A row whose exact loss needs a select comes out NaN here:
     a zero target on a -inf logit (``0 * inf``, where the loss takes ``0 log 0 = 0``), a row of
     -inf logits, a +inf or NaN logit or target."""
     dtype = compute_dtype(x.dtype)
@@ -309,38 +309,58 @@ def _fusible_soft_loss(x, y):
     # Likewise one conversion of narrow logits shared by both would be kept as a float32 copy.
     x_again = _xla.unshared(x)
     gaps = (shift_again - x_again.astype(dtype)) + log_sum
-    return jnp.sum(y.astype(dtype) * gaps, axis=-1)
+    yf = y.astype(dtype)
+    loss = jnp.sum(yf * gaps, axis=-1, keepdims=True)
+    return _SoftRows(shift, log_sum, None, jnp.sum(yf, axis=-1, keepdims=True), loss)
 
 
-@jax.custom_batching.custom_vmap
-def _plain_soft_loss(x, y):
-    """The soft-label loss without options, one fused pass (:func:`_fusible_soft_loss`); if a
-    row comes out NaN or infinite there, the whole batch again as :func:`_soft_forward`
-    computes it, so the two agree wherever the fused pass gives a finite number (a NaN input
-    stays NaN either way; a row whose ``lse - z`` overflows where its loss does not is finite in
-    the second)."""
-    fused = _fusible_soft_loss(x, y)
+def _whole_batch(fn):
+    """``fn`` of ``(x, y)`` (per-row results), under ``vmap`` called once on the whole batch of
+    batches (its results are per row at any number of leading axes): ``fn`` branches on the
+    values of all its rows, and ``vmap`` of that branch would select between both sides, each
+    computed."""
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def rule(axis_size, in_batched, x, y):
+        x, y = (
+            a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, b in zip((x, y), in_batched, strict=True)
+        )
+        out = wrapped(x, y)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return wrapped
+
+
+def _fused_else_exact(x, y, part):
+    """``part`` of the soft-label rows without options, from one fused pass
+    (:func:`_fusible_soft_rows`); if a row's loss comes out NaN or infinite there, of the whole
+    batch again as :func:`_soft_forward` computes it, so the two agree wherever the fused pass
+    gives a finite number (a NaN input stays NaN either way; a row whose ``lse - z`` overflows
+    where its loss does not is finite in the second). ``part`` picks what the caller reads, so
+    the compiled program computes nothing else."""
+    fused = _fusible_soft_rows(x, y)
 
     def exact():
-        return _soft_forward(x, y, None, None, None).loss[..., 0]
+        return part(_soft_forward(x, y, None, None, None))
 
-    return jax.lax.cond(jnp.any(~jnp.isfinite(fused)), exact, lambda: fused)
+    return jax.lax.cond(jnp.any(~jnp.isfinite(fused.loss)), exact, lambda: part(fused))
 
 
-@_plain_soft_loss.def_vmap
-def _plain_soft_loss_vmap(axis_size, in_batched, x, y):
-    # A batch of batches is one batch: one test for NaN rows over all of it, where vmap of the
-    # cond would select between both branches, each computed.
-    x, y = (
-        a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
-        for a, b in zip((x, y), in_batched, strict=True)
-    )
-    return _plain_soft_loss(x, y), True
+# The rows, for the derivative; the loss alone.
+_plain_soft_rows = _whole_batch(lambda x, y: _fused_else_exact(x, y, lambda rows: rows))
+_plain_soft_loss = _whole_batch(lambda x, y: _fused_else_exact(x, y, lambda r: r.loss[..., 0]))
+
+
+def _plain_and_fused(x, y, mask, weights, eps) -> bool:
+    """Whether the soft-label rows are those of one fused pass (:func:`_plain_soft_rows`)."""
+    return mask is None and weights is None and eps is None and _xla.fuses_soft_loss(x, y)
 
 
 @jax.custom_jvp
 def _soft_ce(x, y, mask, weights, eps):
-    if mask is None and weights is None and eps is None and _xla.fuses_soft_loss(x, y):
+    if _plain_and_fused(x, y, mask, weights, eps):
         return _plain_soft_loss(x, y)
     return _soft_forward(x, y, mask, weights, eps).loss[..., 0]
 
@@ -389,6 +409,8 @@ def _soft_ce_jvp(primals, tangents):
     kept = _xla.saves_exponentials(x, smoothing=eps is not None, soft_labels=True)
     if x_dot is not None and kept:
         rows, e = _soft_rows_and_exponentials(x, y, mask, weights, eps)
+    elif _plain_and_fused(x, y, mask, weights, eps) and _xla.computes_in_place(x):
+        rows = _plain_soft_rows(x, y)  # float32, float64: see _xla.FUSED_SOFT_MIN_ELEMENTS
     else:
         rows = _soft_forward(x, y, mask, weights, eps)
     loss = rows.loss[..., 0]

@@ -153,7 +153,7 @@ def unshared(x: jax.Array) -> jax.Array:
 # The soft-label loss alone (no derivative) without options, on CPU from jaxlib 0.10.2: XLA fuses
 # a reduction with its producers whole (into a YNNPACK graph) when they are arithmetic, exp, log,
 # min, max and conversions, with no comparison or select, for float32, bfloat16 and float64. The
-# loss written so (_cross_entropy._fusible_soft_loss) reads whole rows and keeps only per-row
+# loss written so (_cross_entropy._fusible_soft_rows) reads whole rows and keeps only per-row
 # numbers, where its row chunks ran at 0.36-0.72x optax's speed. Measured, the loss alone against
 # optax's in the same run, float32 / bfloat16: [1024, 1000] 1.12x / 1.39x, [2048, 8192] 1.43x /
 # 1.72x (optax keeps 64 MiB there), [4096, 4096] 0.92x / 0.88x, [16384, 4096] 0.99x / 0.88x.
@@ -167,12 +167,20 @@ def unshared(x: jax.Array) -> jax.Array:
 # (float32 [256, 10]: 37 µs against 28 µs in chunks and 27 µs for optax's loss; [64, 100] a tie,
 # [256, 256] 167 against 242 µs). Guarded by
 # tests/test_memory.py::test_the_soft_label_loss_alone_reads_whole_rows_on_cpu.
+# The derivative's forward pass (the row statistics its backward pass reads: the shift, the
+# log-sum and the targets' mass) takes the same pass for float32 and float64 logits where their
+# exponentials are not kept (above KEPT_BYTES), where the row chunks ran at 0.81-1.03x optax's
+# speed: value_and_grad, float32, in one run against the chunks / optax, [2048, 8192] 1.08x /
+# 1.53x, [4096, 4096] 1.07x / 1.08x, [16384, 4096] 1.37x / 1.11x, [4096, 32768] 1.14x / 1.10x,
+# with the same temporaries (2 MiB). Its compile time is about twice the chunks' (the program
+# holds both). Not for bfloat16 logits: there XLA keeps float32 copies beside the backward pass
+# (512 MiB at [16384, 4096]; tests/test_memory.py::test_temporaries_do_not_grow_with_the_rows).
 FUSED_SOFT_MIN_ELEMENTS = 8192
 
 
 def fuses_soft_loss(x: jax.Array, y: jax.Array) -> bool:
     """Whether the soft-label loss alone of logits ``x`` and labels ``y`` is one fused pass
-    (``_cross_entropy._fusible_soft_loss``) rather than row chunks."""
+    (``_cross_entropy._fusible_soft_rows``) rather than row chunks."""
     return (
         backend() == "cpu"
         and fusible_on_cpu(x)

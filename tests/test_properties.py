@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from unittest import mock
 
 import _precision as P
 import _reference as R
@@ -51,7 +52,7 @@ from jax.sharding import AxisType
 
 import jaxce
 import jaxce.sharded
-from jaxce import _cross_entropy
+from jaxce import _cross_entropy, _xla
 
 F64 = np.float64
 DTYPES = P.DTYPES
@@ -944,7 +945,18 @@ def _soft(x, y, where, weights, eps, ct, variant):
     # The loss alone without options is on CPU one fused pass above a size (_xla.fuses_soft_loss),
     # which these small shapes do not reach: that pass, whatever the size.
     fused = _cross_entropy._plain_soft_loss(x, y) if variant == "plain" else alone
-    return (loss, *pull(ct), alone, fused)
+    grads = pull(ct)
+    if variant == "plain":
+        # So are the forward rows of the derivative where its exponentials are not kept: the
+        # gradients from those rows, whatever the size.
+        with (
+            mock.patch.object(_xla, "saves_exponentials", lambda *a, **k: False),
+            mock.patch.object(_xla, "fuses_soft_loss", lambda a, b: a.shape[-1] > 0),
+        ):
+            fused_grads = jax.vjp(jaxce.softmax_cross_entropy, x, y)[1](ct)
+    else:
+        fused_grads = grads
+    return (loss, *grads, alone, fused, *fused_grads)
 
 
 @_settings(1.0)
@@ -972,7 +984,7 @@ def test_soft_label_cross_entropy(data):
         2
     ].dtype == jnp.dtype(dtype)
     loss, alone, fused = (P.to_f64(o).reshape(rows) for o in (out[0], out[3], out[4]))
-    gx, gy = (P.to_f64(o).reshape(rows, cols) for o in out[1:3])
+    gx, gy, fused_gx, fused_gy = (P.to_f64(o).reshape(rows, cols) for o in out[1:3] + out[5:7])
 
     x64, y64, w64, ct64 = x.astype(F64), y.astype(F64), w.astype(F64), ct.astype(F64)
     eps = float(eps_arg.astype(F64))
@@ -1009,7 +1021,8 @@ def test_soft_label_cross_entropy(data):
     p_err = p * (xlogx_scale(log_p) + np.log2(np.maximum(k, 1))[:, None])
     g_scale = np.abs(ct64)[:, None] * (mass * (p_err + underflow(p, dtype)) + wt)
     u = dict(unit_dtype=dtype)
-    P.compare(f"{name} (gradient)", dtype, gx, want_gx, g_scale, **u)
+    for got_gx in (gx, fused_gx):
+        P.compare(f"{name} (gradient)", dtype, got_gx, want_gx, g_scale, **u)
     live = where & (k > 0)[:, None]
     with np.errstate(invalid="ignore"):
         want_gy = np.where(live, ct64[:, None] * ((1 - eps) * w64 * -log_p), 0.0)
@@ -1022,9 +1035,17 @@ def test_soft_label_cross_entropy(data):
     with np.errstate(invalid="ignore", over="ignore"):
         weight_gy = np.maximum(1, (1 - eps) * w64) if wide else (1 - eps) * w64
         over_gy = adm & ((weight_gy * -log_p > top) | np.isinf(log_p))
-    P.compare(
-        f"{name} (gradient)", dtype, gy, want_gy, gy_scale, mask=compared, overflow=over_gy, **u
-    )
+    for got_gy in (gy, fused_gy):
+        P.compare(
+            f"{name} (gradient)",
+            dtype,
+            got_gy,
+            want_gy,
+            gy_scale,
+            mask=compared,
+            overflow=over_gy,
+            **u,
+        )
     if rows and draw(st.booleans(), "probe NaN"):
         r, c = draw(st.integers(0, rows - 1), "NaN row"), draw(st.integers(0, cols - 1), "col")
         source = draw(st.sampled_from(("logits", "labels")), "NaN in")
@@ -1038,6 +1059,8 @@ def test_soft_label_cross_entropy(data):
         # the fused pass computes every row again when one is NaN: the others agree with it
         np.testing.assert_allclose(fused2[others], fused[others], rtol=1e-5)
         assert np.isnan(fused2[r]) == np.isnan(alone2[r])
+        for got, fused_got in zip(out2[1:3], out2[5:7], strict=True):  # NaN where it is
+            assert same(np.isnan(P.to_f64(got)), np.isnan(P.to_f64(fused_got)))
         for before, after in zip(out[1:3], out2[1:3], strict=True):
             assert same(
                 P.to_f64(before).reshape(rows, cols)[others],

@@ -353,14 +353,15 @@ _plain_soft_rows = _whole_batch(lambda x, y: _fused_else_exact(x, y, lambda rows
 _plain_soft_loss = _whole_batch(lambda x, y: _fused_else_exact(x, y, lambda r: r.loss[..., 0]))
 
 
-def _plain_and_fused(x, y, mask, weights, eps) -> bool:
-    """Whether the soft-label rows are those of one fused pass (:func:`_plain_soft_rows`)."""
-    return mask is None and weights is None and eps is None and _xla.fuses_soft_loss(x, y)
+def _no_options(mask, weights, eps) -> bool:
+    """Whether a soft-label loss has no mask, class weights or smoothing (what the fused pass,
+    :func:`_plain_soft_rows`, computes)."""
+    return mask is None and weights is None and eps is None
 
 
 @jax.custom_jvp
 def _soft_ce(x, y, mask, weights, eps):
-    if _plain_and_fused(x, y, mask, weights, eps):
+    if _no_options(mask, weights, eps) and _xla.fuses_soft_loss(x, y):
         return _plain_soft_loss(x, y)
     return _soft_forward(x, y, mask, weights, eps).loss[..., 0]
 
@@ -409,8 +410,8 @@ def _soft_ce_jvp(primals, tangents):
     kept = _xla.saves_exponentials(x, smoothing=eps is not None, soft_labels=True)
     if x_dot is not None and kept:
         rows, e = _soft_rows_and_exponentials(x, y, mask, weights, eps)
-    elif _plain_and_fused(x, y, mask, weights, eps) and _xla.computes_in_place(x):
-        rows = _plain_soft_rows(x, y)  # float32, float64: see _xla.FUSED_SOFT_MIN_ELEMENTS
+    elif _no_options(mask, weights, eps) and _xla.fuses_soft_rows(x, y):
+        rows = _plain_soft_rows(x, y)
     else:
         rows = _soft_forward(x, y, mask, weights, eps)
     loss = rows.loss[..., 0]

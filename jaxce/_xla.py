@@ -190,6 +190,13 @@ def fuses_soft_loss(x: jax.Array, y: jax.Array) -> bool:
     )
 
 
+def fuses_soft_rows(x: jax.Array, y: jax.Array) -> bool:
+    """Whether the forward pass of the soft-label loss's derivative (the rows its backward pass
+    reads) is the fused pass of :func:`fuses_soft_loss`: float32 and float64 logits only
+    (see FUSED_SOFT_MIN_ELEMENTS)."""
+    return fuses_soft_loss(x, y) and computes_in_place(x)
+
+
 def row_chunk(
     num_rows: int, num_classes: int, fuses_whole: bool = False, fuses_whole_on_cpu: bool = False
 ) -> int:

@@ -27,7 +27,8 @@ reported is the median of ``lower`` + ``compile`` of a fresh function, so no cac
 it). The warm-up is there because XLA's GPU compiler autotunes each matrix product's shape once
 per process and keeps the result: the first program of a shape to compile would pay for the others
 (``linear`` at 16384 x 4096 x 131072 float32 on an H200: 18.6 s for whichever of optax's and
-jaxce's unfused programs compiled first, 0.3 s for the other). Each program is then run once as a
+jaxce's unfused programs compiled first, 0.3 s for the other). ``--quick`` on CPU keeps it only in
+each benchmark's first case (``warms_up_every_case``). Each program is then run once as a
 warm-up, and the programs of a shape are timed in turn, round-robin, ``repeats`` times, each round
 starting one program further on (of three or more, no program runs twice in a row, and each takes
 every place in the order), so that machine noise and what ran just before fall on all of them
@@ -624,8 +625,10 @@ def _measure_case(
     repeats: int,
     progress: _Progress,
     compile_samples: int = COMPILE_SAMPLES,
+    warm_up: bool = True,
 ) -> list[Result]:
-    """Compiles, warms up and times every program of a benchmark at one shape and dtype."""
+    """Compiles, warms up and times every program of a benchmark at one shape and dtype.
+    ``warm_up``: compile each program once, untimed, before the timed compilations."""
     base = {
         p.name: Result(benchmark.name, p.name, p.role, shape, dtype, compare_to=p.compare_to)
         for p in benchmark.programs
@@ -643,11 +646,11 @@ def _measure_case(
         try:
             samples = []
             executable = None
-            for sample in range(compile_samples + 1):  # the first is a warm-up (see above)
+            for sample in range(compile_samples + warm_up):  # a warm-up first (see above)
                 fn = p.make()  # a fresh function: nothing of an earlier compilation is reused
                 start = time.perf_counter()
                 executable = jax.jit(fn).lower(*args).compile()
-                if sample:
+                if sample or not warm_up:
                     samples.append(time.perf_counter() - start)
             seconds = statistics.median(samples)
             compiled[p.name] = executable
@@ -743,6 +746,19 @@ def plan(
     return cases
 
 
+def warms_up_every_case(quick: bool) -> bool:
+    """Whether every program of every case is compiled once, untimed, before its timed
+    compilations; else only those of each benchmark's first case. The warm-up is for
+    accelerators, where XLA autotunes a matrix product's shape once per process (see the module
+    docstring). XLA's CPU compiler autotunes nothing, so ``--quick`` on CPU, which spends three
+    quarters of its time compiling, keeps the warm-up only where a process compiles a
+    benchmark's operations for the first time: in a ``--quick`` run with a warm-up everywhere,
+    the untimed compilation took a median 1.05x the timed one, and up to 1.35x only in
+    benchmarks' first cases (1.58x once, in a later one); without, the whole ``--quick`` run
+    took 43 s instead of 62 s on 2 CPU cores."""
+    return not quick or jax.default_backend() != "cpu"
+
+
 def run(
     benchmarks: Sequence[str] | None = None,
     shapes: Sequence[Sequence[int]] | None = None,
@@ -761,7 +777,8 @@ def run(
       progress: ``True`` for a progress bar on stderr (plain lines without tqdm), ``None`` for
         a bar when stderr is a terminal and plain lines otherwise, ``False`` for silence.
       compile_samples: fresh compilations of each program after an untimed one, >= 1; the
-        compile time reported is their median.
+        compile time reported is their median. With ``quick`` on CPU, only the first case of
+        each benchmark has the untimed one (:func:`warms_up_every_case`).
 
     Returns:
       One ``Result`` per case and program, with its ratios. A program that fails (e.g. out of
@@ -775,10 +792,14 @@ def run(
     steps = sum(len(BENCHMARKS[b].programs) * (repeats + 2) for b, _, _ in cases)
     bar = _Progress(steps, len(cases), progress)
     results: list[Result] = []
+    every_case = warms_up_every_case(quick)
     try:
-        for name, shape, dtype in cases:
+        for index, (name, shape, dtype) in enumerate(cases):
             bar.case(f"{name} {format_shape(shape)} {dtype}")
-            results += _measure_case(BENCHMARKS[name], shape, dtype, repeats, bar, compile_samples)
+            warm_up = every_case or index == 0 or cases[index - 1][0] != name
+            results += _measure_case(
+                BENCHMARKS[name], shape, dtype, repeats, bar, compile_samples, warm_up
+            )
     except KeyboardInterrupt:
         bar.write("interrupted: reporting what was measured")
     finally:
@@ -854,12 +875,18 @@ def environment() -> dict[str, Any]:
 
 
 def describe(
-    env: Mapping[str, Any], repeats: int | None = None, compile_samples: int | None = None
+    env: Mapping[str, Any],
+    repeats: int | None = None,
+    compile_samples: int | None = None,
+    warm_up_every_case: bool = True,
 ) -> str:
-    """One line giving the date, machine and versions of a run."""
+    """One line giving the date, machine and versions of a run (``warm_up_every_case``: see
+    :func:`warms_up_every_case`)."""
     runs = "" if repeats is None else f"; median of {repeats} runs after a warm-up, round-robin"
     if compile_samples is not None:
         runs += f"; compile time: median of {compile_samples} compilations after a warm-up one"
+        if not warm_up_every_case:
+            runs += " in each benchmark's first case, none in the others"
     return (
         f"{env['date']}: {env['processor']}, {env['cpu_count']} CPU cores, {env['system']};"
         f" JAX device {env['device_kind']} ({env['backend']}); JAX {env['jax']}, jaxlib"
@@ -1149,7 +1176,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="BENCHMARK",
         help=f"any of {', '.join(BENCHMARKS)} (default: all)",
     )
-    parser.add_argument("--quick", action="store_true", help="a reduced grid, under a minute")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a reduced grid, under a minute (on CPU, the untimed warm-up compilation only in"
+        " each benchmark's first case)",
+    )
     parser.add_argument(
         "--shape",
         action="append",
@@ -1241,7 +1273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         micro = "µs"
     except (UnicodeEncodeError, LookupError):
         micro = "us"  # a terminal that cannot show µ
-    header = describe(env, repeats, compile_samples)
+    every_case = warms_up_every_case(args.quick)
+    header = describe(env, repeats, compile_samples, every_case)
     if args.markdown:
         print(format_markdown(results, header))
     else:
@@ -1250,7 +1283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(
             args.json,
             results,
-            {**env, "repeats": repeats, "compile_samples": compile_samples},
+            {
+                **env,
+                "repeats": repeats,
+                "compile_samples": compile_samples,
+                "compile_warm_up_every_case": every_case,
+            },
         )
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:

@@ -142,6 +142,36 @@ def test_each_program_is_compiled_afresh_compile_samples_times(monkeypatch, samp
     assert len(made) == samples + 1 and 0 < result.compile_seconds < 1.0
 
 
+def _counting_benchmark(name, made):
+    """A benchmark of one program that records each fresh function made under ``name``."""
+
+    def fresh():
+        made.append(name)
+        return lambda logits: logits + logits
+
+    floor = bench.Program("floor", bench.FLOOR, fresh)
+    return bench.Benchmark(
+        name, "one program", ("N", "C"), lambda shape, dtype: (jnp.ones(shape, dtype),), (floor,)
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("quick", [False, True])
+def test_quick_on_cpu_warms_up_only_each_benchmarks_first_case(monkeypatch, backend, quick):
+    made = []
+    for name in ("fake_a", "fake_b"):
+        monkeypatch.setitem(bench.BENCHMARKS, name, _counting_benchmark(name, made))
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: backend)
+    shapes = [(2, 3), (4, 3), (6, 3)]
+    bench.run(["fake_a", "fake_b"], shapes, ["float32"], repeats=1, quick=quick, compile_samples=2)
+    every_case = not (quick and backend == "cpu")
+    assert bench.warms_up_every_case(quick) == every_case
+    # Per benchmark, three cases of two timed compilations, each case after a warm-up one, or
+    # only the first.
+    per_benchmark = 3 * 2 + (3 if every_case else 1)
+    assert made == ["fake_a"] * per_benchmark + ["fake_b"] * per_benchmark
+
+
 def test_run_measures_every_program(results):
     expected = {(name, p.name) for name, b in bench.BENCHMARKS.items() for p in b.programs}
     assert {(r.benchmark, r.program) for r in results} == expected
@@ -454,10 +484,19 @@ def test_each_round_starts_one_program_further_on(monkeypatch):
     assert all(a != b for a, b in zip(ran, ran[1:], strict=False))
 
 
-def test_quick_compiles_each_program_once_after_the_warm_up(tmp_path, capsys):
+def test_quick_compiles_each_program_once(tmp_path, capsys):
     json_path = tmp_path / "out.json"
     argv = ["binary", "--quick", "--shape", "4x8", "--dtype", "float32", "--no-progress"]
     assert bench.main([*argv, "--json", str(json_path)]) == 0
-    assert "compile time: median of 1 compilations" in capsys.readouterr().out
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.endswith(
+        "compile time: median of 1 compilations after a warm-up one"
+        + (
+            ""
+            if bench.warms_up_every_case(True)
+            else " in each benchmark's first case, none in the others"
+        )
+    )
     env = json.loads(json_path.read_text())["environment"]
     assert env["repeats"] == 3 and env["compile_samples"] == 1
+    assert env["compile_warm_up_every_case"] == bench.warms_up_every_case(True)

@@ -753,9 +753,9 @@ def warms_up_every_case(quick: bool) -> bool:
     docstring). XLA's CPU compiler autotunes nothing, so ``--quick`` on CPU, which spends three
     quarters of its time compiling, keeps the warm-up only where a process compiles a
     benchmark's operations for the first time: in a ``--quick`` run with a warm-up everywhere,
-    the untimed compilation took a median 1.05x the timed one, and up to 1.35x only in
-    benchmarks' first cases (1.58x once, in a later one); without, the whole ``--quick`` run
-    took 43 s instead of 62 s on 2 CPU cores."""
+    the untimed compilation took a median 1.09x the timed one (at most 1.32x) in benchmarks'
+    first cases and 1.05x in the others (where 3 of 56 took 1.24-1.58x); without, the whole
+    ``--quick`` run took 43 s instead of 62 s on 2 CPU cores."""
     return not quick or jax.default_backend() != "cpu"
 
 

@@ -650,7 +650,7 @@ def _measure_case(
                 fn = p.make()  # a fresh function: nothing of an earlier compilation is reused
                 start = time.perf_counter()
                 executable = jax.jit(fn).lower(*args).compile()
-                if sample or not warm_up:
+                if sample >= warm_up:  # after the warm-up, if any
                     samples.append(time.perf_counter() - start)
             seconds = statistics.median(samples)
             compiled[p.name] = executable

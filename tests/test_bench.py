@@ -116,6 +116,15 @@ def test_plan_gives_each_benchmark_the_shapes_of_its_rank():
         bench.run(["binary"], [(2, 3)], compile_samples=0)
 
 
+def _install_fake(monkeypatch, name, description, *programs):
+    """Registers the benchmark ``name`` of ``programs``, whose input is one ``[N, C]`` array of
+    ones, for the rest of the test."""
+    fake = bench.Benchmark(
+        name, description, ("N", "C"), lambda shape, dtype: (jnp.ones(shape, dtype),), programs
+    )
+    monkeypatch.setitem(bench.BENCHMARKS, name, fake)
+
+
 @pytest.mark.parametrize("samples", [1, 2])
 def test_each_program_is_compiled_afresh_compile_samples_times(monkeypatch, samples):
     # after one untimed compilation, which here is slow (as the first of a matrix product's
@@ -133,26 +142,9 @@ def test_each_program_is_compiled_afresh_compile_samples_times(monkeypatch, samp
 
         return program
 
-    floor = bench.Program("floor", bench.FLOOR, counted)
-    fake = bench.Benchmark(
-        "fake", "one program", ("N", "C"), lambda shape, dtype: (jnp.ones(shape, dtype),), (floor,)
-    )
-    monkeypatch.setitem(bench.BENCHMARKS, "fake", fake)
+    _install_fake(monkeypatch, "fake", "one program", bench.Program("floor", bench.FLOOR, counted))
     (result,) = bench.run(["fake"], [(2, 3)], ["float32"], repeats=1, compile_samples=samples)
     assert len(made) == samples + 1 and 0 < result.compile_seconds < 1.0
-
-
-def _counting_benchmark(name, made):
-    """A benchmark of one program that records each fresh function made under ``name``."""
-
-    def fresh():
-        made.append(name)
-        return lambda logits: logits + logits
-
-    floor = bench.Program("floor", bench.FLOOR, fresh)
-    return bench.Benchmark(
-        name, "one program", ("N", "C"), lambda shape, dtype: (jnp.ones(shape, dtype),), (floor,)
-    )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
@@ -160,7 +152,12 @@ def _counting_benchmark(name, made):
 def test_quick_on_cpu_warms_up_only_each_benchmarks_first_case(monkeypatch, backend, quick):
     made = []
     for name in ("fake_a", "fake_b"):
-        monkeypatch.setitem(bench.BENCHMARKS, name, _counting_benchmark(name, made))
+
+        def fresh(name=name):  # records each fresh function made, under its benchmark's name
+            made.append(name)
+            return lambda logits: logits + logits
+
+        _install_fake(monkeypatch, name, "one program", bench.Program("floor", bench.FLOOR, fresh))
     monkeypatch.setattr(bench.jax, "default_backend", lambda: backend)
     shapes = [(2, 3), (4, 3), (6, 3)]
     bench.run(["fake_a", "fake_b"], shapes, ["float32"], repeats=1, quick=quick, compile_samples=2)
@@ -212,14 +209,13 @@ def test_a_failing_program_is_reported_and_the_others_still_run(monkeypatch, cap
         return program
 
     floor = bench.Program("floor", bench.FLOOR, lambda: lambda logits: logits + logits)
-    fake = bench.Benchmark(
+    _install_fake(
+        monkeypatch,
         "fake",
         "a benchmark with a program that fails",
-        ("N", "C"),
-        lambda shape, dtype: (jnp.ones(shape, dtype),),
-        (bench.Program("broken", bench.JAXCE, broken), floor),
+        bench.Program("broken", bench.JAXCE, broken),
+        floor,
     )
-    monkeypatch.setitem(bench.BENCHMARKS, "fake", fake)
     failed, measured = bench.run(["fake"], [(2, 3)], ["float32"], repeats=2, progress=None)
     assert failed.error == "RuntimeError: out of memory, say"
     assert failed.times == () and failed.x_floor is None
@@ -455,14 +451,8 @@ def test_each_round_starts_one_program_further_on(monkeypatch):
     def program(k):
         return bench.Program(f"p{k}", bench.JAXCE, lambda: lambda logits: logits * k)
 
-    fake = bench.Benchmark(
-        "fake",
-        "three programs",
-        ("N", "C"),
-        lambda shape, dtype: (jnp.ones(shape, dtype),),
-        (program(1), program(2), bench.Program("floor", bench.FLOOR, lambda: lambda x: x + x)),
-    )
-    monkeypatch.setitem(bench.BENCHMARKS, "fake", fake)
+    floor = bench.Program("floor", bench.FLOOR, lambda: lambda x: x + x)
+    _install_fake(monkeypatch, "fake", "three programs", program(1), program(2), floor)
     ran = []
     names = {}
 

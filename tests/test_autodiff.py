@@ -225,12 +225,16 @@ def test_forward_mode_to_hyperparameters_and_class_weights():
 
     params = (jnp.asarray(0.1), jnp.asarray(0.01), jnp.asarray(3.0), weights)
     tangents = (jnp.asarray(0.3), jnp.asarray(-0.2), jnp.asarray(0.7), jnp.ones(6))
-    got = jax.jvp(jax.jit(loss), (params,), (tangents,))
-    want = jax.jvp(lambda p: R.jax_ref(lambda *a, xp: loss(a, xp), *p), (params,), (tangents,))
+
+    def ref(p):
+        return R.jax_ref(lambda *a, xp: loss(a, xp), *p)
+
+    got = jax.jit(lambda p, t: jax.jvp(jax.jit(loss), (p,), (t,)))(params, tangents)
+    want = jax.jvp(ref, (params,), (tangents,))  # eager: the reference branches on values
     R.assert_close(got[0], want[0], rtol=1e-12)
     R.assert_close(got[1], want[1], rtol=1e-10)
-    grads = jax.grad(jax.jit(loss))(params)
-    want_grads = jax.grad(lambda p: R.jax_ref(lambda *a, xp: loss(a, xp), *p))(params)
+    grads = jax.jit(jax.grad(jax.jit(loss)))(params)
+    want_grads = jax.grad(ref)(params)
     for g, w in zip(grads, want_grads, strict=True):
         R.assert_close(g, w, rtol=1e-10, atol=1e-13)
 
@@ -272,8 +276,8 @@ def test_hessian_in_the_logits_and_the_hyperparameters(options):
         return R.jax_ref(lambda *a, xp: loss(*a, xp=xp), x, hyper, w)
 
     argnums = (0, 1) if w is None else (0, 1, 2)
-    got = jax.hessian(jax.jit(loss), argnums=argnums)(x, hyper, w)
-    want = jax.hessian(ref, argnums=argnums)(x, hyper, w)
+    got = jax.jit(jax.hessian(jax.jit(loss), argnums=argnums))(x, hyper, w)
+    want = jax.hessian(ref, argnums=argnums)(x, hyper, w)  # eager: it branches on values
     for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         R.assert_close(g, h, rtol=1e-9, atol=1e-12)
 
@@ -313,19 +317,26 @@ def test_fused_forward_mode_and_hvp(recompute_logits, reduction):
         return jaxce.softmax_cross_entropy_with_integer_labels(x @ w, y, **options)
 
     tx, tw = jnp.asarray(rng.normal(size=x.shape)), jnp.asarray(rng.normal(size=w.shape))
-    got = jax.jvp(jax.jit(fused), (x, w), (tx, tw))
-    want = jax.jvp(unfused, (x, w), (tx, tw))
+
+    # Each derivative is one jitted program (called eagerly, each primitive of the loss's
+    # loops would be compiled on its own).
+    def jvp(loss):
+        return jax.jit(lambda x, w: jax.jvp(loss, (x, w), (tx, tw)))(x, w)
+
+    got, want = jvp(jax.jit(fused)), jvp(unfused)
     R.assert_close(got[0], want[0], rtol=1e-12)
     R.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
 
     def hvp(loss):
         grad = jax.grad(loss, argnums=(0, 1))
-        return jax.jvp(grad, (x, w), (tx, tw))[1]
+        return jax.jit(lambda x, w: jax.jvp(grad, (x, w), (tx, tw))[1])(x, w)
 
     for a, b in zip(hvp(jax.jit(fused)), hvp(unfused), strict=True):
         R.assert_close(a, b, rtol=1e-9, atol=1e-11)
     R.assert_close(
-        jax.jacfwd(fused, argnums=1)(x, w), jax.jacrev(unfused, argnums=1)(x, w), rtol=1e-10
+        jax.jit(jax.jacfwd(fused, argnums=1))(x, w),
+        jax.jit(jax.jacrev(unfused, argnums=1))(x, w),
+        rtol=1e-10,
     )
 
 
@@ -345,8 +356,8 @@ def test_fused_hessian_in_the_cap(recompute_logits):
         return jaxce.softmax_cross_entropy_with_integer_labels(x @ w, y, logit_soft_cap=cap, **kw)
 
     cap = jnp.asarray(3.0)
-    got = jax.hessian(jax.jit(fused), argnums=(0, 1, 2))(x, w, cap)
-    want = jax.hessian(unfused, argnums=(0, 1, 2))(x, w, cap)
+    got = jax.jit(jax.hessian(jax.jit(fused), argnums=(0, 1, 2)))(x, w, cap)
+    want = jax.jit(jax.hessian(unfused, argnums=(0, 1, 2)))(x, w, cap)
     for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         R.assert_close(g, h, rtol=1e-9, atol=1e-11)
 

@@ -341,6 +341,7 @@ def test_garbage_activations_of_ignored_tokens_poison_nothing(rng, recompute_log
         recompute_logits=recompute_logits,
     )
 
+    @jax.jit  # one program for both calls (eagerly, each primitive compiles on its own)
     def value_and_grads(x):
         loss = lambda x, w, b: LCE(x, w, jnp.asarray(y), bias=b, **kw)  # noqa: E731
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, jnp.asarray(w), bias)

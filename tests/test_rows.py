@@ -205,7 +205,7 @@ def test_ignored_example_with_nan_logits_takes_no_part(rng):
             v, jnp.eye(5), y, ignore_index=-100, label_smoothing=0.1
         ),
     ):
-        value, g = jax.value_and_grad(fn)(jnp.asarray(x))
+        value, g = jax.jit(jax.value_and_grad(fn))(jnp.asarray(x))
         want = CE(jnp.asarray(x[:1]), y[:1], label_smoothing=0.1, reduction="mean")
         R.assert_close(value, want, rtol=1e-6)
         assert np.all(np.asarray(g)[1] == 0) and np.all(np.isfinite(g))
@@ -218,8 +218,8 @@ def test_class_weight_gradient_is_finite_when_a_skipped_row_has_a_minus_inf_labe
     x = jnp.array([[0.0, 1.0, 2.0], [-jnp.inf, 1.0, 2.0], [-jnp.inf, -jnp.inf, -jnp.inf]])
     y = jnp.array([1, -100, 0])
     kw = dict(ignore_index=-100, label_smoothing=0.1, reduction="sum")
-    g = jax.grad(lambda w: CE(x, y, class_weights=w, **kw))(jnp.ones(3))
-    want = jax.grad(lambda w: CE(x[:1], y[:1], class_weights=w, **kw))(jnp.ones(3))
+    g = jax.jit(jax.grad(lambda w: CE(x, y, class_weights=w, **kw)))(jnp.ones(3))
+    want = jax.jit(jax.grad(lambda w: CE(x[:1], y[:1], class_weights=w, **kw)))(jnp.ones(3))
     assert np.all(np.isfinite(g)), g
     R.assert_close(g, want, rtol=1e-6)
     # The fused loss: a -inf bias makes class 0's logit -inf in every row; row 1 is ignored.
@@ -230,8 +230,10 @@ def test_class_weight_gradient_is_finite_when_a_skipped_row_has_a_minus_inf_labe
             h, jnp.eye(3), y[:2], bias=bias, class_weights=w, **kw
         )
 
-    g = jax.grad(fused)(jnp.ones(3))
-    want = jax.grad(lambda w: CE(h[:1] + bias[None, :], y[:1], class_weights=w, **kw))(jnp.ones(3))
+    g = jax.jit(jax.grad(fused))(jnp.ones(3))
+    want = jax.jit(jax.grad(lambda w: CE(h[:1] + bias[None, :], y[:1], class_weights=w, **kw)))(
+        jnp.ones(3)
+    )
     assert np.all(np.isfinite(g)), g
     R.assert_close(g, want, rtol=1e-6)
 

@@ -158,27 +158,34 @@ def unshared(x: jax.Array) -> jax.Array:
 # optax's in the same run, float32 / bfloat16: [1024, 1000] 1.12x / 1.39x, [2048, 8192] 1.43x /
 # 1.72x (optax keeps 64 MiB there), [4096, 4096] 0.92x / 0.88x, [16384, 4096] 0.99x / 0.88x.
 # Rows that need the select of 0 log 0 = 0 (a zero target on a -inf logit) come out NaN and the
-# batch is computed again in chunks, whose branch the compiled program still holds (its
-# temporaries are unchanged, 4-8 MiB). Such a batch pays both: float32 [4096, 4096] with 100 -inf
-# columns took 66 ms, against 42 ms in chunks alone and 23 ms without -inf logits. Not float16
+# batch is computed again by an exact pass over whole rows, also without a select per entry
+# (_cross_entropy._fusible_exact_soft_rows), whose branch the compiled program holds. Where that
+# branch was the row chunks, they were most of the program's compile time (loss alone, float32
+# [4096, 4096], against optax's in the same run: 417-481 ms with the chunks, 140-235 ms with the
+# exact pass, optax 56-72 ms) and its temporaries (2 MiB, now 64 KiB at that shape). The exact pass
+# does about four times the operations per entry and XLA splits it into four reductions, each
+# reading the logits or the targets again: a batch with 100 -inf columns at float32 [4096, 4096]
+# took 53-75 ms, 40-53 ms with the chunks (in the same rounds), optax's loss 18 ms (NaN there: it
+# has no 0 log 0 = 0); passing such a mask as ``where`` takes the chunks directly. Not float16
 # (which XLA's CPU fusions do not take: a float32 copy) and not on accelerators (a branch on a
-# device value waits for the device there), and not below FUSED_SOFT_MIN_ELEMENTS logits, which
-# XLA leaves to its own fusions: there the pass and the test for NaN rows only add kernels
-# (float32 [256, 10]: 37 µs against 28 µs in chunks and 27 µs for optax's loss; [64, 100] a tie,
-# [256, 256] 167 against 242 µs). At [256, 10] either way the row sums are one loop fusion whose
-# operations outnumber its bytes (about 27.5 K to 22.5 K), which XLA's CPU cost model
-# (ParallelTaskAssigner) splits over the cores: one call at a time, 90 µs against optax's 34 µs.
-# Not split would take at most about six operations per entry there (it has nine, the 0 log 0
-# select and the halved gaps among them). Guarded by
+# device value waits for the device there), and not below FUSED_SOFT_MIN_ELEMENTS logits, which XLA
+# leaves to its own fusions: there the pass and the test for NaN rows only add kernels (float32
+# [256, 10]: 37 µs against 28 µs in chunks and 27 µs for optax's loss; [64, 100] a tie, [256, 256]
+# 167 against 242 µs). At [256, 10] either way the row sums are one loop fusion whose operations
+# outnumber its bytes (about 27.5 K to 22.5 K), which XLA's CPU cost model (ParallelTaskAssigner)
+# splits over the cores: one call at a time, 90 µs against optax's 34 µs. Not split would take at
+# most about six operations per entry there (it has nine, the 0 log 0 select and the halved gaps
+# among them). Guarded by
 # tests/test_memory.py::test_the_soft_label_loss_alone_reads_whole_rows_on_cpu.
-# The derivative's forward pass (the row statistics its backward pass reads: the shift, the
-# log-sum and the targets' mass) takes the same pass for float32 and float64 logits where their
-# exponentials are not kept (above KEPT_BYTES), where the row chunks ran at 0.81-1.03x optax's
-# speed: value_and_grad, float32, in one run against the chunks / optax, [2048, 8192] 1.08x /
-# 1.53x, [4096, 4096] 1.07x / 1.08x, [16384, 4096] 1.37x / 1.11x, [4096, 32768] 1.14x / 1.10x,
-# with the same temporaries (2 MiB). Its compile time is about twice the chunks' (the program
-# holds both). Not for bfloat16 logits: there XLA keeps float32 copies beside the backward pass
-# (512 MiB at [16384, 4096]; tests/test_memory.py::test_temporaries_do_not_grow_with_the_rows).
+# The derivative's forward pass (the row statistics its backward pass reads: the shift, the log-sum
+# and the targets' mass) takes the same pass for float32 and float64 logits where their exponentials
+# are not kept (above KEPT_BYTES), where the row chunks ran at 0.81-1.03x optax's speed:
+# value_and_grad, float32, in one run against the chunks / optax, [2048, 8192] 1.08x / 1.53x, [4096,
+# 4096] 1.07x / 1.08x, [16384, 4096] 1.37x / 1.11x, [4096, 32768] 1.14x / 1.10x, with the same
+# temporaries (2 MiB then; 96-384 KiB at the benchmark's shapes now that the branch it holds for NaN
+# rows is the exact pass, not the chunks). Not for bfloat16 logits: there XLA keeps float32 copies
+# beside the backward pass (512 MiB at [16384, 4096];
+# tests/test_memory.py::test_temporaries_do_not_grow_with_the_rows).
 FUSED_SOFT_MIN_ELEMENTS = 8192
 
 

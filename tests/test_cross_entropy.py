@@ -934,7 +934,7 @@ def test_nll_a_zero_class_weight_counts_for_nothing_even_at_log_zero():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_soft_loss_alone_under_vmap(rng, dtype):
     """The loss alone of a batch of batches is that of each batch, a -inf logit under a zero
-    target (which the fused CPU pass leaves to the row chunks) in one of them only; vmap tests
+    target (which the fused CPU pass leaves to its exact pass) in one of them only; vmap tests
     for such rows once over all of them (a cond, not a select between both branches)."""
     x = R.random_logits(rng, (3, 64, 256))  # above _xla.FUSED_SOFT_MIN_ELEMENTS per batch
     y = R.random_probs(rng, (3, 64, 256))
@@ -957,8 +957,8 @@ def test_soft_loss_alone_under_vmap(rng, dtype):
 def test_soft_loss_alone_rows_the_fused_pass_leaves(rng, dtype):
     """Rows whose loss needs a select (a zero target on a -inf logit, a row of -inf logits, a
     +inf or NaN logit, a NaN target) come out NaN in the fused CPU pass: the batch is computed
-    again in chunks, so the loss alone agrees with value_and_grad's everywhere, inf and NaN
-    included; a batch without such rows takes the fused pass itself."""
+    again by its exact pass, so the loss alone agrees with value_and_grad's everywhere, inf and
+    NaN included; a batch without such rows takes the fused pass itself."""
     rows, cols = 64, 256  # above _xla.FUSED_SOFT_MIN_ELEMENTS
     x = R.random_logits(rng, (rows, cols))
     y = R.random_probs(rng, (rows, cols))
@@ -987,3 +987,77 @@ def test_soft_loss_alone_rows_the_fused_pass_leaves(rng, dtype):
 
         fused = _cross_entropy._fusible_soft_rows(xs[6:], ys[6:]).loss[:, 0]
         np.testing.assert_array_equal(jax.jit(jaxce.softmax_cross_entropy)(xs[6:], ys[6:]), fused)
+
+
+# Entries that the exact fused pass must sum like the row chunks: +-inf, NaN, the range's ends,
+# a subnormal logit; zero, negative, NaN, infinite, subnormal and large targets.
+_SPECIAL_LOGITS = [0.0, 1.5, -2.0, 30.0, -np.inf, np.inf, np.nan, 3e38, -3e38, 1e-40]
+_SPECIAL_TARGETS = [0.0, 0.25, 1.0, -0.5, np.nan, np.inf, -np.inf, 1e-45, 2.0, -3.0, 5.0]
+
+
+def _assert_same_soft_rows(got, want):
+    """Every field of two ``_SoftRows`` equal within rounding, NaN where NaN, inf with its sign
+    (a NaN row's shift aside: it depends on whether a max passed over the NaN)."""
+    nan_rows = np.isnan(np.asarray(want.log_sum))
+    for field in ("shift", "log_sum", "mass", "loss"):
+        a, b = np.asarray(getattr(got, field), F64), np.asarray(getattr(want, field), F64)
+        if field == "shift":
+            a, b = a[~nan_rows], b[~nan_rows]
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=field)
+        np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=field)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+def test_the_exact_fused_soft_rows_are_the_row_chunks(dtype):
+    """The soft-label rows that the loss alone and its derivative compute again when the fused
+    CPU pass gives a NaN (``_fusible_exact_soft_rows``, whole rows without a select per entry)
+    are the row chunks' (``_soft_forward``), on rows of special values: NaN where they are NaN,
+    infinite with the same sign, also in rows whose max is +inf. 8192 rows: XLA's CPU
+    reductions of that many rows are the ones that pass over a NaN in their max; and 64 wide
+    rows with a NaN logit among finite ones, summed in vector lanes."""
+    from jaxce import _cross_entropy
+
+    rng = np.random.default_rng(7)
+    rows, cols = 8192, 6
+    special_x = np.asarray(_SPECIAL_LOGITS)[rng.integers(0, len(_SPECIAL_LOGITS), (rows, cols))]
+    special_y = np.asarray(_SPECIAL_TARGETS)[rng.integers(0, len(_SPECIAL_TARGETS), (rows, cols))]
+    x = np.where(rng.random((rows, cols)) < 0.5, rng.normal(size=(rows, cols)) * 3, special_x)
+    y = np.where(rng.random((rows, cols)) < 0.5, rng.random((rows, cols)), special_y)
+    x[:16], y[:16] = -np.inf, 0.0  # empty rows
+    y[16:32] = np.where(np.isneginf(x[16:32]), 0.0, y[16:32])
+    x[32:512, 0] = np.inf  # rows whose max is +inf
+    wide_x, wide_y = R.random_logits(rng, (64, 1024)), R.random_probs(rng, (64, 1024))
+    wide_x[::2, 500] = np.nan
+    wide_x[1::4, 7], wide_y[1::4, 7] = -np.inf, 0.0
+    exact = jax.jit(_cross_entropy._fusible_exact_soft_rows)
+    chunks = jax.jit(lambda a, b: _cross_entropy._soft_forward(a, b, None, None, None))
+    for a, b in ((x, y), (wide_x, wide_y)):
+        xs, ys = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+        _assert_same_soft_rows(exact(xs, ys), chunks(xs, ys))
+    loss = np.asarray(exact(jnp.asarray(x, dtype), jnp.asarray(y, dtype)).loss)[:, 0]
+    assert (loss[:16] == 0).all()  # empty rows
+    # Every kind of row occurs: finite, +inf (a target on a -inf logit), -inf, NaN.
+    assert np.isfinite(loss).any() and np.isnan(loss).any()
+    assert np.isposinf(loss).any() and np.isneginf(loss).any()
+    wide = np.asarray(exact(jnp.asarray(wide_x, dtype), jnp.asarray(wide_y, dtype)).loss)[:, 0]
+    assert np.isnan(wide[::2]).all() and np.isfinite(wide[1::2]).all()
+
+
+@pytest.mark.parametrize("rows, cols", [(64, 256), (4096, 16), (8192, 16)])
+def test_the_soft_loss_alone_finds_its_nan_rows_at_any_size(rows, cols):
+    """The fused CPU pass's test for rows to compute again sees a NaN row at every size: a zero
+    target on a -inf logit in the middle of the batch gives the loss of the row chunks, not
+    NaN. (A test by the max of the rows' |loss| passed over the NaN from 4096 rows on.)"""
+    rng = np.random.default_rng(rows)
+    x = R.random_logits(rng, (rows, cols))
+    y = R.random_probs(rng, (rows, cols))
+    x[rows // 2, 3], y[rows // 2, 3] = -np.inf, 0.0
+    y = y / y.sum(-1, keepdims=True)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        xs, ys = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+        if jax.default_backend() == "cpu":  # the fused pass, not the chunks
+            assert _xla.fuses_soft_loss(xs, ys) == _xla.cpu_fuses_whole_rows()
+        got = jax.jit(jaxce.softmax_cross_entropy)(xs, ys)
+        assert np.isfinite(got).all()
+        want = R.softmax_cross_entropy(x, y, where=np.isfinite(x))
+        R.assert_close(got, want, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5)

@@ -1017,6 +1017,11 @@ def test_the_exact_fused_soft_rows_are_the_row_chunks(dtype):
     rows with a NaN logit among finite ones, summed in vector lanes."""
     from jaxce import _cross_entropy
 
+    if jax.default_backend() != "cpu" or not _xla.cpu_fuses_whole_rows():
+        # The pass is taken only there (_xla.fuses_soft_loss). On older jaxlib (0.8.2) the row
+        # chunks themselves give NaN where this pass gives -inf, in rows with a +inf logit and
+        # a negative target mass (both not finite; exactly, -inf).
+        pytest.skip("the exact fused pass is used on CPU from jaxlib 0.10.2 on")
     rng = np.random.default_rng(7)
     rows, cols = 8192, 6
     special_x = np.asarray(_SPECIAL_LOGITS)[rng.integers(0, len(_SPECIAL_LOGITS), (rows, cols))]

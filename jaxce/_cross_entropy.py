@@ -21,7 +21,6 @@ from jaxce._checks import Axis
 from jaxce._layout import compute_dtype, layout_of
 from jaxce._reduction import reduce_loss, weighted
 from jaxce._softmax import (
-    log_sum_or_zero,
     max_and_exponentials,
     probabilities,
     row_max,
@@ -276,11 +275,17 @@ def _soft_rows_and_exponentials(x, y, mask, weights, eps) -> tuple[_SoftRows, ja
     # Half the loss, doubled once summed: a term w y' (lse - z) may be representable where
     # lse - z is not (logits 3e38 and -3e38), and the sum where its terms' sum is not.
     half = jnp.sum(wt * _half_gaps(z, shift, wt), axis=-1, keepdims=True)
-    loss = (half + mass * (log_sum_or_zero(log_sum) * 0.5)) * 2
-    # An empty row has loss 0, unless its targets hold a NaN: never hidden.
+    return _SoftRows(shift, log_sum, count, mass, _soft_row_loss(half, mass, log_sum)), e
+
+
+def _soft_row_loss(half, mass, log_sum):
+    """A row's loss ``sum_c w_c y'_c (lse - z_c)`` from ``half``, the sum of its terms
+    ``w_c y'_c (shift - z_c) / 2``, ``mass``, the sum of ``w_c y'_c``, and the row's log-sum.
+    An empty row (log-sum -inf) has loss 0, unless its targets hold a NaN: never hidden. A NaN
+    log-sum (a NaN logit) makes the row NaN, whatever the targets (``mass`` times NaN)."""
+    loss = (half + mass * (log_sum * 0.5)) * 2
     empty = jnp.isneginf(log_sum) & ~jnp.isnan(mass)
-    loss = jnp.where(empty, jnp.zeros_like(loss), loss)
-    return _SoftRows(shift, log_sum, count, mass, loss), e
+    return jnp.where(empty, jnp.zeros_like(loss), loss)
 
 
 def _soft_forward(x, y, mask, weights, eps) -> _SoftRows:
@@ -355,13 +360,9 @@ def _fusible_exact_soft_rows(x, y) -> _SoftRows:
     infinite = jnp.sign(t) * jnp.sign(d)
     half = jnp.sum(t * finite + (infinite + infinite) * big, axis=-1, keepdims=True)
     mass = jnp.sum(y.astype(dtype), axis=-1, keepdims=True)
-    loss = (half + mass * (log_sum * 0.5)) * 2
-    # The per-row rules of _soft_rows_and_exponentials: an empty row has loss 0 unless its
-    # targets hold a NaN, and a NaN logit makes the row NaN. That one is told by the log-sum:
-    # XLA's CPU reductions (max, min) and sign can pass over a NaN, its sum of exponentials not.
-    loss = jnp.where(jnp.isneginf(m) & ~jnp.isnan(mass), jnp.zeros_like(loss), loss)
-    loss = jnp.where(jnp.isnan(log_sum), log_sum, loss)
-    return _SoftRows(shift_of(m), log_sum, None, mass, loss)
+    # The per-row rules go by the log-sum, not the max: XLA's CPU reductions (max, min) and
+    # sign can pass over a NaN logit, its sum of exponentials not.
+    return _SoftRows(shift_of(m), log_sum, None, mass, _soft_row_loss(half, mass, log_sum))
 
 
 def _whole_batch(fn):

@@ -1066,3 +1066,38 @@ def test_the_soft_loss_alone_finds_its_nan_rows_at_any_size(rows, cols):
         assert np.isfinite(got).all()
         want = R.softmax_cross_entropy(x, y, where=np.isfinite(x))
         R.assert_close(got, want, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.1}, {"class_weights": "ramp"}, {"where": "class"}],
+    ids=["plain", "smoothing", "weights", "where"],
+)
+@pytest.mark.parametrize("rows, cols", [(4, 5), (64, 256)])  # row chunks; above 8192: fused
+def test_soft_empty_row_is_zero_unless_its_targets_hold_a_nan(rng, options, rows, cols):
+    """A row with no admissible class (every logit -inf) has soft-label loss 0, and NaN when
+    its targets hold a NaN, never a plausible 0 (the NaN policy), in the loss alone and in
+    value_and_grad's value, whichever pass computes them; the other rows keep their loss."""
+    x = R.random_logits(rng, (rows, cols))
+    y = R.random_probs(rng, (rows, cols))
+    x[1] = -np.inf  # empty, finite targets: 0
+    x[2], y[2, 1] = -np.inf, np.nan  # empty, a NaN target: NaN
+    kwargs = dict(options)
+    if kwargs.get("class_weights") == "ramp":
+        kwargs["class_weights"] = jnp.linspace(0.5, 1.5, cols)
+    mask = None
+    if kwargs.pop("where", None) == "class":  # the last class masked in every row
+        mask = jnp.broadcast_to(jnp.arange(cols) != cols - 1, (rows, cols))
+    xs, ys = jnp.asarray(x), jnp.asarray(y)
+
+    def loss(a, b, m):
+        return jaxce.softmax_cross_entropy(a, b, where=m, **kwargs)
+
+    alone = np.asarray(jax.jit(loss)(xs, ys, mask))
+    per_row = np.asarray(jax.jit(jax.vmap(jax.value_and_grad(loss)))(xs, ys, mask)[0])
+    with_grad = jax.jit(jax.value_and_grad(lambda a: loss(a, ys, mask).sum()))(xs)[0]
+    for got in (alone, per_row):
+        assert got[1] == 0.0 and np.isnan(got[2])
+        assert np.isfinite(got[[0, *range(3, rows)]]).all()
+    np.testing.assert_allclose(alone, per_row, rtol=1e-6)
+    assert np.isnan(float(with_grad))

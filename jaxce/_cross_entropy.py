@@ -176,7 +176,7 @@ def softmax_cross_entropy_with_integer_labels(
         ``None`` or ``inf`` means no cap.
       reduction: ``"none"`` (per-example, the labels' shape), ``"sum"`` or ``"mean"``: the sum
         divided by the total weight :math:`\sum_i w_{y_i}` of the counted examples, as PyTorch.
-        A mean over zero counted examples is 0 (PyTorch gives NaN).
+        A mean over zero counted examples is 0 (PyTorch gives NaN), unless their sum is NaN.
 
     Returns:
       The loss in ``result_type(logits.dtype, float32)``: per example for ``"none"``, else a

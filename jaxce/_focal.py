@@ -234,7 +234,9 @@ def softmax_focal_loss(
       gamma: focusing parameter >= 0 (2.0 in the paper), a scalar.
       axis: the class axis or a tuple of axes.
       ignore_index: label value to skip (loss 0, gradient 0, not counted in a mean).
-      reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over the non-ignored examples).
+      reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over the examples that are not ignored
+        and have a finite logit, as the cross-entropy counts them; 0 over none, unless the sum
+        is NaN).
 
     Returns:
       Per-example losses (or a scalar) in ``result_type(logits, float32)``; NaN for a label out

@@ -14,7 +14,10 @@ def reduce_loss(
     ``"mean"`` divides the sum by ``sum(normalizer)`` when a normalizer is given (PyTorch's
     weighted mean: the class weight of each counted example, 0 for ignored ones), else by the
     number of elements. A mean over nothing (a zero denominator) is 0 with zero gradient, where
-    PyTorch returns NaN: an all-padding batch should not poison a training run.
+    PyTorch returns NaN: an all-padding batch should not poison a training run. A NaN sum stays
+    NaN, whatever the denominator: an example that counts for nothing in it (a class weight of
+    0, no admissible class) but holds a NaN or a label out of range makes the mean NaN, as it
+    makes the sum.
     """
     if reduction == "none":
         return losses
@@ -26,7 +29,8 @@ def reduce_loss(
     else:
         denominator = jnp.sum(normalizer.astype(losses.dtype))
     nonzero = denominator != 0
-    return jnp.where(nonzero, total / jnp.where(nonzero, denominator, 1), jnp.zeros_like(total))
+    nothing = jnp.where(jnp.isnan(total), total, jnp.zeros_like(total))
+    return jnp.where(nonzero, total / jnp.where(nonzero, denominator, 1), nothing)
 
 
 def reduce_total(out: jax.Array, reduction: str, size: int) -> jax.Array:

@@ -545,6 +545,19 @@ CASES = [
         Returns(exactly(0.0), "0 (a mean over nothing)"),
     ),
     Case(
+        "softmax_cross_entropy_with_integer_labels/out_of_range_in_a_mean_over_nothing",
+        ce,
+        "the last label 10 for C = 10, the others `ignore_index`, class weights `arange(10)` "
+        '(0 for class 0), `reduction="mean"`, under `jax.jit`',
+        jax.jit(
+            lambda z, y: ce(
+                z, y, ignore_index=-100, class_weights=jnp.arange(10.0), reduction="mean"
+            )
+        ),
+        (LOGITS, jnp.array([-100, -100, -100, 10], i32)),
+        Returns(all_nan, "NaN (a mean over nothing is 0 only if its sum is not NaN)"),
+    ),
+    Case(
         "softmax_cross_entropy_with_integer_labels/nan_logit",
         ce,
         "a NaN among the second example's logits",

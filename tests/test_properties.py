@@ -1794,7 +1794,9 @@ def test_reductions(data):
     """``"sum"`` is the sum of ``"none"``; ``"mean"`` is that sum over the counted weight (the
     class weights of the counted examples for the integer-label losses, the number of
     non-ignored examples for the focal loss, of examples or elements otherwise); 0 if that is
-    0."""
+    0, unless the sum is NaN. Some batches hold a poisoned example (a NaN logit or a label out
+    of range), some of them alone among ignored ones with class weights of 0: a mean over
+    nothing whose sum is NaN is NaN."""
     draw = data.draw
     dtype, shape = draw(st.sampled_from(REDUCTION_CASES), "case")
     rows, cols = shape
@@ -1802,6 +1804,16 @@ def test_reductions(data):
     labels = draw(hnp.arrays(np.int32, (rows,), elements=st.integers(IGNORE, cols - 1)), "y")
     where = booleans(draw, shape)
     weights = class_weights(draw, cols, dtype)
+    poison = draw(st.sampled_from(["none", "NaN logit", "label out of range"]), "poison")
+    if poison != "none" and rows:
+        r = draw(st.integers(0, rows - 1), "poisoned row")
+        if poison == "NaN logit":
+            x[r, draw(st.integers(0, cols - 1), "column")] = np.nan
+        else:
+            labels[r] = cols + draw(st.integers(0, 3), "past the last class")
+        if draw(st.booleans(), "counts for nothing"):
+            labels[np.arange(rows) != r] = IGNORE
+            weights[:] = 0
     soft = probabilities(draw, rows, cols, dtype)
     soft[np.isneginf(x)] = 0
     log_probs = -np.abs(draw(values(rows, cols, dtype), "log_probs"))
@@ -1838,7 +1850,7 @@ def test_reductions(data):
         assert total.shape == mean.shape == () and total.dtype == cdtype(dtype)
         want, size = none.sum(), np.abs(none).sum()
         d = denominators[name]
-        want_mean = want / d if d else 0.0
+        want_mean = want / d if d else (want if np.isnan(want) else 0.0)
         if np.isfinite(want) and abs(want) >= float(P.finfo(unit_dtype).max):
             # the sum is beyond the range: +-inf (or NaN from inf - inf) is the right answer
             assert not np.isfinite(P.to_f64(total)), name

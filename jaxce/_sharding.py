@@ -157,7 +157,15 @@ def _pick(v: jax.Array, shard: _Shard) -> jax.Array:
 def _global(local: _rows.Partial, owned: dict, static: _Static):
     """Global row statistics from each device's ``local`` ones: rebased onto the global max
     (``pmax``, the online-softmax step between devices) and summed, in one ``psum`` with the
-    per-row values in ``owned`` (each nonzero on one device only)."""
+    per-row values in ``owned`` (each nonzero on one device only).
+
+    A row is NaN where its max is (``_rows.finish``), but ``pmax`` need not carry a NaN: XLA's
+    CPU all-reduce drops it (the max of NaNs is -inf there), and a traced soft cap out of range,
+    which makes every capped logit NaN and each device's sum of exponentials 0, made every row
+    look empty (loss 0, gradient 0). So a device's NaN max also makes its sum NaN before the
+    ``psum``, which keeps it whatever the backend."""
+    nan_sum = jnp.where(jnp.isnan(local.max), jnp.nan, local.sum_exp)
+    local = local._replace(sum_exp=nan_sum)
     m = jax.lax.pmax(local.max, static.axis_name)
     local = _rows.rebase(local, m, static.vocab_size)
     sums = {k: v for k, v in local._asdict().items() if k != "max" and v is not None}

@@ -57,6 +57,9 @@ def close(name, got, want, rtol=RTOL, atol=ATOL):
         raise AssertionError(f"{name}: shape {got.shape} != {want.shape}")
     finite = np.abs(want[np.isfinite(want)])
     scale = max(1.0, float(finite.max()) if finite.size else 1.0)
+    if not np.array_equal(np.isnan(got), np.isnan(want)):
+        wrong = int(np.sum(np.isnan(got) != np.isnan(want)))
+        raise AssertionError(f"{name}: NaN in {wrong} entries where the other is not NaN")
     if not np.allclose(got, want, rtol=rtol, atol=atol * scale, equal_nan=True):
         err = np.nanmax(np.abs(got - want))
         raise AssertionError(f"{name}: max abs error {err:.3g} (scale {scale:.3g})")
@@ -110,41 +113,51 @@ def _kwargs(options, d):
 
 
 def _compare_logits(mesh, options, reduction, d, data_axis="data"):
-    """Value and gradients (logits, class weights, smoothing, z-loss) on a mesh vs one device."""
+    """Value and gradients (logits, class weights, smoothing, z-loss, soft cap: each one that
+    is given, traced) on a mesh vs one device."""
     kw = _kwargs(options, d)
     weights = kw.pop("class_weights", None)
     eps = jnp.float32(kw.pop("label_smoothing", 0.0))
     zl = jnp.float32(kw.pop("z_loss", 0.0))
+    cap = kw.pop("logit_soft_cap", None)
+    cap = None if cap is None else jnp.float32(cap)
     cotangent = jnp.asarray(np.random.default_rng(1).normal(size=d["labels"].shape), jnp.float32)
+    argnums = (0, 2, 3) + ((1,) if weights is not None else ()) + ((4,) if cap is not None else ())
 
     def make(fn):
-        def loss(logits, weights, eps, zl):
-            out = fn(
+        def loss(logits, weights, eps, zl, cap):
+            return fn(
                 logits,
                 d["labels"],
                 class_weights=weights,
                 label_smoothing=eps,
                 z_loss=zl,
+                logit_soft_cap=cap,
                 reduction=reduction,
                 **kw,
             )
+
+        def scalar(*args):
+            out = loss(*args)
             return jnp.sum(out * cotangent) if reduction == "none" else out
 
-        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3) if weights is not None else (0, 2, 3))
+        # The loss alone (an evaluation step) and value_and_grad (a training step): their
+        # programs differ (the derivative rule computes its own forward pass).
+        return jax.jit(loss), jax.jit(jax.value_and_grad(scalar, argnums=argnums))
 
-    sharded = jax.jit(
-        make(
-            lambda *a, **k: jaxce.sharded.softmax_cross_entropy_with_integer_labels(
-                *a, axis_name="model", data_axis_name=data_axis, mesh=mesh, **k
-            )
+    sharded = make(
+        lambda *a, **k: jaxce.sharded.softmax_cross_entropy_with_integer_labels(
+            *a, axis_name="model", data_axis_name=data_axis, mesh=mesh, **k
         )
     )
     single = make(jaxce.softmax_cross_entropy_with_integer_labels)
-    args = (d["logits"], weights, eps, zl)
-    (v1, g1), (v2, g2) = sharded(*args), single(*args)
+    args = (d["logits"], weights, eps, zl, cap)
+    close("loss alone", sharded[0](*args), single[0](*args))
+    (v1, g1), (v2, g2) = sharded[1](*args), single[1](*args)
     close("loss", v1, v2)
     for i, (a, b) in enumerate(zip(g1, g2, strict=True)):
         close(f"gradient {i}", a, b)
+    return v2
 
 
 @check
@@ -262,28 +275,44 @@ def _compare_fused(mesh, options, reduction, d, rtol=RTOL, atol=ATOL, **chunks):
     kw = _kwargs(options, d)
     kw.pop("where", None)  # the fused loss has no mask: -inf in the bias removes classes
     weights = kw.pop("class_weights", None)
+    # The hyperparameters given are traced (not differentiated here), as a schedule's are.
+    names = ("label_smoothing", "z_loss", "logit_soft_cap")
+    hyper = {k: jnp.float32(kw.pop(k)) for k in names if k in kw}
     cotangent = jnp.asarray(np.random.default_rng(1).normal(size=d["labels"].shape), jnp.float32)
 
     def make(fn):
-        def loss(x, w, bias, weights):
-            out = fn(x, w, d["labels"], bias=bias, class_weights=weights, reduction=reduction, **kw)
+        def loss(x, w, bias, weights, hyper):
+            return fn(
+                x,
+                w,
+                d["labels"],
+                bias=bias,
+                class_weights=weights,
+                reduction=reduction,
+                **hyper,
+                **kw,
+            )
+
+        def scalar(*args):
+            out = loss(*args)
             return jnp.sum(out * cotangent) if reduction == "none" else out
 
-        return jax.value_and_grad(loss, argnums=(0, 1, 2) if weights is None else (0, 1, 2, 3))
+        argnums = (0, 1, 2) if weights is None else (0, 1, 2, 3)
+        return jax.jit(loss), jax.jit(jax.value_and_grad(scalar, argnums=argnums))
 
-    sharded = jax.jit(
-        make(
-            lambda *a, **k: jaxce.sharded.linear_softmax_cross_entropy(
-                *a, axis_name="model", data_axis_name="data", mesh=mesh, **chunks, **k
-            )
+    sharded = make(
+        lambda *a, **k: jaxce.sharded.linear_softmax_cross_entropy(
+            *a, axis_name="model", data_axis_name="data", mesh=mesh, **chunks, **k
         )
     )
     single = make(fused_reference)
-    args = (d["x"], d["w"], d["bias"], weights)
-    (v1, g1), (v2, g2) = sharded(*args), single(*args)
+    args = (d["x"], d["w"], d["bias"], weights, hyper)
+    close("loss alone", sharded[0](*args), single[0](*args), rtol, atol)
+    (v1, g1), (v2, g2) = sharded[1](*args), single[1](*args)
     close("loss", v1, v2, rtol, atol)
     for name, a, b in zip(("x", "w", "bias", "class_weights"), g1, g2, strict=False):
         close(f"gradient of {name}", a, b, rtol, atol)
+    return v2
 
 
 @check
@@ -317,6 +346,51 @@ def fused_each_option():
     for name, options in OPTIONS.items():
         try:
             _compare_fused(mesh_of((2, 4)), options, "sum", d)
+        except AssertionError as err:
+            raise AssertionError(f"{name}: {err}") from None
+
+
+def _poisoned(d, key, index):
+    bad = np.array(d[key])
+    bad[index] = np.nan
+    return {**d, key: jnp.asarray(bad)}
+
+
+# What must come out NaN, as on one device: a NaN that one device's columns hold (a logit; for
+# the fused loss a column of w), one that every device's do (a row of logits, a counted token's
+# activations), and a traced hyperparameter out of range, which makes every row NaN. The
+# devices merge their row maxima with pmax, which drops a NaN on CPU; each must come through.
+POISON = {
+    "a NaN logit on one device": ("logits", (3, 5), {}),
+    "a row of NaN logits": ("logits", (4, slice(None)), {}),
+    "a NaN in one column of w": ("w", (0, 5), {}),
+    "a NaN in a counted token's x": ("x", (4, 0), {}),
+    "a traced soft cap of NaN": (None, None, {"logit_soft_cap": np.nan}),
+    "a traced soft cap of -1": (None, None, {"logit_soft_cap": -1.0}),
+    "a traced soft cap of 0": (None, None, {"logit_soft_cap": 0.0}),
+    "a traced smoothing of NaN": (None, None, {"label_smoothing": np.nan}),
+    "a traced smoothing of 1.5": (None, None, {"label_smoothing": 1.5}),
+    "a traced z-loss of NaN": (None, None, {"z_loss": np.nan}),
+}
+
+
+@check
+def nan_comes_through_as_on_one_device():
+    d = data(v=1024)
+    mesh = mesh_of((2, 4))
+    for name, (key, index, hyper) in POISON.items():
+        poisoned = d if key is None else _poisoned(d, key, index)
+        options = {"ignore_index": -100, **hyper}
+        try:
+            for reduction in ("none", "mean"):
+                values = []
+                if key in (None, "logits"):
+                    values.append(_compare_logits(mesh, options, reduction, poisoned))
+                if key != "logits":
+                    values.append(_compare_fused(mesh, options, reduction, poisoned))
+                # The single-device loss is NaN (its own tests check that), so agreeing with it
+                # means being NaN, not both being some number.
+                assert all(np.isnan(v) for v in values), f"{reduction}: {values} is not NaN"
         except AssertionError as err:
             raise AssertionError(f"{name}: {err}") from None
 

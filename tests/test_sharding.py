@@ -33,6 +33,7 @@ CHECKS = (
     "fused_every_option_on_every_mesh",
     "fused_each_option",
     "fused_narrow_dtypes_over_vocabulary_chunks",
+    "nan_comes_through_as_on_one_device",
     "hlo_logits_moves_only_rows",
     "hlo_fused_moves_rows_dx_and_the_data_parallel_dw",
     "plain_jit_on_automatic_axes_moves_only_rows",

@@ -89,6 +89,42 @@ def contract(grad: jax.Array | None, tangent: object, dtype) -> jax.Array | None
     return jnp.sum(grad.astype(dtype) * jnp.asarray(tangent).astype(dtype))
 
 
+def product_rule(is_zero_product: Callable[[jax.Array, jax.Array], jax.Array]) -> Callable:
+    """``f(a, b) = a * b``, but 0 where ``is_zero_product(a, b)`` (a term that counts for
+    nothing, such as a weight of 0 on an infinite log), as a ``jax.custom_jvp`` function whose
+    tangent is the product rule's, ``a_dot * b + a * b_dot``, under the same select.
+
+    A select's own derivative is 0 wherever it picks its constant, which drops ``a_dot * b``
+    where ``a == 0``: a class weight, a label or a smoothing of exactly 0 then had no second
+    derivative through its product (``jax.hessian`` in a class weight came out asymmetric). Here
+    that term is kept wherever ``b`` is finite; where the product is 0 and ``b`` is not finite,
+    the term that counts for nothing has no derivative in ``a`` either, as before. The selects
+    read the primals only, so the tangent is linear and transposes (reverse mode).
+    """
+
+    def product(a: jax.Array, b: jax.Array) -> jax.Array:
+        ab = a * b
+        return jnp.where(is_zero_product(a, b), jnp.zeros_like(ab), ab)
+
+    f = jax.custom_jvp(product)
+
+    def f_jvp(primals, tangents):
+        a, b = primals
+        a_dot, b_dot = tangents
+        zero = is_zero_product(a, b)
+        out = f(a, b)
+        dot = None
+        if not is_zero(a_dot):
+            dot = a_dot * jnp.where(zero & ~jnp.isfinite(b), jnp.zeros_like(b), b)
+        if not is_zero(b_dot):
+            ab_dot = a * b_dot
+            dot = add(dot, jnp.where(zero, jnp.zeros_like(ab_dot), ab_dot))
+        return out, or_zeros(dot, out)
+
+    f.defjvp(f_jvp, symbolic_zeros=True)
+    return f
+
+
 def elementwise(value: Callable, tangent: Callable, narrow_fuses_whole: bool = False) -> Callable:
     """An elementwise loss as a ``jax.custom_jvp`` function ``f(total, *args)``.
 

@@ -448,14 +448,14 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, e, x_dot, y_dot, w_
         dy = jnp.where(live, weighted(_weighted(scale, weights), gaps) * 2, jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dy * y_dot.astype(z.dtype), axis=-1))
     if w_dot is not None:
-        dw = jnp.where(has_row & (t != 0), (t * gaps) * 2, jnp.zeros_like(z))
+        dw = jnp.where(has_row, weighted(t, gaps) * 2, jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dw * _rows.class_row(w_dot, dw), axis=-1))
     if eps_dot is not None:
         assert rows.num_admissible is not None  # kept whenever there is smoothing
         y0 = yf if mask is None else jnp.where(mask, yf, jnp.zeros_like(yf))
         uniform = jnp.where(adm, 1 / jnp.maximum(rows.num_admissible, 1), jnp.zeros_like(z))
         dt = _weighted(uniform - y0, weights)
-        d_eps = jnp.where(has_row & (dt != 0), dt * gaps, jnp.zeros_like(z))
+        d_eps = jnp.where(has_row, weighted(dt, gaps), jnp.zeros_like(z))
         out = _autodiff.add(out, (jnp.sum(d_eps, axis=-1) * 2) * eps_dot)
     return out
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxce import _autodiff
+
 
 def reduce_loss(
     losses: jax.Array, reduction: str, normalizer: jax.Array | None = None
@@ -42,9 +44,8 @@ def reduce_total(out: jax.Array, reduction: str, size: int) -> jax.Array:
     return out / size if size else jnp.zeros_like(out)
 
 
-def weighted(weight: jax.Array, term: jax.Array) -> jax.Array:
-    """``weight * term`` with ``0 * inf = 0``: a term that counts for nothing (a weight, a label
-    or a smoothing of exactly 0) adds 0, also where it is infinite (log 0 of a label probability
-    that underflowed, an nll that overflowed). A NaN term (a NaN input) stays NaN."""
-    product = weight * term
-    return jnp.where((weight == 0) & ~jnp.isnan(term), jnp.zeros_like(product), product)
+weighted = _autodiff.product_rule(lambda weight, term: (weight == 0) & ~jnp.isnan(term))
+"""``weighted(weight, term)``: ``weight * term`` with ``0 * inf = 0``: a term that counts for
+nothing (a weight, a label or a smoothing of exactly 0) adds 0, also where it is infinite (log 0
+of a label probability that underflowed, an nll that overflowed). A NaN term (a NaN input) stays
+NaN. Its derivative is the product rule's, at a weight of 0 too (``_autodiff.product_rule``)."""

@@ -125,13 +125,17 @@ def capped_derivative(raw: jax.Array, options: Options) -> jax.Array | None:
     return None if cap is None else soft_cap_derivative(raw, cap)
 
 
+_chained = _autodiff.product_rule(lambda dz, derivative: dz == 0)
+
+
 def chain(dz: jax.Array, derivative: jax.Array | None) -> jax.Array:
     """``dz * derivative``, where a zero ``dz`` stays 0: an entry that takes no part (a masked
     class, a row ignored or with no admissible class) may hold NaN or inf, whose derivative
-    through the soft cap is NaN (tests/test_properties.py, the NaN tests)."""
+    through the soft cap is NaN (tests/test_properties.py, the NaN tests). Differentiated by the
+    product rule, also where ``dz`` is 0 (a class weight of 0 under a soft cap)."""
     if derivative is None:
         return dz
-    return jnp.where(dz == 0, jnp.zeros_like(dz), dz * derivative)
+    return _chained(dz, derivative)
 
 
 def admissible(x: jax.Array, mask: jax.Array | None) -> jax.Array:

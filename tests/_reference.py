@@ -1,6 +1,6 @@
 """Independent float64 references for the jaxce losses.
 
-Every function here is written from the specification (docs in /tmp/brief/semantics.md, PyTorch
+Every function here is written from the specification (the README's Semantics section, PyTorch
 and optax documentation), never from jaxce. Each takes an ``xp`` argument: ``numpy`` (the default)
 gives float64 values; ``jax.numpy`` (with x64 enabled) gives the same formula as a plain,
 un-customised JAX function whose autodiff gradients serve as the reference gradients.

@@ -94,12 +94,13 @@ def product_rule(is_zero_product: Callable[[jax.Array, jax.Array], jax.Array]) -
     nothing, such as a weight of 0 on an infinite log), as a ``jax.custom_jvp`` function whose
     tangent is the product rule's, ``a_dot * b + a * b_dot``, under the same select.
 
-    A select's own derivative is 0 wherever it picks its constant, which drops ``a_dot * b``
-    where ``a == 0``: a class weight, a label or a smoothing of exactly 0 then had no second
-    derivative through its product (``jax.hessian`` in a class weight came out asymmetric). Here
-    that term is kept wherever ``b`` is finite; where the product is 0 and ``b`` is not finite,
-    the term that counts for nothing has no derivative in ``a`` either, as before. The selects
-    read the primals only, so the tangent is linear and transposes (reverse mode).
+    A select's own derivative is 0 wherever it picks its constant, which would drop
+    ``a_dot * b`` where ``a == 0``: a class weight, a label or a smoothing of exactly 0 would
+    have no second derivative through its product, and ``jax.hessian`` in a class weight would
+    not be symmetric (tests/test_autodiff.py, the exact zeros). Here that term is kept wherever
+    ``b`` is finite; where the product is 0 and ``b`` is not finite, the term counts for nothing
+    and has no derivative in ``a`` either. The selects read the primals only, so the tangent is
+    linear and transposes (reverse mode).
     """
 
     def product(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -112,6 +112,18 @@ def _kwargs(options, d):
     return kw
 
 
+def _evaluation_and_training(loss, reduction, cotangent, argnums):
+    """The jitted loss alone (an evaluation step) and value_and_grad of its reduction, a
+    per-example loss weighted by ``cotangent`` (a training step): their programs differ (the
+    derivative rule computes its own forward pass)."""
+
+    def scalar(*args):
+        out = loss(*args)
+        return jnp.sum(out * cotangent) if reduction == "none" else out
+
+    return jax.jit(loss), jax.jit(jax.value_and_grad(scalar, argnums=argnums))
+
+
 def _compare_logits(mesh, options, reduction, d, data_axis="data"):
     """Value and gradients (logits, class weights, smoothing, z-loss, soft cap: each one that
     is given, traced) on a mesh vs one device."""
@@ -137,13 +149,7 @@ def _compare_logits(mesh, options, reduction, d, data_axis="data"):
                 **kw,
             )
 
-        def scalar(*args):
-            out = loss(*args)
-            return jnp.sum(out * cotangent) if reduction == "none" else out
-
-        # The loss alone (an evaluation step) and value_and_grad (a training step): their
-        # programs differ (the derivative rule computes its own forward pass).
-        return jax.jit(loss), jax.jit(jax.value_and_grad(scalar, argnums=argnums))
+        return _evaluation_and_training(loss, reduction, cotangent, argnums)
 
     sharded = make(
         lambda *a, **k: jaxce.sharded.softmax_cross_entropy_with_integer_labels(
@@ -293,12 +299,8 @@ def _compare_fused(mesh, options, reduction, d, rtol=RTOL, atol=ATOL, **chunks):
                 **kw,
             )
 
-        def scalar(*args):
-            out = loss(*args)
-            return jnp.sum(out * cotangent) if reduction == "none" else out
-
         argnums = (0, 1, 2) if weights is None else (0, 1, 2, 3)
-        return jax.jit(loss), jax.jit(jax.value_and_grad(scalar, argnums=argnums))
+        return _evaluation_and_training(loss, reduction, cotangent, argnums)
 
     sharded = make(
         lambda *a, **k: jaxce.sharded.linear_softmax_cross_entropy(

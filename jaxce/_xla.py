@@ -228,32 +228,35 @@ def row_chunk(
 
 # The softmax losses' exponentials exp(x - max) on CPU: computing them is most of a loss's time
 # there, so the reverse-mode forward pass keeps them (one pass computes and sums them) and the
-# backward pass scales them into the gradient. For float32 and float64 logits of the
-# integer-label loss, XLA writes the gradient into their buffer (they have its size and dtype):
-# no temporary, at any size. Elsewhere (soft labels, whose other reductions read them; bfloat16
-# and float16 logits, whose float32 exponentials are larger than the gradient; smoothing, whose
-# row sums read them; a soft cap, whose exponentials are of the capped logits) they take a
-# buffer of their own, so they are kept only while it fits in a CPU's cache (KEPT_BYTES), where
-# it costs no memory traffic; above, the backward pass computes them again. Smoothing or a soft
-# cap on float32 integer-label logits keeps one such buffer (value_and_grad at [1024, 1000]:
-# 4 MiB of temporaries; smoothing 1.65 -> 1.00 ms, a soft cap 2.34 -> 1.29 ms; at [256, 10]
-# 0.84-0.90x and 0.66-0.71x the time). Both together keep two, smoothing of bfloat16 logits
-# three (12 MiB at [1024, 1000]), a soft cap on them two, and smoothing of float32 soft labels
-# two (8 MiB): these recompute, as accelerators do, bound by memory bandwidth, where recomputing
-# the exponentials costs less than reading them back. Above KEPT_BYTES the trade is speed for
-# memory, and memory is kept: a soft cap alone on float32 logits, value_and_grad against optax's
-# plain loss in the same rounds, recomputing / keeping (its tanh and its exponentials, one of
-# them in the gradient's buffer): [4096, 4096] 2.54x / 2.01x its time with 0.05 / 64 MiB of
-# temporaries, [16384, 4096] 2.42x / 1.77x with 0.19 / 256 MiB. Smoothing is slower kept (1.73x /
-# 2.08x at [4096, 4096]): XLA writes the summands of its row sums (the admissible count, the gap)
-# out whole before their reductions. Written without a compare or a select (the count as a sum
-# of ``1 + max(x - max(x, lowest), -1)``), XLA kept broadcasts the sums share whole instead (128
-# MiB kept, 2 MiB in chunks), and it was no faster: at [4096, 4096], against optax's plain loss
-# in the same runs, value_and_grad in chunks 1.73x and 2.19x its time in two runs (before:
-# 1.73-2.10x), the loss alone 1.70x and 2.72x (before: 1.50x). Keeping only a soft cap's
-# tanh(x / cap), one array that could take the gradient's buffer, with the exponentials computed
-# again from it, still took 64 MiB at [4096, 4096]: XLA shares cap * tanh between the forward
-# sum and the backward pass and writes it out (2.36x against 2.44x recomputing).
+# backward pass scales them into the gradient. For float32 and float64 logits of the integer-label
+# loss, XLA writes the gradient into their buffer (they have its size and dtype): no temporary, at
+# any size. Elsewhere (soft labels, whose other reductions read them; bfloat16 and float16 logits,
+# whose float32 exponentials are larger than the gradient; smoothing, whose row sums read them; a
+# soft cap, whose exponentials are of the capped logits) they take a buffer of their own, so they
+# are kept only while it fits in a CPU's cache (KEPT_BYTES), where it costs no memory traffic;
+# above, the backward pass computes them again. Smoothing or a soft cap on float32 integer-label
+# logits keeps one such buffer (value_and_grad at [1024, 1000]: 4 MiB of temporaries; smoothing 1.65
+# ms -> 1.00 ms, a soft cap 2.34 -> 1.29 ms; at [256, 10] 0.84-0.90x and 0.66-0.71x the time). Both
+# together keep two (the capped logits and their exponentials), so they are kept while the two fit
+# in KEPT_BYTES (value_and_grad of the mean with both, kept against computed again in the same
+# rounds: [512, 1000] 0.64x the time, [128, 4096] 0.55x, [64, 8192] 0.62x, [128, 1000] 0.82x, [256,
+# 10] the same; with z-loss and class weights too, 0.61-0.82x). Smoothing of bfloat16 logits keeps
+# three (12 MiB at [1024, 1000]), a soft cap on them two, and smoothing of float32 soft labels two
+# (8 MiB): these recompute, as accelerators do, bound by memory bandwidth, where recomputing the
+# exponentials costs less than reading them back. Above KEPT_BYTES the trade is speed for memory,
+# and memory is kept: a soft cap alone on float32 logits, value_and_grad against optax's plain loss
+# in the same rounds, recomputing / keeping (its tanh and its exponentials, one of them in the
+# gradient's buffer): [4096, 4096] 2.54x / 2.01x its time with 0.05 / 64 MiB of temporaries, [16384,
+# 4096] 2.42x / 1.77x with 0.19 / 256 MiB. Smoothing is slower kept (1.73x / 2.08x at [4096, 4096]):
+# XLA writes the summands of its row sums (the admissible count, the gap) out whole before their
+# reductions. Written without a compare or a select (the count as a sum of ``1 + max(x - max(x,
+# lowest), -1)``), XLA kept broadcasts the sums share whole instead (128 MiB kept, 2 MiB in chunks),
+# and it was no faster: at [4096, 4096], against optax's plain loss in the same runs, value_and_grad
+# in chunks 1.73x and 2.19x its time in two runs (before: 1.73-2.10x), the loss alone 1.70x and
+# 2.72x (before: 1.50x). Keeping only a soft cap's tanh(x / cap), one array that could take the
+# gradient's buffer, with the exponentials computed again from it, still took 64 MiB at [4096,
+# 4096]: XLA shares cap * tanh between the forward sum and the backward pass and writes it out
+# (2.36x against 2.44x recomputing).
 # Guarded by tests/test_memory.py::test_float32_on_cpu_needs_no_temporaries,
 # ::test_kept_exponentials_stay_within_their_budget,
 # ::test_float32_on_cpu_takes_one_exponential_pass and
@@ -274,7 +277,7 @@ def saves_exponentials(
     """Whether a softmax loss's derivative keeps ``exp(x - max)`` of the logits ``x`` rather than
     computing it again, given its options (a soft cap, label smoothing) and whether its labels
     are soft."""
-    if backend() != "cpu" or (soft_cap and smoothing):
+    if backend() != "cpu":
         return False
     wide = computes_in_place(x)
     elementwise = soft_cap or smoothing
@@ -282,7 +285,8 @@ def saves_exponentials(
         return False
     if wide and not (soft_labels or elementwise):
         return True  # the gradient's own buffer
-    return x.size * jnp.dtype(compute_dtype(x.dtype)).itemsize <= KEPT_BYTES
+    buffers = 2 if soft_cap and smoothing else 1
+    return buffers * x.size * jnp.dtype(compute_dtype(x.dtype)).itemsize <= KEPT_BYTES
 
 
 # With kept exponentials, the derivative's label term -b [k = y] is a gather of the tangent,

@@ -167,6 +167,7 @@ FLOAT32_CASES = {
     "ignore_index": {"ignore_index": -100},
     "smoothing": {"label_smoothing": 0.1},
     "soft_cap": {"logit_soft_cap": 30.0},
+    "smoothing_and_soft_cap": {"label_smoothing": 0.1, "logit_soft_cap": 30.0},
 }
 KEPT = 4 * 2**20  # jaxce._xla.KEPT_BYTES
 KEPT_ROWS = KEPT // (4 * V)  # rows whose float32 exponentials are KEPT bytes
@@ -199,18 +200,22 @@ def test_float32_on_cpu_needs_no_temporaries(name):
     assert temp <= N * V * 2, f"{temp / 2**20:.2f} MiB"
 
 
+# name, dtype, and the buffers kept: smoothing and a soft cap together keep two (the capped
+# logits and their exponentials), so they are kept up to half as many rows.
 BUDGET_CASES = {
-    "soft_labels_float32": ("soft_labels", jnp.float32),
-    "integer_bfloat16": ("plain", jnp.bfloat16),
-    "smoothing_float32": ("smoothing", jnp.float32),
-    "soft_cap_float32": ("soft_cap", jnp.float32),
+    "soft_labels_float32": ("soft_labels", jnp.float32, 1),
+    "integer_bfloat16": ("plain", jnp.bfloat16, 1),
+    "smoothing_float32": ("smoothing", jnp.float32, 1),
+    "soft_cap_float32": ("soft_cap", jnp.float32, 1),
+    "smoothing_and_soft_cap_float32": ("smoothing_and_soft_cap", jnp.float32, 2),
 }
 
 
-@pytest.mark.parametrize("rows", [KEPT_ROWS, 2 * KEPT_ROWS], ids=["kept", "above"])
+@pytest.mark.parametrize("above", [False, True], ids=["kept", "above"])
 @pytest.mark.parametrize("case", list(BUDGET_CASES))
-def test_kept_exponentials_stay_within_their_budget(case, rows):
-    name, dtype = BUDGET_CASES[case]
+def test_kept_exponentials_stay_within_their_budget(case, above):
+    name, dtype, buffers = BUDGET_CASES[case]
+    rows = (2 if above else 1) * KEPT_ROWS // buffers
     temp = _temp_bytes(_program(name, rows, dtype))
     assert temp <= KEPT + 8 * 2**10 * rows, f"{temp / 2**20:.2f} MiB"
 
@@ -234,18 +239,19 @@ def test_float32_on_cpu_takes_one_exponential_pass(name):
 @ON_CPU
 @pytest.mark.parametrize("case", list(BUDGET_CASES))
 def test_one_exponential_pass_on_cpu_within_the_budget(case):
-    name, dtype = BUDGET_CASES[case]
-    kept = _exponential_passes(_program(name, KEPT_ROWS, dtype))
+    name, dtype, buffers = BUDGET_CASES[case]
+    rows = KEPT_ROWS // buffers
+    kept = _exponential_passes(_program(name, rows, dtype))
     assert len(kept) == 1, "\n".join(kept)
-    logits = jax.ShapeDtypeStruct((2 * KEPT_ROWS, V), dtype)
-    above = _exponential_passes(_program(name, 2 * KEPT_ROWS, dtype))
+    logits = jax.ShapeDtypeStruct((2 * rows, V), dtype)
+    above = _exponential_passes(_program(name, 2 * rows, dtype))
     # Above: once in the forward pass (over chunks of rows) and once in the backward pass. The
     # soft-label loss's forward pass is one fused pass over all rows instead where XLA fuses it
     # (_cross_entropy._plain_soft_rows), which also holds the branch that computes its rows
     # again, exactly and also over whole rows, if one comes out NaN: a third pass, not taken.
     fused = name == "soft_labels" and _xla.fuses_soft_rows(logits, logits)
     if fused:
-        whole = [line for line in above if f"[{2 * KEPT_ROWS},{V}]" in line]
+        whole = [line for line in above if f"[{2 * rows},{V}]" in line]
         assert len(whole) == 3, "\n".join(above)
     assert len(above) == (3 if fused else 2), "\n".join(above)
 

@@ -89,41 +89,49 @@ def contract(grad: jax.Array | None, tangent: object, dtype) -> jax.Array | None
     return jnp.sum(grad.astype(dtype) * jnp.asarray(tangent).astype(dtype))
 
 
+@jax.custom_jvp
+def _product_or_zero(zero: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a * b``, but 0 where ``zero``."""
+    ab = a * b
+    return jnp.where(zero, jnp.zeros_like(ab), ab)
+
+
+@_product_or_zero.defjvp
+def _product_or_zero_jvp(primals, tangents):
+    zero, a, b = primals
+    _, a_dot, b_dot = tangents
+    out = _product_or_zero(zero, a, b)
+    dot = None
+    if not is_zero(a_dot):
+        dot = a_dot * jnp.where(zero & ~jnp.isfinite(b), jnp.zeros_like(b), b)
+    if not is_zero(b_dot):
+        dot = add(dot, _product_or_zero(zero, a, b_dot))
+    return out, or_zeros(dot, out)
+
+
+_product_or_zero.defjvp(_product_or_zero_jvp, symbolic_zeros=True)
+
+
 def product_rule(is_zero_product: Callable[[jax.Array, jax.Array], jax.Array]) -> Callable:
     """``f(a, b) = a * b``, but 0 where ``is_zero_product(a, b)`` (a term that counts for
-    nothing, such as a weight of 0 on an infinite log), as a ``jax.custom_jvp`` function whose
-    tangent is the product rule's, ``a_dot * b + a * b_dot``, under the same select.
+    nothing, such as a weight of 0 on an infinite log), with the product rule's tangent,
+    ``a_dot * b + a * b_dot``, under the same select, at every order.
 
     A select's own derivative is 0 wherever it picks its constant, which would drop
     ``a_dot * b`` where ``a == 0``: a class weight, a label or a smoothing of exactly 0 would
     have no second derivative through its product, and ``jax.hessian`` in a class weight would
     not be symmetric (tests/test_autodiff.py, the exact zeros). Here that term is kept wherever
     ``b`` is finite; where the product is 0 and ``b`` is not finite, the term counts for nothing
-    and has no derivative in ``a`` either. The selects read the primals only, so the tangent is
-    linear and transposes (reverse mode).
+    and has no derivative in ``a`` either. The tangent's own ``a * b_dot`` is the same function
+    of ``(a, b_dot)`` under the primals' select, so a derivative taken of it in ``a`` (a third
+    derivative) keeps its term too. The selects read the primals only, so the tangent is
+    linear in the tangents and transposes (reverse mode).
     """
 
     def product(a: jax.Array, b: jax.Array) -> jax.Array:
-        ab = a * b
-        return jnp.where(is_zero_product(a, b), jnp.zeros_like(ab), ab)
+        return _product_or_zero(is_zero_product(a, b), a, b)
 
-    f = jax.custom_jvp(product)
-
-    def f_jvp(primals, tangents):
-        a, b = primals
-        a_dot, b_dot = tangents
-        zero = is_zero_product(a, b)
-        out = f(a, b)
-        dot = None
-        if not is_zero(a_dot):
-            dot = a_dot * jnp.where(zero & ~jnp.isfinite(b), jnp.zeros_like(b), b)
-        if not is_zero(b_dot):
-            ab_dot = a * b_dot
-            dot = add(dot, jnp.where(zero, jnp.zeros_like(ab_dot), ab_dot))
-        return out, or_zeros(dot, out)
-
-    f.defjvp(f_jvp, symbolic_zeros=True)
-    return f
+    return product
 
 
 def elementwise(value: Callable, tangent: Callable, narrow_fuses_whole: bool = False) -> Callable:

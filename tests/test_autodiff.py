@@ -534,12 +534,40 @@ def _fused_and_sharded_zeros_cases():
 ZEROS = _zeros_cases()
 
 
+@functools.cache
+def _hessian_over_devices_works() -> bool:
+    """Whether this JAX can take ``jax.hessian`` (a ``vmap`` of forward mode) of a ``psum``
+    inside ``jax.shard_map``: jax 0.8.2 raises a TypeError inside its ``psum``
+    (``axis_index_groups``) for any such function, not for the sharded losses only."""
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec("model")
+    total = jax.shard_map(
+        lambda v: jax.lax.psum(jnp.sum(jnp.exp(v)), "model"),
+        mesh=mesh,
+        in_specs=spec,
+        out_specs=jax.sharding.PartitionSpec(),
+    )
+    try:
+        jax.hessian(total)(jnp.zeros(2))
+    except TypeError as error:
+        if "axis_index_groups" in str(error):
+            return False
+        raise
+    return True
+
+
+def _zeros_case(name):
+    if name.startswith("sharded") and not _hessian_over_devices_works():
+        pytest.skip(f"jax {jax.__version__} cannot take jax.hessian through a psum in shard_map")
+    return ZEROS[name]
+
+
 @pytest.mark.parametrize("name", ZEROS)
 def test_second_derivatives_at_exact_zeros_are_symmetric(name):
     """d/db (dL/da) = d/da (dL/db), and each block of the Hessian is symmetric. The same values
     away from the zero (1e-9 off it) agree to first order: the one-sided results were off by
     O(1) (a class weight's Hessian of 0.369 for 0.237)."""
-    f, a, b = ZEROS[name]
+    f, a, b = _zeros_case(name)
 
     def hessian(a, b):
         h = jax.jit(jax.hessian(f, argnums=(0, 1)))(a, b)
@@ -569,7 +597,7 @@ def test_third_derivatives_at_exact_zeros_are_continuous(name):
     block: the tangent's own product with the weight, taken by a plain select, left the weight's
     term out of a derivative taken of it (d3L/dw dx dw of a mean with a class weight of 0: off by
     0.1; the sigmoid focal loss's d3L/dt dt dgamma at gamma = 0: by 0.67)."""
-    f, a, b = ZEROS[name]
+    f, a, b = _zeros_case(name)
     third = jax.jit(jax.jacfwd(jax.hessian(f, argnums=(0, 1)), argnums=(0, 1)))
     at, near = third(a, b), third(*_off_the_zeros(a, b))
     paths = jax.tree_util.tree_flatten_with_path(at)[0]

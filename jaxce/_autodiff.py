@@ -96,7 +96,10 @@ def _product_or_zero(zero: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(zero, jnp.zeros_like(ab), ab)
 
 
-@_product_or_zero.defjvp
+# d(a b) = a_dot b + a b_dot, under the value's select: the first term is 0 only where the
+# product is 0 and b is not finite (a weight of 0 on an infinite term has no derivative in the
+# weight either), the second is this function again, of (a, b_dot), so its own derivative in a
+# keeps the product rule. Nothing is saved but the primals the selects read.
 def _product_or_zero_jvp(primals, tangents):
     zero, a, b = primals
     _, a_dot, b_dot = tangents

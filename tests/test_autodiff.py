@@ -384,7 +384,12 @@ def test_fused_per_token_loss_is_reverse_mode_only():
     R.assert_close(hvp, want, rtol=1e-9, atol=1e-11)
 
 
-# ------------------------------------------------------------ second derivatives at exact zeros
+# ------------------------------------------------------------ derivatives at exact zeros
+def _one_device_mesh():
+    """A mesh of this process's first device, whose class axis is "model" (automatic axes)."""
+    return jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def _zeros_cases():
     """``name -> (loss of (a, b), a, b)``, each with a weight-like input at exactly 0 (a class
     weight, a label, a smoothing of 0 or 1, a z-loss, a focusing gamma): where a product with it
@@ -476,7 +481,7 @@ def _fused_and_sharded_zeros_cases():
     cw = jnp.asarray([0.5, 1.0, 2.0, 0.7, 1.3])
     label_zero = jnp.asarray([0.0, 1.0, 0.0, 0.7, 1.3])  # labels 0 and 2 weigh 0
     zero = jnp.asarray(0.0)
-    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = _one_device_mesh()
     fused = functools.partial(jaxce.linear_softmax_cross_entropy, labels=y, reduction="mean")
     on_mesh = dict(labels=y, axis_name="model", mesh=mesh, reduction="mean")
     sharded = functools.partial(jaxce.sharded.softmax_cross_entropy_with_integer_labels, **on_mesh)
@@ -539,7 +544,7 @@ def _hessian_over_devices_works() -> bool:
     """Whether this JAX can take ``jax.hessian`` (a ``vmap`` of forward mode) of a ``psum``
     inside ``jax.shard_map``: jax 0.8.2 raises a TypeError inside its ``psum``
     (``axis_index_groups``) for any such function, not for the sharded losses only."""
-    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = _one_device_mesh()
     spec = jax.sharding.PartitionSpec("model")
     total = jax.shard_map(
         lambda v: jax.lax.psum(jnp.sum(jnp.exp(v)), "model"),

@@ -289,11 +289,10 @@ def _soft_row_loss(half, mass, log_sum):
 
 
 def _soft_forward(x, y, mask, weights, eps) -> _SoftRows:
-    def rows(x, y, mask):
-        return _soft_rows(x, y, mask, weights, eps)
-
     fuses_whole = mask is None and weights is None and eps is None
-    return _loops.by_row_chunks(rows, x, y, mask, fuses_whole=fuses_whole)
+    return _loops.by_row_chunks(
+        _soft_rows, x, y, mask, shared=(weights, eps), fuses_whole=fuses_whole
+    )
 
 
 def _fusible_soft_rows(x, y) -> _SoftRows:
@@ -406,8 +405,24 @@ def _fused_else_exact(x, y, part):
 
 
 # The rows, for the derivative; the loss alone.
-_plain_soft_rows = _whole_batch(lambda x, y: _fused_else_exact(x, y, lambda rows: rows))
+_fused_soft_rows = _whole_batch(lambda x, y: _fused_else_exact(x, y, lambda rows: rows))
 _plain_soft_loss = _whole_batch(lambda x, y: _fused_else_exact(x, y, lambda r: r.loss[..., 0]))
+
+
+@jax.custom_jvp
+def _plain_soft_rows(x, y) -> _SoftRows:
+    """The soft-label rows without options, from the fused pass (:func:`_fused_else_exact`).
+
+    Its choice of a pass for the whole batch (``custom_vmap``) has no derivative in reverse
+    mode; a derivative of the derivative rule (``jax.grad`` of ``jax.grad``) takes that of the
+    rows of whole arrays, :func:`_soft_rows`, which give the same values."""
+    return _fused_soft_rows(x, y)
+
+
+@_plain_soft_rows.defjvp
+def _plain_soft_rows_jvp(primals, tangents):
+    _, dot = jax.jvp(lambda x, y: _soft_rows(x, y, None, None, None), primals, tangents)
+    return _plain_soft_rows(*primals), dot
 
 
 def _no_options(mask, weights, eps) -> bool:

@@ -9,13 +9,39 @@ Nothing is ever padded.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _xla
+
+
+def varying(x: jax.Array) -> frozenset:
+    """The manual mesh axes ``x`` varies over (its ``vma`` type under ``shard_map``'s
+    ``check_vma=True``); none outside ``shard_map``."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    if mat is not None and hasattr(mat, "varying"):
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def vary_like(tree, *refs):
+    """``tree`` typed as varying over every axis any of ``refs`` varies over: the initial carry
+    of a loop whose body mixes those inputs (a loop's carry keeps its type)."""
+    axes = frozenset().union(*(varying(r) for r in jax.tree.leaves(refs)))
+
+    def vary(leaf):
+        missing = tuple(axes - varying(leaf))
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(vary, tree)
 
 
 def cut(a: jax.Array, start, size: int, axis: int) -> jax.Array:
@@ -34,8 +60,10 @@ def _loop(count: int, step, carry):
     every loop-invariant value of its body out of the loop, materializing broadcasts such as a
     ``[token_chunk, V]`` block of zeros or a column iota (tests/test_linear.py, the memory
     section). A ``while_loop`` whose inputs are all known is kept whole. The loops compute
-    primal values only; their derivatives are the hand-written rules, differentiable again in
-    forward mode (forward-over-reverse second derivatives), not in reverse mode.
+    primal values only; their derivatives are the hand-written rules. A derivative of a rule
+    differentiates the loops themselves, which a ``while_loop`` allows in forward mode only:
+    the row chunks' loop takes its derivative in a ``scan`` (:func:`_in_chunks`), and the
+    fused loss's blocks have forward-over-reverse second derivatives only.
     """
     return jax.lax.fori_loop(jnp.int32(0), jnp.int32(count), step, carry)
 
@@ -109,14 +137,18 @@ def by_row_chunks(
     fn,
     x: jax.Array,
     *others: jax.Array | None,
+    shared: tuple = (),
     fuses_whole: bool = False,
     fuses_whole_on_cpu: bool = False,
 ):
-    """``fn(x, *others)`` of ``[..., C]`` arrays whose results are per row (``[..., k]``
-    arrays), computed a chunk of rows at a time (``_xla.row_chunk``): whatever XLA keeps while
-    reducing is the size of a chunk, on any XLA (tests/test_memory.py). ``fuses_whole``: XLA
-    fuses ``fn`` whole without a temporary on the backends that read such a reduction whole;
-    ``fuses_whole_on_cpu``: on CPU too."""
+    """``fn(x, *others, *shared)`` of ``[..., C]`` arrays ``x, *others`` whose results are per
+    row (``[..., k]`` arrays), computed a chunk of rows at a time (``_xla.row_chunk``): whatever
+    XLA keeps while reducing is the size of a chunk, on any XLA (tests/test_memory.py).
+    ``shared``: what every chunk reads whole (class weights, hyperparameters), passed to ``fn``
+    as arguments: ``fn`` closes over no traced value, so that the chunks' derivative can be
+    taken in every mode (:func:`_in_chunks`). ``fuses_whole``: XLA fuses ``fn`` whole without a
+    temporary on the backends that read such a reduction whole; ``fuses_whole_on_cpu``: on CPU
+    too."""
     lead, cols = x.shape[:-1], x.shape[-1]
 
     n = 1
@@ -127,30 +159,116 @@ def by_row_chunks(
         return None if a is None else jnp.reshape(jnp.broadcast_to(a, x.shape), (n, cols))
 
     arrays = (rows_of(x),) + tuple(rows_of(a) for a in others)
-    shapes = jax.eval_shape(fn, *(None if a is None else a[:1] for a in arrays))
-    out_like = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
     rows = _xla.row_chunk(n, cols, fuses_whole, fuses_whole_on_cpu)
-    out = map_rows(fn, arrays, rows, out_like)
+    if rows >= n:
+        out = fn(*arrays, *shared)
+    else:
+        out = _in_chunks(fn, rows, arrays, tuple(shared))
     return jax.tree.map(lambda a: jnp.reshape(a, lead + a.shape[1:]), out)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _in_chunks(fn, rows: int, arrays: tuple, shared: tuple):
+    """``fn(*arrays, *shared)`` with ``arrays`` (``[N, C]``, or None) cut into chunks of
+    ``rows`` rows (:func:`map_rows`).
+
+    The chunks' loop is a ``while_loop`` (:func:`_loop`), which JAX differentiates in forward
+    mode only. These loops compute the row statistics that derivative rules read, and a
+    derivative of a derivative (``jax.grad`` of ``jax.grad``, ``jax.hessian``) differentiates
+    them: here it is ``fn``'s own derivative, taken a chunk at a time in a ``scan``, which
+    every mode can take and reverse mode transposes. First derivatives never differentiate the
+    loop (the rules call it on their primal inputs); forward over reverse (``jax.hessian``, a
+    Hessian-vector product) keeps the chunks' memory bound, and reverse over reverse keeps the
+    scan's residuals, of the arrays' size.
+    """
+
+    def of_chunks(*chunks):
+        return fn(*chunks, *shared)
+
+    n = arrays[0].shape[0]
+    shapes = jax.eval_shape(of_chunks, *(None if a is None else a[:1] for a in arrays))
+    zeros = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
+    # Inside shard_map the chunks' results vary over the mesh axes their inputs do.
+    return map_rows(of_chunks, arrays, rows, vary_like(zeros, arrays, shared))
+
+
+def _is_zero(t) -> bool:
+    """Whether a tangent is zero by its type: a symbolic zero (an input that is not
+    differentiated) or a float0 one (an integer or boolean input's)."""
+    return isinstance(t, SymbolicZero) or t.dtype == jax.dtypes.float0
+
+
+def _zeros(t, shape: tuple[int, ...]) -> jax.Array | np.ndarray:
+    """Zeros of the tangent ``t``'s dtype (float0 for an integer or boolean input) and
+    ``shape``."""
+    aval = cast(jax.core.ShapedArray, t.aval) if isinstance(t, SymbolicZero) else t
+    dtype = jnp.dtype(aval.dtype)
+    return np.zeros(shape, dtype) if dtype == jax.dtypes.float0 else jnp.zeros(shape, dtype)
+
+
+def _in_chunks_jvp(fn, rows, primals, tangents):
+    arrays, shared = primals
+    arrays_dot, shared_dot = tangents
+    shared_dot = jax.tree.map(
+        lambda t, s: _zeros(t, jnp.shape(s)) if _is_zero(t) else t, shared_dot, shared
+    )
+
+    def tangent(start, size: int):
+        """The tangent of ``size`` rows from ``start``; a zero tangent (an input that is not
+        differentiated) is made a chunk at a time, never as a whole array."""
+
+        def rows_of(a):
+            return None if a is None else _xla.chunk(a, start, size, 0)
+
+        def dot_rows_of(t, a):
+            if a is None:
+                return None
+            if _is_zero(t):
+                return _zeros(t, (size,) + a.shape[1:])
+            return _xla.chunk(t, start, size, 0)
+
+        chunks = tuple(rows_of(a) for a in arrays)
+        dots = tuple(dot_rows_of(t, a) for t, a in zip(arrays_dot, arrays, strict=True))
+        return jax.jvp(lambda a, s: fn(*a, *s), (chunks, shared), (dots, shared_dot))[1]
+
+    full, tail = divmod(arrays[0].shape[0], rows)
+    parts = []
+    if full:  # a scan, which reverse mode transposes, over the full chunks
+
+        def step(carry, i):
+            return carry, tangent(i * rows, rows)
+
+        _, stacked = jax.lax.scan(step, None, jnp.arange(full, dtype=jnp.int32))
+        parts.append(jax.tree.map(lambda a: jnp.reshape(a, (full * rows,) + a.shape[2:]), stacked))
+    if tail:
+        parts.append(tangent(full * rows, tail))
+    dot = parts[0] if len(parts) == 1 else jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
+    return _in_chunks(fn, rows, arrays, shared), dot
+
+
+_in_chunks.defjvp(_in_chunks_jvp, symbolic_zeros=True)
 
 
 def chunked_sum(
     fn: Callable, args: tuple, shape: tuple[int, ...], narrow_fuses_whole: bool = False
 ) -> jax.Array:
     """``sum(fn(*args))`` of an elementwise ``fn``, a chunk of rows at a time: the arguments of
-    the full ``shape`` are cut into chunks of rows, the others (scalars, None) passed whole, so
-    the elementwise values never exist as a whole array (XLA's CPU reductions do not fuse their
-    producers). Float32 arguments are read whole where XLA fuses such a sum
-    (``_xla.reads_whole_rows``); narrower ones too if ``narrow_fuses_whole`` (the sum and its
-    derivative share no float32 array for XLA to keep)."""
+    the full ``shape`` are cut into chunks of rows, the others (scalars, None) passed whole (as
+    :func:`by_row_chunks`'s ``shared``), so the elementwise values never exist as a whole array
+    (XLA's CPU reductions do not fuse their producers). Float32 arguments are read whole where
+    XLA fuses such a sum (``_xla.reads_whole_rows``); narrower ones too if
+    ``narrow_fuses_whole`` (the sum and its derivative share no float32 array for XLA to
+    keep)."""
     full = [a is not None and jnp.shape(a) == shape for a in args]
     if not shape:
         return jnp.sum(fn(*args))
     chunked = tuple(a for a, f in zip(args, full, strict=True) if f)
+    whole = tuple(a for a, f in zip(args, full, strict=True) if not f)
 
-    def rows(*chunks):
-        it = iter(chunks)
-        values = fn(*(next(it) if f else a for a, f in zip(args, full, strict=True)))
+    def rows(*chunks_and_whole):
+        chunks = iter(chunks_and_whole[: len(chunked)])
+        rest = iter(chunks_and_whole[len(chunked) :])
+        values = fn(*(next(chunks) if f else next(rest) for f in full))
         flat = (values.shape[0], math.prod(values.shape[1:]))
         return jnp.sum(jnp.reshape(values, flat), axis=-1, keepdims=True)
 
@@ -159,4 +277,5 @@ def chunked_sum(
     two_d = (math.prod(shape[:-1]), shape[-1]) if len(shape) > 1 else (shape[0], 1)
     chunked = tuple(jnp.reshape(a, two_d) for a in chunked)
     float32 = all(a.dtype == jnp.float32 for a in chunked)  # no conversion for XLA to keep
-    return jnp.sum(by_row_chunks(rows, *chunked, fuses_whole=float32 or narrow_fuses_whole))
+    fuses_whole = float32 or narrow_fuses_whole
+    return jnp.sum(by_row_chunks(rows, *chunked, shared=whole, fuses_whole=fuses_whole))

@@ -273,7 +273,7 @@ def row_stats(
     gradient, whose backward pass would otherwise share their float32 conversion;
     ``_xla.row_chunk``)."""
 
-    def stats(xs, ms):
+    def stats(xs, ms, weights, options):
         return partial_stats(xs, ms, weights, options, num_classes)
 
     fuses_whole = mask is None and not options.elementwise
@@ -281,7 +281,14 @@ def row_stats(
     on_cpu = fuses_whole and (_xla.computes_in_place(x) or narrow)
     if on_cpu and narrow:
         x = _xla.unshared(x)
-    return _loops.by_row_chunks(stats, x, mask, fuses_whole=fuses_whole, fuses_whole_on_cpu=on_cpu)
+    return _loops.by_row_chunks(
+        stats,
+        x,
+        mask,
+        shared=(weights, options),
+        fuses_whole=fuses_whole,
+        fuses_whole_on_cpu=on_cpu,
+    )
 
 
 def rebase(p: Partial, new_max: jax.Array, num_classes: int) -> Partial:

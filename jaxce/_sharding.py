@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxce import _autodiff, _blocks, _checks, _labels, _rows, _xla
 from jaxce._layout import compute_dtype
+from jaxce._loops import vary_like, varying
 from jaxce._reduction import reduce_loss
 
 AxisName = Hashable  # a mesh axis name, or a tuple of them
@@ -46,19 +47,10 @@ def _axes(axis_name: AxisName) -> tuple:
     return axis_name if isinstance(axis_name, tuple) else (axis_name,)
 
 
-def _varying(x: jax.Array) -> frozenset:
-    """The manual mesh axes ``x`` varies over (its ``vma`` type under ``check_vma=True``)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    if mat is not None and hasattr(mat, "varying"):
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
 def _typed(axis_name: AxisName) -> bool:
     """Whether ``shard_map`` tracks how values vary (``check_vma=True``) for these axes."""
     index = jax.lax.axis_index(axis_name)
-    return any(a in _varying(index) for a in _axes(axis_name))
+    return any(a in varying(index) for a in _axes(axis_name))
 
 
 def _sum_to(ct: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
@@ -68,25 +60,13 @@ def _sum_to(ct: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
     if ct is None or primal is None:
         return ct
     out: jax.Array = ct
-    extra = _varying(out) - _varying(primal)
+    extra = varying(out) - varying(primal)
     if extra:
         out = jax.lax.psum(out, tuple(extra))
-    missing = _varying(primal) - _varying(out)
+    missing = varying(primal) - varying(out)
     if missing:
         out = jax.lax.pcast(out, tuple(missing), to="varying")
     return out
-
-
-def _vary_like(tree, *refs):
-    """``tree`` typed as varying over every axis any of ``refs`` varies over: the initial carry
-    of a loop whose body mixes those inputs (a loop's carry keeps its type)."""
-    axes = frozenset().union(*(_varying(r) for r in jax.tree.leaves(refs)))
-
-    def vary(leaf):
-        missing = tuple(axes - _varying(leaf))
-        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
-
-    return jax.tree.map(vary, tree)
 
 
 def _bound_axis_size(name: str, axis_name: AxisName) -> int:
@@ -166,7 +146,9 @@ def _global(local: _rows.Partial, owned: dict, static: _Static):
     ``psum``, which keeps it whatever the backend."""
     nan_sum = jnp.where(jnp.isnan(local.max), jnp.nan, local.sum_exp)
     local = local._replace(sum_exp=nan_sum)
-    m = jax.lax.pmax(local.max, static.axis_name)
+    # A shift, with no derivative (as _softmax.row_max): a derivative of the derivative rule
+    # (jax.grad of jax.grad) would otherwise reach pmax, which has none.
+    m = jax.lax.pmax(jax.lax.stop_gradient(local.max), static.axis_name)
     local = _rows.rebase(local, m, static.vocab_size)
     sums = {k: v for k, v in local._asdict().items() if k != "max" and v is not None}
     total = jax.lax.psum({**sums, **owned}, static.axis_name)
@@ -267,7 +249,7 @@ def _sharded_linear_forward(x, w, bias, labels, weights, options, static: _Fused
     shard = _shard(labels, w.shape[1], core)
 
     def vary(tree):
-        return _vary_like(tree, x, w, bias, weights, labels)
+        return vary_like(tree, x, w, bias, weights, labels)
 
     local = _blocks.statistics(x, w, bias, weights, options, static.blocks, dtype, vary)
     label_logit = _blocks.label_logits(x, w, bias, shard.local, options, dtype)
@@ -342,7 +324,7 @@ def _sharded_per_token_fwd(x, w, bias, labels, weights, options, static):
 def _invariant_cotangent(g: jax.Array, static: _Static) -> jax.Array:
     """The loss is the same on every device of the vocabulary axis; a cotangent typed as varying
     there carries one share per device, and the loss's cotangent is their sum."""
-    extra = _varying(g) & set(_axes(static.axis_name))
+    extra = varying(g) & set(_axes(static.axis_name))
     return jax.lax.psum(g, tuple(extra)) if extra else g
 
 
@@ -355,7 +337,7 @@ def _sharded_per_token_bwd(static: _FusedStatic, res, cotangents):
     needs = _blocks.Needs.every(bias, weights, options)
 
     def vary(tree):
-        return _vary_like(tree, *res, g)
+        return vary_like(tree, *res, g)
 
     grads = _local_gradients(x, w, bias, weights, options, static, parts, g, needs, vary)
     per_label, d_eps, d_zl = _blocks.row_cotangents(

@@ -14,6 +14,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -29,8 +30,14 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+from _jax_support import (  # noqa: E402
+    hessian_over_devices_works,
+    reverse_over_reverse_through_scan_works,
+)
+
 import jaxce  # noqa: E402
 import jaxce.sharded  # noqa: E402
+from jaxce import _xla  # noqa: E402
 from jaxce._linear import linear_softmax_cross_entropy as fused_reference  # noqa: E402
 
 MESHES = ((1, 8), (2, 4), (8, 1))
@@ -241,6 +248,71 @@ def logits_padded_vocabulary_inside_shard_map():
         grad = np.asarray(grad)
         close("gradient", grad[:, :1001], want_grad)
         assert np.all(grad[:, 1001:] == 0), "padding columns have a gradient"
+
+
+@contextlib.contextmanager
+def row_chunks_of(rows, v_local):
+    """Each device reduces its logits ``rows`` rows at a time, as its shard of a large batch
+    and vocabulary does (on a CPU from 1 MiB of float32 logits a device, on a GPU or a TPU from
+    256 MiB): a loop whose carry varies over the mesh axes of the logits."""
+    patched = {
+        "ROW_CHUNK_BYTES": dict.fromkeys(_xla.ROW_CHUNK_BYTES, 4 * v_local * rows),
+        "reads_whole_rows": lambda: False,
+        "cpu_fuses_whole_rows": lambda: False,
+        "saves_exponentials": lambda *a, **k: False,
+    }
+    saved = {k: getattr(_xla, k) for k in patched}
+    for k, value in patched.items():
+        setattr(_xla, k, value)
+    try:
+        yield
+    finally:
+        for k, value in saved.items():
+            setattr(_xla, k, value)
+
+
+@check
+def logits_in_row_chunks():
+    # The value and first derivatives without options and with every option on, on explicit
+    # and automatic mesh axes.
+    d = data(v=1024)
+    with row_chunks_of(3, 1024 // 4):
+        for kind, name in (
+            (AxisType.Explicit, "plain"),
+            (AxisType.Explicit, "all"),
+            (AxisType.Auto, "all"),
+        ):
+            try:
+                _compare_logits(mesh_of((2, 4), kind), OPTIONS[name], "mean", d)
+            except AssertionError as err:
+                raise AssertionError(f"{kind} {name}: {err}") from None
+
+
+@check
+def logits_second_derivatives_in_row_chunks():
+    # Reverse over reverse (jax.grad of jax.grad) and forward over reverse, every option on.
+    if not hessian_over_devices_works():
+        raise Skipped(f"jax {jax.__version__} cannot take jax.hessian through a psum")
+    small = data(n=8, v=16)
+    mesh = mesh_of((1, 4), AxisType.Auto)
+    kw = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=6.0)
+
+    def sharded(z):
+        return jaxce.sharded.softmax_cross_entropy_with_integer_labels(
+            z, small["labels"], axis_name="model", mesh=mesh, reduction="mean", **kw
+        )
+
+    def single(z):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            z, small["labels"], reduction="mean", **kw
+        )
+
+    want = jax.jit(jax.hessian(single))(small["logits"])
+    with row_chunks_of(3, 16 // 4):
+        close("hessian", jax.jit(jax.hessian(sharded))(small["logits"]), want)
+        if not reverse_over_reverse_through_scan_works():
+            raise Skipped(f"jax {jax.__version__} cannot transpose a scan in a custom_jvp rule")
+        close("jacrev of grad", jax.jit(jax.jacrev(jax.grad(sharded)))(small["logits"]), want)
 
 
 @check

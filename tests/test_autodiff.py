@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
+from _jax_support import hessian_over_devices_works, reverse_over_reverse_through_scan_works
 
 import jaxce
+from jaxce import _xla
 
 F64 = np.float64
 
@@ -190,6 +192,106 @@ def test_forward_over_reverse_hvp_and_hessian(case):
 def test_finite_differences_to_second_order(case):
     f, _, x = case
     jax.test_util.check_grads(f, (x,), order=2, modes=("fwd", "rev"), eps=1e-6)
+
+
+# ------------------------------------------------------ every path a size or a backend picks
+def _path_cases(rng):
+    """:func:`_cases`, and the losses whose reduction or lack of options picks a path of its
+    own: the mean of an elementwise loss (a sum taken a chunk of rows at a time) and soft labels
+    without options (one fused pass, or an exact one for the whole batch)."""
+    cases = _cases(rng)
+    x = R.random_logits(rng, (3, 5))
+    targets = jnp.asarray(rng.uniform(size=(3, 5)))
+    soft = jnp.asarray(R.random_probs(rng, (3, 5)))
+    probs = rng.uniform(0.05, 0.95, size=(3, 5))
+    mean = dict(reduction="mean")
+    cases["sigmoid_bce_mean"] = (
+        lambda v: jaxce.sigmoid_binary_cross_entropy(v, targets, **mean),
+        lambda v, xp: R.sigmoid_binary_cross_entropy(v, targets, xp=xp, **mean),
+        x,
+    )
+    cases["binary_cross_entropy_mean"] = (
+        lambda q: jaxce.binary_cross_entropy(q, targets, **mean),
+        lambda q, xp: R.binary_cross_entropy(q, targets, xp=xp, **mean),
+        probs,
+    )
+    cases["sigmoid_focal_loss_mean"] = (
+        lambda v: jaxce.sigmoid_focal_loss(v, targets, gamma=1.5, **mean),
+        lambda v, xp: R.sigmoid_focal_loss(v, targets, gamma=1.5, xp=xp, **mean),
+        x,
+    )
+    cases["soft_ce_plain_logits"] = (
+        lambda v: jaxce.softmax_cross_entropy(v, soft),
+        lambda v, xp: R.softmax_cross_entropy(v, soft, xp=xp),
+        x,
+    )
+    cases["soft_ce_plain_labels"] = (
+        lambda t: jaxce.softmax_cross_entropy(jnp.asarray(x), t),
+        lambda t, xp: R.softmax_cross_entropy(x, t, xp=xp),
+        R.random_probs(rng, (3, 5)),
+    )
+    return cases
+
+
+PATH_NAMES = list(_path_cases(np.random.default_rng(0)))
+# What each forced path must reach, in the first derivative's program: a loop over chunks of
+# rows (a while loop), or the fused soft-label pass's choice for the whole batch (a cond).
+CHUNKED = {
+    "log_softmax",
+    "log_softmax_where",
+    "softmax",
+    "logsumexp",
+    "integer_ce_every_option",
+    "soft_ce_logits",
+    "soft_ce_labels",
+    "softmax_entropy",
+    "softmax_focal_loss",
+    "sigmoid_bce_mean",
+    "binary_cross_entropy_mean",
+    "sigmoid_focal_loss_mean",
+    "soft_ce_plain_logits",
+    "soft_ce_plain_labels",
+}
+FUSED_SOFT = {"soft_ce_plain_logits", "soft_ce_plain_labels"}
+
+
+def _take_path(monkeypatch, path):
+    """Makes the library pick ``path`` at a small shape: what a large one picks on CPU."""
+    monkeypatch.setattr(_xla, "saves_exponentials", lambda *a, **k: False)
+    if path == "row chunks":  # one row a chunk, on every backend
+        monkeypatch.setattr(_xla, "ROW_CHUNK_BYTES", dict.fromkeys(_xla.ROW_CHUNK_BYTES, 1))
+        monkeypatch.setattr(_xla, "reads_whole_rows", lambda: False)
+        monkeypatch.setattr(_xla, "cpu_fuses_whole_rows", lambda: False)
+        monkeypatch.setattr(_xla, "fuses_soft_loss", lambda x, y: False)
+    else:  # the fused soft-label pass (on CPU from FUSED_SOFT_MIN_ELEMENTS up, jaxlib 0.10.2 on)
+        monkeypatch.setattr(_xla, "backend", lambda: "cpu")
+        monkeypatch.setattr(_xla, "cpu_fuses_whole_rows", lambda: True)
+        monkeypatch.setattr(_xla, "FUSED_SOFT_MIN_ELEMENTS", 0)
+
+
+@pytest.mark.parametrize("path", ["row chunks", "fused soft pass"])
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_second_derivatives_in_every_mode_on_every_path(monkeypatch, name, path):
+    """Reverse over reverse (``jax.grad`` of ``jax.grad``, as in meta-learning or a gradient
+    penalty) and forward over reverse equal the reference's Hessian where a large input or a
+    backend makes the library loop over chunks of rows or choose a soft-label pass for the whole
+    batch. Their loops and choice have no reverse-mode derivative of their own: the rules
+    read their results, and JAX raised an error where a derivative of a rule reached them."""
+    _take_path(monkeypatch, path)
+    f, ref, x = _path_cases(np.random.default_rng(0))[name]
+    x = jnp.asarray(x, F64)
+
+    def total(g):
+        return lambda u: jnp.sum(g(u))
+
+    program = str(jax.make_jaxpr(jax.grad(total(f)))(x))
+    reached = "while[" in program if path == "row chunks" else "cond[" in program
+    assert reached == (name in (CHUNKED if path == "row chunks" else FUSED_SOFT)), program
+    want = jax.hessian(total(_ref(ref)))(x)
+    R.assert_close(jax.jit(jax.hessian(total(f)))(x), want, rtol=1e-9, atol=1e-11)
+    if path == "row chunks" and not reverse_over_reverse_through_scan_works():
+        pytest.skip(f"jax {jax.__version__} cannot transpose a scan in a custom_jvp rule")
+    R.assert_close(jax.jit(jax.jacrev(jax.grad(total(f))))(x), want, rtol=1e-9, atol=1e-11)
 
 
 # ----------------------------------------------------------------- hyperparameters and weights
@@ -540,29 +642,8 @@ ZEROS = _zeros_cases()
 
 
 @functools.cache
-def _hessian_over_devices_works() -> bool:
-    """Whether this JAX can take ``jax.hessian`` (a ``vmap`` of forward mode) of a ``psum``
-    inside ``jax.shard_map``: jax 0.8.2 raises a TypeError inside its ``psum``
-    (``axis_index_groups``) for any such function, not for the sharded losses only."""
-    mesh = _one_device_mesh()
-    spec = jax.sharding.PartitionSpec("model")
-    total = jax.shard_map(
-        lambda v: jax.lax.psum(jnp.sum(jnp.exp(v)), "model"),
-        mesh=mesh,
-        in_specs=spec,
-        out_specs=jax.sharding.PartitionSpec(),
-    )
-    try:
-        jax.hessian(total)(jnp.zeros(2))
-    except TypeError as error:
-        if "axis_index_groups" in str(error):
-            return False
-        raise
-    return True
-
-
 def _zeros_case(name):
-    if name.startswith("sharded") and not _hessian_over_devices_works():
+    if name.startswith("sharded") and not hessian_over_devices_works():
         pytest.skip(f"jax {jax.__version__} cannot take jax.hessian through a psum in shard_map")
     return ZEROS[name]
 

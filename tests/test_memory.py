@@ -7,6 +7,7 @@ combination. And every loss reduces a chunk of rows at a time, so its temporarie
 with the number of rows at all, whatever XLA fuses (this differs between JAX versions).
 """
 
+import functools
 import re
 
 import jax
@@ -148,6 +149,34 @@ def test_temporaries_do_not_grow_with_the_rows(name):
     small, large = 512, 4096
     at_small, at_large = _loss_temp_bytes(name, small), _loss_temp_bytes(name, large)
     # A float32 copy of the large logits would be 64 MiB; a bf16 one 32 MiB.
+    assert at_small <= 8 * CHUNK, f"{at_small / 2**20:.2f} MiB at N={small}"
+    assert at_large - at_small <= PER_ROW * (large - small), (
+        f"{at_small / 2**20:.2f} MiB at N={small}, {at_large / 2**20:.2f} MiB at N={large}"
+    )
+
+
+def _hvp_temp_bytes(name, n, dtype):
+    x = jax.ShapeDtypeStruct((n, C), dtype)
+    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def hvp(x, t, y):
+        loss = functools.partial(LOSSES[name], t=t, y=y)
+        return jax.jvp(jax.grad(loss), (x,), (jnp.ones_like(x),))[1]
+
+    stats = jax.jit(hvp).lower(x, x, labels).compile().memory_analysis()
+    if stats is None:  # pragma: no cover - backend without memory analysis
+        pytest.skip("memory_analysis not available on this backend")
+    return stats.temp_size_in_bytes
+
+
+# Forward over reverse (a Hessian-vector product, as second-order optimizers take) differentiates
+# the row chunks' loop itself (jaxce._loops._in_chunks): a chunk at a time too. The sigmoid focal
+# loss has no row chunks; its elementwise rule's product keeps one array of the logits' size.
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "sigmoid_focal"])
+def test_hessian_vector_products_do_not_grow_with_the_rows(name, dtype):
+    small, large = 512, 4096
+    at_small, at_large = _hvp_temp_bytes(name, small, dtype), _hvp_temp_bytes(name, large, dtype)
     assert at_small <= 8 * CHUNK, f"{at_small / 2**20:.2f} MiB at N={small}"
     assert at_large - at_small <= PER_ROW * (large - small), (
         f"{at_small / 2**20:.2f} MiB at N={small}, {at_large / 2**20:.2f} MiB at N={large}"

@@ -29,6 +29,8 @@ CHECKS = (
     "logits_each_option",
     "logits_automatic_mesh_axes",
     "logits_padded_vocabulary_inside_shard_map",
+    "logits_in_row_chunks",
+    "logits_second_derivatives_in_row_chunks",
     "every_device_returns_the_same_loss",
     "fused_every_option_on_every_mesh",
     "fused_each_option",

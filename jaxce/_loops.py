@@ -116,14 +116,10 @@ def overlapping_chunks(total: int, size: int, body, carry):
 def map_rows(fn: Callable, arrays: tuple, rows: int, out_like):
     """``fn(*chunks)`` for chunks of ``rows`` rows of ``arrays`` (each ``[N, ...]``, or None),
     its per-row outputs (a pytree of ``[rows, ...]`` arrays) pasted into ``out_like``
-    (a pytree of ``[N, ...]`` arrays of the outputs' shapes and dtypes, e.g. zeros).
-
-    One call when ``rows`` covers them all; otherwise a loop, with the remainder as one more
-    statically sized call (:func:`for_chunks`).
+    (a pytree of ``[N, ...]`` arrays of the outputs' shapes and dtypes, e.g. zeros), in a loop,
+    with the remainder as one more statically sized call (:func:`for_chunks`).
     """
     n = jax.tree.leaves(arrays)[0].shape[0]
-    if rows >= n:
-        return fn(*arrays)
 
     def body(start, size, acc):
         chunks = tuple(None if a is None else _xla.chunk(a, start, size, 0) for a in arrays)

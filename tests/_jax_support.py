@@ -1,17 +1,25 @@
 """What the installed JAX can do, probed where one of its bugs would fail a test for a reason
 of its own (the README's supported versions name them)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 
+def one_device_mesh() -> jax.sharding.Mesh:
+    """A mesh of this process's first device, whose class axis is "model" (automatic axes)."""
+    return jax.make_mesh(
+        (1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1]
+    )
+
+
+@functools.cache
 def hessian_over_devices_works() -> bool:
     """Whether this JAX can take ``jax.hessian`` (a ``vmap`` of forward mode) of a ``psum``
     inside ``jax.shard_map``: jax 0.8.2 raises a TypeError inside its ``psum``
     (``axis_index_groups``) for any such function, not for the sharded losses only."""
-    mesh = jax.make_mesh(
-        (1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1]
-    )
+    mesh = one_device_mesh()
     spec = jax.sharding.PartitionSpec("model")
     total = jax.shard_map(
         lambda v: jax.lax.psum(jnp.sum(jnp.exp(v)), "model"),
@@ -44,6 +52,7 @@ def _sum_exp_jvp(primals, tangents):
     return _sum_exp(x), jnp.sum(terms)
 
 
+@functools.cache
 def reverse_over_reverse_through_scan_works() -> bool:
     """Whether this JAX can take reverse mode over reverse mode (``jax.jacrev`` of
     ``jax.grad``) of a ``custom_jvp`` function whose rule's tangent is a ``scan``: jax 0.8.2

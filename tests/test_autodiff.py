@@ -18,7 +18,11 @@ import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
-from _jax_support import hessian_over_devices_works, reverse_over_reverse_through_scan_works
+from _jax_support import (
+    hessian_over_devices_works,
+    one_device_mesh,
+    reverse_over_reverse_through_scan_works,
+)
 
 import jaxce
 from jaxce import _xla
@@ -487,11 +491,6 @@ def test_fused_per_token_loss_is_reverse_mode_only():
 
 
 # ------------------------------------------------------------ derivatives at exact zeros
-def _one_device_mesh():
-    """A mesh of this process's first device, whose class axis is "model" (automatic axes)."""
-    return jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def _zeros_cases():
     """``name -> (loss of (a, b), a, b)``, each with a weight-like input at exactly 0 (a class
     weight, a label, a smoothing of 0 or 1, a z-loss, a focusing gamma): where a product with it
@@ -583,7 +582,7 @@ def _fused_and_sharded_zeros_cases():
     cw = jnp.asarray([0.5, 1.0, 2.0, 0.7, 1.3])
     label_zero = jnp.asarray([0.0, 1.0, 0.0, 0.7, 1.3])  # labels 0 and 2 weigh 0
     zero = jnp.asarray(0.0)
-    mesh = _one_device_mesh()
+    mesh = one_device_mesh()
     fused = functools.partial(jaxce.linear_softmax_cross_entropy, labels=y, reduction="mean")
     on_mesh = dict(labels=y, axis_name="model", mesh=mesh, reduction="mean")
     sharded = functools.partial(jaxce.sharded.softmax_cross_entropy_with_integer_labels, **on_mesh)
@@ -641,7 +640,6 @@ def _fused_and_sharded_zeros_cases():
 ZEROS = _zeros_cases()
 
 
-@functools.cache
 def _zeros_case(name):
     if name.startswith("sharded") and not hessian_over_devices_works():
         pytest.skip(f"jax {jax.__version__} cannot take jax.hessian through a psum in shard_map")

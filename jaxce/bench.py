@@ -39,13 +39,16 @@ alike. A sample times a program for at least ``MIN_SAMPLE_SECONDS`` (a fast prog
 loop, waiting for each call), and the time reported is the median per call over the samples (and
 the minimum). Every ratio compares numbers of the same run, sample by sample: a ratio is the
 median over the rounds of the two programs' times in that round, so that a slow stretch of a
-shared machine, which slows every program of a round, cancels out. Memory is the compiled
+shared machine, which slows every program of a round, cancels out; a target missed on the
+speed-up gives the lowest and highest of the rounds' ratios beside it, which tell a loss from a
+tie within the machine's noise. Memory is the compiled
 program's temporary buffers (``compile().memory_analysis().temp_size_in_bytes``); the arguments
 and results are not counted.
 
 The functions below are the command line's building blocks: ``run`` returns one ``Result`` per
 program and shape, which ``format_table``, ``format_markdown``, ``write_json`` and ``plot`` turn
-into the outputs of ``--markdown``, ``--json`` and ``--plot``.
+into the outputs of ``--markdown``, ``--json`` and ``--plot``; ``read_json`` reads a saved run
+back (``--from-json``), to print its tables again or choose rows of it.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ ACCELERATOR_GRID = {
     "linear": ((16384, 4096, 131072),),
 }
 DEFAULT_DTYPES = ("float32", "bfloat16")
-GRID_MINUTES = "about 10 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
+GRID_MINUTES = "about 13 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
 # A timed sample calls a program this long at least: a 100 µs call is timed as the mean of 200.
 MIN_SAMPLE_SECONDS = 0.02
 # Compilations per program, a fresh function each time; the median is reported.
@@ -470,6 +473,7 @@ class Result:
     error: str | None = None
     x_floor: float | None = None
     speedup: float | None = None
+    speedup_range: tuple[float, float] | None = None
     compile_ratio: float | None = None
     missed: tuple[str, ...] = ()
 
@@ -500,16 +504,33 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def _round_ratios(numerator: Result | None, denominator: Result | None) -> list[float] | None:
+    """``numerator``'s time over ``denominator``'s in each round, or ``None`` where the two were
+    not timed in the same rounds."""
+    if numerator is None or denominator is None or not numerator.times or not denominator.times:
+        return None
+    if len(numerator.times) != len(denominator.times) or min(denominator.times) <= 0:
+        return None
+    return [a / b for a, b in zip(numerator.times, denominator.times, strict=True)]
+
+
 def paired_ratio(numerator: Result | None, denominator: Result | None) -> float | None:
     """The ratio of two programs' times measured in the same rounds: the median over the rounds
     of ``numerator``'s time over ``denominator``'s (the ratio of the medians where the two were
     not timed the same number of times). ``None`` where either has no time."""
-    if numerator is None or denominator is None or not numerator.times or not denominator.times:
-        return None
-    if len(numerator.times) != len(denominator.times) or min(denominator.times) <= 0:
-        return _ratio(numerator.median, denominator.median)
-    pairs = zip(numerator.times, denominator.times, strict=True)
-    return statistics.median(a / b for a, b in pairs)
+    ratios = _round_ratios(numerator, denominator)
+    if ratios is None:
+        return _ratio(numerator.median, denominator.median) if numerator and denominator else None
+    return statistics.median(ratios)
+
+
+def paired_ratio_range(
+    numerator: Result | None, denominator: Result | None
+) -> tuple[float, float] | None:
+    """The lowest and highest of the rounds' ratios that :func:`paired_ratio` takes the median
+    of; ``None`` where there are fewer than two rounds to compare."""
+    ratios = _round_ratios(numerator, denominator)
+    return None if ratios is None or len(ratios) < 2 else (min(ratios), max(ratios))
 
 
 def _below(value: float, limit: float) -> str:
@@ -525,13 +546,19 @@ def missed_targets(result: Result, backend: str) -> tuple[str, ...]:
     missed = []
     if t.min_speedup is not None and result.speedup is not None:
         if result.speedup < t.min_speedup:
+            spread = ""
+            if result.speedup_range is not None:  # a ratio near 1 may be the machine's noise
+                low, high = result.speedup_range
+                spread = f"; {low:.2f}-{high:.2f} over the {len(result.times)} rounds"
             if t.min_speedup == 1.0:
                 missed.append(
-                    f"slower than optax (optax's time / this = {_below(result.speedup, 1.0)})"
+                    f"slower than optax (optax's time / this ="
+                    f" {_below(result.speedup, 1.0)}{spread})"
                 )
             else:
                 missed.append(
-                    f"{result.speedup:.2f}x faster than optax (target >= {t.min_speedup:g}x)"
+                    f"{result.speedup:.2f}x faster than optax (target >="
+                    f" {t.min_speedup:g}x{spread})"
                 )
     if t.max_x_floor is not None and result.x_floor is not None:
         if result.x_floor > t.max_x_floor:
@@ -550,8 +577,9 @@ def compute_ratios(results: Sequence[Result], backend: str = "cpu") -> list[Resu
 
     ``x_floor`` is the time over the floor's, ``speedup`` the compared optax program's time over
     this one's (above 1: faster than optax), each the median over the rounds of the ratio of
-    the two times of a round (:func:`paired_ratio`); ``compile_ratio`` is this program's
-    compile time over optax's. Then ``missed`` lists the targets not met.
+    the two times of a round (:func:`paired_ratio`), and ``speedup_range`` the spread of the
+    rounds' speed-ups; ``compile_ratio`` is this program's compile time over optax's. Then
+    ``missed`` lists the targets not met.
 
     Args:
       results: measured results, in any order.
@@ -573,6 +601,7 @@ def compute_ratios(results: Sequence[Result], backend: str = "cpu") -> list[Resu
             r,
             x_floor=paired_ratio(r, floor),
             speedup=paired_ratio(other, r),
+            speedup_range=paired_ratio_range(other, r),
             compile_ratio=_ratio(r.compile_seconds, other.compile_seconds if other else None),
         )
         out.append(dataclasses.replace(r, missed=missed_targets(r, backend)))
@@ -1055,6 +1084,34 @@ def write_json(path: str | os.PathLike, results: Sequence[Result], env: Mapping[
         f.write("\n")
 
 
+def read_json(path: str | os.PathLike) -> tuple[list[Result], dict[str, Any]]:
+    """Reads what :func:`write_json` wrote, with the ratios and targets computed again.
+
+    Returns:
+      The results and the environment (date, machine, versions, repeats).
+
+    Raises:
+      ValueError: if the file is not JSON of that form (the message names the file).
+    """
+    fields = {f.name for f in dataclasses.fields(Result)}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        env = dict(data["environment"])
+        results = []
+        for row in data["results"]:
+            row = {k: v for k, v in row.items() if k in fields}
+            for key in ("shape", "times"):
+                row[key] = tuple(row[key])
+            row.pop("speedup_range", None)  # recomputed below, with the targets
+            results.append(Result(**row))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a result file of python -m jaxce.bench --json: {err}"
+        ) from None
+    return compute_ratios(results, env.get("backend", "cpu")), env
+
+
 _LINESTYLES = {"float32": "-", "bfloat16": "--", "float16": ":"}
 
 
@@ -1157,6 +1214,12 @@ def _writable(path: str) -> str:
     return path
 
 
+def _readable(path: str) -> str:
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no file {path!r}")
+    return path
+
+
 def _plot_path(path: str) -> str:
     try:
         from matplotlib.figure import Figure
@@ -1190,7 +1253,8 @@ def _parser() -> argparse.ArgumentParser:
             "  python -m jaxce.bench --quick\n"
             "  python -m jaxce.bench cross_entropy --shape 4096x32768 --dtype bfloat16\n"
             "  python -m jaxce.bench linear --shape 4096x512x32768 --markdown\n"
-            "  python -m jaxce.bench --json results.json --plot results.png"
+            "  python -m jaxce.bench --json results.json --plot results.png\n"
+            "  python -m jaxce.bench cross_entropy --from-json results.json --markdown"
         ),
     )
     parser.add_argument(
@@ -1237,6 +1301,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=_writable, metavar="FILE", help="write the results")
     parser.add_argument(
+        "--from-json",
+        type=_readable,
+        metavar="FILE",
+        help="measure nothing: print the tables (and --plot) of a run saved with --json, its"
+        " ratios and targets computed again; BENCHMARK, --shape and --dtype choose its rows",
+    )
+    parser.add_argument(
         "--plot",
         type=_plot_path,
         metavar="FILE.png",
@@ -1257,15 +1328,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the JSON output's environment adds to environment(): how the run measured.
+_RUN_SETTINGS = ("repeats", "compile_samples", "compile_warm_up_every_case")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parses the command line, runs the benchmarks and prints the tables.
+    """Parses the command line, runs the benchmarks (or reads a saved run) and prints the tables.
 
     Args:
       argv: command-line arguments without the program name; ``None`` reads ``sys.argv``.
 
     Returns:
-      The exit status: 0, or 1 if a program failed (e.g. ran out of memory). Bad arguments
-      exit with status 2 and a message, before anything is measured.
+      The exit status: 0, or 1 if a program measured now failed (e.g. ran out of memory). Bad
+      arguments exit with status 2 and a message, before anything is measured.
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -1278,47 +1353,61 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(names) not in ranks:
                 parser.error(f"{name} needs --shape {'x'.join(names)}; no such shape was given")
         benchmarks = chosen
-    repeats = args.repeats or (3 if args.quick else 5)
-    compile_samples = args.compile_samples or (1 if args.quick else COMPILE_SAMPLES)
     dtypes = list(dict.fromkeys(args.dtype)) if args.dtype else None
-
-    results = run(
-        benchmarks,
-        args.shape,
-        dtypes,
-        repeats,
-        quick=args.quick,
-        progress=args.progress,
-        compile_samples=compile_samples,
-    )
-    env = environment()
+    if args.from_json:
+        measuring = [args.quick, args.repeats, args.compile_samples]
+        if any(option is not None and option is not False for option in measuring):
+            parser.error("--from-json measures nothing: --quick, --repeats and --compile-samples")
+        try:
+            results, saved = read_json(args.from_json)
+        except ValueError as err:
+            parser.error(f"argument --from-json: {err}")
+        results = [
+            r
+            for r in results
+            if (benchmarks is None or r.benchmark in benchmarks)
+            and (args.shape is None or r.shape in args.shape)
+            and (dtypes is None or r.dtype in dtypes)
+        ]
+        if not results:
+            parser.error(f"argument --from-json: no result in {args.from_json!r} is chosen")
+        env = {k: v for k, v in saved.items() if k not in _RUN_SETTINGS}
+        repeats = saved.get("repeats")
+        compile_samples = saved.get("compile_samples")
+        every_case = saved.get("compile_warm_up_every_case", True)
+    else:
+        repeats = args.repeats or (3 if args.quick else 5)
+        compile_samples = args.compile_samples or (1 if args.quick else COMPILE_SAMPLES)
+        results = run(
+            benchmarks,
+            args.shape,
+            dtypes,
+            repeats,
+            quick=args.quick,
+            progress=args.progress,
+            compile_samples=compile_samples,
+        )
+        env = environment()
+        every_case = warms_up_every_case(args.quick)
     try:
         "µs".encode(sys.stdout.encoding or "ascii")
         micro = "µs"
     except (UnicodeEncodeError, LookupError):
         micro = "us"  # a terminal that cannot show µ
-    every_case = warms_up_every_case(args.quick)
     header = describe(env, repeats, compile_samples, every_case)
     if args.markdown:
         print(format_markdown(results, header))
     else:
         print(format_table(results, header, micro))
     if args.json:
-        write_json(
-            args.json,
-            results,
-            {
-                **env,
-                "repeats": repeats,
-                "compile_samples": compile_samples,
-                "compile_warm_up_every_case": every_case,
-            },
-        )
+        settings = (repeats, compile_samples, every_case)
+        write_json(args.json, results, {**env, **dict(zip(_RUN_SETTINGS, settings, strict=True))})
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         plot(args.plot, results, header)
         print(f"wrote {args.plot}", file=sys.stderr)
-    return 1 if any(r.error for r in results) else 0
+    measured_now = not args.from_json
+    return 1 if measured_now and any(r.error for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -277,9 +277,16 @@ def test_ratios_pair_the_times_of_each_round():
     assert optax_.median / jaxce.median == pytest.approx(0.975)
     assert bench.paired_ratio(optax_, jaxce) == pytest.approx(1.25)
     assert bench.compute_ratios([jaxce, optax_])[0].speedup == pytest.approx(1.25)
-    # Programs timed a different number of times (one failed midway): the medians' ratio.
+    # The rounds' spread: 3.9 / 4, 10 / 8 and 2.5 / 2.
+    assert bench.paired_ratio_range(optax_, jaxce) == pytest.approx((0.975, 1.25))
+    assert bench.compute_ratios([jaxce, optax_])[0].speedup_range == pytest.approx((0.975, 1.25))
+    # Programs timed a different number of times (one failed midway): the medians' ratio,
+    # and no spread.
     short = _result("optax", bench.OPTAX, [6.0], 0.1)
     assert bench.paired_ratio(short, jaxce) == pytest.approx(1.5)
+    assert bench.paired_ratio_range(short, jaxce) is None
+    one_round = _result("jaxce", bench.JAXCE, [4.0], 0.1, compare_to="optax")
+    assert bench.paired_ratio_range(_result("optax", bench.OPTAX, [3.0], 0.1), one_round) is None
     assert bench.paired_ratio(None, jaxce) is None
     assert bench.paired_ratio(_result("optax", bench.OPTAX, [], None), jaxce) is None
 
@@ -317,6 +324,23 @@ def test_targets_missed_are_listed():
         ]
     )[0]
     assert tie.missed == ("slower than optax (optax's time / this = 0.996)",)
+    # With several rounds, a miss gives their spread: here jaxce won one round of three.
+    noisy = bench.compute_ratios(
+        [
+            _result("jaxce", bench.JAXCE, [2.0, 1.0, 1.0], 0.1, compare_to="optax"),
+            _result("optax", bench.OPTAX, [1.0, 1.1, 0.8], 0.1),
+        ]
+    )[0]
+    assert noisy.missed == (
+        "slower than optax (optax's time / this = 0.80; 0.50-1.10 over the 3 rounds)",
+    )
+    bf16 = bench.compute_ratios(
+        [
+            _result("jaxce", bench.JAXCE, [1.0, 1.0], 0.1, "bfloat16", compare_to="optax"),
+            _result("optax", bench.OPTAX, [1.5, 1.75], 0.1, "bfloat16"),
+        ]
+    )[0]
+    assert bf16.missed == ("1.62x faster than optax (target >= 2x; 1.50-1.75 over the 2 rounds)",)
     # A failed comparison is not a miss.
     assert (
         bench.compute_ratios([_result("jaxce", bench.JAXCE, [], None, compare_to="optax")])[
@@ -432,6 +456,104 @@ def test_command_line_writes_json_and_plot(tmp_path, capsys):
     assert isinstance(jaxce_row["missed"], list) and jaxce_row["error"] is None
 
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _saved_run(tmp_path):
+    """A run of two benchmarks written by write_json, and the results it was written from."""
+    results = bench.compute_ratios(
+        [
+            _result("jaxce", bench.JAXCE, [2.0, 1.0, 1.0], 0.2, compare_to="optax", temp_bytes=64),
+            _result("optax", bench.OPTAX, [1.0, 1.1, 0.8], 0.1, temp_bytes=4096),
+            _result("floor", bench.FLOOR, [0.5, 0.5, 0.5], 0.1, temp_bytes=0),
+            _result(
+                "jaxce", bench.JAXCE, [1.0, 1.0, 1.0], 0.1, compare_to="optax", benchmark="binary"
+            ),
+            _result("optax", bench.OPTAX, [3.0, 3.0, 3.0], 0.1, benchmark="binary"),
+            _result(
+                "jaxce",
+                bench.JAXCE,
+                [],
+                None,
+                compare_to="optax",
+                benchmark="binary",
+                shape=(2, 2),
+                error="RESOURCE_EXHAUSTED: out of memory",
+            ),
+        ]
+    )
+    env = {**bench.environment(), "date": "2026-01-02 03:04 UTC", "repeats": 3}
+    env |= {"compile_samples": 2, "compile_warm_up_every_case": False}
+    path = tmp_path / "run.json"
+    bench.write_json(path, results, env)
+    return path, results, env
+
+
+def test_a_saved_run_reads_back_as_it_was_written(tmp_path):
+    path, results, env = _saved_run(tmp_path)
+    read, read_env = bench.read_json(path)
+    assert read == results and read_env == env
+    assert read[0].speedup_range == pytest.approx((0.5, 1.1))
+    assert read[0].missed[0].endswith("0.50-1.10 over the 3 rounds)")
+    # A file written before the spread was recorded gets it, and the targets, computed again.
+    data = json.loads(path.read_text())
+    for row in data["results"]:
+        del row["speedup_range"]
+        row["missed"] = []
+    path.write_text(json.dumps(data))
+    assert bench.read_json(path)[0] == results
+
+
+def test_from_json_prints_the_saved_runs_tables(tmp_path, capsys):
+    path, results, env = _saved_run(tmp_path)
+    assert bench.main(["--from-json", str(path), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    header = bench.describe(bench.environment() | {"date": env["date"]}, 3, 2, False)
+    assert out.startswith(header + "\n")
+    assert out == bench.format_markdown(results, header) + "\n"
+    # BENCHMARK, --shape and --dtype choose rows; nothing is measured.
+    assert bench.main(["binary", "--from-json", str(path), "--shape", "4x8"]) == 0
+    out = capsys.readouterr().out
+    assert "binary: sigmoid" in out and "cross_entropy" not in out and "2x2" not in out
+    saved = tmp_path / "again.json"
+    assert bench.main(["--from-json", str(path), "--json", str(saved), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert bench.read_json(saved) == (results, env)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--repeats", "2"], "--from-json measures nothing"),
+        (["--quick"], "--from-json measures nothing"),
+        (["--dtype", "bfloat16"], "no result in"),
+        (["linear", "--shape", "8x4x16"], "no result in"),
+    ],
+)
+def test_from_json_refuses_what_it_cannot_do(tmp_path, capsys, argv, message):
+    path, _, _ = _saved_run(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--from-json", str(path), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no file"),
+        ("not json", "is not a result file of python -m jaxce.bench --json"),
+        ('{"results": []}', "is not a result file of python -m jaxce.bench --json: 'environment'"),
+        ('{"environment": {}, "results": [{"program": "x"}]}', "is not a result file"),
+    ],
+)
+def test_from_json_names_a_file_it_cannot_read(tmp_path, capsys, content, message):
+    path = tmp_path / "run.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--from-json", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --from-json:" in err and message in err and "Traceback" not in err
 
 
 def test_markdown_flag(capsys):

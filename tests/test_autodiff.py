@@ -12,6 +12,7 @@ own autodiff, and against finite differences (``jax.test_util.check_grads``):
 
 import functools
 
+import _paths
 import _reference as R
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,6 @@ from _jax_support import (
 )
 
 import jaxce
-from jaxce import _xla
 
 F64 = np.float64
 
@@ -259,43 +259,29 @@ CHUNKED = {
 FUSED_SOFT = {"soft_ce_plain_logits", "soft_ce_plain_labels"}
 
 
-def _take_path(monkeypatch, path):
-    """Makes the library pick ``path`` at a small shape: what a large one picks on CPU."""
-    monkeypatch.setattr(_xla, "saves_exponentials", lambda *a, **k: False)
-    if path == "row chunks":  # one row a chunk, on every backend
-        monkeypatch.setattr(_xla, "ROW_CHUNK_BYTES", dict.fromkeys(_xla.ROW_CHUNK_BYTES, 1))
-        monkeypatch.setattr(_xla, "reads_whole_rows", lambda: False)
-        monkeypatch.setattr(_xla, "cpu_fuses_whole_rows", lambda: False)
-        monkeypatch.setattr(_xla, "fuses_soft_loss", lambda x, y: False)
-    else:  # the fused soft-label pass (on CPU from FUSED_SOFT_MIN_ELEMENTS up, jaxlib 0.10.2 on)
-        monkeypatch.setattr(_xla, "backend", lambda: "cpu")
-        monkeypatch.setattr(_xla, "cpu_fuses_whole_rows", lambda: True)
-        monkeypatch.setattr(_xla, "FUSED_SOFT_MIN_ELEMENTS", 0)
-
-
-@pytest.mark.parametrize("path", ["row chunks", "fused soft pass"])
+@pytest.mark.parametrize("path", [_paths.ROW_CHUNKS, _paths.FUSED_SOFT_PASS])
 @pytest.mark.parametrize("name", PATH_NAMES)
-def test_second_derivatives_in_every_mode_on_every_path(monkeypatch, name, path):
+def test_second_derivatives_in_every_mode_on_every_path(name, path):
     """Reverse over reverse (``jax.grad`` of ``jax.grad``, as in meta-learning or a gradient
     penalty) and forward over reverse equal the reference's Hessian where a large input or a
     backend makes the library loop over chunks of rows or choose a soft-label pass for the whole
     batch. Their loops and choice have no reverse-mode derivative of their own: the rules
     read their results, and JAX raised an error where a derivative of a rule reached them."""
-    _take_path(monkeypatch, path)
     f, ref, x = _path_cases(np.random.default_rng(0))[name]
     x = jnp.asarray(x, F64)
 
     def total(g):
         return lambda u: jnp.sum(g(u))
 
-    program = str(jax.make_jaxpr(jax.grad(total(f)))(x))
-    reached = "while[" in program if path == "row chunks" else "cond[" in program
-    assert reached == (name in (CHUNKED if path == "row chunks" else FUSED_SOFT)), program
     want = jax.hessian(total(_ref(ref)))(x)
-    R.assert_close(jax.jit(jax.hessian(total(f)))(x), want, rtol=1e-9, atol=1e-11)
-    if path == "row chunks" and not reverse_over_reverse_through_scan_works():
-        pytest.skip(f"jax {jax.__version__} cannot transpose a scan in a custom_jvp rule")
-    R.assert_close(jax.jit(jax.jacrev(jax.grad(total(f))))(x), want, rtol=1e-9, atol=1e-11)
+    with _paths.taken(path):
+        program = str(jax.make_jaxpr(jax.grad(total(f)))(x))
+        reached = "while[" in program if path == _paths.ROW_CHUNKS else "cond[" in program
+        assert reached == (name in (CHUNKED if path == _paths.ROW_CHUNKS else FUSED_SOFT)), program
+        R.assert_close(jax.jit(jax.hessian(total(f)))(x), want, rtol=1e-9, atol=1e-11)
+        if path == _paths.ROW_CHUNKS and not reverse_over_reverse_through_scan_works():
+            pytest.skip(f"jax {jax.__version__} cannot transpose a scan in a custom_jvp rule")
+        R.assert_close(jax.jit(jax.jacrev(jax.grad(total(f))))(x), want, rtol=1e-9, atol=1e-11)
 
 
 # ----------------------------------------------------------------- hyperparameters and weights

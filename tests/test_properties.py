@@ -17,6 +17,10 @@ ignored labels and every option. The properties:
   two-class softmax CE on ``[0, x]``, focal with ``gamma=0`` = CE, a permutation of the classes,
   ``vmap`` = a loop, any class axis = the last axis, fused = unfused.
 
+The softmax functions take other code paths where an input is large: chunks of rows with their
+tail, and exponentials computed again in the backward pass instead of kept. Their tests run on
+the path the library picks at these small shapes and on that one, forced (``_paths.py``).
+
 Two hypothesis profiles are registered in ``conftest.py``: ``ci``, the default (derandomized, a
 few dozen examples per test), and ``thorough`` (many random examples), run by hand with::
 
@@ -38,6 +42,7 @@ import math
 import os
 from unittest import mock
 
+import _paths
 import _precision as P
 import _reference as R
 import jax
@@ -263,21 +268,29 @@ def xlogx_scale(lp):
 
 
 # =========================================================================== primitives
-@functools.partial(jax.jit, static_argnames=("masked",))
-def _primitives(x, where, ct_lse, ct_sm, ct_lsm, masked):
+# The softmax losses take other code paths at large sizes (chunks of rows, the exponentials
+# computed again): the tests of the functions that take them run on both, at small shapes.
+PATHS = [_paths.PICKED, _paths.ROW_CHUNKS]
+PATH_IDS = ["picked", "row chunks"]
+
+
+@functools.partial(jax.jit, static_argnames=("masked", "path"))
+def _primitives(x, where, ct_lse, ct_sm, ct_lsm, masked, path=_paths.PICKED):
     where = where if masked else None
-    lsm, lsm_pull = jax.vjp(lambda v: jaxce.log_softmax(v, where=where), x)
-    sm, sm_pull = jax.vjp(lambda v: jaxce.softmax(v, where=where), x)
-    lse, lse_pull = jax.vjp(lambda v: jaxce.logsumexp(v, where=where), x)
-    return lsm, sm, lse, lsm_pull(ct_lsm)[0], sm_pull(ct_sm)[0], lse_pull(ct_lse)[0]
+    with _paths.taken(path):
+        lsm, lsm_pull = jax.vjp(lambda v: jaxce.log_softmax(v, where=where), x)
+        sm, sm_pull = jax.vjp(lambda v: jaxce.softmax(v, where=where), x)
+        lse, lse_pull = jax.vjp(lambda v: jaxce.logsumexp(v, where=where), x)
+        return lsm, sm, lse, lsm_pull(ct_lsm)[0], sm_pull(ct_sm)[0], lse_pull(ct_lse)[0]
 
 
 PRIMITIVE_SHAPES = ((6, 5), (2, 3, 4), (4, 1), (0, 3))
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @_settings(1.0)
 @given(data=st.data())
-def test_log_softmax_softmax_logsumexp(data):
+def test_log_softmax_softmax_logsumexp(data, path):
     """Values and gradients of the three primitives, in the input's dtype."""
     draw = data.draw
     dtype = draw(st.sampled_from(DTYPES), "dtype")
@@ -289,7 +302,7 @@ def test_log_softmax_softmax_logsumexp(data):
     cts = [cotangent(draw, s, dtype) for s in ((rows,), (rows, cols), (rows, cols))]
     args = (x.reshape(shape), where.reshape(shape), cts[0].reshape(shape[:-1]))
     args += (cts[1].reshape(shape), cts[2].reshape(shape))
-    out = _primitives(*(jnp.asarray(a) for a in args), masked=masked)
+    out = _primitives(*(jnp.asarray(a) for a in args), masked=masked, path=path)
     lsm, sm, lse, g_lsm, g_sm, g_lse = (
         P.to_f64(o).reshape((rows,) if o.ndim < len(shape) else (rows, cols)) for o in out
     )
@@ -353,7 +366,7 @@ def test_log_softmax_softmax_logsumexp(data):
         bad = x.copy()
         bad[r, c] = np.nan
         args2 = (bad.reshape(shape),) + args[1:]
-        out2 = _primitives(*(jnp.asarray(a) for a in args2), masked=masked)
+        out2 = _primitives(*(jnp.asarray(a) for a in args2), masked=masked, path=path)
         lsm2, sm2, lse2 = (
             P.to_f64(o).reshape(b.shape) for o, b in zip(out2[:3], (lsm, sm, lse), strict=True)
         )
@@ -459,10 +472,17 @@ def test_sigmoid_log_sigmoid_soft_cap(data):
 
 
 # ======================================================= cross-entropy, integer labels
-@functools.partial(jax.jit, static_argnames=("variant",))
-def _ce(x, labels, where, weights, hyper, ct, variant):
+@functools.partial(jax.jit, static_argnames=("variant", "path"))
+def _ce(x, labels, where, weights, hyper, ct, variant, path=_paths.PICKED):
     """The per-example loss and its pullback of ``ct`` for one option variant: ``plain``
-    (defaults), ``options`` (every option but the cap, hyperparameters traced) or ``capped``."""
+    (defaults), ``options`` (every option but the cap, hyperparameters traced) or ``capped``;
+    on the path the library picks for these shapes (``path=None``) or one a large input takes
+    (:func:`_paths.taken`)."""
+    with _paths.taken(path):
+        return _ce_on_the_path(x, labels, where, weights, hyper, ct, variant)
+
+
+def _ce_on_the_path(x, labels, where, weights, hyper, ct, variant):
     eps, zl, cap = hyper
     kw = {}
     if variant != "plain":
@@ -520,7 +540,7 @@ def ce_cases(draw, shapes=CE_SHAPES, variants=VARIANTS, dtypes=DTYPES):
     )
 
 
-def run_ce(case, x=None, with_alone=False):
+def run_ce(case, x=None, with_alone=False, path=_paths.PICKED):
     """:func:`_ce` on a case (``x`` replaces its logits), results as float64 ``[rows, ...]``;
     ``with_alone``: the loss as the pair (with its gradient, alone)."""
     shape, rows = case["shape"], case["x"].shape[0]
@@ -533,6 +553,7 @@ def run_ce(case, x=None, with_alone=False):
         tuple(jnp.asarray(h) for h in case["hyper"]),
         jnp.asarray(case["ct"].reshape(shape[:-1])),
         variant=case["variant"],
+        path=path,
     )
     assert loss.dtype == alone.dtype == cdtype(case["dtype"])
     assert grad.dtype == jnp.dtype(case["dtype"])
@@ -644,13 +665,16 @@ def ce_reference(case):
     )
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @_settings(1.5)
 @given(case=ce_cases(), data=st.data())
-def test_integer_label_cross_entropy(case, data):
+def test_integer_label_cross_entropy(case, data, path):
     """Every option, shape and dtype against the reference, values and gradients; NaN only
-    where a NaN is, nothing at all from an ignored example or a masked class."""
+    where a NaN is, nothing at all from an ignored example or a masked class. On the path the
+    library picks at these shapes (whole rows, the exponentials kept) and on the one a large
+    input takes (chunks of rows and their tail, the exponentials computed again)."""
     dtype = case["dtype"]
-    losses, grad = run_ce(case, with_alone=True)
+    losses, grad = run_ce(case, with_alone=True, path=path)
     ref = ce_reference(case)
     name = "softmax_cross_entropy_with_integer_labels"
     for loss in losses:
@@ -676,9 +700,10 @@ def test_integer_label_cross_entropy(case, data):
     )
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @_settings(0.7)
 @given(case=ce_cases(), data=st.data())
-def test_integer_labels_nan_stays_in_its_example(case, data):
+def test_integer_labels_nan_stays_in_its_example(case, data, path):
     """A NaN logit makes its example's loss NaN, and gradient, if its class is admissible; the
     loss alone if it is the label's, masked. An ignored example, an example with no admissible
     class and a masked class take no part whatever they hold (NaN or +inf): the loss and
@@ -697,13 +722,13 @@ def test_integer_labels_nan_stays_in_its_example(case, data):
     elif case["variant"] != "plain" and kind == "masked" and labels[r] != c:
         where[r, c] = False
     case = dict(case, labels=labels, where=where)
-    (loss, alone), grad = run_ce(case, with_alone=True)
+    (loss, alone), grad = run_ce(case, with_alone=True, path=path)
     admissible = where[r] & ~np.isneginf(x[r])
     label = labels[r]
     takes_part = label != IGNORE and (where[r, c] or (label == c and admissible.any()))
     bad = x.copy()
     bad[r, c] = np.nan if takes_part else data.draw(st.sampled_from([np.nan, np.inf]), "value")
-    (loss2, alone2), grad2 = run_ce(case, bad, with_alone=True)
+    (loss2, alone2), grad2 = run_ce(case, bad, with_alone=True, path=path)
     others = np.arange(rows) != r
     assert same(loss[others], loss2[others]) and same(grad[others], grad2[others])
     assert same(alone[others], alone2[others])
@@ -935,13 +960,14 @@ def test_a_label_at_its_rows_max_has_a_loss_of_at_least_0(case, seed, magnitude)
 
 
 # ============================================================ cross-entropy, soft labels
-@functools.partial(jax.jit, static_argnames=("variant",))
-def _soft(x, y, where, weights, eps, ct, variant):
+@functools.partial(jax.jit, static_argnames=("variant", "path"))
+def _soft(x, y, where, weights, eps, ct, variant, path=_paths.PICKED):
     kw = {}
     if variant != "plain":
         kw = dict(where=where, class_weights=weights, label_smoothing=eps)
-    loss, pull = jax.vjp(lambda a, b: jaxce.softmax_cross_entropy(a, b, **kw), x, y)
-    alone = jaxce.softmax_cross_entropy(x, y, **kw)
+    with _paths.taken(path):
+        loss, pull = jax.vjp(lambda a, b: jaxce.softmax_cross_entropy(a, b, **kw), x, y)
+        alone = jaxce.softmax_cross_entropy(x, y, **kw)
     # The loss alone without options is on CPU one fused pass above a size (_xla.fuses_soft_loss),
     # which these small shapes do not reach: that pass, whatever the size.
     fused = _cross_entropy._plain_soft_loss(x, y) if variant == "plain" else alone
@@ -959,9 +985,10 @@ def _soft(x, y, where, weights, eps, ct, variant):
     return (loss, *grads, alone, fused, *fused_grads)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @_settings(1.0)
 @given(data=st.data())
-def test_soft_label_cross_entropy(data):
+def test_soft_label_cross_entropy(data, path):
     """Values and gradients (to the logits and to the labels) against the reference."""
     draw = data.draw
     dtype = draw(st.sampled_from(DTYPES), "dtype")
@@ -979,7 +1006,7 @@ def test_soft_label_cross_entropy(data):
     eps_arg = cast(eps, cdtype(dtype))
     ct = cotangent(draw, (rows,), cdtype(dtype))
     args = (x.reshape(shape), y.reshape(shape), where.reshape(shape), w, eps_arg)
-    out = _soft(*(jnp.asarray(a) for a in args), jnp.asarray(ct.reshape(shape[:-1])), variant)
+    out = _soft(*(jnp.asarray(a) for a in args), jnp.asarray(ct.reshape(shape[:-1])), variant, path)
     assert out[0].dtype == out[3].dtype == out[4].dtype == cdtype(dtype) and out[1].dtype == out[
         2
     ].dtype == jnp.dtype(dtype)
@@ -1052,7 +1079,8 @@ def test_soft_label_cross_entropy(data):
         bad_x, bad_y = x.copy(), y.copy()
         (bad_x if source == "logits" else bad_y)[r, c] = np.nan
         args2 = (bad_x.reshape(shape), bad_y.reshape(shape)) + args[2:]
-        out2 = _soft(*(jnp.asarray(a) for a in args2), jnp.asarray(ct.reshape(shape[:-1])), variant)
+        ct_arg = jnp.asarray(ct.reshape(shape[:-1]))
+        out2 = _soft(*(jnp.asarray(a) for a in args2), ct_arg, variant, path)
         loss2, alone2, fused2 = (P.to_f64(o).reshape(rows) for o in (out2[0], out2[3], out2[4]))
         others = np.arange(rows) != r
         assert same(loss[others], loss2[others]) and same(alone[others], alone2[others])
@@ -1279,19 +1307,21 @@ def test_binary_cross_entropy(data):
 
 
 # =============================================================== entropy and KL
-@functools.partial(jax.jit, static_argnames=("masked",))
-def _information(probs, logits, log_q, targets, where, ct, masked):
-    h, h_pull = jax.vjp(jaxce.entropy, probs)
-    sh, sh_pull = jax.vjp(jaxce.softmax_entropy, logits)
-    kl, kl_pull = jax.vjp(
-        lambda a, b: jaxce.kl_divergence(a, b, where=where if masked else None), log_q, targets
-    )
-    return h, sh, kl, h_pull(ct)[0], sh_pull(ct)[0], *kl_pull(ct)
+@functools.partial(jax.jit, static_argnames=("masked", "path"))
+def _information(probs, logits, log_q, targets, where, ct, masked, path=_paths.PICKED):
+    with _paths.taken(path):
+        h, h_pull = jax.vjp(jaxce.entropy, probs)
+        sh, sh_pull = jax.vjp(jaxce.softmax_entropy, logits)
+        kl, kl_pull = jax.vjp(
+            lambda a, b: jaxce.kl_divergence(a, b, where=where if masked else None), log_q, targets
+        )
+        return h, sh, kl, h_pull(ct)[0], sh_pull(ct)[0], *kl_pull(ct)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @_settings(1.0)
 @given(data=st.data())
-def test_entropy_softmax_entropy_kl_divergence(data):
+def test_entropy_softmax_entropy_kl_divergence(data, path):
     draw = data.draw
     dtype = draw(st.sampled_from(DTYPES), "dtype")
     shape = draw(st.sampled_from(PRIMITIVE_SHAPES), "shape")
@@ -1310,6 +1340,7 @@ def test_entropy_softmax_entropy_kl_divergence(data):
             *(jnp.asarray(a.reshape(shape)) for a in arrays),
             jnp.asarray(ct.reshape(shape[:-1])),
             masked,
+            path,
         )
         for o in out[:3]:
             assert o.dtype == cdtype(dtype)
@@ -1494,19 +1525,21 @@ def test_sigmoid_focal_loss(data):
             assert np.isnan(after[i]) and same(before[others], after[others])
 
 
-@functools.partial(jax.jit, static_argnames=("alpha_kind",))
-def _softmax_focal(x, labels, alpha, gamma, ct, alpha_kind):
+@functools.partial(jax.jit, static_argnames=("alpha_kind", "path"))
+def _softmax_focal(x, labels, alpha, gamma, ct, alpha_kind, path=_paths.PICKED):
     a = {"none": None, "scalar": alpha[0], "classes": alpha}[alpha_kind]
     kw = dict(alpha=a, gamma=gamma)
     if alpha_kind != "none":
         kw["ignore_index"] = IGNORE
-    loss, pull = jax.vjp(lambda v: jaxce.softmax_focal_loss(v, labels, **kw), x)
-    return loss, pull(ct)[0]
+    with _paths.taken(path):
+        loss, pull = jax.vjp(lambda v: jaxce.softmax_focal_loss(v, labels, **kw), x)
+        return loss, pull(ct)[0]
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @_settings(0.8)
 @given(data=st.data())
-def test_softmax_focal_loss(data):
+def test_softmax_focal_loss(data, path):
     draw = data.draw
     dtype = draw(st.sampled_from(DTYPES), "dtype")
     shape = draw(st.sampled_from(CE_SHAPES), "shape")
@@ -1529,6 +1562,7 @@ def test_softmax_focal_loss(data):
             jnp.asarray(gamma),
             jnp.asarray(ct.reshape(shape[:-1])),
             alpha_kind,
+            path,
         )
         assert loss.dtype == cd and grad.dtype == jnp.dtype(dtype)
         return P.to_f64(loss).reshape(rows), P.to_f64(grad).reshape(rows, cols)

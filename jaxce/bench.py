@@ -520,7 +520,9 @@ def paired_ratio(numerator: Result | None, denominator: Result | None) -> float 
     not timed the same number of times). ``None`` where either has no time."""
     ratios = _round_ratios(numerator, denominator)
     if ratios is None:
-        return _ratio(numerator.median, denominator.median) if numerator and denominator else None
+        if numerator is None or denominator is None:
+            return None
+        return _ratio(numerator.median, denominator.median)
     return statistics.median(ratios)
 
 
@@ -1357,7 +1359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_json:
         measuring = [args.quick, args.repeats, args.compile_samples]
         if any(option is not None and option is not False for option in measuring):
-            parser.error("--from-json measures nothing: --quick, --repeats and --compile-samples")
+            parser.error(
+                "--from-json measures nothing: --quick, --repeats and --compile-samples do not"
+                " apply"
+            )
         try:
             results, saved = read_json(args.from_json)
         except ValueError as err:

@@ -1087,7 +1087,8 @@ def write_json(path: str | os.PathLike, results: Sequence[Result], env: Mapping[
 
 
 def read_json(path: str | os.PathLike) -> tuple[list[Result], dict[str, Any]]:
-    """Reads what :func:`write_json` wrote, with the ratios and targets computed again.
+    """Reads what :func:`write_json` wrote, with the ratios, their spread and the targets
+    computed again (:func:`compute_ratios`).
 
     Returns:
       The results and the environment (date, machine, versions, repeats).
@@ -1105,7 +1106,6 @@ def read_json(path: str | os.PathLike) -> tuple[list[Result], dict[str, Any]]:
             row = {k: v for k, v in row.items() if k in fields}
             for key in ("shape", "times"):
                 row[key] = tuple(row[key])
-            row.pop("speedup_range", None)  # recomputed below, with the targets
             results.append(Result(**row))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(
@@ -1357,8 +1357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         benchmarks = chosen
     dtypes = list(dict.fromkeys(args.dtype)) if args.dtype else None
     if args.from_json:
-        measuring = [args.quick, args.repeats, args.compile_samples]
-        if any(option is not None and option is not False for option in measuring):
+        if args.quick or args.repeats is not None or args.compile_samples is not None:
             parser.error(
                 "--from-json measures nothing: --quick, --repeats and --compile-samples do not"
                 " apply"

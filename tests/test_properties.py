@@ -476,13 +476,8 @@ def test_sigmoid_log_sigmoid_soft_cap(data):
 def _ce(x, labels, where, weights, hyper, ct, variant, path=_paths.PICKED):
     """The per-example loss and its pullback of ``ct`` for one option variant: ``plain``
     (defaults), ``options`` (every option but the cap, hyperparameters traced) or ``capped``;
-    on the path the library picks for these shapes (``path=None``) or one a large input takes
-    (:func:`_paths.taken`)."""
-    with _paths.taken(path):
-        return _ce_on_the_path(x, labels, where, weights, hyper, ct, variant)
-
-
-def _ce_on_the_path(x, labels, where, weights, hyper, ct, variant):
+    on the path the library picks for these shapes (``_paths.PICKED``) or one a large input
+    takes (:func:`_paths.taken`)."""
     eps, zl, cap = hyper
     kw = {}
     if variant != "plain":
@@ -495,9 +490,10 @@ def _ce_on_the_path(x, labels, where, weights, hyper, ct, variant):
         )
     if variant == "capped":
         kw["logit_soft_cap"] = cap
-    loss, pull = jax.vjp(lambda v: CE(v, labels, **kw), x)
-    # The loss alone is a program of its own (on CPU whole rows where XLA fuses them).
-    return loss, pull(ct)[0], CE(x, labels, **kw)
+    with _paths.taken(path):
+        loss, pull = jax.vjp(lambda v: CE(v, labels, **kw), x)
+        # The loss alone is a program of its own (on CPU whole rows where XLA fuses them).
+        return loss, pull(ct)[0], CE(x, labels, **kw)
 
 
 CE_SHAPES = ((6, 5), (2, 3, 4), (3, 1), (0, 5))
@@ -1006,7 +1002,8 @@ def test_soft_label_cross_entropy(data, path):
     eps_arg = cast(eps, cdtype(dtype))
     ct = cotangent(draw, (rows,), cdtype(dtype))
     args = (x.reshape(shape), y.reshape(shape), where.reshape(shape), w, eps_arg)
-    out = _soft(*(jnp.asarray(a) for a in args), jnp.asarray(ct.reshape(shape[:-1])), variant, path)
+    ct_arg = jnp.asarray(ct.reshape(shape[:-1]))
+    out = _soft(*(jnp.asarray(a) for a in args), ct_arg, variant, path)
     assert out[0].dtype == out[3].dtype == out[4].dtype == cdtype(dtype) and out[1].dtype == out[
         2
     ].dtype == jnp.dtype(dtype)
@@ -1079,7 +1076,6 @@ def test_soft_label_cross_entropy(data, path):
         bad_x, bad_y = x.copy(), y.copy()
         (bad_x if source == "logits" else bad_y)[r, c] = np.nan
         args2 = (bad_x.reshape(shape), bad_y.reshape(shape)) + args[2:]
-        ct_arg = jnp.asarray(ct.reshape(shape[:-1]))
         out2 = _soft(*(jnp.asarray(a) for a in args2), ct_arg, variant, path)
         loss2, alone2, fused2 = (P.to_f64(o).reshape(rows) for o in (out2[0], out2[3], out2[4]))
         others = np.arange(rows) != r

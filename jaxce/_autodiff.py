@@ -24,16 +24,11 @@ from typing import TypeVar, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _loops
+from jaxce._loops import is_zero
 
 F = TypeVar("F", bound=Callable)
-
-
-def is_zero(tangent: object) -> bool:
-    """Whether a tangent is symbolically zero (its input is not being differentiated)."""
-    return tangent is None or isinstance(tangent, SymbolicZero)
 
 
 def rematerialized(fn: F) -> F:

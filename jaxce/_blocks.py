@@ -274,7 +274,7 @@ def dots_of(tangents, bias, weights, options: _rows.Options) -> Dots:
     x_dot, w_dot, b_dot, _, weights_dot, options_dot = tangents
 
     def live(t, primal):
-        return None if primal is None or _autodiff.is_zero(t) else t
+        return None if primal is None or _loops.is_zero(t) else t
 
     return Dots(
         live(x_dot, x_dot),

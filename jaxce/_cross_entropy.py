@@ -477,7 +477,7 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, e, x_dot, y_dot, w_
 
 def _soft_ce_jvp(primals, tangents):
     x, y, mask, weights, eps = primals
-    x_dot, y_dot, _, w_dot, eps_dot = (None if _autodiff.is_zero(t) else t for t in tangents)
+    x_dot, y_dot, _, w_dot, eps_dot = (None if _loops.is_zero(t) else t for t in tangents)
     e = None
     kept = _xla.saves_exponentials(x, smoothing=eps is not None, soft_labels=True)
     if x_dot is not None and kept:
@@ -579,7 +579,7 @@ def _nll(log_probs, labels, weights, ignore_index):
 
 def _nll_jvp(ignore_index, primals, tangents):
     log_probs, labels, weights = primals
-    lp_dot, _, w_dot = (None if _autodiff.is_zero(t) else t for t in tangents)
+    lp_dot, _, w_dot = (None if _loops.is_zero(t) else t for t in tangents)
     loss, counted, (meaning, w_y, picked, rows) = _nll_value(
         log_probs, labels, weights, ignore_index
     )

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxce import _autodiff, _checks, _labels, _rows
+from jaxce import _autodiff, _checks, _labels, _loops, _rows
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype
 from jaxce._reduction import reduce_loss, reduce_total, weighted
@@ -183,7 +183,7 @@ def _softmax_focal_logit_tangent(x, index, stats, lp, u, a, gamma, rows, x_dot):
 
 def _softmax_focal_jvp(ignore_index, primals, tangents):
     x, labels, alpha, gamma = primals
-    x_dot, _, alpha_dot, gamma_dot = (None if _autodiff.is_zero(t) else t for t in tangents)
+    x_dot, _, alpha_dot, gamma_dot = (None if _loops.is_zero(t) else t for t in tangents)
     loss, counted, (meaning, stats, lp, u, a, rows) = _softmax_focal_forward(
         x, labels, alpha, gamma, ignore_index
     )

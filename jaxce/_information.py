@@ -172,7 +172,7 @@ def _kl_tangent(log_q, t, mask, lq_dot, t_dot):
 
 def _kl_jvp(primals, tangents):
     log_q, t, mask = primals
-    lq_dot, t_dot, _ = (None if _autodiff.is_zero(d) else d for d in tangents)
+    lq_dot, t_dot, _ = (None if _loops.is_zero(d) else d for d in tangents)
     return _kl(log_q, t, mask), _kl_tangent(log_q, t, mask, lq_dot, t_dot)
 
 

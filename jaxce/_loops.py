@@ -188,10 +188,14 @@ def _in_chunks(fn, rows: int, arrays: tuple, shared: tuple):
     return map_rows(of_chunks, arrays, rows, vary_like(zeros, arrays, shared))
 
 
-def _is_zero(t) -> bool:
-    """Whether a tangent is zero by its type: a symbolic zero (an input that is not
+def is_zero(tangent: object) -> bool:
+    """Whether a tangent is zero by its type: absent, a symbolic zero (an input that is not
     differentiated) or a float0 one (an integer or boolean input's)."""
-    return isinstance(t, SymbolicZero) or t.dtype == jax.dtypes.float0
+    return (
+        tangent is None
+        or isinstance(tangent, SymbolicZero)
+        or getattr(tangent, "dtype", None) == jax.dtypes.float0
+    )
 
 
 def _zeros(t, shape: tuple[int, ...]) -> jax.Array | np.ndarray:
@@ -206,7 +210,7 @@ def _in_chunks_jvp(fn, rows, primals, tangents):
     arrays, shared = primals
     arrays_dot, shared_dot = tangents
     shared_dot = jax.tree.map(
-        lambda t, s: _zeros(t, jnp.shape(s)) if _is_zero(t) else t, shared_dot, shared
+        lambda t, s: _zeros(t, jnp.shape(s)) if is_zero(t) else t, shared_dot, shared
     )
 
     def tangent(start, size: int):
@@ -219,7 +223,7 @@ def _in_chunks_jvp(fn, rows, primals, tangents):
         def dot_rows_of(t, a):
             if a is None:
                 return None
-            if _is_zero(t):
+            if is_zero(t):
                 return _zeros(t, (size,) + a.shape[1:])
             return _xla.chunk(t, start, size, 0)
 

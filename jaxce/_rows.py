@@ -551,7 +551,7 @@ def tangents_of(x_dot, weights_dot, options_dot: Options, weights, options: Opti
     """:class:`Tangents` from a rule's tangents (symbolic zeros and absent inputs: None)."""
 
     def live(t, primal):
-        return None if primal is None or _autodiff.is_zero(t) else t
+        return None if primal is None or _loops.is_zero(t) else t
 
     return Tangents(
         live(x_dot, x_dot),

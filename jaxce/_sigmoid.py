@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff
+from jaxce import _autodiff, _loops
 from jaxce._checks import as_float_array, concrete, hyperparameter
 from jaxce._layout import compute_dtype
 
@@ -194,7 +194,7 @@ def _logit_soft_cap_tangent(x, cap, x_dot, cap_dot):
 
 def _logit_soft_cap_jvp(primals, tangents):
     x, cap = primals
-    dots = (None if _autodiff.is_zero(t) else t for t in tangents)
+    dots = (None if _loops.is_zero(t) else t for t in tangents)
     return _logit_soft_cap(x, cap), _logit_soft_cap_tangent(x, cap, *dots)
 
 

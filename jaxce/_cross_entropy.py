@@ -295,28 +295,19 @@ def _soft_forward(x, y, mask, weights, eps) -> _SoftRows:
     )
 
 
-def _fusible_soft_rows(x, y) -> _SoftRows:
-    """The soft-label rows without options, written only in operations that XLA's CPU compiler
-    fuses into its reductions (arithmetic, ``exp``, ``log``, ``min``, ``max``, conversions; no
-    comparison or select), so that they read whole rows and keep nothing of their size
-    (``_xla.fuses_soft_loss``). A row whose exact loss needs a select comes out NaN here:
-    a zero target on a -inf logit (``0 * inf``, where the loss takes ``0 log 0 = 0``), a row of
-    -inf logits, a +inf or NaN logit or target."""
-    dtype = compute_dtype(x.dtype)
-    big = jnp.finfo(dtype).max
-    m = row_max(x, None)
-    # The shift m, written twice: below 4096 rows XLA leaves the log between the two reductions
-    # outside their fusions, and one broadcast shared by both would be kept as an [..., C] array.
-    # Where m is -inf, both are -big, and the row comes out NaN (-inf + inf).
-    shift = jnp.maximum(m, -big)
-    shift_again = -jnp.minimum(-m, big)
-    log_sum = jnp.log(jnp.sum(jnp.exp(x.astype(dtype) - shift), axis=-1, keepdims=True))
-    # Likewise one conversion of narrow logits shared by both would be kept as a float32 copy.
-    x_again = _xla.unshared(x)
-    gaps = (shift_again - x_again.astype(dtype)) + log_sum
-    yf = y.astype(dtype)
-    loss = jnp.sum(yf * gaps, axis=-1, keepdims=True)
-    return _SoftRows(shift, log_sum, None, jnp.sum(yf, axis=-1, keepdims=True), loss)
+class _RowSums(NamedTuple):
+    """The sums over each row that both fused soft-label passes read, each ``[..., 1]``."""
+
+    max: jax.Array  # m: -inf for a row of -inf logits, NaN (or not) for a row with a NaN
+    shift: jax.Array  # m with +-inf replaced by +-big (_finite_part), that log_sum is shifted by
+    sum_exp: jax.Array  # sum exp(x - shift): NaN for a row with a NaN logit
+    mass: jax.Array  # sum y
+
+    def log_sum(self) -> jax.Array:
+        """The log of ``sum_exp``, taken by each pass that reads it: a log shared by the fused
+        pass's loss and the exact pass's branch XLA kept as an [..., C] broadcast (float32
+        [16384, 4096]: 256 MiB)."""
+        return jnp.log(self.sum_exp)
 
 
 def _finite_part(v: jax.Array, big) -> jax.Array:
@@ -326,42 +317,71 @@ def _finite_part(v: jax.Array, big) -> jax.Array:
     return jnp.sign(v) * jnp.minimum(jnp.abs(v), big)
 
 
-def _fusible_exact_soft_rows(x, y) -> _SoftRows:
+def _row_sums(x, y) -> _RowSums:
+    """The max, shift, log-sum and target mass of each row, for :func:`_fusible_soft_rows` and,
+    where that gives a row that is not finite, :func:`_fusible_exact_soft_rows`: computed once
+    for both, so that the second reads the logits and targets once more, not four times, and
+    the compiled program holds one reduction in its branch, not four.
+
+    The shift is ``m`` where ``m`` is finite and +-big where it is infinite: ``exp(x - shift)``
+    is then 0 at every finite logit, and an empty row's sum is 0 (log: -inf), a +inf logit's
+    inf, as in the exact rows. The per-row rules go by the log-sum, not the max: XLA's CPU
+    reductions (max, min) and sign can pass over a NaN logit, its sum of exponentials not."""
+    dtype = compute_dtype(x.dtype)
+    m = row_max(x, None)
+    shift = _finite_part(m, jnp.finfo(dtype).max)
+    sum_exp = jnp.sum(jnp.exp(x.astype(dtype) - shift), axis=-1, keepdims=True)
+    return _RowSums(m, shift, sum_exp, jnp.sum(y.astype(dtype), axis=-1, keepdims=True))
+
+
+def _fusible_soft_rows(x, y, sums: _RowSums) -> _SoftRows:
+    """The soft-label rows without options, written only in operations that XLA's CPU compiler
+    fuses into its reductions (arithmetic, ``exp``, ``log``, ``min``, ``max``, conversions; no
+    comparison or select), so that they read whole rows and keep nothing of their size
+    (``_xla.fuses_soft_loss``); ``sums``: :func:`_row_sums`. A row whose exact loss needs a
+    select comes out NaN here: a zero target on a -inf logit (``0 * inf``, where the loss takes
+    ``0 log 0 = 0``), a row of -inf logits, a +inf or NaN logit or target."""
+    dtype = sums.sum_exp.dtype
+    log_sum = sums.log_sum()
+    # The shift m, written again: below 4096 rows XLA leaves the log between the two reductions
+    # outside their fusions, and one broadcast shared by both would be kept as an [..., C] array.
+    # Where m is -inf, it is -big, and the row comes out NaN (-inf + inf).
+    shift_again = -jnp.minimum(-sums.max, jnp.finfo(dtype).max)
+    # Likewise one conversion of narrow logits shared by both, or of narrow targets shared with
+    # the mass's sum, would be kept as a float32 copy.
+    gaps = (shift_again - _xla.unshared(x).astype(dtype)) + log_sum
+    loss = jnp.sum(_xla.unshared(y).astype(dtype) * gaps, axis=-1, keepdims=True)
+    return _SoftRows(sums.shift, log_sum, None, sums.mass, loss)
+
+
+def _fusible_exact_soft_rows(x, y, sums: _RowSums) -> _SoftRows:
     """The soft-label rows without options as :func:`_soft_forward` computes them, for every
-    input (inf and NaN included), written like :func:`_fusible_soft_rows`
-    in operations that XLA's CPU compiler fuses into its reductions, with the selects per row,
-    after the sums.
+    input (inf and NaN included), written like :func:`_fusible_soft_rows` in operations that
+    XLA's CPU compiler fuses into its reductions, with the selects per row, after the sums;
+    ``sums``: :func:`_row_sums`.
 
     An entry's term ``y h`` (``h``: the half gap, +inf at a -inf logit, -inf at a +inf one) is
     0 where ``y`` is, even where ``h`` is infinite (``0 log 0 = 0``), which needs a select per
     entry there. Here it is ``y fin(h) + 2 sign(y) sign(d) big``, where ``fin(h)`` is ``h`` with
     +-inf replaced by +-``big`` and ``d = h - fin(h)`` is 0 where ``h`` is finite, +-inf where
     not: ``y h`` where ``h`` is finite, 0 for a zero target, and +-inf (``2 big`` overflows)
-    for any other target on an infinite ``h``, the sign of ``y h``.
-    About four times the operations per entry of :func:`_fusible_soft_rows`, and XLA reduces
-    it in four passes over the logits or the targets (float32 [4096, 4096]: 35-45 ms against
-    14-20 ms, the row chunks 25-32 ms), with no temporary of their size and about half the
-    chunks' compile time (126-147 ms against 240-347 ms)."""
-    dtype = compute_dtype(x.dtype)
+    for any other target on an infinite ``h``, the sign of ``y h``. About four times the
+    operations per entry of :func:`_fusible_soft_rows`, in one more reduction over the logits
+    and targets."""
+    dtype = sums.sum_exp.dtype
     big = jnp.finfo(dtype).max
-    m = row_max(x, None)
-    # +-big for an infinite max: exp(x - shift) is then 0 at every finite logit, and an empty
-    # row's sum is 0 (log: -inf), a +inf logit's inf, as in the exact rows. Their gaps take the
-    # exact rows' shift, shift_of(m): m, or 0 where it is infinite (shift - (+-big)).
-    shift = _finite_part(m, big)
-    log_sum = jnp.log(jnp.sum(jnp.exp(x.astype(dtype) - shift), axis=-1, keepdims=True))
     # Values of their own, so that their float32 conversions stay inside the sum (_xla.unshared).
     z = _xla.unshared(x).astype(dtype)
     t = _xla.unshared(y).astype(dtype)
-    h = _rows.half_difference(shift - _finite_part(m - shift, big), z)
+    # The gaps take the exact rows' shift, shift_of(m): m, or 0 where it is infinite.
+    h = _rows.half_difference(sums.shift - _finite_part(sums.max - sums.shift, big), z)
     finite = _finite_part(h, big)
     d = h - finite
     infinite = jnp.sign(t) * jnp.sign(d)
     half = jnp.sum(t * finite + (infinite + infinite) * big, axis=-1, keepdims=True)
-    mass = jnp.sum(y.astype(dtype), axis=-1, keepdims=True)
-    # The per-row rules go by the log-sum, not the max: XLA's CPU reductions (max, min) and
-    # sign can pass over a NaN logit, its sum of exponentials not.
-    return _SoftRows(shift_of(m), log_sum, None, mass, _soft_row_loss(half, mass, log_sum))
+    log_sum = sums.log_sum()
+    loss = _soft_row_loss(half, sums.mass, log_sum)
+    return _SoftRows(shift_of(sums.max), log_sum, None, sums.mass, loss)
 
 
 def _whole_batch(fn):
@@ -383,17 +403,26 @@ def _whole_batch(fn):
     return wrapped
 
 
-def _fused_else_exact(x, y, part):
+def _fused_else_exact(x, y, part, shared: bool):
     """``part`` of the soft-label rows without options, from one fused pass
     (:func:`_fusible_soft_rows`); if a row's loss comes out NaN or infinite there, of the whole
     batch again in the exact fused pass (:func:`_fusible_exact_soft_rows`), so the two agree
     wherever the first gives a finite number (a NaN input stays NaN either way; a row whose
     ``lse - z`` overflows where its loss does not is finite in the second). ``part`` picks
-    what the caller reads, so the compiled program computes nothing else."""
-    fused = _fusible_soft_rows(x, y)
+    what the caller reads, so the compiled program computes nothing else.
+
+    ``shared``: whether the exact pass reads the fused pass's row sums (:func:`_row_sums`),
+    for the derivative's rows, which are computed whatever the branch (float32 [4096, 4096]
+    with 100 -inf columns, ``value_and_grad`` against optax's in the same run: 0.78x with the
+    sums computed again, 0.95x shared). The loss alone computes them again in the branch: there
+    XLA makes the fused pass one fusion that reads each row once, and sums read by the branch too
+    would be four reductions (float32 [16384, 4096], against optax's loss in the same run: 0.83x
+    as one fusion, 0.47x as four)."""
+    sums = _row_sums(x, y)
+    fused = _fusible_soft_rows(x, y, sums)
 
     def exact():
-        return part(_fusible_exact_soft_rows(x, y))
+        return part(_fusible_exact_soft_rows(x, y, sums if shared else _row_sums(x, y)))
 
     # Whether a row is not finite, as a float sum of ``loss * 0``: NaN where a row is, else 0
     # exactly. An ``any`` of booleans costs 0.2-0.3 s of XLA CPU compile time per shape (its
@@ -405,8 +434,10 @@ def _fused_else_exact(x, y, part):
 
 
 # The rows, for the derivative; the loss alone.
-_fused_soft_rows = _whole_batch(lambda x, y: _fused_else_exact(x, y, lambda rows: rows))
-_plain_soft_loss = _whole_batch(lambda x, y: _fused_else_exact(x, y, lambda r: r.loss[..., 0]))
+_fused_soft_rows = _whole_batch(lambda x, y: _fused_else_exact(x, y, lambda rows: rows, True))
+_plain_soft_loss = _whole_batch(
+    lambda x, y: _fused_else_exact(x, y, lambda r: r.loss[..., 0], False)
+)
 
 
 @jax.custom_jvp

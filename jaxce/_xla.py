@@ -166,7 +166,9 @@ def unshared(x: jax.Array) -> jax.Array:
 # does about four times the operations per entry and XLA splits it into four reductions, each
 # reading the logits or the targets again: a batch with 100 -inf columns at float32 [4096, 4096]
 # took 53-75 ms, 40-53 ms with the chunks (in the same rounds), optax's loss 18 ms (NaN there: it
-# has no 0 log 0 = 0); passing such a mask as ``where`` takes the chunks directly. Not float16
+# has no 0 log 0 = 0); passing such a mask as ``where`` takes the chunks directly. The derivative's
+# rows (below) compute the exact pass from the fused pass's row sums, in one more reduction
+# (_cross_entropy._fused_else_exact). Not float16
 # (which XLA's CPU fusions do not take: a float32 copy) and not on accelerators (a branch on a
 # device value waits for the device there), and not below FUSED_SOFT_MIN_ELEMENTS logits, which XLA
 # leaves to its own fusions: there the pass and the test for NaN rows only add kernels (float32

@@ -602,6 +602,17 @@ def _nll_value(log_probs, labels, weights, ignore_index):
     return loss[..., 0], counted[..., 0], (meaning, w_y, picked, rows)
 
 
+@_autodiff.rematerialized
+def _nll_derivative(class_index, coefficient, poisoned, like) -> jax.Array:
+    """``d loss / d log_probs``, ``[..., C]``: ``coefficient`` (``-w_y``, 0 on an ignored row)
+    in the label's column, 0 elsewhere, and NaN in every column of a row whose label is out of
+    range (it has no column; the cross-entropy's derivative is NaN there too), not only in the
+    column it is clamped to. Written as a select, not a scatter into zeros: one write of the
+    gradient in reverse mode."""
+    poison = jnp.where(poisoned, jnp.full_like(coefficient, jnp.nan), 0)
+    return jnp.where(_rows.one_hot(class_index, like), coefficient, poison)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _nll(log_probs, labels, weights, ignore_index):
     loss, counted, _ = _nll_value(log_probs, labels, weights, ignore_index)
@@ -616,9 +627,8 @@ def _nll_jvp(ignore_index, primals, tangents):
     )
     t = counted_dot = None
     if lp_dot is not None:
-        lp_y = jnp.take_along_axis(lp_dot, meaning.class_index[..., None], axis=-1)
-        lp_y = lp_y.astype(w_y.dtype)
-        t = _rows.finalize(-w_y, rows) * lp_y
+        d = _nll_derivative(meaning.class_index, _rows.finalize(-w_y, rows), rows.poisoned, lp_dot)
+        t = jnp.sum(d * lp_dot.astype(d.dtype), axis=-1, keepdims=True)
     if w_dot is not None and weights is not None:
         w_y_dot = _rows.label_weight(w_dot, meaning.class_index, w_y.dtype)
         t = _autodiff.add(t, _rows.finalize(-picked, rows) * w_y_dot)
@@ -655,7 +665,8 @@ def nll_loss(
 
     Returns:
       Per-example losses or a scalar, in ``result_type(log_probs, float32)``; NaN for a label
-      out of range (and for a NaN log-probability of the label).
+      out of range (and for a NaN log-probability of the label), whose row of the gradient is
+      NaN in every column.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce

@@ -476,6 +476,27 @@ def test_out_of_range_label_is_nan_only_for_that_example(rng, bad, jit):
     R.assert_close(g[ok], R.softmax(x[ok]) - np.eye(5)[y[ok]], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["ce", "nll", "focal"])
+@pytest.mark.parametrize("bad", [5, -1])
+def test_out_of_range_label_makes_its_whole_gradient_row_nan(rng, name, bad):
+    """In reverse mode an out-of-range label's row of the gradient is NaN in every column (it
+    has no column of its own), not only in the column it is clamped to; the other rows' are
+    the reference's."""
+    x = R.random_logits(rng, (4, 5))
+    y = np.array([0, bad, 4, 2], np.int32)
+    arg = x if name != "nll" else R.log_softmax(x)
+    loss, ref = {
+        "ce": (CE_INT, R.softmax_cross_entropy_with_integer_labels),
+        "nll": (jaxce.nll_loss, R.nll_loss),
+        "focal": (jaxce.softmax_focal_loss, R.softmax_focal_loss),
+    }[name]
+    g = np.asarray(R.jgrad(lambda v: loss(v, jnp.asarray(y), reduction="sum"))(jnp.asarray(arg)))
+    assert np.isnan(g[1]).all(), g[1]
+    ok = [0, 2, 3]
+    want = R.ref_grad(ref)(arg[ok], y[ok], reduction="sum")
+    R.assert_close(g[ok], want, rtol=1e-9, atol=1e-12)
+
+
 # ------------------------------------------------------------------------ gradients
 
 

@@ -127,6 +127,8 @@ LOSSES = {
     # without options: on CPU one fused forward pass for float32 logits, chunks for narrower ones
     "soft_labels_plain": lambda x, t, y: jaxce.softmax_cross_entropy(x, t, reduction="mean"),
     "softmax_focal": lambda x, t, y: jaxce.softmax_focal_loss(x, y, reduction="mean"),
+    # its gradient written as a select: a scatter into zeros kept a float32 buffer of its size
+    "nll": lambda x, t, y: jaxce.nll_loss(x, y, reduction="mean"),
     "sigmoid_bce": lambda x, t, y: jaxce.sigmoid_binary_cross_entropy(x, t, reduction="mean"),
     "sigmoid_focal": lambda x, t, y: jaxce.sigmoid_focal_loss(x, t, reduction="mean"),
     "softmax_entropy": lambda x, t, y: jaxce.softmax_entropy(x, reduction="mean"),

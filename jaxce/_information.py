@@ -25,10 +25,18 @@ def _xlogx(p: jax.Array) -> jax.Array:
 
 
 # entropy: H = -sum p log p;  H' = -sum (log p + 1) p'  (log floored at p = 0).
+# Both forward sums (entropy's, KL's) take row chunks: their selects (0 log 0 = 0) keep XLA's CPU
+# compiler from fusing them into the reduction, and over whole rows it kept the terms as a float32
+# array of the input's size (64 MiB at [4096, 4096]; tests/test_memory.py).
+def _entropy_rows(p):
+    pf = p.astype(compute_dtype(p.dtype))
+    # `0 -` gives 0.0, not -0.0, for a one-hot p
+    return 0 - jnp.sum(_xlogx(pf), axis=-1, keepdims=True)
+
+
 @jax.custom_jvp
 def _entropy(p):
-    pf = p.astype(compute_dtype(p.dtype))
-    return 0 - jnp.sum(_xlogx(pf), axis=-1)  # `0 -` gives 0.0, not -0.0, for a one-hot p
+    return _loops.by_row_chunks(_entropy_rows, p, fuses_whole=True)[..., 0]
 
 
 @_autodiff.rematerialized
@@ -80,7 +88,7 @@ def _log_p(z, shift, log_sum):
     return p, jnp.where(p > 0, log_p, jnp.zeros_like(z))
 
 
-def _entropy_rows(x):
+def _softmax_entropy_rows(x):
     shift, log_sum = shift_and_log_sum(*max_and_sum_exp(x, None))
     p, log_p = _log_p(x.astype(shift.dtype), shift, log_sum)
     return shift, log_sum, 0 - jnp.sum(p * log_p, axis=-1, keepdims=True)
@@ -88,7 +96,7 @@ def _entropy_rows(x):
 
 @jax.custom_jvp
 def _softmax_entropy(x):
-    return _loops.by_row_chunks(_entropy_rows, x)[2][..., 0]
+    return _loops.by_row_chunks(_softmax_entropy_rows, x)[2][..., 0]
 
 
 @_autodiff.rematerialized
@@ -100,7 +108,7 @@ def _softmax_entropy_tangent(x, shift, log_sum, h, x_dot):
 @_softmax_entropy.defjvp
 def _softmax_entropy_jvp(primals, tangents):
     (x,), (x_dot,) = primals, tangents
-    shift, log_sum, h = _loops.by_row_chunks(_entropy_rows, x)
+    shift, log_sum, h = _loops.by_row_chunks(_softmax_entropy_rows, x)
     return h[..., 0], _softmax_entropy_tangent(x, shift, log_sum, h, x_dot)
 
 
@@ -148,10 +156,15 @@ def _kl_terms(log_q, t, mask):
     return lq, tf, live if mask is None else live & mask
 
 
+def _kl_rows(log_q, t, mask):
+    lq, tf, live = _kl_terms(log_q, t, mask)
+    terms = jnp.where(live, tf * (_safe_log(tf) - lq), jnp.zeros_like(tf))
+    return jnp.sum(terms, axis=-1, keepdims=True)
+
+
 @jax.custom_jvp
 def _kl(log_q, t, mask):
-    lq, tf, live = _kl_terms(log_q, t, mask)
-    return jnp.sum(jnp.where(live, tf * (_safe_log(tf) - lq), jnp.zeros_like(tf)), axis=-1)
+    return _loops.by_row_chunks(_kl_rows, log_q, t, mask, fuses_whole=True)[..., 0]
 
 
 @_autodiff.rematerialized

@@ -249,6 +249,8 @@ CHUNKED = {
     "soft_ce_logits",
     "soft_ce_labels",
     "softmax_entropy",
+    "entropy",
+    "kl_divergence",
     "softmax_focal_loss",
     "sigmoid_bce_mean",
     "binary_cross_entropy_mean",

@@ -44,7 +44,11 @@ def _float(x: jax.Array) -> jax.Array:
 
 # sigmoid: s = 1 / (1 + exp(-x)) (jax.nn.sigmoid evaluates it without overflow).
 # s' = s (1 - s) x' = sigmoid(x) sigmoid(-x) x', which keeps precision for large |x| where
-# 1 - s rounds to 0. The factor is recomputed from x in reverse mode (see _autodiff).
+# 1 - s rounds to 0. The factor is recomputed from x in reverse mode (see _autodiff), as two
+# logistic functions: from one exponential, with a select on x's sign (sigmoid_pair), XLA's CPU
+# compiler kept the exponential and 1 / (1 + e) as float32 arrays of x's size (value_and_grad of
+# the sum at [4096, 4096], in one run: float32 82 -> 45 ms and 128 -> 0 MiB of temporaries,
+# bfloat16 113 -> 54 ms and 320 -> 64 MiB).
 @jax.custom_jvp
 def _sigmoid(x):
     return jax.nn.sigmoid(_float(x)).astype(x.dtype)
@@ -53,8 +57,8 @@ def _sigmoid(x):
 @_autodiff.rematerialized
 def _sigmoid_tangent(x, x_dot):
     xf = _float(x)
-    s, not_s = sigmoid_pair(xf)
-    return (s * not_s * x_dot.astype(xf.dtype)).astype(x.dtype)
+    factor = jax.nn.sigmoid(xf) * jax.nn.sigmoid(-xf)
+    return (factor * x_dot.astype(xf.dtype)).astype(x.dtype)
 
 
 @_sigmoid.defjvp

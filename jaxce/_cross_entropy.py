@@ -603,14 +603,14 @@ def _nll_value(log_probs, labels, weights, ignore_index):
 
 
 @_autodiff.rematerialized
-def _nll_derivative(class_index, coefficient, poisoned, like) -> jax.Array:
-    """``d loss / d log_probs``, ``[..., C]``: ``coefficient`` (``-w_y``, 0 on an ignored row)
-    in the label's column, 0 elsewhere, and NaN in every column of a row whose label is out of
-    range (it has no column; the cross-entropy's derivative is NaN there too), not only in the
-    column it is clamped to. Written as a select, not a scatter into zeros: one write of the
+def _nll_derivative(class_index, coefficient, poisoned, log_probs) -> jax.Array:
+    """``d loss / d log_probs`` (of their shape): ``coefficient`` (``-w_y``, 0 on an ignored
+    row) in the label's column, 0 elsewhere, and NaN in every column of a row whose label is out
+    of range (it has no column; the cross-entropy's derivative is NaN there too), not only in
+    the column it is clamped to. Written as a select, not a scatter into zeros: one write of the
     gradient in reverse mode."""
     poison = jnp.where(poisoned, jnp.full_like(coefficient, jnp.nan), 0)
-    return jnp.where(_rows.one_hot(class_index, like), coefficient, poison)
+    return jnp.where(_rows.one_hot(class_index, log_probs), coefficient, poison)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -627,7 +627,8 @@ def _nll_jvp(ignore_index, primals, tangents):
     )
     t = counted_dot = None
     if lp_dot is not None:
-        d = _nll_derivative(meaning.class_index, _rows.finalize(-w_y, rows), rows.poisoned, lp_dot)
+        coefficient = _rows.finalize(-w_y, rows)
+        d = _nll_derivative(meaning.class_index, coefficient, rows.poisoned, log_probs)
         t = jnp.sum(d * lp_dot.astype(d.dtype), axis=-1, keepdims=True)
     if w_dot is not None and weights is not None:
         w_y_dot = _rows.label_weight(w_dot, meaning.class_index, w_y.dtype)

@@ -48,7 +48,7 @@ def _float(x: jax.Array) -> jax.Array:
 # logistic functions: from one exponential, with a select on x's sign (sigmoid_pair), XLA's CPU
 # compiler kept the exponential and 1 / (1 + e) as float32 arrays of x's size (value_and_grad of
 # the sum at [4096, 4096], in one run: float32 82 -> 45 ms and 128 -> 0 MiB of temporaries,
-# bfloat16 113 -> 54 ms and 320 -> 64 MiB).
+# bfloat16 113 -> 54 ms and 256 -> 64 MiB).
 @jax.custom_jvp
 def _sigmoid(x):
     return jax.nn.sigmoid(_float(x)).astype(x.dtype)

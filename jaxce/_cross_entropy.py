@@ -603,14 +603,14 @@ def _nll_value(log_probs, labels, weights, ignore_index):
 
 
 @_autodiff.rematerialized
-def _nll_derivative(class_index, coefficient, poisoned, log_probs) -> jax.Array:
-    """``d loss / d log_probs`` (of their shape): ``coefficient`` (``-w_y``, 0 on an ignored
-    row) in the label's column, 0 elsewhere, and NaN in every column of a row whose label is out
-    of range (it has no column; the cross-entropy's derivative is NaN there too), not only in
-    the column it is clamped to. Written as a select, not a scatter into zeros: one write of the
-    gradient in reverse mode."""
-    poison = jnp.where(poisoned, jnp.full_like(coefficient, jnp.nan), 0)
-    return jnp.where(_rows.one_hot(class_index, log_probs), coefficient, poison)
+def _nll_derivative(class_index, w_y, rows: _rows.Status, log_probs) -> jax.Array:
+    """``d loss / d log_probs`` (of their shape): ``-w_y`` in the label's column, 0 elsewhere,
+    finalized as the loss is (:func:`_rows.finalize`): 0 on an ignored row, and NaN in every
+    column of a row whose label is out of range (it has no column; the cross-entropy's
+    derivative is NaN there too), not only in the column it is clamped to. Written as a select,
+    not a scatter into zeros: one write of the gradient in reverse mode."""
+    at_label = jnp.where(_rows.one_hot(class_index, log_probs), -w_y, jnp.zeros_like(w_y))
+    return _rows.finalize(at_label, rows)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -627,8 +627,7 @@ def _nll_jvp(ignore_index, primals, tangents):
     )
     t = counted_dot = None
     if lp_dot is not None:
-        coefficient = _rows.finalize(-w_y, rows)
-        d = _nll_derivative(meaning.class_index, coefficient, rows.poisoned, log_probs)
+        d = _nll_derivative(meaning.class_index, w_y, rows, log_probs)
         t = jnp.sum(d * lp_dot.astype(d.dtype), axis=-1, keepdims=True)
     if w_dot is not None and weights is not None:
         w_y_dot = _rows.label_weight(w_dot, meaning.class_index, w_y.dtype)

@@ -628,7 +628,12 @@ def _nll_jvp(ignore_index, primals, tangents):
     t = counted_dot = None
     if lp_dot is not None:
         d = _nll_derivative(meaning.class_index, w_y, rows, log_probs)
-        t = jnp.sum(d * lp_dot.astype(d.dtype), axis=-1, keepdims=True)
+        # The label's column only, by a select (linear in lp_dot; transposed, a select again,
+        # never a scatter): a NaN or infinite tangent elsewhere in the row (log 0 of a class
+        # with probability 0) changes nothing, as in the loss.
+        at_label = _rows.one_hot(meaning.class_index, log_probs)
+        terms = jnp.where(at_label, d * lp_dot.astype(d.dtype), jnp.zeros_like(d))
+        t = jnp.sum(terms, axis=-1, keepdims=True)
     if w_dot is not None and weights is not None:
         w_y_dot = _rows.label_weight(w_dot, meaning.class_index, w_y.dtype)
         t = _autodiff.add(t, _rows.finalize(-picked, rows) * w_y_dot)

@@ -497,6 +497,29 @@ def test_out_of_range_label_makes_its_whole_gradient_row_nan(rng, name, bad):
     R.assert_close(g[ok], want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nll_forward_mode_reads_only_the_label_column(weighted):
+    """``jacfwd`` of ``nll_loss(log(p))`` where a class other than the label has probability 0
+    (its log's tangent is infinite): the label's column alone makes the derivative, as JAX's
+    own derivative of ``-log(p)[y]``; an ignored row's is 0 and an out-of-range one's NaN."""
+    p = jnp.array([[0.0, 0.3, 0.7], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
+    y = jnp.array([2, 0, 9, -100])
+    w = jnp.array([0.5, 2.0, 1.5]) if weighted else None
+    kept = jnp.array([0, 1])
+
+    def loss(q):
+        return jaxce.nll_loss(jnp.log(q), y, ignore_index=-100, class_weights=w)
+
+    def ref(q):
+        w_y = jnp.ones(2) if w is None else w[y[kept]]
+        return -w_y * jnp.log(q[kept, y[kept]])
+
+    jac = np.asarray(jax.jacfwd(loss)(p))
+    np.testing.assert_allclose(jac[kept], np.asarray(jax.jacfwd(ref)(p)), rtol=1e-6)
+    assert np.isnan(jac[2]).all()
+    np.testing.assert_array_equal(jac[3], 0.0)
+
+
 # ------------------------------------------------------------------------ gradients
 
 

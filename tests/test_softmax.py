@@ -328,6 +328,24 @@ def test_logit_soft_cap(rng, cap):
     R.assert_close(g, 1.0 - np.tanh(x / cap) ** 2, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("float64", 1e-14)])
+def test_logit_soft_cap_derivatives_deep_in_saturation(dtype, rtol):
+    """``d/dx = 1 / cosh(u)^2`` and ``d/dcap = tanh(u) - u / cosh(u)^2`` (``u = x / cap``) to a
+    few roundings of themselves where ``tanh(u)`` is within rounding of +-1 too, where
+    ``1 - tanh(u)^2`` cancels (float32: 1e-4 relative at ``|u| = 4``, 0 from 8 on). In float32
+    XLA's CPU ``exp`` itself is 2e-6 from the true value at -24."""
+    cap = 30.0
+    u = np.array([-18.0, -12.0, -8.0, -6.0, -4.0, 0.5, 2.0, 4.0, 6.0, 8.0, 12.0, 18.0])
+    x = jnp.asarray(u * cap, dtype)  # u is exact in both dtypes
+    d_x = jax.vmap(jax.grad(lambda v: jaxce.logit_soft_cap(v, cap)))(x)
+    np.testing.assert_allclose(np.asarray(d_x, np.float64), 1 / np.cosh(u) ** 2, rtol=rtol)
+    d_cap = jax.vmap(jax.grad(lambda c, v: jaxce.logit_soft_cap(v, c)), (None, 0))(
+        jnp.asarray(cap, dtype), x
+    )
+    want = np.tanh(u) - u / np.cosh(u) ** 2
+    np.testing.assert_allclose(np.asarray(d_cap, np.float64), want, rtol=rtol)
+
+
 def test_logit_soft_cap_dtype_and_neg_inf():
     x = jnp.asarray(np.array([-np.inf, -3.0, 0.0, 100.0]), dtype=jnp.bfloat16)
     got = jaxce.logit_soft_cap(x, 30.0)

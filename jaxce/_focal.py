@@ -171,10 +171,14 @@ def _softmax_focal(x, labels, alpha, gamma, ignore_index):
 def _softmax_focal_logit_tangent(x, index, stats, lp, u, a, gamma, rows, x_dot):
     z = x.astype(stats.shift.dtype)
     q = jnp.exp(lp)
-    r = jnp.where(u > 0, -lp / jnp.where(u > 0, u, 1), 1)
     # q r = q (-log q) / u tends to 0 with q: 0 where q underflows, also where log q is -inf (a
-    # label logit of -inf, or 6.8e38 below the row max in float32), whose r is inf.
-    qr = jnp.where(q == 0, jnp.zeros_like(q), q * r)
+    # label logit of -inf, or 6.8e38 below the row max in float32), whose r is inf. There r is
+    # taken of a log q of 0: an infinite operand's derivative would meet a zero cotangent in a
+    # derivative of this derivative (reverse over reverse: 0 * inf = NaN).
+    underflow = q == 0
+    safe_lp = jnp.where(underflow, jnp.zeros_like(lp), lp)
+    r = jnp.where(u > 0, -safe_lp / jnp.where(u > 0, u, 1), 1)
+    qr = jnp.where(underflow, jnp.zeros_like(q), q * r)
     f = _pow(u, gamma) * (1 + gamma * qr)
     p = probabilities(z, stats.shift, stats.log_sum, None)
     dz = _rows.finalize(a * f * (p - _rows.one_hot(index, z).astype(z.dtype)), rows)

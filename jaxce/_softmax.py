@@ -38,7 +38,12 @@ def shift_and_log_sum(m: jax.Array, sum_exp: jax.Array) -> tuple[jax.Array, jax.
     through here."""
     below = jnp.isfinite(m) & (sum_exp < 1)
     one = 1 + _autodiff.zero_with_derivative(sum_exp)  # a rounding apart
-    log_sum = jnp.log(jnp.where(below, one, sum_exp))
+    # An empty row's log 0 = -inf is a select, not a log: the log's derivative there, 1 / 0,
+    # times the zero cotangent a derivative of the derivative sends it (reverse over reverse),
+    # would make the whole row NaN.
+    empty = sum_exp == 0
+    safe = jnp.where(empty, jnp.ones_like(sum_exp), jnp.where(below, one, sum_exp))
+    log_sum = jnp.where(empty, jnp.full_like(sum_exp, -jnp.inf), jnp.log(safe))
     return shift_of(m), jnp.where(jnp.isnan(m), jnp.full_like(log_sum, jnp.nan), log_sum)
 
 

@@ -682,3 +682,43 @@ def test_third_derivatives_at_exact_zeros_are_continuous(name):
     paths = jax.tree_util.tree_flatten_with_path(at)[0]
     for (path, got), want in zip(paths, jax.tree.leaves(near), strict=True):
         R.assert_close(got, want, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+_ROW = jnp.array([[0.5, -jnp.inf, 1.0], [-jnp.inf, -jnp.inf, -jnp.inf], [2.0, 0.1, -jnp.inf]])
+_LABELS = jnp.array([0, 1, 0])
+_SOFT = jnp.array([[0.3, 0.0, 0.7], [0.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+EMPTY_ROW = {
+    "log_softmax": lambda x: jnp.sum(jnp.where(jnp.isfinite(x), jaxce.log_softmax(x), 0.0)),
+    "softmax": lambda x: jnp.sum(jaxce.softmax(x) * jnp.arange(3.0)[None, :]),
+    "logsumexp": lambda x: jnp.sum(jnp.where(jnp.arange(3) == 1, 0.0, jaxce.logsumexp(x))),
+    "softmax_entropy": lambda x: jaxce.softmax_entropy(x, reduction="sum"),
+    "integer labels": lambda x: jaxce.softmax_cross_entropy_with_integer_labels(
+        x, _LABELS, reduction="sum"
+    ),
+    "integer labels, every option": lambda x: jaxce.softmax_cross_entropy_with_integer_labels(
+        x,
+        _LABELS,
+        class_weights=jnp.array([1.0, 2.0, 0.5]),
+        label_smoothing=0.1,
+        z_loss=1e-2,
+        logit_soft_cap=4.0,
+        reduction="mean",
+    ),
+    "soft labels": lambda x: jaxce.softmax_cross_entropy(x, _SOFT, reduction="sum"),
+    "softmax focal": lambda x: jaxce.softmax_focal_loss(x, _LABELS, reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("name", EMPTY_ROW)
+def test_reverse_over_reverse_on_a_row_with_no_admissible_class(name):
+    """A row of -inf logits (no admissible class) takes no part: its loss and derivatives are 0.
+    Reverse mode over reverse mode gave its Hessian-vector product NaN (the log of its sum of
+    exponentials, 0, has the derivative 1 / 0, which met a zero cotangent), where forward over
+    reverse gave 0; the other rows' agree too."""
+    f = EMPTY_ROW[name]
+    v = jnp.ones_like(_ROW)
+    forward = jax.jvp(jax.grad(f), (_ROW,), (v,))[1]
+    reverse = jax.grad(lambda x: jnp.sum(jax.grad(f)(x) * v))(_ROW)
+    assert np.all(np.isfinite(np.asarray(reverse))), reverse
+    np.testing.assert_array_equal(np.asarray(reverse)[1], 0.0)
+    R.assert_close(reverse, forward, rtol=1e-6, atol=1e-7)

@@ -160,7 +160,7 @@ def soft_cap(x: jax.Array, cap: jax.Array) -> jax.Array:
 
 
 def _sech_squared(u: jax.Array) -> jax.Array:
-    """``1 - tanh(u)**2`` as ``4 e / (1 + e)**2``, ``e = exp(-2 |u|)``: within 2.3 epsilons of
+    """``1 - tanh(u)**2`` as ``4 e / (1 + e)**2``, ``e = exp(-2 |u|)``: within 2.6 epsilons of
     the true value, relative, at every ``u`` (0 at +-inf; measured on 4000 draws per range in
     float32 and float64). ``1 - tanh(u)**2`` itself cancels as ``tanh(u)`` nears +-1: 250-290
     epsilons for ``|u|`` in [0.5, 3]; in float32, 1.1e-4 relative at ``|u| = 4``, 8.9e-3 at 6, and
@@ -169,7 +169,11 @@ def _sech_squared(u: jax.Array) -> jax.Array:
     counts those)."""
     with jax.named_scope("sech_squared"):
         e = jnp.exp(-2 * jnp.abs(u))
-        return (4 * e) / ((1 + e) * (1 + e))
+        # 4 e times 1 / (1 + e) twice, not one division by (1 + e)^2: in a forward-mode
+        # derivative of the reverse pass (a Hessian-vector product), XLA kept the divisor's
+        # tangent whole (12 MiB at [512, 8192] with every option of the cross-entropy on).
+        r = 1 / (1 + e)
+        return (4 * e) * r * r
 
 
 def soft_cap_derivative(x: jax.Array, cap: jax.Array) -> jax.Array:

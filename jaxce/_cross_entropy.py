@@ -161,10 +161,12 @@ def softmax_cross_entropy_with_integer_labels(
       labels: integer class indices (any integer dtype) with the logits' shape minus ``axis``.
       axis: the class axis (e.g. 1 for PyTorch's ``[N, C, d1, ...]``), or a tuple of axes
         flattened into one class axis as optax does.
-      where: optional boolean mask of admissible classes, broadcastable to ``logits`` or of the
-        labels' shape (a per-example mask, as optax). Masked classes take no part in the
-        normalisation, however large (or NaN) their logits. A row with no admissible class has
-        loss 0.
+      where: optional boolean mask of admissible classes, with the logits' rank and
+        broadcastable to ``logits`` (``[1, C]`` for ``[N, C]`` logits), or with the labels' rank,
+        broadcastable to their shape: one flag per example, as optax (a mask that could be read
+        both ways, ``[1, C]`` for ``[N, T, C]`` logits with ``T = C``, is a ``ValueError``).
+        Masked classes take no part in the normalisation, however large (or NaN) their logits.
+        A row with no admissible class has loss 0.
       ignore_index: label value that marks an example to skip (loss 0, gradient 0, not
         counted in a mean, whatever its logits hold); PyTorch uses -100. ``None`` ignores
         nothing. It must be a value the labels' dtype can hold.
@@ -400,7 +402,11 @@ def _whole_batch(fn):
         out = wrapped(x, y)
         return out, jax.tree.map(lambda _: True, out)
 
-    return wrapped
+    def call(x, y):
+        # Op by op, fn itself: a custom_vmap call would be compiled again at every call.
+        return wrapped(x, y) if _xla.staged() else fn(x, y)
+
+    return call
 
 
 def _fused_else_exact(x, y, part, shared: bool):
@@ -430,6 +436,8 @@ def _fused_else_exact(x, y, part, shared: bool):
     # CPU reductions, and a plain sum XLA merges with the rows' own sums into one sum of the
     # whole array, which it writes out first.
     suspect = jnp.sum(fused.loss * 0) != 0
+    if not isinstance(suspect, jax.core.Tracer):  # op by op: a Python branch (_xla.staged)
+        return exact() if bool(suspect) else part(fused)
     return jax.lax.cond(suspect, exact, lambda: part(fused))
 
 
@@ -549,8 +557,9 @@ def softmax_cross_entropy(
       logits: floating-point scores with at least one axis.
       labels: target probabilities, the logits' shape (need not be normalised).
       axis: the class axis or a tuple of axes.
-      where: optional boolean mask broadcastable to the logits (or per example); ``False``
-        classes take no part. A row with no admissible class has loss 0.
+      where: optional boolean mask broadcastable to the logits with their rank, or one flag
+        per example with the batch's rank (as for the integer labels' loss); ``False`` classes
+        take no part. A row with no admissible class has loss 0.
       label_smoothing: :math:`\varepsilon \in [0, 1]`, mixing in the uniform distribution over
         the :math:`K` admissible classes (PyTorch's semantics when nothing is masked).
       class_weights: optional ``[C]`` weights (PyTorch's ``weight``).

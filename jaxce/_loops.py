@@ -65,6 +65,10 @@ def _loop(count: int, step, carry):
     the row chunks' loop takes its derivative in a ``scan`` (:func:`_in_chunks`), and the
     fused loss's blocks have forward-over-reverse second derivatives only.
     """
+    if not _xla.staged():  # op by op: a Python loop (see _xla.staged)
+        for i in range(count):
+            carry = step(jnp.int32(i), carry)
+        return carry
     return jax.lax.fori_loop(jnp.int32(0), jnp.int32(count), step, carry)
 
 

@@ -8,6 +8,7 @@ with the number of rows at all, whatever XLA fuses (this differs between JAX ver
 """
 
 import functools
+import logging
 import re
 
 import jax
@@ -478,3 +479,67 @@ def test_the_soft_label_loss_alone_reads_whole_rows_on_cpu(monkeypatch, dtype, r
     assert _temp_bytes(program) <= PER_ROW * rows, f"{_temp_bytes(program) / 2**20:.2f} MiB"
     assert "while" not in program.as_text()
     assert "reduce_or" not in jaxpr
+
+
+# ------------------------------------------------------------------ calls outside jax.jit
+class _Compilations(logging.Handler):
+    """Counts the programs JAX compiles (``jax_log_compiles`` logs each)."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record):
+        if record.getMessage().startswith("Compiling"):
+            self.count += 1
+
+
+def _eager_cases():
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(size=(512, 1000)), jnp.float32)  # 2 row chunks of 1 MiB on CPU
+    p = jax.nn.softmax(z)
+    y = jnp.asarray(rng.integers(0, 1000, 512), jnp.int32)
+    x = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(32, 5000)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 5000, 64), jnp.int32)
+    ce = jaxce.softmax_cross_entropy_with_integer_labels
+    every = {"label_smoothing": 0.1, "z_loss": 1e-4, "logit_soft_cap": 5.0}
+    return {
+        "logsumexp": lambda: jaxce.logsumexp(z),
+        "log_softmax bfloat16": lambda: jaxce.log_softmax(z.astype(jnp.bfloat16)),
+        "integer labels, every option": lambda: ce(z, y, **every),
+        "its gradient": lambda: jax.grad(lambda z: ce(z, y, reduction="mean", **every))(z),
+        "soft labels": lambda: jaxce.softmax_cross_entropy(z, p),
+        "their gradient": lambda: jax.grad(lambda z: jaxce.softmax_cross_entropy(z, p).sum())(z),
+        "kl_divergence": lambda: jaxce.kl_divergence(jaxce.log_softmax(z), p),
+        "entropy": lambda: jaxce.entropy(p),
+        "sigmoid BCE": lambda: jaxce.sigmoid_binary_cross_entropy(z, p, reduction="mean"),
+        "softmax focal": lambda: jaxce.softmax_focal_loss(z, y),
+        "fused": lambda: jaxce.linear_softmax_cross_entropy(x, w, tokens, reduction="mean"),
+        "fused gradient": lambda: jax.grad(
+            lambda w: jaxce.linear_softmax_cross_entropy(x, w, tokens, reduction="mean")
+        )(w),
+    }
+
+
+@pytest.mark.parametrize("name", list(_eager_cases()))
+def test_calls_outside_jit_compile_nothing_again(name):
+    """Called again with the same shapes outside ``jax.jit`` (a notebook, an evaluation loop), a
+    function compiles nothing: a loop or branch compiled as a program of its own would be
+    compiled at every call (its body is a new closure each time) and kept by JAX's caches, 2 MB
+    more memory a call at [512, 1000] (``_xla.staged``)."""
+    call = _eager_cases()[name]
+    jax.block_until_ready(call())  # compiles each operation once
+    counter = _Compilations()
+    logger = logging.getLogger("jax")
+    logger.addHandler(counter)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            for _ in range(2):
+                jax.block_until_ready(call())
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(level)
+    assert counter.count == 0, f"{name}: {counter.count} programs compiled again in 2 calls"

@@ -125,7 +125,7 @@ def sigmoid_binary_cross_entropy(
       PyTorch ``binary_cross_entropy_with_logits``; optax ``sigmoid_binary_cross_entropy``.
     """
     logits = _checks.as_float_array("logits", logits)
-    labels = _checks.as_array("labels", labels)
+    labels = _checks.as_real_array("labels", labels)
     _checks.check_reduction(reduction)
     _checks.check_shape("labels", labels, logits.shape, "the logits' shape")
     cdt = compute_dtype(logits.dtype)
@@ -227,7 +227,7 @@ def binary_cross_entropy(
       PyTorch ``torch.nn.functional.binary_cross_entropy``.
     """
     probs = _checks.as_float_array("probs", probs)
-    labels = _checks.as_array("labels", labels)
+    labels = _checks.as_real_array("labels", labels)
     _checks.check_reduction(reduction)
     _checks.check_shape("labels", labels, probs.shape, "the shape of probs")
     cdt = compute_dtype(probs.dtype)

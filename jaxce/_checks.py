@@ -27,7 +27,7 @@ def _describe(x: object) -> str:
     """A short description of a value for an error message."""
     if isinstance(x, jax.Array | np.ndarray):
         return f"an array of shape {x.shape} and dtype {x.dtype}"
-    return f"{type(x).__name__} {x!r}"[:120]
+    return " ".join(f"{type(x).__name__} {x!r}".split())[:120]
 
 
 def as_array(name: str, x: object) -> jax.Array:
@@ -36,6 +36,8 @@ def as_array(name: str, x: object) -> jax.Array:
     lists too, with a message that does not say which argument was one)."""
     if isinstance(x, jax.Array | np.ndarray | np.generic | numbers.Number):
         return jnp.asarray(x)
+    if hasattr(x, "__jax_array__"):  # an array in a wrapper, e.g. a Flax NNX Param
+        return as_array(name, x.__jax_array__())
     if isinstance(x, list | tuple):
         raise TypeError(
             f"{name} must be an array; got a Python {type(x).__name__}. Convert it first, e.g."
@@ -57,6 +59,10 @@ def _narrowed_out_of_range(name: str, x: object) -> None:
     (JAX without ``jax_enable_x64``) and that holds a value the narrow dtype cannot: wrapped, an
     ``int64`` label of 2**32 + 3 would become class 3. Its values are concrete, so this is known
     at trace time."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        x = np.asarray(x)  # a Python int: int64, or beyond it, an object array
+        if x.dtype == object:
+            raise ValueError(f"{name}={x} is beyond the range of every integer dtype.")
     if not isinstance(x, np.ndarray | np.generic):
         return
     values = np.asarray(x)
@@ -75,6 +81,15 @@ def _narrowed_out_of_range(name: str, x: object) -> None:
             " would wrap to another class. Enable jax_enable_x64, or map such labels to one"
             " that is out of range (e.g. -1) first."
         )
+
+
+def as_real_array(name: str, x: object) -> jax.Array:
+    """``x`` as an array of real numbers (floating-point, integer or boolean), raising
+    ``TypeError`` for a complex one, whose imaginary part a conversion would drop."""
+    x = as_array(name, x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must be a real array; got dtype {x.dtype}.")
+    return x
 
 
 def as_int_array(name: str, x: object) -> jax.Array:
@@ -205,6 +220,24 @@ def hyperparameter(
     # x times 1 or NaN rather than a select of NaN, whose derivative would be 0: out of range,
     # the derivative with respect to the hyperparameter is NaN too.
     return x * jnp.where(valid, jnp.ones_like(x), jnp.full_like(x, jnp.nan))
+
+
+def nonnegative_entries(name: str, x: jax.Array) -> jax.Array:
+    """A vector of weights whose entries must be finite and >= 0 (as a scalar of the same
+    meaning, :func:`hyperparameter`): a concrete one holding another value is a ``ValueError``
+    naming it; a traced one is NaN where its entries are not (so is the loss)."""
+    try:
+        values = np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        valid = (x >= 0) & jnp.isfinite(x)
+        return x * jnp.where(valid, jnp.ones_like(x), jnp.full_like(x, jnp.nan))
+    bad = ~((values >= 0) & np.isfinite(values))
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{name} must hold finite values >= 0; got {values.flat[index]} at index {index}."
+        )
+    return x
 
 
 def is_literal_zero(value: object) -> bool:

@@ -119,7 +119,7 @@ def sigmoid_focal_loss(
       ``sigmoid_focal_loss``.
     """
     logits = _checks.as_float_array("logits", logits)
-    labels = _checks.as_array("labels", labels)
+    labels = _checks.as_real_array("labels", labels)
     _checks.check_reduction(reduction)
     _checks.check_shape("labels", labels, logits.shape, "the logits' shape")
     cdt = compute_dtype(logits.dtype)
@@ -234,7 +234,8 @@ def softmax_focal_loss(
     Args:
       logits: floating-point scores with a class axis.
       labels: integer class indices, the logits' shape without ``axis``.
-      alpha: optional balancing weight: a scalar, or ``[C]`` per-class weights.
+      alpha: optional balancing weight >= 0: a scalar, or ``[C]`` per-class weights (a
+        concrete value below 0 or not finite is a ``ValueError``; traced, the loss is NaN).
       gamma: focusing parameter >= 0 (2.0 in the paper), a scalar.
       axis: the class axis or a tuple of axes.
       ignore_index: label value to skip (loss 0, gradient 0, not counted in a mean).
@@ -266,7 +267,8 @@ def softmax_focal_loss(
                 f"alpha must be {why}, as an array; got a Python {type(alpha).__name__}."
             )
         if isinstance(alpha, jax.Array | np.ndarray) and np.ndim(alpha) >= 1:
-            alpha = _checks.class_vector("alpha", alpha, layout.num_classes, why).astype(cdt)
+            alpha = _checks.class_vector("alpha", alpha, layout.num_classes, why)
+            alpha = _checks.nonnegative_entries("alpha", alpha).astype(cdt)
         else:
             alpha = _checks.hyperparameter("alpha", alpha, cdt, low=0.0)
     gamma = _gamma(gamma, cdt)

@@ -14,8 +14,14 @@ from jaxce._softmax import log_probabilities, max_and_sum_exp, shift_and_log_sum
 
 def _safe_log(p: jax.Array) -> jax.Array:
     """``log p`` floored at ``log(tiny)``: the derivative of ``-p log p`` at ``p = 0`` is
-    ``+inf``; flooring gives the large finite one-sided slope instead of inf."""
-    return jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
+    ``+inf``; flooring gives the large finite one-sided slope instead of inf. NaN for a negative
+    ``p``, which is no probability (a floor would make it a plausible number)."""
+    return jnp.log(jnp.where(p < 0, p, jnp.maximum(p, jnp.finfo(p.dtype).tiny)))
+
+
+def _or_nan(p: jax.Array) -> jax.Array:
+    """``p``, NaN where it is negative: no probability, so every term it enters is NaN."""
+    return jnp.where(p < 0, jnp.full_like(p, jnp.nan), p)
 
 
 def _xlogx(p: jax.Array) -> jax.Array:
@@ -151,7 +157,7 @@ def softmax_entropy(
 # KL' = sum (-t lq' + (log t + 1 - log q) t')  (log floored as in entropy).
 def _kl_terms(log_q, t, mask):
     lq = log_q.astype(compute_dtype(log_q.dtype))
-    tf = t.astype(lq.dtype)
+    tf = _or_nan(t.astype(lq.dtype))
     live = (tf != 0) | jnp.isnan(lq)
     return lq, tf, live if mask is None else live & mask
 

@@ -40,6 +40,15 @@ def check_ignore_index(ignore_index: object, dtype=None) -> int | None:
     """``ignore_index`` is None or an int that a label of ``dtype`` can equal."""
     if ignore_index is None:
         return None
+    if isinstance(ignore_index, jax.core.Tracer):
+        raise TypeError(
+            "ignore_index must be an int or None, known when the loss is traced; got a traced"
+            f" value {ignore_index!r}. Under jax.jit, close over it or mark the argument static"
+            " (static_argnames)."
+        )
+    if isinstance(ignore_index, jax.Array) and ignore_index.ndim == 0:  # a concrete 0-d array
+        if jnp.issubdtype(ignore_index.dtype, jnp.integer):
+            ignore_index = int(ignore_index)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}.")
     value = int(ignore_index)

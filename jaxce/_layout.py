@@ -51,34 +51,60 @@ class ClassLayout:
         """A boolean mask broadcastable to the full shape, as ``[..., C]``.
 
         With ``per_example`` (the cross-entropies, as optax's), a mask with as many axes as the
-        batch (the full rank minus the class axes) is one flag per example: the class axes are
-        inserted back before broadcasting, even where its shape would also broadcast against
-        the classes. Without it (``log_softmax`` and the other functions that mirror
-        ``jax.nn``'s or optax's ``where``), the mask broadcasts as it is, NumPy's way.
+        batch (the full rank minus the class axes) is one flag per example
+        (:func:`per_example_mask`). Without it (``log_softmax`` and the other functions that
+        mirror ``jax.nn``'s or optax's ``where``), the mask broadcasts as it is, NumPy's way.
         """
         if where is None:
             return None
         where = _checks.as_bool_array(name, where)
-        given = where
-        batch = tuple(self.shape[a] for a in self.batch_axes)
-        one_per_example = per_example and where.ndim == len(batch) != len(self.shape)
-        if one_per_example:
-            where = jnp.expand_dims(where, self.axes)
-        try:
-            chex.assert_is_broadcastable(where.shape, self.shape)
-        except AssertionError as err:
-            if one_per_example:
-                message = (
-                    f"{name} of shape {given.shape} has the rank of the batch of an array of"
-                    f" shape {self.shape}, so it is read as one flag per example (optax's"
-                    f" convention) and must broadcast to {batch}; to mask classes, give it the"
-                    " array's rank (size-1 batch axes)."
-                )
-            else:
-                message = f"{name} of shape {given.shape} must broadcast to {self.shape}."
-            raise ValueError(message) from err
-        where = jnp.broadcast_to(where, self.shape)
-        return self.to_last(where)
+        flags = per_example_mask(name, where, self.batch_shape, self.shape) if per_example else None
+        if flags is not None:
+            where = jnp.expand_dims(flags, self.axes)
+        else:
+            _checks.check_broadcastable(name, where, self.shape)
+        return self.to_last(jnp.broadcast_to(where, self.shape))
+
+
+def per_example_mask(
+    name: str, where: jax.Array, batch: tuple[int, ...], shape: tuple[int, ...]
+) -> jax.Array | None:
+    """A cross-entropy's boolean ``where`` for an array of ``shape`` whose batch (the shape
+    without the class axes) is ``batch``, as one flag per example broadcast to ``batch``, or
+    None where it is a mask of classes (or entries), to broadcast against the whole array.
+
+    A mask with the batch's rank is one flag per example (optax's convention), and must
+    broadcast to ``batch``. Where it is not of the batch's shape but broadcasts both ways (a
+    ``[1, C]`` mask of ``[N, T, C]`` logits with ``T = C``: per position, or per class), which
+    one is meant cannot be told: that is an error naming both shapes that say it plainly."""
+    if where.ndim != len(batch) or len(batch) == len(shape):
+        return None
+    as_classes = _broadcasts(where.shape, shape)
+    if not _broadcasts(where.shape, batch):
+        raise ValueError(
+            f"{name} of shape {where.shape} has the rank of the batch of an array of shape"
+            f" {shape}, so it is read as one flag per example (optax's convention) and must"
+            f" broadcast to {batch}; to mask classes, give it the array's rank (size-1 batch"
+            " axes)."
+        )
+    if as_classes and where.shape != batch:
+        classes = (1,) * (len(shape) - where.ndim) + where.shape
+        raise ValueError(
+            f"{name} of shape {where.shape} is ambiguous for an array of shape {shape}: with the"
+            f" batch's rank it reads as one flag per example (optax's convention, broadcast to"
+            f" {batch}), but it also broadcasts against the array as a mask of classes. Give it"
+            f" the batch's shape {batch} for one flag per example, or the array's rank, e.g."
+            f" {classes}, for a mask of classes."
+        )
+    return jnp.broadcast_to(where, batch)
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    try:
+        chex.assert_is_broadcastable(shape, target)
+    except AssertionError:
+        return False
+    return True
 
 
 def layout_of(name: str, x: jax.Array, axis: object) -> ClassLayout:

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxce import _autodiff, _blocks, _checks, _labels, _rows, _xla
-from jaxce._layout import compute_dtype
+from jaxce._layout import compute_dtype, per_example_mask
 from jaxce._loops import vary_like, varying
 from jaxce._reduction import reduce_loss
 
@@ -67,6 +67,28 @@ def _sum_to(ct: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
     if missing:
         out = jax.lax.pcast(out, tuple(missing), to="varying")
     return out
+
+
+def _check_axis_names(axis_name: object, data_axis_name: object) -> None:
+    """Each a mesh axis name (a string or other hashable) or a tuple of them, and no axis named
+    by both: the vocabulary and the tokens cannot be split over the same devices."""
+    for name, value in (("axis_name", axis_name), ("data_axis_name", data_axis_name)):
+        if isinstance(value, list | set | dict) or not isinstance(value, Hashable):
+            raise TypeError(
+                f"{name} must be a mesh axis name or a tuple of them; got"
+                f" {type(value).__name__} {value!r}"
+                + (f" (use the tuple {tuple(value)!r})" if isinstance(value, list) else "")
+                + "."
+            )
+    if data_axis_name is None:
+        return
+    both = [a for a in _axes(axis_name) if a in _axes(data_axis_name)]
+    if both:
+        raise ValueError(
+            f"axis_name={axis_name!r} and data_axis_name={data_axis_name!r} must name different"
+            f" mesh axes (the classes and the examples are split over different devices); both"
+            f" name {both[0]!r}."
+        )
 
 
 def _bound_axis_size(name: str, axis_name: AxisName) -> int:
@@ -494,6 +516,9 @@ def _loss_on_mesh(mesh, loss_fn, args: dict, specs: dict, hyperparameters: dict,
     """``loss_fn`` under ``jax.shard_map`` over ``mesh``: traced hyperparameters travel as
     replicated arguments, the rest (and ``fixed``) are bound statically; the output is per
     example (laid out as the labels) for ``reduction="none"``, else a replicated scalar."""
+    # Checked here, where a concrete array is still concrete (inside shard_map it is traced,
+    # and out of range it would only be NaN): the same ValueError as without a mesh.
+    _rows.make_options(jnp.float32, **hyperparameters)
     traced, constants = _hyperparameters(**hyperparameters)
     args, specs = {**args, **traced}, {**specs, **{k: P() for k in traced}}
     loss = functools.partial(loss_fn, **fixed, **constants)
@@ -617,6 +642,7 @@ def softmax_cross_entropy_with_integer_labels(
       Shoeybi et al., "Megatron-LM", 2019 (vocabulary-parallel cross-entropy); PyTorch
       ``cross_entropy``; JAX ``shard_map``.
     """
+    _check_axis_names(axis_name, data_axis_name)
     if mesh is not None:
         return _ce_on_mesh(
             mesh,
@@ -654,10 +680,11 @@ def _class_mask_on_mesh(where, logits_shape, pad: int, model_spec, logits_spec, 
     """A ``where`` for global logits, with its spec: per class (``[V]``, split like the
     vocabulary), per example (split like the labels) or full (split like the logits)."""
     where = _checks.as_bool_array("where", where)
-    batch = logits_shape[:-1]
+    batch = tuple(logits_shape[:-1])
     batch_none = (None,) * len(batch)
-    if where.ndim == len(batch) and where.ndim != len(logits_shape):
-        return where, labels_spec  # one flag per example (optax's convention)
+    flags = per_example_mask("where", where, batch, tuple(logits_shape))
+    if flags is not None:
+        return flags, labels_spec  # one flag per example (optax's convention)
     _checks.check_broadcastable("where", where, logits_shape, "or the labels' shape")
     if all(s == 1 for s in where.shape[:-1]) and where.shape[-1:] == logits_shape[-1:]:
         # One row of flags for every example: kept as [1, ..., 1, V], split like the columns.
@@ -806,6 +833,7 @@ def linear_softmax_cross_entropy(
       Shoeybi et al., "Megatron-LM", 2019 (vocabulary-parallel cross-entropy); Wijmans et al.,
       "Cut Your Losses in Large-Vocabulary Language Models", 2024 (blockwise logits).
     """
+    _check_axis_names(axis_name, data_axis_name)
     if mesh is not None:
         return _linear_on_mesh(
             mesh,

@@ -243,6 +243,8 @@ def logit_soft_cap(x: jax.typing.ArrayLike, cap: float | jax.typing.ArrayLike) -
       Gemma Team, "Gemma 2: Improving Open Language Models at a Practical Size", 2024.
     """
     x = as_float_array("x", x)
+    if cap is None:
+        raise TypeError("cap must be a number or a 0-d array; got None (no cap is cap=inf).")
     value = hyperparameter(
         "cap", cap, compute_dtype(x.dtype), low=0.0, open_low=True, allow_inf=True
     )

@@ -116,6 +116,9 @@ PROBS = jnp.full((4, 3), 1 / 3, f32)
 X = jnp.linspace(-1.0, 1.0, 96, dtype=f32).reshape(2, 3, 16)  # [batch, seq, D = 16]
 W = jnp.linspace(-0.5, 0.5, 1600, dtype=f32).reshape(16, 100)  # [D, V = 100]
 TOKENS = jnp.array([[1, 2, 3], [4, 5, 6]], i32)
+# Concrete arrays closed over (a traced one out of range gives NaN, not an error).
+NEGATIVE_ALPHA = jnp.linspace(-0.5, 1.0, 10)
+SMOOTHING_1_5 = jnp.array(1.5)
 
 # One device is enough for every mistake below: a 1 x 1 mesh, and for a data axis that does not
 # divide the batch, an abstract mesh with 2 devices on "data" (the check happens before any
@@ -241,8 +244,8 @@ CASES = [
         (LOGITS,),
         raises(
             TypeError,
-            r"cap.*number.*None",
-            "`cap` must be a number or a 0-d array; got None (no cap is `inf`)",
+            r"cap.*number.*None.*no cap is cap=inf",
+            "`cap` must be a number or a 0-d array; got None (no cap is `cap=inf`)",
         ),
     ),
     # ------------------------------------------------------------------ soft-label CE
@@ -326,6 +329,33 @@ CASES = [
             r"where.*\(10,\).*one flag per example.*\(4,\).*the array's rank",
             "a `where` with the batch's rank is one flag per example (optax's convention), so it"
             " must broadcast to (4,); a mask of classes needs the logits' rank, e.g. (1, 10)",
+        ),
+    ),
+    Case(
+        "softmax_cross_entropy_with_integer_labels/where_ambiguous",
+        ce,
+        "`where` of shape (1, 4) (a mask of classes) for logits (2, 4, 4), labels (2, 4)",
+        lambda z, y, m: ce(z, y, where=m),
+        (jnp.zeros((2, 4, 4), f32), jnp.zeros((2, 4), i32), jnp.ones((1, 4), bool)),
+        raises(
+            ValueError,
+            r"where.*\(1, 4\).*ambiguous.*\(2, 4, 4\).*one flag per example.*\(2, 4\)"
+            r".*mask of classes.*\(1, 1, 4\)",
+            "`where` of shape (1, 4) is ambiguous: one flag per example (broadcast to the labels'"
+            " (2, 4)) or a mask of classes; give it the labels' shape (2, 4), or the logits' rank,"
+            " e.g. (1, 1, 4), for a mask of classes",
+        ),
+    ),
+    Case(
+        "softmax_cross_entropy_with_integer_labels/python_int_label_beyond_int64",
+        ce,
+        "a Python int label `2**70`",
+        lambda z: ce(z, 2**70),
+        (LOGITS[0],),
+        raises(
+            ValueError,
+            r"labels=1180591620717411303424 is beyond the range of every integer dtype",
+            "`labels=1180591620717411303424` is beyond the range of every integer dtype",
         ),
     ),
     Case(
@@ -426,6 +456,19 @@ CASES = [
             ValueError,
             r"ignore_index=-100.*uint8.*0\.\.255",
             "`ignore_index=-100` can never equal a uint8 label (0..255)",
+        ),
+    ),
+    Case(
+        "softmax_cross_entropy_with_integer_labels/ignore_index_traced",
+        ce,
+        "`ignore_index` an argument of the jitted function (traced)",
+        lambda z, y, i: jax.jit(lambda z, y, i: ce(z, y, ignore_index=i))(z, y, i),
+        (LOGITS, LABELS, jnp.int32(-100)),
+        raises(
+            TypeError,
+            r"ignore_index must be an int or None, known when the loss is traced.*static",
+            "`ignore_index` must be an int known when the loss is traced; got a traced value:"
+            " close over it or mark it static",
         ),
     ),
     Case(
@@ -632,6 +675,14 @@ CASES = [
         ),
     ),
     Case(
+        "sigmoid_binary_cross_entropy/complex_labels",
+        jaxce.sigmoid_binary_cross_entropy,
+        "`labels` of dtype complex64",
+        lambda z, t: jaxce.sigmoid_binary_cross_entropy(z, t),
+        (MULTI, TARGETS.astype(jnp.complex64)),
+        raises(TypeError, r"labels.*real.*complex64", "`labels` must be real; got complex64"),
+    ),
+    Case(
         "binary_cross_entropy/weights_rank",
         jaxce.binary_cross_entropy,
         "`weights` of shape (2, 4, 3) for probs (4, 3)",
@@ -688,6 +739,14 @@ CASES = [
             "`targets` must have the shape of log_predictions (4, 10); got (4,)",
         ),
     ),
+    Case(
+        "kl_divergence/negative_target",
+        jaxce.kl_divergence,
+        "a target of -0.1 in the first row (teacher logits passed as probabilities)",
+        lambda lq, t: jaxce.kl_divergence(lq, t),
+        (jax.nn.log_softmax(LOGITS), jnp.full((4, 10), 0.1, f32).at[0, 3].set(-0.1)),
+        Returns(nan_exactly_at(0), "NaN for that row only (as optax)"),
+    ),
     # ------------------------------------------------------------------ focal losses
     Case(
         "sigmoid_focal_loss/alpha_above_1",
@@ -743,6 +802,18 @@ CASES = [
             TypeError,
             r"alpha\b.*(per class|\(10,\)).*list",
             "`alpha` must be a number or an array of shape (10,); got a Python list",
+        ),
+    ),
+    Case(
+        "softmax_focal_loss/alpha_vector_negative",
+        jaxce.softmax_focal_loss,
+        "`alpha` a [C] vector with a negative entry",
+        lambda z, y: jaxce.softmax_focal_loss(z, y, alpha=NEGATIVE_ALPHA),
+        (LOGITS, LABELS),
+        raises(
+            ValueError,
+            r"alpha.*finite values >= 0.*-0\.5.*index 0",
+            "`alpha` must hold finite values >= 0; got -0.5 at index 0",
         ),
     ),
     Case(
@@ -972,6 +1043,58 @@ CASES = [
             ValueError,
             r"axis_name must name the mesh axis.*got None.*\('data', 'model'\)",
             "`axis_name` must name a mesh axis; got None; the mesh's axes are ('data', 'model')",
+        ),
+    ),
+    Case(
+        "sharded.softmax_cross_entropy_with_integer_labels/where_per_example_length",
+        sharded_ce,
+        "`where` of shape (2,) for 4 examples, with `mesh=` and `data_axis_name`",
+        lambda z, y, m: sharded_ce(
+            z, y, axis_name="model", data_axis_name="data", mesh=MESH, where=m
+        ),
+        (LOGITS, LABELS, jnp.array([True, False])),
+        raises(
+            ValueError,
+            r"where.*\(2,\).*\(4, 10\).*one flag per example.*\(4,\)",
+            "`where` of shape (2,) has the batch's rank of logits (4, 10): one flag per example,"
+            " which must broadcast to (4,)",
+        ),
+    ),
+    Case(
+        "sharded.softmax_cross_entropy_with_integer_labels/concrete_smoothing_out_of_range",
+        sharded_ce,
+        "`label_smoothing=jnp.array(1.5)` with `mesh=`",
+        lambda z, y: sharded_ce(z, y, axis_name="model", mesh=MESH, label_smoothing=SMOOTHING_1_5),
+        (LOGITS, LABELS),
+        raises(
+            ValueError,
+            r"label_smoothing must lie in \[0, 1\].*1\.5",
+            "`label_smoothing` must lie in [0, 1]; got 1.5 (as without a mesh)",
+        ),
+    ),
+    Case(
+        "sharded.softmax_cross_entropy_with_integer_labels/same_axis_twice",
+        sharded_ce,
+        '`axis_name="model", data_axis_name="model"`',
+        lambda z, y: sharded_ce(z, y, axis_name="model", data_axis_name="model", mesh=MESH),
+        (LOGITS, LABELS),
+        raises(
+            ValueError,
+            r"axis_name='model' and data_axis_name='model' must name different.*'model'",
+            "`axis_name` and `data_axis_name` must name different mesh axes; both name 'model'",
+        ),
+    ),
+    Case(
+        "sharded.softmax_cross_entropy_with_integer_labels/axis_name_list",
+        sharded_ce,
+        '`axis_name=["model"]` (a list)',
+        lambda z, y: sharded_ce(z, y, axis_name=["model"], mesh=MESH),
+        (LOGITS, LABELS),
+        raises(
+            TypeError,
+            r"axis_name must be a mesh axis name or a tuple.*list.*\('model',\)",
+            "`axis_name` must be a mesh axis name or a tuple of them; got a list (use the tuple"
+            " ('model',))",
         ),
     ),
     Case(

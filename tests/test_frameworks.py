@@ -108,3 +108,31 @@ def test_haiku_trains_multilabel_sigmoid(digits: demo.Split) -> None:
     )
     # exact match over the three labels; guessing the majority of each label gets about 0.2
     assert history.test_accuracy[-1] >= 0.9, history.test_accuracy
+
+
+def test_nnx_parameters_pass_as_arrays() -> None:
+    """A Flax NNX ``Param`` (the kernel of an ``nnx.Linear``, a learned class-weight vector)
+    goes to jaxce as it is, as it goes to ``x @ kernel``: the same loss and gradient as its
+    array."""
+    from flax import nnx
+
+    head = nnx.Linear(8, 5, rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(1), (6, 8))
+    labels = jax.numpy.array([0, 1, 2, 3, 4, 0])
+    weights = nnx.Param(jax.numpy.linspace(0.5, 1.5, 5))
+    fused = jaxce.linear_softmax_cross_entropy(
+        h, head.kernel, labels, class_weights=weights, reduction="mean"
+    )
+    plain = jaxce.linear_softmax_cross_entropy(
+        h, head.kernel[...], labels, class_weights=weights[...], reduction="mean"
+    )
+    assert float(fused) == float(plain)
+
+    @nnx.grad
+    def grad(model: nnx.Linear):
+        return jaxce.linear_softmax_cross_entropy(h, model.kernel, labels, reduction="mean")
+
+    expected = jax.grad(
+        lambda w: jaxce.linear_softmax_cross_entropy(h, w, labels, reduction="mean")
+    )(head.kernel[...])
+    np.testing.assert_allclose(grad(head).kernel[...], expected, rtol=1e-6)

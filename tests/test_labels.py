@@ -141,12 +141,22 @@ def test_ignore_index_out_of_a_signed_range_is_an_error():
         )
 
 
-@pytest.mark.parametrize("bad", [True, 1.5, "x", jnp.asarray(-100)])
+@pytest.mark.parametrize("bad", [True, 1.5, "x", jnp.asarray([-100]), jnp.asarray(-100.0)])
 def test_ignore_index_type(bad):
     with pytest.raises(TypeError, match="ignore_index must be an int or None"):
         jaxce.softmax_cross_entropy_with_integer_labels(
             jnp.zeros((1, 3)), jnp.zeros((1,), jnp.int32), ignore_index=bad
         )
+
+
+def test_ignore_index_as_a_concrete_integer_scalar():
+    """A concrete 0-d integer array (``jnp.int32(-100)``) is the int it holds, as a NumPy
+    integer is; a traced one is an error naming the fix (tests/test_bad_input.py)."""
+    logits, labels = jnp.zeros((3, 4)), jnp.array([0, -100, 2], jnp.int32)
+    ce = jaxce.softmax_cross_entropy_with_integer_labels
+    expected = ce(logits, labels, ignore_index=-100)
+    for value in (jnp.int32(-100), jnp.asarray(-100, jnp.int16), np.int64(-100)):
+        np.testing.assert_array_equal(ce(logits, labels, ignore_index=value), expected)
 
 
 def test_boolean_labels_are_a_type_error():

@@ -93,21 +93,19 @@ def label_logits(x, w, bias, index, options: _rows.Options, dtype) -> jax.Array:
     return _rows.capped(raw, options)
 
 
-def _unchanged(tree):
-    return tree
-
-
 def statistics(
-    x, w, bias, weights, options: _rows.Options, static: Static, dtype, vary: Callable = _unchanged
+    x, w, bias, weights, options: _rows.Options, static: Static, dtype, vary: Callable | None = None
 ) -> _rows.Partial:
     """Row statistics (:class:`_rows.Partial`, ``[N, 1]`` each) of ``x @ w + bias`` over all of
     ``w``'s columns: chunks of ``token_chunk`` rows, each merged over ``vocab_chunk`` columns.
 
     ``vary`` adapts each loop's initial value (``jaxce.sharded`` types it as varying over its
-    mesh axes).
+    mesh axes); by default, as varying like the inputs (inside a ``shard_map`` of the caller's).
     """
     n, v = x.shape[0], w.shape[1]
     smoothing = options.smoothing
+    if vary is None:
+        vary = _loops.varying_like(x, w, bias, weights)
 
     def token_body(t0, rows, acc):
         x_t = _loops.cut(x, t0, rows, 0)
@@ -183,7 +181,7 @@ def gradients(
     info: RowInfo,
     dtype,
     needs: Needs,
-    vary: Callable = _unchanged,
+    vary: Callable | None = None,
 ) -> Grads:
     """:class:`Grads` over ``w``'s columns, computing each ``[token_chunk, vocab_chunk]`` block
     of logits again from the statistics of whole rows.
@@ -193,6 +191,8 @@ def gradients(
     """
     (n, d), v = x.shape, w.shape[1]
     operand = _xla.product_dtype(x, w, dtype)
+    if vary is None:  # as varying like the inputs (see statistics)
+        vary = _loops.varying_like(x, w, bias, weights, stats, info)
 
     def vocab_body(c0, cols, acc):
         dx, dw, db, dwt, dcap = acc

@@ -98,13 +98,20 @@ def _per_token_bwd(static, res, cotangents):
         if grads.smoothing_weights is not None:
             d_weights = d_weights + grads.smoothing_weights
         d_weights = d_weights.astype(weights.dtype)
+    # Inside a caller's shard_map, an input the same on every device (w replicated over the
+    # data axis) receives the sum of the devices' contributions.
     return (
-        grads.x.astype(x.dtype),
-        grads.w,
-        None if grads.bias is None else grads.bias.astype(bias.dtype),
+        _loops.sum_to(grads.x.astype(x.dtype), x),
+        _loops.sum_to(grads.w, w),
+        None if grads.bias is None else _loops.sum_to(grads.bias.astype(bias.dtype), bias),
         None,
-        d_weights,
-        _rows.Options(d_eps, d_zl, grads.cap),
+        _loops.sum_to(d_weights, weights),
+        _rows.Options(
+            *(
+                _loops.sum_to(ct, primal)
+                for ct, primal in zip((d_eps, d_zl, grads.cap), options, strict=True)
+            )
+        ),
     )
 
 
@@ -175,6 +182,7 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
         jnp.zeros((v,), dtype),
         jnp.zeros((), dtype),
     )
+    init = _loops.vary_like(init, x, w, bias, weights, meaning)
     stats, label_logit, dx, dw, db, dwt, dcap = _loops.overlapping_chunks(
         n, rows_per_chunk, token_body, init
     )
@@ -195,7 +203,8 @@ def _block_logits(x_t, w, bias, cols_per_step, dtype):
     def body(c0, cols, block):
         return _loops.paste(block, _blocks.logits(x_t, w, bias, c0, cols, dtype), c0, 1)
 
-    return _loops.for_chunks(v, cols_per_step, body, jnp.zeros((n_rows, v), dtype))
+    init = _loops.vary_like(jnp.zeros((n_rows, v), dtype), x_t, w, bias)
+    return _loops.for_chunks(v, cols_per_step, body, init)
 
 
 def _block_grads(x_t, w, draw, dw, cols_per_step, dtype, needs):
@@ -219,7 +228,7 @@ def _block_grads(x_t, w, draw, dw, cols_per_step, dtype, needs):
             dw = _loops.paste(dw, _loops.cut(dw, c0, cols, 1) + product, c0, 1)
         return dx_t, dw
 
-    init = (jnp.zeros((x_t.shape[0], w.shape[0]), dtype), dw)
+    init = _loops.vary_like((jnp.zeros((x_t.shape[0], w.shape[0]), dtype), dw), x_t, w, draw)
     return _loops.overlapping_chunks(v, cols, body, init)
 
 

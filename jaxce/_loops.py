@@ -44,6 +44,28 @@ def vary_like(tree, *refs):
     return jax.tree.map(vary, tree)
 
 
+def varying_like(*refs) -> Callable:
+    """``tree -> vary_like(tree, *refs)``: a loop's initial value typed as varying like the
+    inputs its body reads."""
+    return lambda tree: vary_like(tree, *refs)
+
+
+def sum_to(ct: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
+    """A cotangent summed over the axes it varies over and ``primal`` does not: an input that
+    is the same on every device of an axis (replicated) receives the sum of the devices'
+    contributions (the transpose of JAX's implicit ``pvary``)."""
+    if ct is None or primal is None:
+        return ct
+    out: jax.Array = ct
+    extra = varying(out) - varying(primal)
+    if extra:
+        out = jax.lax.psum(out, tuple(extra))
+    missing = varying(primal) - varying(out)
+    if missing:
+        out = jax.lax.pcast(out, tuple(missing), to="varying")
+    return out
+
+
 def cut(a: jax.Array, start, size: int, axis: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
 

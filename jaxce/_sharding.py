@@ -15,7 +15,7 @@ vocabulary axis, and JAX transposes it for reverse mode, including the sums over
 the gradient of a replicated input needs (``x`` of the fused loss over the vocabulary axis,
 ``w`` over the data axis): this follows the types of ``jax.shard_map(check_vma=True)``, JAX's
 default. The per-token fused loss (``reduction="none"``) is a ``jax.custom_vjp`` whose backward
-rule sums those cotangents itself (``_sum_to``).
+rule sums those cotangents itself (``_loops.sum_to``).
 
 Padded vocabularies: columns at or beyond ``vocab_size`` (global index) are not classes: they
 are excluded from every statistic, like a ``where=False`` entry.
@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxce import _autodiff, _blocks, _checks, _labels, _rows, _xla
 from jaxce._layout import compute_dtype, per_example_mask
-from jaxce._loops import vary_like, varying
+from jaxce._loops import sum_to, vary_like, varying
 from jaxce._reduction import reduce_loss
 
 AxisName = Hashable  # a mesh axis name, or a tuple of them
@@ -51,22 +51,6 @@ def _typed(axis_name: AxisName) -> bool:
     """Whether ``shard_map`` tracks how values vary (``check_vma=True``) for these axes."""
     index = jax.lax.axis_index(axis_name)
     return any(a in varying(index) for a in _axes(axis_name))
-
-
-def _sum_to(ct: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
-    """A cotangent summed over the axes it varies over and ``primal`` does not: an input that
-    is the same on every device of an axis (replicated) receives the sum of the devices'
-    contributions (the transpose of JAX's implicit ``pvary``)."""
-    if ct is None or primal is None:
-        return ct
-    out: jax.Array = ct
-    extra = varying(out) - varying(primal)
-    if extra:
-        out = jax.lax.psum(out, tuple(extra))
-    missing = varying(primal) - varying(out)
-    if missing:
-        out = jax.lax.pcast(out, tuple(missing), to="varying")
-    return out
 
 
 def _check_axis_names(axis_name: object, data_axis_name: object) -> None:
@@ -371,17 +355,17 @@ def _sharded_per_token_bwd(static: _FusedStatic, res, cotangents):
         per_class = jnp.zeros(weights.shape, dtype).at[shard.local].add(mine)
         if grads.smoothing_weights is not None:
             per_class = per_class + grads.smoothing_weights
-        d_weights = _sum_to(per_class.astype(weights.dtype), weights)
-    d_eps = _sum_to(d_eps, options.label_smoothing)
-    d_zl = _sum_to(d_zl, options.z_loss)
-    d_cap = _sum_to(grads.cap, options.logit_soft_cap)
+        d_weights = sum_to(per_class.astype(weights.dtype), weights)
+    d_eps = sum_to(d_eps, options.label_smoothing)
+    d_zl = sum_to(d_zl, options.z_loss)
+    d_cap = sum_to(grads.cap, options.logit_soft_cap)
     dx = grads.x.astype(x.dtype)
     # dx sums over all columns of all devices: the tensor-parallel all-reduce of N x D numbers.
-    dx = _sum_to(dx, x) if _typed(core.axis_name) else jax.lax.psum(dx, core.axis_name)
+    dx = sum_to(dx, x) if _typed(core.axis_name) else jax.lax.psum(dx, core.axis_name)
     return (
         dx,
-        _sum_to(grads.w, w),
-        None if bias is None else _sum_to(grads.bias.astype(bias.dtype), bias),
+        sum_to(grads.w, w),
+        None if bias is None else sum_to(grads.bias.astype(bias.dtype), bias),
         None,
         d_weights,
         _rows.Options(d_eps, d_zl, d_cap),

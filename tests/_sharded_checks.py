@@ -400,6 +400,53 @@ def fused_every_option_on_every_mesh():
 
 
 @check
+def plain_fused_loss_inside_a_data_parallel_shard_map():
+    """The plain fused loss in a caller's ``jax.shard_map`` (``check_vma`` on, JAX's default)
+    over the batch, ``w`` replicated: the loss and the gradients of ``x``, ``w``, ``bias`` and
+    the class weights, summed over the devices, are the single-device ones, for every option,
+    both strategies and every reduction (its loops' carries vary like their inputs, and the
+    per-token rule sums a replicated input's cotangent over the devices)."""
+    d = data(n=32, v=301)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    labels = d["labels"]
+    for reduction in ("sum", "none"):
+        for chunks in ({}, {"recompute_logits": True}, {"token_chunk": 3, "vocab_chunk": 64}):
+            options = dict(label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=6.0, **chunks)
+
+            def loss(x, w, bias, weights, y, options=options, reduction=reduction):
+                out = jaxce.linear_softmax_cross_entropy(
+                    x,
+                    w,
+                    y,
+                    bias=bias,
+                    class_weights=weights,
+                    ignore_index=-100,
+                    reduction=reduction,
+                    **options,
+                )
+                return jnp.sum(out)
+
+            def on_devices(x, w, bias, weights, y, loss=loss):
+                return jax.lax.psum(loss(x, w, bias, weights, y), "data")
+
+            split = jax.shard_map(
+                on_devices,
+                mesh=mesh,
+                in_specs=(P("data"), P(), P(), P(), P("data")),
+                out_specs=P(),
+            )
+            args = (d["x"], d["w"], d["bias"], d["weights"], labels)
+            got = jax.jit(jax.value_and_grad(split, argnums=(0, 1, 2, 3)))(*args)
+            want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
+            name = f"{reduction} {chunks}"
+            close(f"{name}: loss", got[0], want[0])
+            for part, a, b in zip(
+                ("x", "w", "bias", "class_weights"), got[1], want[1], strict=True
+            ):
+                close(f"{name}: gradient of {part}", a, b)
+
+
+@check
 def fused_narrow_dtypes_over_vocabulary_chunks():
     """bfloat16 and float16 x, w and bias whose device columns take several vocabulary chunks,
     each read from w inside a cond on CPU (``_xla.chunk``), against the single-device loss."""

@@ -79,7 +79,6 @@ def per_example_mask(
     one is meant cannot be told: that is an error naming both shapes that say it plainly."""
     if where.ndim != len(batch) or len(batch) == len(shape):
         return None
-    as_classes = _broadcasts(where.shape, shape)
     if not _broadcasts(where.shape, batch):
         raise ValueError(
             f"{name} of shape {where.shape} has the rank of the batch of an array of shape"
@@ -87,7 +86,7 @@ def per_example_mask(
             f" broadcast to {batch}; to mask classes, give it the array's rank (size-1 batch"
             " axes)."
         )
-    if as_classes and where.shape != batch:
+    if where.shape != batch and _broadcasts(where.shape, shape):
         classes = (1,) * (len(shape) - where.ndim) + where.shape
         raise ValueError(
             f"{name} of shape {where.shape} is ambiguous for an array of shape {shape}: with the"

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxce import _autodiff, _blocks, _checks, _labels, _rows, _xla
 from jaxce._layout import compute_dtype, per_example_mask
-from jaxce._loops import sum_to, vary_like, varying
+from jaxce._loops import sum_to, varying, varying_like
 from jaxce._reduction import reduce_loss
 
 AxisName = Hashable  # a mesh axis name, or a tuple of them
@@ -57,7 +57,7 @@ def _check_axis_names(axis_name: object, data_axis_name: object) -> None:
     """Each a mesh axis name (a string or other hashable) or a tuple of them, and no axis named
     by both: the vocabulary and the tokens cannot be split over the same devices."""
     for name, value in (("axis_name", axis_name), ("data_axis_name", data_axis_name)):
-        if isinstance(value, list | set | dict) or not isinstance(value, Hashable):
+        if not isinstance(value, Hashable):
             raise TypeError(
                 f"{name} must be a mesh axis name or a tuple of them; got"
                 f" {type(value).__name__} {value!r}"
@@ -254,8 +254,7 @@ def _sharded_linear_forward(x, w, bias, labels, weights, options, static: _Fused
     dtype = _blocks.dtype_of(x, w)
     shard = _shard(labels, w.shape[1], core)
 
-    def vary(tree):
-        return vary_like(tree, x, w, bias, weights, labels)
+    vary = varying_like(x, w, bias, weights, labels)
 
     local = _blocks.statistics(x, w, bias, weights, options, static.blocks, dtype, vary)
     label_logit = _blocks.label_logits(x, w, bias, shard.local, options, dtype)
@@ -342,8 +341,7 @@ def _sharded_per_token_bwd(static: _FusedStatic, res, cotangents):
     g, g_counted = (_invariant_cotangent(c.astype(dtype)[:, None], core) for c in cotangents)
     needs = _blocks.Needs.every(bias, weights, options)
 
-    def vary(tree):
-        return vary_like(tree, *res, g)
+    vary = varying_like(*res, g)
 
     grads = _local_gradients(x, w, bias, weights, options, static, parts, g, needs, vary)
     per_label, d_eps, d_zl = _blocks.row_cotangents(

@@ -357,7 +357,7 @@ def staged() -> bool:
     and JAX's caches kept every one (``logsumexp`` of a float32 [512, 1000] array: 196 ms a
     call, and 2 MB more memory each, where ``jax.nn.logsumexp`` takes 3 ms). So unstaged, the
     loops run as Python loops and the branches as Python ``if``s, each operation compiled once
-    per shape (tests/test_loops.py::test_calls_outside_jit_compile_nothing_again)."""
+    per shape (tests/test_memory.py::test_calls_outside_jit_compile_nothing_again)."""
     return isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _checks, _xla
+from jaxce import _autodiff, _checks, _mesh, _xla
 from jaxce._layout import compute_dtype
 from jaxce._reduction import reduce_total, weighted
 from jaxce._sigmoid import log_sigmoid_pair, sigmoid_pair, softplus_tail
@@ -83,6 +83,12 @@ _sigmoid_bce = _autodiff.elementwise(
 )
 
 
+def _like(weights: jax.Array | None, x: jax.Array) -> jax.Array | None:
+    """Optional ``weights`` broadcast to ``x``'s shape, outside the kernel, so that autodiff
+    sums their gradients back to the shape the caller passed."""
+    return None if weights is None else jnp.broadcast_to(weights, x.shape)
+
+
 def sigmoid_binary_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -137,17 +143,22 @@ def sigmoid_binary_cross_entropy(
         classes = logits.shape[-1:] if logits.ndim else ()
         why = "one weight per class, along the last axis"
         _checks.check_broadcastable("pos_weight", pos_weight, classes, why)
-        pw = _checks.broadcast_float("pos_weight", pos_weight, logits.shape, cdt, why)
+        pw = _checks.float_of_rank("pos_weight", pos_weight, logits.shape, cdt, why)
     w = None
     if weights is not None:
-        w = _checks.broadcast_float("weights", weights, logits.shape, cdt, "the logits' shape")
-    # Broadcasting pos_weight and weights happens outside the kernel, so autodiff sums their
-    # gradients back to the shapes the caller passed.
+        w = _checks.float_of_rank("weights", weights, logits.shape, cdt, "the logits' shape")
     eps: jax.Array | None = _checks.hyperparameter(
         "label_smoothing", label_smoothing, cdt, low=0.0, high=1.0
     )
     eps = None if _checks.is_literal_zero(label_smoothing) else eps
-    out = _sigmoid_bce(reduction != "none", logits, labels, pw, w, eps)
+    total = reduction != "none"
+    out = _mesh.on_own_rows(
+        lambda x, y, pw, w, eps: _sigmoid_bce(total, x, y, _like(pw, x), _like(w, x), eps),
+        (logits, labels, pw, w),
+        eps,
+        axes=logits.ndim,
+        summed=total,
+    )
     return reduce_total(out, reduction, logits.size)
 
 
@@ -235,5 +246,12 @@ def binary_cross_entropy(
         labels = labels.astype(cdt)
     w = None
     if weights is not None:
-        w = _checks.broadcast_float("weights", weights, probs.shape, cdt, "the shape of probs")
-    return reduce_total(_bce(reduction != "none", probs, labels, w), reduction, probs.size)
+        w = _checks.float_of_rank("weights", weights, probs.shape, cdt, "the shape of probs")
+    total = reduction != "none"
+    out = _mesh.on_own_rows(
+        lambda p, y, w, _: _bce(total, p, y, _like(w, p)),
+        (probs, labels, w),
+        axes=probs.ndim,
+        summed=total,
+    )
+    return reduce_total(out, reduction, probs.size)

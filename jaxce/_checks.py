@@ -269,12 +269,14 @@ def check_broadcastable(name: str, x: jax.Array, target: Sequence[int], why: str
         ) from err
 
 
-def broadcast_float(name: str, x: object, shape: Sequence[int], dtype, why: str = "") -> jax.Array:
-    """An optional float weight array validated and broadcast to ``shape`` in ``dtype``; the
-    broadcast happens here, by name, not implicitly inside an expression (rank promotion)."""
+def float_of_rank(name: str, x: object, shape: Sequence[int], dtype, why: str = "") -> jax.Array:
+    """An optional float weight array validated as broadcastable to ``shape``, in ``dtype``,
+    with ``shape``'s rank (leading axes of size 1 added). The caller broadcasts it by name, not
+    implicitly inside an expression (rank promotion), and after splitting a batch over devices
+    (``_mesh.on_own_rows``), so that no device holds more than its own rows of it."""
     x = as_float_array(name, x)
     check_broadcastable(name, x, shape, why)
-    return jnp.broadcast_to(x.astype(dtype), tuple(shape))
+    return jnp.reshape(x.astype(dtype), (1,) * (len(shape) - x.ndim) + x.shape)
 
 
 @overload

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _checks, _labels, _loops, _rows, _sharding, _xla
+from jaxce import _autodiff, _checks, _labels, _loops, _mesh, _rows, _sharding, _xla
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype, layout_of
 from jaxce._reduction import reduce_loss, weighted
@@ -218,7 +218,11 @@ def softmax_cross_entropy_with_integer_labels(
             label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=logit_soft_cap
         )
         return _on_explicit_mesh(x, labels, mask, weights, ignore_index, hyperparameters, reduction)
-    losses, counted = _integer_ce(x, labels, mask, weights, options, ignore_index)
+    losses, counted = _mesh.on_own_rows(
+        lambda x, labels, mask, shared: _integer_ce(x, labels, mask, *shared, ignore_index),
+        (x, labels, mask),
+        (weights, options),
+    )
     return reduce_loss(losses, reduction, counted)
 
 
@@ -589,8 +593,10 @@ def softmax_cross_entropy(
     weights = _checks.class_vector("class_weights", class_weights, layout.num_classes)
     mask = layout.mask_to_last("where", where)
     options = _rows.make_options(compute_dtype(logits.dtype), label_smoothing, 0.0, None)
-    losses = _soft_ce(
-        layout.to_last(logits), layout.to_last(labels), mask, weights, options.label_smoothing
+    losses = _mesh.on_own_rows(
+        lambda x, y, mask, shared: _soft_ce(x, y, mask, *shared),
+        (layout.to_last(logits), layout.to_last(labels), mask),
+        (weights, options.label_smoothing),
     )
     return reduce_loss(losses, reduction)
 
@@ -700,5 +706,7 @@ def nll_loss(
         reduction=reduction,
         class_weights=class_weights,
     )
-    losses, counted = _nll(lp, labels, weights, ignore_index)
+    losses, counted = _mesh.on_own_rows(
+        lambda lp, labels, weights: _nll(lp, labels, weights, ignore_index), (lp, labels), weights
+    )
     return reduce_loss(losses, reduction, counted)

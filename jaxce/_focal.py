@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxce import _autodiff, _checks, _labels, _loops, _rows
+from jaxce import _autodiff, _checks, _labels, _loops, _mesh, _rows
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype
 from jaxce._reduction import reduce_loss, reduce_total, weighted
@@ -128,7 +128,14 @@ def sigmoid_focal_loss(
     gamma = _gamma(gamma, cdt)
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(cdt)
-    out = _sigmoid_focal(reduction != "none", logits, labels, alpha, gamma)
+    total = reduction != "none"
+    out = _mesh.on_own_rows(
+        lambda x, y, shared: _sigmoid_focal(total, x, y, *shared),
+        (logits, labels),
+        (alpha, gamma),
+        axes=logits.ndim,
+        summed=total,
+    )
     return reduce_total(out, reduction, logits.size)
 
 
@@ -272,5 +279,9 @@ def softmax_focal_loss(
         else:
             alpha = _checks.hyperparameter("alpha", alpha, cdt, low=0.0)
     gamma = _gamma(gamma, cdt)
-    losses, counted = _softmax_focal(x, labels, alpha, gamma, ignore_index)
+    losses, counted = _mesh.on_own_rows(
+        lambda x, labels, shared: _softmax_focal(x, labels, *shared, ignore_index),
+        (x, labels),
+        (alpha, gamma),
+    )
     return reduce_loss(losses, reduction, counted)

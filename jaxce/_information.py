@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _checks, _loops
+from jaxce import _autodiff, _checks, _loops, _mesh
 from jaxce._checks import Axis
 from jaxce._layout import compute_dtype, layout_of
 from jaxce._reduction import reduce_loss
@@ -82,7 +82,8 @@ def entropy(probs: jax.typing.ArrayLike, axis: Axis = -1, *, reduction: str = "n
     probs = _checks.as_float_array("probs", probs)
     _checks.check_reduction(reduction)
     layout = layout_of("probs", probs, axis)
-    return reduce_loss(_entropy(layout.to_last(probs)), reduction)
+    losses = _mesh.on_own_rows(lambda p, _: _entropy(p), (layout.to_last(probs),))
+    return reduce_loss(losses, reduction)
 
 
 # softmax_entropy: H = lse - sum p z = -sum p log p;  H' = -sum p (log p + H) z'.
@@ -149,7 +150,8 @@ def softmax_entropy(
     logits = _checks.as_float_array("logits", logits)
     _checks.check_reduction(reduction)
     layout = layout_of("logits", logits, axis)
-    return reduce_loss(_softmax_entropy(layout.to_last(logits)), reduction)
+    losses = _mesh.on_own_rows(lambda x, _: _softmax_entropy(x), (layout.to_last(logits),))
+    return reduce_loss(losses, reduction)
 
 
 # KL(t || q) = sum t (log t - log q), 0 where t = 0 unless log q is NaN (as optax: a NaN is never
@@ -240,6 +242,8 @@ def kl_divergence(
     _checks.check_reduction(reduction)
     layout = layout_of("log_predictions", log_predictions, axis)
     mask = layout.mask_to_last("where", where, per_example=False)
-    return reduce_loss(
-        _kl(layout.to_last(log_predictions), layout.to_last(targets), mask), reduction
+    losses = _mesh.on_own_rows(
+        lambda log_q, t, mask, _: _kl(log_q, t, mask),
+        (layout.to_last(log_predictions), layout.to_last(targets), mask),
     )
+    return reduce_loss(losses, reduction)

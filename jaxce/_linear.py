@@ -34,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _blocks, _checks, _labels, _loops, _rows, _xla
+from jaxce import _autodiff, _blocks, _checks, _labels, _loops, _mesh, _rows, _xla
 from jaxce._reduction import reduce_loss
 
 
@@ -398,10 +398,6 @@ def linear_softmax_cross_entropy(
         raise TypeError(f"recompute_logits must be True, False or None; got {recompute_logits!r}.")
     dtype = _blocks.dtype_of(x, w)
     options = _rows.make_options(dtype, label_smoothing, z_loss, logit_soft_cap)
-    batch_shape = labels.shape
-    x2, labels1 = jnp.reshape(x, (labels.size, d)), jnp.reshape(labels, (labels.size,))
-    n = x2.shape[0]
-    default_rows, default_cols, budget = _xla.chunk_defaults()
     if reduction == "none" and recompute_logits is False:
         raise ValueError(
             'recompute_logits=False needs reduction="mean" or "sum": the per-token cotangent'
@@ -409,25 +405,43 @@ def linear_softmax_cross_entropy(
         )
     for name, value in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
         _blocks.chunk_size(name, value, 1, 1)  # validated even when there is no token
-    if n == 0:  # no tokens: an empty per-token loss, a zero sum and the empty mean's 0
-        return jnp.zeros(batch_shape if reduction == "none" else (), dtype)
-    single_pass = reduction != "none" and not (
-        recompute_logits or (recompute_logits is None and w.dtype != dtype)
-    )
-    if single_pass:
-        rows = _blocks.chunk_size("token_chunk", token_chunk, _single_pass_rows(n, v, budget), n)
-        whole = _xla.whole_vocab_single_pass()
-        cols = v if whole else _single_pass_cols(rows, d, v, default_cols)
-    else:
-        rows, cols = default_rows, default_cols
-    static = _blocks.Static(
-        ignore_index,
-        _blocks.chunk_size("token_chunk", token_chunk, rows, n),
-        _blocks.chunk_size("vocab_chunk", vocab_chunk, cols, v),
-        v,
-    )
+    if labels.size == 0:  # no tokens: an empty per-token loss, a zero sum and the empty mean's 0
+        return jnp.zeros(labels.shape if reduction == "none" else (), dtype)
+
+    def fused(x, labels, shared):
+        """The loss of this device's tokens (all of them on one device): per token, or their
+        sum and count."""
+        w, bias, weights, options = shared
+        x2, labels1 = jnp.reshape(x, (labels.size, d)), jnp.reshape(labels, (labels.size,))
+        n = x2.shape[0]
+        default_rows, default_cols, budget = _xla.chunk_defaults()
+        single_pass = reduction != "none" and not (
+            recompute_logits or (recompute_logits is None and w.dtype != dtype)
+        )
+        if single_pass:
+            rows = _blocks.chunk_size(
+                "token_chunk", token_chunk, _single_pass_rows(n, v, budget), n
+            )
+            whole = _xla.whole_vocab_single_pass()
+            cols = v if whole else _single_pass_cols(rows, d, v, default_cols)
+        else:
+            rows, cols = default_rows, default_cols
+        static = _blocks.Static(
+            ignore_index,
+            _blocks.chunk_size("token_chunk", token_chunk, rows, n),
+            _blocks.chunk_size("vocab_chunk", vocab_chunk, cols, v),
+            v,
+        )
+        if reduction == "none":
+            losses, _ = _per_token(x2, w, bias, labels1, weights, options, static)
+            return jnp.reshape(losses, labels.shape)
+        single = _Static(static, single_pass)
+        total, counted = _summed(x2, w, bias, labels1, weights, options, single)
+        return total, jnp.sum(counted)
+
+    shared = (w, bias, weights, options)
+    rows = (x, labels)
     if reduction == "none":
-        losses, _ = _per_token(x2, w, bias, labels1, weights, options, static)
-        return jnp.reshape(losses, batch_shape)
-    total, counted = _summed(x2, w, bias, labels1, weights, options, _Static(static, single_pass))
+        return _mesh.on_own_rows(fused, rows, shared, axes=labels.ndim)
+    total, counted = _mesh.on_own_rows(fused, rows, shared, axes=labels.ndim, summed=True)
     return reduce_loss(total[None], reduction, counted)

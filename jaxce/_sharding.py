@@ -31,26 +31,22 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxce import _autodiff, _blocks, _checks, _labels, _rows, _xla
+from jaxce import _autodiff, _blocks, _checks, _labels, _mesh, _rows, _xla
 from jaxce._layout import compute_dtype, per_example_mask
 from jaxce._loops import sum_to, varying, varying_like
+from jaxce._mesh import axes_of
 from jaxce._reduction import reduce_loss
 
 AxisName = Hashable  # a mesh axis name, or a tuple of them
 
 
 # ---------------------------------------------------------------------------- mesh axes
-def _axes(axis_name: AxisName) -> tuple:
-    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-
 def _typed(axis_name: AxisName) -> bool:
     """Whether ``shard_map`` tracks how values vary (``check_vma=True``) for these axes."""
     index = jax.lax.axis_index(axis_name)
-    return any(a in varying(index) for a in _axes(axis_name))
+    return any(a in varying(index) for a in axes_of(axis_name))
 
 
 def _check_axis_names(axis_name: object, data_axis_name: object) -> None:
@@ -66,7 +62,7 @@ def _check_axis_names(axis_name: object, data_axis_name: object) -> None:
             )
     if data_axis_name is None:
         return
-    both = [a for a in _axes(axis_name) if a in _axes(data_axis_name)]
+    both = [a for a in axes_of(axis_name) if a in axes_of(data_axis_name)]
     if both:
         raise ValueError(
             f"axis_name={axis_name!r} and data_axis_name={data_axis_name!r} must name different"
@@ -329,7 +325,7 @@ def _sharded_per_token_fwd(x, w, bias, labels, weights, options, static):
 def _invariant_cotangent(g: jax.Array, static: _Static) -> jax.Array:
     """The loss is the same on every device of the vocabulary axis; a cotangent typed as varying
     there carries one share per device, and the loss's cotangent is their sum."""
-    extra = varying(g) & set(_axes(static.axis_name))
+    extra = varying(g) & set(axes_of(static.axis_name))
     return jax.lax.psum(g, tuple(extra)) if extra else g
 
 
@@ -440,31 +436,13 @@ def _mesh_size(mesh, name: str, axis_name, *, required: bool = False) -> int:
                 f" mesh's axes are {tuple(sizes)}."
             )
         return 1
-    missing = [a for a in _axes(axis_name) if a not in sizes]
+    missing = [a for a in axes_of(axis_name) if a not in sizes]
     if missing:
         raise ValueError(
             f"{name}={axis_name!r} names axes {missing} that the mesh does not have;"
             f" its axes are {tuple(sizes)}."
         )
-    return math.prod(sizes[a] for a in _axes(axis_name))
-
-
-def _place(x, mesh, spec: P):
-    """``x`` laid out as ``spec`` over the mesh's explicit axes (``jax.shard_map`` requires it;
-    it reshards over automatic axes itself, and ``jax.reshard`` accepts only explicit ones)."""
-    explicit = {
-        name
-        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if kind == jax.sharding.AxisType.Explicit
-    }
-    if x is None or not explicit:
-        return x
-
-    def keep(entry):
-        names = tuple(a for a in _axes(entry) if a in explicit) if entry is not None else ()
-        return None if not names else names[0] if len(names) == 1 else names
-
-    return jax.reshard(x, NamedSharding(mesh, P(*(keep(e) for e in spec))))
+    return math.prod(sizes[a] for a in axes_of(axis_name))
 
 
 def _hyperparameters(**values):
@@ -511,7 +489,7 @@ def _loss_on_mesh(mesh, loss_fn, args: dict, specs: dict, hyperparameters: dict,
 def _call_on_mesh(mesh, fn, args: dict, specs: dict, out_spec):
     """``jax.shard_map(fn)`` over ``mesh`` for keyword arrays ``args`` laid out as ``specs``."""
     names = tuple(args)
-    placed = tuple(_place(args[k], mesh, specs[k]) for k in names)
+    placed = tuple(_mesh.place(args[k], mesh, specs[k]) for k in names)
     in_specs = tuple(specs[k] for k in names)
 
     def body(*values):

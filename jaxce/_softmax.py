@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _autodiff, _loops
+from jaxce import _autodiff, _loops, _mesh
 from jaxce._checks import Axis, as_float_array
 from jaxce._layout import compute_dtype, layout_of
 
@@ -202,6 +202,11 @@ _softmax = _primitive(_softmax_value, _softmax_tangent)
 _logsumexp = _primitive(_logsumexp_value, _logsumexp_tangent)
 
 
+def _on_own_rows(f, x, mask):
+    """``f(x, mask)`` on each device's rows where they are split over devices (``_mesh``)."""
+    return _mesh.on_own_rows(lambda x, mask, _: f(x, mask), (x, mask))
+
+
 def _prepare(x, axis, where):
     x = as_float_array("x", x)
     layout = layout_of("x", x, axis)
@@ -237,7 +242,7 @@ def log_softmax(
       ``jax.nn.log_softmax``; ``torch.nn.functional.log_softmax``.
     """
     layout, x2, mask = _prepare(x, axis, where)
-    return layout.from_last(_log_softmax(x2, mask))
+    return layout.from_last(_on_own_rows(_log_softmax, x2, mask))
 
 
 def softmax(
@@ -268,7 +273,7 @@ def softmax(
       ``jax.nn.softmax``; ``torch.softmax``.
     """
     layout, x2, mask = _prepare(x, axis, where)
-    return layout.from_last(_softmax(x2, mask))
+    return layout.from_last(_on_own_rows(_softmax, x2, mask))
 
 
 def logsumexp(
@@ -296,4 +301,4 @@ def logsumexp(
       ``jax.nn.logsumexp``; ``scipy.special.logsumexp``.
     """
     layout, x2, mask = _prepare(x, axis, where)
-    return _logsumexp(x2, mask)
+    return _on_own_rows(_logsumexp, x2, mask)

@@ -684,6 +684,212 @@ def plain_jit_on_explicit_axes_moves_only_rows():
             close(f"{shape} {reduction} gradient", grad, want_grad)
 
 
+def _every_function(shape, rng):
+    """``(name, fn, args)`` for every public function, on ``[*batch, C]`` inputs:
+    ``fn(reduction, *args)``, the first of ``args`` the batch-leading array (logits,
+    probabilities, or the fused loss's ``x``), each of them a float differentiated; the rest are
+    closed over. The primitives, which have no reduction, ignore it."""
+    c = shape[-1]
+    batch = shape[:-1]
+    z = jnp.asarray(rng.normal(size=shape) * 3, jnp.float32)
+    y = jnp.asarray(rng.integers(0, c, batch), jnp.int32).at[(0,) * len(batch)].set(-100)
+    soft = jax.nn.softmax(jnp.asarray(rng.normal(size=shape), jnp.float32))
+    binary = jnp.asarray(rng.uniform(size=shape) > 0.5, jnp.float32)
+    weights = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
+    flags = jnp.asarray(rng.uniform(size=batch) > 0.2)
+    classes = jnp.asarray(rng.uniform(size=(1,) * len(batch) + (c,)) > 0.1)
+    h = jnp.asarray(rng.normal(size=batch + (24,)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(24, c)) / 4, jnp.float32)
+    eps, zl, cap, gamma = (jnp.float32(v) for v in (0.1, 1e-3, 6.0, 2.0))
+    integer = jaxce.softmax_cross_entropy_with_integer_labels
+    fused = jaxce.linear_softmax_cross_entropy
+    every = dict(ignore_index=-100, class_weights=weights)
+    return (
+        ("integer labels", lambda r, z: integer(z, y, ignore_index=-100, reduction=r), (z,)),
+        (
+            "integer labels, every option",
+            lambda r, z, e, zl, cap: integer(
+                z,
+                y,
+                **every,
+                label_smoothing=e,
+                z_loss=zl,
+                logit_soft_cap=cap,
+                where=classes,
+                reduction=r,
+            ),
+            (z, eps, zl, cap),
+        ),
+        (
+            "integer labels, per-example where",
+            lambda r, z: integer(z, y, where=flags, reduction=r),
+            (z,),
+        ),
+        (
+            "soft labels",
+            lambda r, z, t, wt, e: jaxce.softmax_cross_entropy(
+                z, t, class_weights=wt, label_smoothing=e, where=classes, reduction=r
+            ),
+            (z, soft, weights, eps),
+        ),
+        (
+            "nll",
+            lambda r, lp, wt: jaxce.nll_loss(
+                lp, y, class_weights=wt, ignore_index=-100, reduction=r
+            ),
+            (jax.nn.log_softmax(z), weights),
+        ),
+        (
+            "sigmoid BCE",
+            lambda r, z, t, pw, e: jaxce.sigmoid_binary_cross_entropy(
+                z, t, pos_weight=pw, label_smoothing=e, reduction=r
+            ),
+            (z, binary, weights, eps),
+        ),
+        (
+            "BCE",
+            lambda r, p, t: jaxce.binary_cross_entropy(p, t, reduction=r),
+            (jax.nn.sigmoid(z), binary),
+        ),
+        (
+            "sigmoid focal",
+            lambda r, z: jaxce.sigmoid_focal_loss(z, binary, alpha=0.25, reduction=r),
+            (z,),
+        ),
+        (
+            "softmax focal",
+            lambda r, z, g: jaxce.softmax_focal_loss(
+                z, y, alpha=weights, gamma=g, ignore_index=-100, reduction=r
+            ),
+            (z, gamma),
+        ),
+        ("entropy", lambda r, p: jaxce.entropy(p, reduction=r), (soft,)),
+        ("softmax entropy", lambda r, z: jaxce.softmax_entropy(z, reduction=r), (z,)),
+        (
+            "kl",
+            lambda r, lq, t: jaxce.kl_divergence(lq, t, where=classes, reduction=r),
+            (jax.nn.log_softmax(z), soft),
+        ),
+        ("logsumexp", lambda r, z: jaxce.logsumexp(z), (z,)),
+        ("log_softmax", lambda r, z: jaxce.log_softmax(z), (z,)),
+        ("softmax", lambda r, z: jaxce.softmax(z), (z,)),
+        ("sigmoid", lambda r, z: jaxce.sigmoid(z), (z,)),
+        ("log_sigmoid", lambda r, z: jaxce.log_sigmoid(z), (z,)),
+        ("logit_soft_cap", lambda r, z, cap: jaxce.logit_soft_cap(z, cap), (z, cap)),
+        ("fused", lambda r, h, w: fused(h, w, y, ignore_index=-100, reduction=r), (h, w)),
+        (
+            "fused, every option",
+            lambda r, h, w, e, zl, cap: fused(
+                h, w, y, **every, label_smoothing=e, z_loss=zl, logit_soft_cap=cap, reduction=r
+            ),
+            (h, w, eps, zl, cap),
+        ),
+    )
+
+
+def _scalar(fn, reduction, cotangent):
+    """``fn(reduction, *args)`` as a scalar: its reduction, or a per-example (or per-entry)
+    output summed against ``cotangent`` (broadcast over the class axis an output keeps)."""
+
+    def scalar(*args):
+        out = fn(reduction, *args)
+        if out.ndim:
+            t = cotangent.reshape(cotangent.shape + (1,) * (out.ndim - cotangent.ndim))
+            out = jnp.sum(out * jnp.broadcast_to(t, out.shape))
+        return out
+
+    return scalar
+
+
+# One function of each kind of kernel: per example with class weights and every option, soft
+# targets, elementwise and summed over devices, a masked row sum, a primitive, and the fused
+# loss (its x and its replicated w).
+KINDS = (
+    "integer labels, every option",
+    "soft labels",
+    "sigmoid BCE",
+    "kl",
+    "log_softmax",
+    "fused, every option",
+)
+
+
+def _on_explicit_axes(mesh, shape, spec, reductions, w_spec=None, only=None):
+    """Every public function under ``jax.jit`` with its batch-leading input laid out as
+    ``spec`` (and the fused loss's ``w`` as ``w_spec``) over ``mesh``, set as the current mesh,
+    against one device: the value and the gradient of every float argument, which keeps the
+    input's layout (``only``: the names of the functions to check, default all). Where only
+    batch axes are split, no collective of the training step moves
+    more than a [C] vector or the gradient of a replicated argument."""
+    rng = np.random.default_rng(3)
+    cotangent = jnp.asarray(rng.normal(size=shape[:-1]), jnp.float32)
+    c = shape[-1]
+    rows_only = spec[len(shape) - 1 :] in ((), (None,)) and w_spec is None
+    for name, fn, args in _every_function(shape, rng):
+        if only is not None and name not in only:
+            continue
+        for reduction in reductions:
+            label = f"{name}, {reduction}, {spec}"
+            scalar = _scalar(fn, reduction, cotangent)
+            argnums = tuple(range(len(args)))
+            want, want_grads = jax.jit(jax.value_and_grad(scalar, argnums))(*args)
+            placed = list(args)
+            placed[0] = jax.device_put(args[0], NamedSharding(mesh, spec))
+            if w_spec is not None and name.startswith("fused"):
+                placed[1] = jax.device_put(args[1], NamedSharding(mesh, w_spec))
+            with jax.set_mesh(mesh):
+                f = jax.jit(jax.value_and_grad(scalar, argnums))
+                try:
+                    compiled = f.lower(*placed).compile()
+                    value, grads = compiled(*placed)
+                except Exception as err:
+                    raise AssertionError(f"{label}: {type(err).__name__}: {err}") from None
+            # A sum of thousands of float32 terms, added in another order over the devices.
+            close(f"{label}: value", value, want, atol=1e-4)
+            for i, (g, g_want) in enumerate(zip(grads, want_grads, strict=True)):
+                close(f"{label}: gradient {i}", g, g_want)
+                if placed[i] is not args[i] and not g.sharding.is_equivalent_to(
+                    placed[i].sharding, g.ndim
+                ):
+                    raise AssertionError(
+                        f"{label}: gradient {i} laid out {g.sharding.spec}, its input"
+                        f" {placed[i].sharding.spec}"
+                    )
+            if not rows_only:
+                continue
+            # The gradients of replicated arguments (class weights, the fused loss's w) are
+            # summed over the devices; nothing of the batch's size moves.
+            replicated = {tuple(a.shape) for a in args[1:]}
+            for op, shapes in collectives(compiled.as_text()):
+                for s in shapes:
+                    ok = s in replicated or np.prod(s, dtype=int) <= c
+                    assert ok, f"{label}: {op} of shape {s}"
+
+
+@check
+def every_function_on_batch_sharded_explicit_axes():
+    # Plain jax.jit under jax.set_mesh with Explicit axes (jax.make_mesh's default): inputs
+    # split over the batch only, over one mesh axis and two, and over two batch axes; each
+    # device computes its own rows, as data parallelism expects.
+    _on_explicit_axes(mesh_of((2, 4)), (16, 200), P("data"), ("none",))
+    _on_explicit_axes(mesh_of((2, 4)), (16, 200), P("data"), ("mean",), only=KINDS)
+    _on_explicit_axes(mesh_of((2, 4)), (16, 200), P(("data", "model")), ("sum",), only=KINDS)
+    _on_explicit_axes(mesh_of((2, 4)), (4, 8, 200), P("data", "model"), ("mean",), only=KINDS)
+    with row_chunks_of(2, 200):
+        _on_explicit_axes(mesh_of((8, 1)), (64, 200), P("data"), ("mean",), only=KINDS)
+
+
+@check
+def every_function_with_split_classes_on_explicit_axes():
+    # The class axis split too (the fused loss's x over its features and w over the
+    # vocabulary): the integer-label loss is vocabulary-parallel, the others gather the classes
+    # of their own rows.
+    mesh = mesh_of((2, 4))
+    split = P("data", "model")
+    _on_explicit_axes(mesh, (16, 200), split, ("mean",), w_spec=P(None, "model"), only=KINDS)
+    _on_explicit_axes(mesh, (16, 200), P(None, "model"), ("sum",), only=KINDS)
+
+
 class Skipped(Exception):
     """A check with nothing to check (reported to the parent test as a skip)."""
 

@@ -41,6 +41,8 @@ CHECKS = (
     "hlo_fused_moves_rows_dx_and_the_data_parallel_dw",
     "plain_jit_on_automatic_axes_moves_only_rows",
     "plain_jit_on_explicit_axes_moves_only_rows",
+    "every_function_on_batch_sharded_explicit_axes",
+    "every_function_with_split_classes_on_explicit_axes",
     "readme_sharded_examples",
 )
 

@@ -501,7 +501,7 @@ def _soft_tangent(x, y, mask, weights, eps, rows: _SoftRows, e, x_dot, y_dot, w_
     gaps = _rows.half_gap(rows.shift, z, rows.log_sum)
     if y_dot is not None:
         live = has_row if mask is None else has_row & mask
-        scale = jnp.ones_like(z) if eps is None else jnp.full_like(z, 1 - eps)
+        scale = jnp.ones_like(z) if eps is None else (1 - eps) * jnp.ones_like(z)
         # A weight of 0 (a class weight, eps = 1) on an infinite gap (a -inf logit) adds 0.
         dy = jnp.where(live, weighted(_weighted(scale, weights), gaps) * 2, jnp.zeros_like(z))
         out = _autodiff.add(out, jnp.sum(dy * y_dot.astype(z.dtype), axis=-1))

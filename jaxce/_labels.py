@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from jaxce import _checks
+from jaxce import _checks, _mesh
 from jaxce._layout import ClassLayout, layout_of
 
 INDEX_DTYPE = jnp.int32
@@ -159,6 +159,7 @@ def check_labels(
         raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
     if labels.size == 0:
         return
+    labels = _mesh.gathered(labels)  # read at the first bad label's index
     meaning = classify(labels, int(num_classes), ignore_index)
     bad = jnp.ravel(meaning.invalid)
     first = jnp.argmax(bad)  # the first True, when there is one

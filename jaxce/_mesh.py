@@ -69,6 +69,14 @@ def _split(x: object, axes: int):
     return mesh, kept
 
 
+def gathered(x: jax.Array) -> jax.Array:
+    """``x`` whole on every device where its type splits it over explicit mesh axes (for a
+    small array that is read at a computed index: explicit sharding types have no dynamic
+    slice of a split axis); ``x`` itself otherwise."""
+    split = _split(x, x.ndim)
+    return x if split is None else place(x, split[0], P())
+
+
 def on_own_rows(
     fn: Callable, rows: Sequence, shared: object = (), *, axes: int = -1, summed: bool = False
 ):

@@ -24,6 +24,7 @@ import traceback  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import checkify  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -877,6 +878,12 @@ def every_function_on_batch_sharded_explicit_axes():
     _on_explicit_axes(mesh_of((2, 4)), (4, 8, 200), P("data", "model"), ("mean",), only=KINDS)
     with row_chunks_of(2, 200):
         _on_explicit_axes(mesh_of((8, 1)), (64, 200), P("data"), ("mean",), only=KINDS)
+    # check_labels reads the first bad label at its index, also of split labels.
+    mesh = mesh_of((8, 1))
+    labels = jax.device_put(jnp.arange(64, dtype=jnp.int32) % 10, NamedSharding(mesh, P("data")))
+    with jax.set_mesh(mesh):
+        err, _ = jax.jit(checkify.checkify(lambda y: jaxce.check_labels(y, 7)))(labels)
+    assert "found 18 outside, the first is 7 (at flat index 7)" in err.get(), err.get()
 
 
 @check

@@ -495,7 +495,7 @@ def _call_on_mesh(mesh, fn, args: dict, specs: dict, out_spec):
     def body(*values):
         return fn(**dict(zip(names, values, strict=True)))
 
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec)(*placed)
+    return _mesh.shard_mapped(body, mesh, in_specs, out_spec)(*placed)
 
 
 # -------------------------------------------------------------------------- logits

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+from _compilations import counted  # noqa: E402
 from _jax_support import (  # noqa: E402
     hessian_over_devices_works,
     reverse_over_reverse_through_scan_works,
@@ -895,6 +896,37 @@ def every_function_with_split_classes_on_explicit_axes():
     split = P("data", "model")
     _on_explicit_axes(mesh, (16, 200), split, ("mean",), w_spec=P(None, "model"), only=KINDS)
     _on_explicit_axes(mesh, (16, 200), P(None, "model"), ("sum",), only=KINDS)
+
+
+@check
+def eager_calls_on_a_mesh_compile_one_program():
+    # Outside jax.jit, the losses on split inputs (and jaxce.sharded with mesh=) run their
+    # shard_map as one program: run operation by operation, it compiled ~300 programs at every
+    # call (18 s). Once the operations around it are compiled, a call compiles that one.
+    mesh = mesh_of((8, 1))
+    d = data(n=64, v=200)
+    logits, labels, x = place(
+        mesh, (d["logits"], P("data")), (d["labels"], P("data")), (d["x"], P("data"))
+    )
+    w = d["w"][:, :200]
+    kw = dict(ignore_index=-100, label_smoothing=0.1, reduction="mean")
+    calls = {
+        "integer labels": lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            logits, labels, **kw
+        ),
+        "fused": lambda: jaxce.linear_softmax_cross_entropy(x, w, labels, **kw),
+        "jaxce.sharded with mesh=": lambda: jaxce.sharded.softmax_cross_entropy_with_integer_labels(
+            d["logits"], d["labels"], axis_name="model", data_axis_name="data", mesh=mesh, **kw
+        ),
+    }
+    for name, call in calls.items():
+        with jax.set_mesh(mesh):
+            want = jax.jit(call)()
+            jax.block_until_ready(call())
+            with counted() as compiled:
+                got = jax.block_until_ready(call())
+        assert compiled.count <= 1, f"{name}: {compiled.count} programs compiled in one call"
+        close(name, got, want)
 
 
 class Skipped(Exception):

@@ -8,13 +8,13 @@ with the number of rows at all, whatever XLA fuses (this differs between JAX ver
 """
 
 import functools
-import logging
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _compilations import counted
 
 import jaxce
 from jaxce import _xla
@@ -482,18 +482,6 @@ def test_the_soft_label_loss_alone_reads_whole_rows_on_cpu(monkeypatch, dtype, r
 
 
 # ------------------------------------------------------------------ calls outside jax.jit
-class _Compilations(logging.Handler):
-    """Counts the programs JAX compiles (``jax_log_compiles`` logs each)."""
-
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record):
-        if record.getMessage().startswith("Compiling"):
-            self.count += 1
-
-
 def _eager_cases():
     rng = np.random.default_rng(0)
     z = jnp.asarray(rng.normal(size=(512, 1000)), jnp.float32)  # 2 row chunks of 1 MiB on CPU
@@ -530,16 +518,7 @@ def test_calls_outside_jit_compile_nothing_again(name):
     more memory a call at [512, 1000] (``_xla.staged``)."""
     call = _eager_cases()[name]
     jax.block_until_ready(call())  # compiles each operation once
-    counter = _Compilations()
-    logger = logging.getLogger("jax")
-    logger.addHandler(counter)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            for _ in range(2):
-                jax.block_until_ready(call())
-    finally:
-        logger.removeHandler(counter)
-        logger.setLevel(level)
+    with counted() as counter:
+        for _ in range(2):
+            jax.block_until_ready(call())
     assert counter.count == 0, f"{name}: {counter.count} programs compiled again in 2 calls"

@@ -591,8 +591,8 @@ def softmax_cross_entropy_with_integer_labels(
       >>> def per_device(local_logits, labels):  # inside shard_map: local columns
       ...     return jaxce.sharded.softmax_cross_entropy_with_integer_labels(
       ...         local_logits, labels, axis_name="model", label_smoothing=0.1)
-      >>> f = jax.shard_map(per_device, mesh=mesh, in_specs=(P(None, "model"), P()),
-      ...                   out_specs=P())
+      >>> f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(None, "model"), P()),
+      ...                           out_specs=P()))  # jitted: one program, not one per operation
       >>> split = jax.device_put(logits, jax.sharding.NamedSharding(mesh, P(None, "model")))
       >>> bool(jnp.allclose(f(split, labels), jaxce.softmax_cross_entropy_with_integer_labels(
       ...     logits, labels, label_smoothing=0.1)))

@@ -94,6 +94,16 @@ def _integer_ce_jvp(ignore_index, primals, tangents):
 _integer_ce.defjvp(_integer_ce_jvp, symbolic_zeros=True)
 
 
+def _vocabulary_parallel(x: jax.Array) -> bool:
+    """Whether the logits' class axis is split over an explicit mesh axis, and at most their
+    first batch axis is split too: the layout of :func:`_on_explicit_mesh`. Other splits of
+    the class axis are gathered per device (``_mesh.on_own_rows``)."""
+    if not _xla.class_axis_sharded(x):
+        return False
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return all(entry is None for entry in spec[1:-1])
+
+
 def _on_explicit_mesh(x, labels, mask, weights, ignore_index, hyperparameters, reduction):
     """The loss of logits whose class axis is split over an explicit mesh axis.
 
@@ -104,11 +114,6 @@ def _on_explicit_mesh(x, labels, mask, weights, ignore_index, hyperparameters, r
     sharding = jax.typeof(x).sharding
     spec = sharding.spec
     data = [a for a in spec[:-1] if a is not None]
-    if len(data) > 1 or (data and spec[0] is None):
-        raise ValueError(
-            "logits sharded over the class axis may shard only their first batch axis;"
-            f" got sharding {spec}."
-        )
     return _sharding.softmax_cross_entropy_with_integer_labels(
         x,
         labels,
@@ -213,7 +218,7 @@ def softmax_cross_entropy_with_integer_labels(
     mask = layout.mask_to_last("where", where)
     cdt = compute_dtype(x.dtype)
     options = _rows.make_options(cdt, label_smoothing, z_loss, logit_soft_cap)
-    if _xla.class_axis_sharded(x):
+    if _vocabulary_parallel(x):
         hyperparameters = dict(
             label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=logit_soft_cap
         )

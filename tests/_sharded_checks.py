@@ -879,6 +879,12 @@ def every_function_on_batch_sharded_explicit_axes():
     _on_explicit_axes(mesh_of((2, 4)), (4, 8, 200), P("data", "model"), ("mean",), only=KINDS)
     with row_chunks_of(2, 200):
         _on_explicit_axes(mesh_of((8, 1)), (64, 200), P("data"), ("mean",), only=KINDS)
+    # An explicit axis and an automatic one, both splitting the rows: XLA partitions the
+    # automatic one, and no device holds more than its own row. (Not the fused loss: over an
+    # automatic axis its token chunks gather x, a limitation the README states.)
+    mixed = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Auto))
+    unfused = tuple(k for k in KINDS if not k.startswith("fused"))
+    _on_explicit_axes(mixed, (8, 200), P(("data", "model")), ("mean",), only=unfused)
     # check_labels reads the first bad label at its index, also of split labels.
     mesh = mesh_of((8, 1))
     labels = jax.device_put(jnp.arange(64, dtype=jnp.int32) % 10, NamedSharding(mesh, P("data")))
@@ -896,6 +902,8 @@ def every_function_with_split_classes_on_explicit_axes():
     split = P("data", "model")
     _on_explicit_axes(mesh, (16, 200), split, ("mean",), w_spec=P(None, "model"), only=KINDS)
     _on_explicit_axes(mesh, (16, 200), P(None, "model"), ("sum",), only=KINDS)
+    # Classes and a batch axis other than the first split: gathered per device.
+    _on_explicit_axes(mesh, (4, 8, 200), P(None, "data", "model"), ("mean",), only=KINDS)
 
 
 @check

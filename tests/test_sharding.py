@@ -59,7 +59,9 @@ def multi_device(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        # About 6 minutes alone on 2 cores; pytest-xdist runs this fixture once per worker, so
+        # two copies can share the cores.
+        timeout=1800,
         cwd=HERE.parent,
     )
     if not out.exists():

@@ -440,8 +440,8 @@ def linear_softmax_cross_entropy(
         return total, jnp.sum(counted)
 
     shared = (w, bias, weights, options)
-    rows = (x, labels)
+    tokens = (x, labels)
     if reduction == "none":
-        return _mesh.on_own_rows(fused, rows, shared, axes=labels.ndim)
-    total, counted = _mesh.on_own_rows(fused, rows, shared, axes=labels.ndim, summed=True)
+        return _mesh.on_own_rows(fused, tokens, shared, axes=labels.ndim)
+    total, counted = _mesh.on_own_rows(fused, tokens, shared, axes=labels.ndim, summed=True)
     return reduce_loss(total[None], reduction, counted)

@@ -105,12 +105,15 @@ def on_own_rows(
     mesh = found[0][0]
     # Each batch axis split as the first row operand that splits it says (a mesh axis once).
     spec: list = [None] * batch
+    used: set = set()
     for a in range(batch):
         for i, split in zip(present, splits, strict=False):
             entry = split[1][a] if split and a < len(split[1]) else None
-            used = {n for e in spec for n in axes_of(e)}
-            if spec[a] is None and rows[i].shape[a] == lead.shape[a] and entry is not None:
-                spec[a] = None if used & set(axes_of(entry)) else entry
+            if entry is None or rows[i].shape[a] != lead.shape[a] or used & set(axes_of(entry)):
+                continue
+            spec[a] = entry
+            used |= set(axes_of(entry))
+            break
     names = tuple(n for e in spec for n in axes_of(e))
 
     def spec_of(r) -> P:

@@ -2,7 +2,8 @@
 
 JAX fixes its number of CPU devices when it is first imported, so these checks run in a fresh
 interpreter with ``--xla_force_host_platform_device_count=8``. Each check raises on failure; the
-script writes ``{name: "ok" | traceback}`` as JSON to the path given as its argument.
+script runs the checks named after its first argument (every check when none is named) and
+writes ``{name: "ok" | "skipped: ..." | traceback}`` as JSON to the path given as that argument.
 
 Every sharded result is compared with the single-device jaxce loss on the same data (itself
 tested against float64 references in ``test_cross_entropy.py``/``test_linear.py``).
@@ -956,13 +957,15 @@ def readme_sharded_examples():
             exec(compile(code, readme, "exec"), {"__name__": "__readme__"})
 
 
-def main(out_path):
+def main(out_path, names=()):
     assert jax.device_count() == 8, jax.devices()
+    unknown = sorted(set(names) - set(CHECKS))
+    assert not unknown, f"no such check: {unknown}"
     results = {}
-    for name, fn in CHECKS.items():
+    for name in names or CHECKS:
         start = time.perf_counter()
         try:
-            fn()
+            CHECKS[name]()
             results[name] = "ok"
         except Skipped as why:
             results[name] = f"skipped: {why}"
@@ -975,4 +978,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], tuple(sys.argv[2:])))

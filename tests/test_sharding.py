@@ -1,11 +1,12 @@
 """Tests of ``jaxce.sharded``.
 
 The multi-device checks (meshes 1x8, 2x4, 8x1 of emulated CPU devices, every option, padded
-vocabularies, compiled-HLO collectives) live in ``_sharded_checks.py`` and run in one
-subprocess, because JAX fixes the number of CPU devices when it is first imported; each check is
-reported here as its own test. The tests below the fixture run in this process, on one device.
+vocabularies, compiled-HLO collectives) live in ``_sharded_checks.py``. JAX fixes the number of
+CPU devices when it is first imported, so each check runs in an interpreter of its own and is
+its own test here. The tests below them run in this process, on one device.
 """
 
+import ast
 import doctest
 import json
 import os
@@ -48,40 +49,44 @@ CHECKS = (
 )
 
 
-@pytest.fixture(scope="module")
-def multi_device(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded") / "results.json"
+def _check_names_in(source: pathlib.Path):
+    """The names of the functions decorated with ``@check`` in the checks' script."""
+    tree = ast.parse(source.read_text())
+    return {
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        and any(isinstance(d, ast.Name) and d.id == "check" for d in node.decorator_list)
+    }
+
+
+def test_every_multi_device_check_is_listed():
+    assert _check_names_in(HERE / "_sharded_checks.py") == set(CHECKS)
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_multi_device(tmp_path, name):
+    # One interpreter per check (about 3 s to start): pytest-xdist spreads the checks over its
+    # workers, and each has its own time limit.
+    out = tmp_path / "results.json"
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
     )
     proc = subprocess.run(
-        [sys.executable, str(HERE / "_sharded_checks.py"), str(out)],
+        [sys.executable, str(HERE / "_sharded_checks.py"), str(out), name],
         env=env,
         capture_output=True,
         text=True,
-        # About 6 minutes alone on 2 cores; pytest-xdist runs this fixture once per worker, so
-        # two copies can share the cores.
-        timeout=1800,
+        timeout=900,
         cwd=HERE.parent,
     )
     if not out.exists():
-        pytest.fail(f"the multi-device checks crashed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.returncode, json.loads(out.read_text())
-
-
-def test_every_multi_device_check_ran(multi_device):
-    returncode, results = multi_device
-    assert set(results) == set(CHECKS)
-    failed = [k for k, v in results.items() if v != "ok" and not v.startswith("skipped")]
-    assert (returncode == 0) == (not failed), (returncode, failed)
-
-
-@pytest.mark.parametrize("name", CHECKS)
-def test_multi_device(multi_device, name):
-    result = multi_device[1][name]
+        pytest.fail(f"the multi-device check crashed:\n{proc.stdout}\n{proc.stderr}")
+    result = json.loads(out.read_text())[name]
     if result.startswith("skipped"):
         pytest.skip(result)
     assert result == "ok", result
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
 
 
 # ------------------------------------------------------------------- one device, this process

@@ -106,9 +106,11 @@ def statistics(
     smoothing = options.smoothing
     if vary is None:
         vary = _loops.varying_like(x, w, bias, weights)
+    lanes = token_lanes(x, static)
+    x_lanes = lanes.view(x)
 
-    def token_body(t0, rows, acc):
-        x_t = _loops.cut(x, t0, rows, 0)
+    def token_body(t0, run, acc):
+        x_t = lanes.cut(x_lanes, t0, run)
 
         def vocab_body(c0, cols, part):
             raw = logits(x_t, w, bias, c0, cols, dtype)
@@ -117,14 +119,23 @@ def statistics(
             )
             return _rows.merge(part, block, static.num_classes)
 
-        part = _loops.for_chunks(
-            v, static.vocab_chunk, vocab_body, vary(_rows.empty((rows, 1), dtype, smoothing))
-        )
-        return jax.tree.map(lambda a, p: _loops.paste(a, p, t0, 0), acc, part)
+        empty = _rows.empty((lanes.number * run, 1), dtype, smoothing)
+        part = _loops.for_chunks(v, static.vocab_chunk, vocab_body, vary(empty))
+        return jax.tree.map(lambda a, p: lanes.paste(a, p, t0), acc, part)
 
-    return _loops.for_chunks(
-        n, static.token_chunk, token_body, vary(_rows.empty((n, 1), dtype, smoothing))
+    init = jax.tree.map(lanes.view, _rows.empty((n, 1), dtype, smoothing))
+    out = _loops.for_chunks(
+        n // lanes.number, static.token_chunk // lanes.number, token_body, vary(init)
     )
+    return jax.tree.map(lanes.whole, out)
+
+
+def token_lanes(x: jax.Array, static: Static) -> _loops.Lanes:
+    """The :class:`_loops.Lanes` of the loops over chunks of ``static.token_chunk`` of the
+    rows of ``x`` (``[N, D]``): each chunk takes its rows from every lane, so that tokens split
+    over devices by XLA's partitioner stay on their devices. A lane's run may be one token:
+    a block's products, not the reading of its rows of ``x``, are its time."""
+    return _loops.Lanes.of(x.shape[0], static.token_chunk)
 
 
 class RowInfo(NamedTuple):
@@ -134,10 +145,6 @@ class RowInfo(NamedTuple):
     w_y: jax.Array  # [rows, 1]
     rows: _rows.Status  # [rows, 1] each
     g: jax.Array  # [rows, 1] the per-row cotangent (1 for the unscaled gradient of a sum)
-
-
-def slice_rows(tree, t0, rows: int):
-    return jax.tree.map(lambda a: _loops.cut(a, t0, rows, 0), tree)
 
 
 def live_rows(x_t: jax.Array, rows: _rows.Status) -> jax.Array:
@@ -193,25 +200,26 @@ def gradients(
     operand = _xla.product_dtype(x, w, dtype)
     if vary is None:  # as varying like the inputs (see statistics)
         vary = _loops.varying_like(x, w, bias, weights, stats, info)
+    lanes = token_lanes(x, static)
+    x_lanes, rows_lanes = lanes.view(x), jax.tree.map(lanes.view, (stats, info))
 
     def vocab_body(c0, cols, acc):
         dx, dw, db, dwt, dcap = acc
         w_c = _xla.columns(w, c0, cols, operand)
         weights_c = weights_of(weights, c0, cols)
 
-        def token_body(t0, n_rows, inner):
+        def token_body(t0, run, inner):
             dx, dw_c, db_c, dwt_c, dcap = inner
-            x_t = _loops.cut(x, t0, n_rows, 0)
-            stats_t, info_t = slice_rows((stats, info), t0, n_rows)
+            x_t = lanes.cut(x_lanes, t0, run)
+            stats_t, info_t = jax.tree.map(lambda a: lanes.cut(a, t0, run), rows_lanes)
             raw = matmul(x_t, w_c, (1, 0), dtype)
             if bias is not None:
                 raw = raw + _loops.cut(bias, c0, cols, 0).astype(dtype)[None, :]
             z, adm, dz, draw = block_derivative(raw, c0, weights_c, stats_t, info_t, options)
             factor = draw.astype(operand)
             if needs.x:
-                dx = _loops.paste(
-                    dx, _loops.cut(dx, t0, n_rows, 0) + matmul(factor, w_c, (1, 1), dtype), t0, 0
-                )
+                dx_t = lanes.cut(dx, t0, run) + matmul(factor, w_c, (1, 1), dtype)
+                dx = lanes.paste(dx, dx_t, t0)
             if needs.w:
                 dw_c = dw_c + matmul(live_rows(x_t, info_t.rows), factor, (0, 0), dtype)
             if needs.bias:
@@ -226,14 +234,16 @@ def gradients(
         zeros = jnp.zeros((cols,), dtype)
         dw_c = jnp.zeros((d, cols) if needs.w else (0, 0), dtype)
         init = vary((dx, dw_c, zeros, zeros, dcap))
-        dx, dw_c, db_c, dwt_c, dcap = _loops.for_chunks(n, static.token_chunk, token_body, init)
+        dx, dw_c, db_c, dwt_c, dcap = _loops.for_chunks(
+            n // lanes.number, static.token_chunk // lanes.number, token_body, init
+        )
         if needs.w:
             dw = _loops.paste(dw, dw_c.astype(dw.dtype), c0, 1)
         db, dwt = _loops.paste(db, db_c, c0, 0), _loops.paste(dwt, dwt_c, c0, 0)
         return dx, dw, db, dwt, dcap
 
     init = (
-        jnp.zeros((n, d), dtype),
+        lanes.view(jnp.zeros((n, d), dtype)),
         jnp.zeros((d, v) if needs.w else (0, 0), w.dtype),
         jnp.zeros((v,), dtype),
         jnp.zeros((v,), dtype),
@@ -241,7 +251,7 @@ def gradients(
     )
     dx, dw, db, dwt, dcap = _loops.for_chunks(v, static.vocab_chunk, vocab_body, vary(init))
     return Grads(
-        dx if needs.x else None,
+        lanes.whole(dx) if needs.x else None,
         dw if needs.w else None,
         db if needs.bias else None,
         dwt if needs.smoothing_weights else None,

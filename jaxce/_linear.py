@@ -135,12 +135,16 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
     """
     dtype = _blocks.dtype_of(x, w)
     (n, d), v = x.shape, w.shape[1]
-    rows_per_chunk = static.token_chunk
+    lanes = _blocks.token_lanes(x, static)
+    run = static.token_chunk // lanes.number  # rows of each lane in a chunk
+    x_lanes, meaning_lanes = lanes.view(x), jax.tree.map(lanes.view, meaning)
 
     def token_body(t0, fresh, acc):
         stats_acc, z_y_acc, dx, dw, db, dwt, dcap = acc
-        x_t = _loops.cut(x, t0, rows_per_chunk, 0)
-        meaning_t = _blocks.slice_rows(meaning, t0, rows_per_chunk)
+        x_t = lanes.cut(x_lanes, t0, run)
+        meaning_t = jax.tree.map(lambda a: lanes.cut(a, t0, run), meaning_lanes)
+        if fresh is not None:
+            fresh = lanes.tile(fresh)
         raw = _block_logits(x_t, w, bias, static.vocab_chunk, dtype)
         stats_t = _rows.finish(_rows.partial_stats(raw, None, weights, options, v), v)
         label_logit = _blocks.label_logits(x_t, w, bias, meaning_t.class_index, options, dtype)
@@ -156,9 +160,9 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
             dx_t, dw = _block_grads(x_live, w, draw, dw, static.vocab_chunk, dtype, needs)
             if needs.x:
                 if fresh is not None:
-                    previous = _loops.cut(dx, t0, rows_per_chunk, 0)
+                    previous = lanes.cut(dx, t0, run)
                     dx_t = jnp.where(fresh[:, None], dx_t, previous)
-                dx = _loops.paste(dx, dx_t, t0, 0)
+                dx = lanes.paste(dx, dx_t, t0)
         if needs.bias:
             db = db + jnp.sum(draw, axis=0)
         if needs.smoothing_weights:
@@ -166,17 +170,17 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
             dwt = dwt + jnp.sum(_rows.finalize(spread, rows), axis=0)
         if needs.cap:
             dcap = dcap + jnp.sum(_rows.cap_derivative(raw, dz, options))
-        stats_acc = jax.tree.map(lambda a, s: _loops.paste(a, s, t0, 0), stats_acc, stats_t)
-        z_y_acc = _loops.paste(z_y_acc, label_logit, t0, 0)
+        stats_acc = jax.tree.map(lambda a, s: lanes.paste(a, s, t0), stats_acc, stats_t)
+        z_y_acc = lanes.paste(z_y_acc, label_logit, t0)
         return stats_acc, z_y_acc, dx, dw, db, dwt, dcap
 
-    column = jnp.zeros((n, 1), dtype)
+    column = lanes.view(jnp.zeros((n, 1), dtype))
     smoothing = options.smoothing
     stats0 = _rows.Stats(column, column, *((column,) * 3 if smoothing else (None, None, None)))
     init = (
         stats0,
         column,
-        jnp.zeros((n, d) if needs.x else (0, 0), dtype),
+        lanes.view(jnp.zeros((n, d), dtype)) if needs.x else jnp.zeros((0, 0), dtype),
         jnp.zeros((d, v) if needs.w else (0, 0), dtype),
         jnp.zeros((v,), dtype),
         jnp.zeros((v,), dtype),
@@ -184,10 +188,11 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
     )
     init = _loops.vary_like(init, x, w, bias, weights, meaning)
     stats, label_logit, dx, dw, db, dwt, dcap = _loops.overlapping_chunks(
-        n, rows_per_chunk, token_body, init
+        n // lanes.number, run, token_body, init
     )
+    stats, label_logit = jax.tree.map(lanes.whole, (stats, label_logit))
     grads = _blocks.Grads(
-        dx if needs.x else None,
+        lanes.whole(dx) if needs.x else None,
         dw if needs.w else None,
         db if needs.bias else None,
         dwt if needs.smoothing_weights else None,

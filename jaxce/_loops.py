@@ -5,6 +5,13 @@ and sharded losses loop over chunks of rows (``map_rows``), so that whatever XLA
 reducing a chunk (a float32 copy, ``exp(z - max)``) is the size of a chunk, never of the
 logits: the memory bound is a property of the program, not of a compiler's fusion choices.
 Nothing is ever padded.
+
+A chunk of rows is not a contiguous block: the rows are viewed as ``lanes`` equal parts, and a
+chunk takes a run of consecutive rows from each part (:class:`Lanes`). Rows split over devices
+by XLA's partitioner (a mesh of ``AxisType.Auto`` axes) are one or more whole parts on each
+device, so every chunk is computed on all of them at once, each device on its own rows; a
+contiguous block would lie on one device, and the partitioner would gather the whole array onto
+every device to slice it.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import cast
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +73,9 @@ def sum_to(ct: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
     return out
 
 
-def cut(a: jax.Array, start, size: int, axis: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+def cut(a: jax.Array, start, size: int, axis: int, shape=None) -> jax.Array:
+    part = jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+    return part if shape is None else jnp.reshape(part, shape)
 
 
 def paste(a: jax.Array, part: jax.Array, start, axis: int) -> jax.Array:
@@ -139,20 +147,122 @@ def overlapping_chunks(total: int, size: int, body, carry):
     return _loop(count, step, carry)
 
 
-def map_rows(fn: Callable, arrays: tuple, rows: int, out_like):
-    """``fn(*chunks)`` for chunks of ``rows`` rows of ``arrays`` (each ``[N, ...]``, or None),
-    its per-row outputs (a pytree of ``[rows, ...]`` arrays) pasted into ``out_like``
-    (a pytree of ``[N, ...]`` arrays of the outputs' shapes and dtypes, e.g. zeros), in a loop,
-    with the remainder as one more statically sized call (:func:`for_chunks`).
+# A run of rows taken from one lane is at least this long (in float32 bytes) in the plain
+# losses' row chunks. Runs of one row read slower on XLA's CPU backend: value_and_grad of the
+# bfloat16 soft-label loss at [8192, 1000] (chunks of 256 rows) took 1.39x the time of
+# contiguous chunks with runs of one row (4000 bytes), 1.05x with runs of 4 (16 KiB), in the same
+# rounds; float32, and the integer-label loss with every option, within noise of 1 with either.
+MIN_RUN_BYTES = 16 * 1024
+# And at least this many rows: with runs of one row, XLA's CPU backend keeps a copy of a chunk
+# in the forward-over-reverse derivative (a Hessian-vector product of the soft-label loss at
+# [4096, 4096]: 3.14 MiB of temporaries with runs of one row, 2.14 MiB with runs of two).
+MIN_RUN_ROWS = 2
+# Each lane holds a multiple of this many rows: TPUs lay arrays out in tiles of 8 to 32 rows
+# (by dtype), and a view whose lanes cut through the tiles would be a copy of the whole array.
+LANE_ROWS = 32
+
+
+class Lanes(NamedTuple):
+    """``[N, ...]`` row arrays seen as ``number`` lanes of ``N / number`` consecutive rows each
+    (``[number, N / number, ...]``, a reshape that moves nothing); a chunk is the same run of
+    rows of every lane, ``number * size`` rows in all, in lane order.
+
+    A loop over such chunks keeps the data parallelism of rows split over devices: on a mesh
+    of ``AxisType.Auto`` axes, XLA's partitioner lays a split row axis of the view over its
+    lanes (when the number of devices divides ``number``), and each chunk is then computed on
+    every device, from its own rows (tests/_sharded_checks.py,
+    ``automatic_axes_keep_every_row_chunk_on_its_devices``).
     """
-    n = jax.tree.leaves(arrays)[0].shape[0]
+
+    number: int
+
+    @staticmethod
+    def of(total: int, size: int, row_bytes: int | None = None) -> Lanes:
+        """The lanes of a loop over chunks of ``size`` of ``total`` rows, each ``row_bytes``
+        wide: the largest power of two that divides both (a chunk is then ``size`` rows, the
+        lanes' runs ``size / number`` rows), with runs of at least ``MIN_RUN_BYTES`` and
+        ``MIN_RUN_ROWS`` (without ``row_bytes``, a run may be one row) and lanes of a multiple of
+        ``LANE_ROWS`` rows. One lane (contiguous chunks) when a chunk is all the rows."""
+        if size >= total:
+            return Lanes(1)
+        run = 1
+        if row_bytes is not None:
+            run = max(MIN_RUN_ROWS, -(-MIN_RUN_BYTES // max(row_bytes, 1)))
+        number = 1
+        while (
+            size % (2 * number) == 0
+            and 2 * number * run <= size
+            and total % (2 * number * LANE_ROWS) == 0
+        ):
+            number *= 2
+        return Lanes(number)
+
+    def view(self, a: jax.Array) -> jax.Array:
+        """``[N, ...]`` as ``[number, N / number, ...]``."""
+        if self.number == 1:
+            return a
+        return jnp.reshape(a, (self.number, a.shape[0] // self.number) + a.shape[1:])
+
+    def whole(self, a: jax.Array) -> jax.Array:
+        """The inverse of :meth:`view`."""
+        if self.number == 1:
+            return a
+        return jnp.reshape(a, (a.shape[0] * a.shape[1],) + a.shape[2:])
+
+    def cut(self, a: jax.Array, start, size: int) -> jax.Array:
+        """Rows ``[start, start + size)`` of every lane of a viewed array, as ``[number * size,
+        ...]``."""
+        return self._rows(cut, a, start, size)
+
+    def chunk(self, a: jax.Array, start, size: int) -> jax.Array:
+        """:meth:`cut` that converts a narrow float a chunk at a time (:func:`_xla.chunk`)."""
+        return self._rows(_xla.chunk, a, start, size)
+
+    def _rows(self, take: Callable, a: jax.Array, start, size: int) -> jax.Array:
+        if self.number == 1:
+            return take(a, start, size, 0)
+        return take(a, start, size, 1, (self.number * size,) + a.shape[2:])
+
+    def paste(self, a: jax.Array, part: jax.Array, start) -> jax.Array:
+        """``part`` (``[number * size, ...]``, as :meth:`cut` returns) written into a viewed
+        array at rows ``[start, start + size)`` of every lane."""
+        if self.number == 1:
+            return paste(a, part, start, 0)
+        size = part.shape[0] // self.number
+        return paste(a, jnp.reshape(part, (self.number, size) + part.shape[1:]), start, 1)
+
+    def tile(self, per_lane: jax.Array) -> jax.Array:
+        """A ``[size]`` mask of a chunk's rows in each lane as the chunk's ``[number * size]``."""
+        return per_lane if self.number == 1 else jnp.tile(per_lane, self.number)
+
+
+def _lanes_of_rows(a: jax.Array, rows: int) -> Lanes:
+    """The lanes of chunks of ``rows`` rows of ``a`` (``[N, ...]``), with runs of at least
+    ``MIN_RUN_BYTES`` of float32."""
+    return Lanes.of(a.shape[0], rows, 4 * math.prod(a.shape[1:]))
+
+
+def map_rows(fn: Callable, arrays: tuple, rows: int, out_like):
+    """``fn(*chunks)`` for chunks of ``rows`` rows of ``arrays`` (each ``[N, ...]``, or None;
+    taken across :class:`Lanes`), its per-row outputs (a pytree of ``[rows, ...]`` arrays)
+    pasted into ``out_like`` (a pytree of ``[N, ...]`` arrays of the outputs' shapes and dtypes,
+    e.g. zeros), in a loop, with the remainder as one more statically sized call
+    (:func:`for_chunks`).
+    """
+    first = jax.tree.leaves(arrays)[0]
+    n = first.shape[0]
+    lanes = _lanes_of_rows(first, rows)
+    viewed = tuple(None if a is None else lanes.view(a) for a in arrays)
 
     def body(start, size, acc):
-        chunks = tuple(None if a is None else _xla.chunk(a, start, size, 0) for a in arrays)
+        chunks = tuple(None if a is None else lanes.chunk(a, start, size) for a in viewed)
         out = fn(*chunks)
-        return jax.tree.map(lambda a, o: paste(a, o, start, 0), acc, out)
+        return jax.tree.map(lambda a, o: lanes.paste(a, o, start), acc, out)
 
-    return for_chunks(n, rows, body, out_like)
+    out = for_chunks(
+        n // lanes.number, rows // lanes.number, body, jax.tree.map(lanes.view, out_like)
+    )
+    return jax.tree.map(lanes.whole, out)
 
 
 def by_row_chunks(
@@ -239,36 +349,58 @@ def _in_chunks_jvp(fn, rows, primals, tangents):
         lambda t, s: _zeros(t, jnp.shape(s)) if is_zero(t) else t, shared_dot, shared
     )
 
+    first = arrays[0]
+    lanes = _lanes_of_rows(first, rows)
+    viewed = tuple(None if a is None else lanes.view(a) for a in arrays)
+    viewed_dots = tuple(None if is_zero(t) else lanes.view(t) for t in arrays_dot)
+
     def tangent(start, size: int):
-        """The tangent of ``size`` rows from ``start``; a zero tangent (an input that is not
-        differentiated) is made a chunk at a time, never as a whole array."""
+        """The tangent of rows ``[start, start + size)`` of every lane, ``[lanes, size, ...]``;
+        a zero tangent (an input that is not differentiated) is made a chunk at a time, never
+        as a whole array."""
 
         def rows_of(a):
-            return None if a is None else _xla.chunk(a, start, size, 0)
+            return None if a is None else lanes.chunk(a, start, size)
 
-        def dot_rows_of(t, a):
+        def dot_rows_of(t, dot, a):
             if a is None:
                 return None
             if is_zero(t):
-                return _zeros(t, (size,) + a.shape[1:])
-            return _xla.chunk(t, start, size, 0)
+                return _zeros(t, (lanes.number * size,) + a.shape[1:])
+            return lanes.chunk(dot, start, size)
 
-        chunks = tuple(rows_of(a) for a in arrays)
-        dots = tuple(dot_rows_of(t, a) for t, a in zip(arrays_dot, arrays, strict=True))
-        return jax.jvp(lambda a, s: fn(*a, *s), (chunks, shared), (dots, shared_dot))[1]
+        chunks = tuple(rows_of(a) for a in viewed)
+        dots = tuple(
+            dot_rows_of(t, dot, a)
+            for t, dot, a in zip(arrays_dot, viewed_dots, arrays, strict=True)
+        )
+        out = jax.jvp(lambda a, s: fn(*a, *s), (chunks, shared), (dots, shared_dot))[1]
+        return jax.tree.map(lambda o: jnp.reshape(o, (lanes.number, size) + o.shape[1:]), out)
 
-    full, tail = divmod(arrays[0].shape[0], rows)
+    run = rows // lanes.number
+    full, tail = divmod(first.shape[0] // lanes.number, run)
     parts = []
     if full:  # a scan, which reverse mode transposes, over the full chunks
 
         def step(carry, i):
-            return carry, tangent(i * rows, rows)
+            return carry, tangent(i * run, run)
 
         _, stacked = jax.lax.scan(step, None, jnp.arange(full, dtype=jnp.int32))
-        parts.append(jax.tree.map(lambda a: jnp.reshape(a, (full * rows,) + a.shape[2:]), stacked))
+        # [full, lanes, run, ...] -> [lanes, full * run, ...]
+        parts.append(
+            jax.tree.map(
+                lambda a: jnp.reshape(
+                    jnp.swapaxes(a, 0, 1), (lanes.number, full * run) + a.shape[3:]
+                ),
+                stacked,
+            )
+        )
     if tail:
-        parts.append(tangent(full * rows, tail))
-    dot = parts[0] if len(parts) == 1 else jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
+        parts.append(tangent(full * run, tail))
+    dot = (
+        parts[0] if len(parts) == 1 else jax.tree.map(lambda *p: jnp.concatenate(p, axis=1), *parts)
+    )
+    dot = jax.tree.map(lambda a: jnp.reshape(a, (a.shape[0] * a.shape[1],) + a.shape[2:]), dot)
     return _in_chunks(fn, rows, arrays, shared), dot
 
 

@@ -361,8 +361,9 @@ def staged() -> bool:
     return isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer)
 
 
-def chunk(a: jax.Array, start, size: int, axis: int) -> jax.Array:
-    """``a[start:start + size]`` along ``axis``, inside a loop whose index ``start`` depends on.
+def chunk(a: jax.Array, start, size: int, axis: int, shape=None) -> jax.Array:
+    """``a[start:start + size]`` along ``axis``, inside a loop whose index ``start`` depends on;
+    reshaped to ``shape`` if given.
 
     XLA's CPU backend moves a conversion of the chunk (to float32, for arithmetic on bfloat16)
     ahead of the ``dynamic_slice`` and then out of the loop: a float32 copy of all of ``a``
@@ -371,18 +372,23 @@ def chunk(a: jax.Array, start, size: int, axis: int) -> jax.Array:
     conversion stays after it, so only one chunk is ever float32. Guarded by
     tests/test_memory.py and tests/test_linear.py::test_bfloat16_never_converts_all_of_w.
     """
-    if a.dtype == jnp.float32 or a.dtype == jnp.float64 or backend() != "cpu":
-        return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
-    if not isinstance(start, jax.Array) or not staged():
-        return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+
+    def shaped(part):
+        return part if shape is None else jnp.reshape(part, shape)
 
     def read(a):
-        return jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+        return shaped(jax.lax.dynamic_slice_in_dim(a, start, size, axis))
+
+    if a.dtype == jnp.float32 or a.dtype == jnp.float64 or backend() != "cpu":
+        return read(a)
+    if not isinstance(start, jax.Array) or not staged():
+        return read(a)
 
     def unreachable(a):
         # A slice of a, not fresh zeros: inside shard_map it then varies over the same mesh
         # axes as read's, which cond requires of its branches (never executed: start >= 0).
-        return jax.lax.slice_in_dim(a, 0, size, axis=axis)
+        # The reshape inside the branches: one after the cond costs a copy of the chunk.
+        return shaped(jax.lax.slice_in_dim(a, 0, size, axis=axis))
 
     return jax.lax.cond(start >= 0, read, unreachable, a)
 

@@ -860,12 +860,16 @@ def _on_explicit_axes(mesh, shape, spec, reductions, w_spec=None, only=None):
                     )
             if not rows_only:
                 continue
-            # The gradients of replicated arguments (class weights, the fused loss's w) are
-            # summed over the devices; nothing of the batch's size moves.
-            replicated = {tuple(a.shape) for a in args[1:]}
+            # The gradients of replicated arguments (class weights, the fused loss's w), or
+            # blocks of them, are summed over the devices; nothing of the batch's size moves.
+            replicated = [tuple(a.shape) for a in args[1:]]
             for op, shapes in collectives(compiled.as_text()):
                 for s in shapes:
-                    ok = s in replicated or np.prod(s, dtype=int) <= c
+                    block = any(
+                        len(r) == len(s) and all(i <= j for i, j in zip(s, r, strict=True))
+                        for r in replicated
+                    )
+                    ok = block or np.prod(s, dtype=int) <= c
                     assert ok, f"{label}: {op} of shape {s}"
 
 
@@ -881,17 +885,35 @@ def every_function_on_batch_sharded_explicit_axes():
     with row_chunks_of(2, 200):
         _on_explicit_axes(mesh_of((8, 1)), (64, 200), P("data"), ("mean",), only=KINDS)
     # An explicit axis and an automatic one, both splitting the rows: XLA partitions the
-    # automatic one, and no device holds more than its own row. (Not the fused loss: over an
-    # automatic axis its token chunks gather x, a limitation the README states.)
+    # automatic one, and no device holds more than its own row. (The fused loss there: in
+    # row chunks below. With one row a device, its token chunks are one row each, which no
+    # partitioner can split over the 4 devices of the automatic axis.)
     mixed = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Auto))
     unfused = tuple(k for k in KINDS if not k.startswith("fused"))
     _on_explicit_axes(mixed, (8, 200), P(("data", "model")), ("mean",), only=unfused)
+    with row_chunks_of(64, 256):
+        _on_explicit_axes(mixed, (512, 256), P(("data", "model")), ("mean",), only=KINDS)
     # check_labels reads the first bad label at its index, also of split labels.
     mesh = mesh_of((8, 1))
     labels = jax.device_put(jnp.arange(64, dtype=jnp.int32) % 10, NamedSharding(mesh, P("data")))
     with jax.set_mesh(mesh):
         err, _ = jax.jit(checkify.checkify(lambda y: jaxce.check_labels(y, 7)))(labels)
     assert "found 18 outside, the first is 7 (at flat index 7)" in err.get(), err.get()
+
+
+@check
+def automatic_axes_keep_every_row_chunk_on_its_devices():
+    # Plain jax.jit on a mesh of Auto axes (XLA's partitioner, GSPMD) with the inputs split
+    # over their rows, reduced a chunk of rows at a time (forced here; from 1 MiB of logits on
+    # a CPU, 256 MiB on a GPU or TPU): each chunk takes rows of every device, and nothing of
+    # the batch's size moves (contiguous chunks gathered the whole logits, or the fused loss's
+    # x, onto every device). Every function, and the kinds of kernel over two mesh axes.
+    # Chunks of 128 rows of 256 classes: 8 lanes (runs of 16 KiB of float32).
+    auto = mesh_of((8, 1), AxisType.Auto)
+    with row_chunks_of(128, 256):
+        _on_explicit_axes(auto, (1024, 256), P("data"), ("mean", "none"))
+        two_axes = mesh_of((2, 4), AxisType.Auto)
+        _on_explicit_axes(two_axes, (1024, 256), P(("data", "model")), ("sum",), only=KINDS)
 
 
 @check

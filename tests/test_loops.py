@@ -1,0 +1,70 @@
+"""The loops over chunks of rows (``jaxce._loops``): chunks taken across lanes compute every row
+once, with the function's own values and derivatives in every mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxce import _loops
+
+F64 = np.float64
+
+
+def _rows(x, t, scale):
+    """Per-row results of two shapes, one reading a shared argument."""
+    lse = jax.nn.logsumexp(x * scale, axis=-1, keepdims=True)
+    return lse, jnp.stack([jnp.sum(x * t, axis=-1), jnp.max(x, axis=-1)], axis=-1)
+
+
+# (rows, rows per chunk, lanes): lanes with several chunks and a tail in each, lanes with one
+# chunk and a tail, lanes without a tail, one lane (an odd row count) with a tail, a chunk of
+# all the rows.
+CASES = [(36, 8, 4), (12, 8, 4), (6, 4, 2), (40, 8, 8), (7, 2, 1), (16, 16, 1)]
+
+
+@pytest.mark.parametrize(("n", "size", "lanes"), CASES)
+def test_row_chunks_across_lanes_compute_every_row_once(monkeypatch, n, size, lanes):
+    monkeypatch.setattr(_loops, "MIN_RUN_BYTES", 1)
+    monkeypatch.setattr(_loops, "MIN_RUN_ROWS", 1)
+    monkeypatch.setattr(_loops, "LANE_ROWS", 1)
+    assert _loops.Lanes.of(n, size, 8 * 5).number == lanes
+    rng = np.random.default_rng(n)
+    x, t, dx, dt = (jnp.asarray(rng.normal(size=(n, 5)), F64) for _ in range(4))
+    scale = jnp.asarray(1.5, F64)
+
+    def chunked(x, t, scale):
+        return _loops._in_chunks(_rows, size, (x, t), (scale,))
+
+    for got, want in zip(chunked(x, t, scale), _rows(x, t, scale), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+    # Forward mode (the chunks' own derivative, in a scan), and reverse mode through it.
+    args, dots = (x, t, scale), (dx, dt, jnp.asarray(0.5, F64))
+    got_dot = jax.jvp(chunked, args, dots)[1]
+    want_dot = jax.jvp(_rows, args, dots)[1]
+    for got, want in zip(got_dot, want_dot, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+    def total(f):
+        return lambda *a: sum(jnp.sum(o**2) for o in f(*a))
+
+    got_grad = jax.jit(jax.grad(total(chunked), argnums=(0, 1, 2)))(*args)
+    want_grad = jax.grad(total(_rows), argnums=(0, 1, 2))(*args)
+    for got, want in zip(got_grad, want_grad, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("n", "size", "row_bytes", "lanes"),
+    [
+        (8192, 256, 4000, 32),  # runs of 5 rows of 4000 bytes: at most 51 lanes
+        (8192, 256, 65536, 128),  # runs of two rows at least
+        (8192, 256, None, 256),  # no minimum run (the fused loss's token chunks): one row
+        (4096, 512, None, 128),  # lanes of 32 rows
+        (12288, 768, 65536, 128),  # 12288 = 384 * 32 rows: 128 lanes of 96 rows
+        (1000, 250, 65536, 1),  # 1000 = 8 * 125: no lane of a multiple of 32 rows
+        (8192, 8192, None, 1),  # one chunk
+    ],
+)
+def test_lanes_are_powers_of_two_with_long_runs_and_whole_tiles(n, size, row_bytes, lanes):
+    assert _loops.Lanes.of(n, size, row_bytes).number == lanes

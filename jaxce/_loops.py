@@ -162,6 +162,13 @@ MIN_RUN_ROWS = 2
 LANE_ROWS = 32
 
 
+def partitionable() -> bool:
+    """Whether XLA's partitioner may split rows over devices: more than one device in this
+    process. With one, chunks are contiguous (one lane): lanes would cost compile time for
+    nothing (value_and_grad with every option at [1024, 1000]: 343 ms against 293 ms)."""
+    return jax.device_count() > 1
+
+
 class Lanes(NamedTuple):
     """``[N, ...]`` row arrays seen as ``number`` lanes of ``N / number`` consecutive rows each
     (``[number, N / number, ...]``, a reshape that moves nothing); a chunk is the same run of
@@ -182,8 +189,9 @@ class Lanes(NamedTuple):
         wide: the largest power of two that divides both (a chunk is then ``size`` rows, the
         lanes' runs ``size / number`` rows), with runs of at least ``MIN_RUN_BYTES`` and
         ``MIN_RUN_ROWS`` (without ``row_bytes``, a run may be one row) and lanes of a multiple of
-        ``LANE_ROWS`` rows. One lane (contiguous chunks) when a chunk is all the rows."""
-        if size >= total:
+        ``LANE_ROWS`` rows. One lane (contiguous chunks) when a chunk is all the rows, or in a
+        process with one device (:func:`partitionable`)."""
+        if size >= total or not partitionable():
             return Lanes(1)
         run = 1
         if row_bytes is not None:

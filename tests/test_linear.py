@@ -23,10 +23,9 @@ F64 = np.float64
 LCE = linear_softmax_cross_entropy
 
 # (batch shape of x, D, V, token_chunk, vocab_chunk): V prime, V < vocab chunk, N = 1,
-# N not divisible by the token chunk, a chunk of 1, exact multiples, chunks across lanes.
+# N not divisible by the token chunk, a chunk of 1, exact multiples (chunks across lanes:
+# test_loops.py).
 SHAPES = [
-    # 2 lanes of 96 tokens (_loops.Lanes), chunks of 64 tokens of each: the last overlaps.
-    ((192,), 4, 37, 128, 16),
     ((37,), 8, 1009, 16, 128),
     ((3, 5), 6, 11, 4, 64),  # V < vocab_chunk, 2-D batch
     ((1,), 5, 97, None, 32),  # N = 1

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxce
 from jaxce import _loops
 
 F64 = np.float64
@@ -25,6 +26,7 @@ CASES = [(36, 8, 4), (12, 8, 4), (6, 4, 2), (40, 8, 8), (7, 2, 1), (16, 16, 1)]
 
 @pytest.mark.parametrize(("n", "size", "lanes"), CASES)
 def test_row_chunks_across_lanes_compute_every_row_once(monkeypatch, n, size, lanes):
+    monkeypatch.setattr(_loops, "partitionable", lambda: True)
     monkeypatch.setattr(_loops, "MIN_RUN_BYTES", 1)
     monkeypatch.setattr(_loops, "MIN_RUN_ROWS", 1)
     monkeypatch.setattr(_loops, "LANE_ROWS", 1)
@@ -66,5 +68,58 @@ def test_row_chunks_across_lanes_compute_every_row_once(monkeypatch, n, size, la
         (8192, 8192, None, 1),  # one chunk
     ],
 )
-def test_lanes_are_powers_of_two_with_long_runs_and_whole_tiles(n, size, row_bytes, lanes):
+def test_lanes_are_powers_of_two_with_long_runs_and_whole_tiles(
+    monkeypatch, n, size, row_bytes, lanes
+):
+    monkeypatch.setattr(_loops, "partitionable", lambda: True)
     assert _loops.Lanes.of(n, size, row_bytes).number == lanes
+    # One device: contiguous chunks, whatever the sizes.
+    monkeypatch.setattr(_loops, "partitionable", lambda: False)
+    assert _loops.Lanes.of(n, size, row_bytes).number == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("recompute_logits", [False, True])
+def test_fused_token_chunks_across_lanes_match_contiguous_chunks(
+    monkeypatch, reduction, recompute_logits
+):
+    """The fused loss's token loops (the single pass, the statistics and the gradients'
+    passes) across 2 lanes of 96 tokens, chunks of 64 tokens of each, the last overlapping its
+    predecessor, against contiguous chunks (tested against float64 references in
+    test_linear.py): every option, value and the gradients of x, w and the bias."""
+    rng = np.random.default_rng(7)
+    n, d, v = 192, 4, 37
+    x = jnp.asarray(rng.normal(size=(n, d)), F64)
+    w = jnp.asarray(rng.normal(size=(d, v)), F64)
+    bias = jnp.asarray(rng.normal(size=(v,)), F64)
+    labels = jnp.asarray(rng.integers(0, v, n), jnp.int32).at[5].set(-100)
+    ct = jnp.asarray(rng.normal(size=(n,)), F64)
+
+    def loss(x, w, bias):
+        out = jaxce.linear_softmax_cross_entropy(
+            x,
+            w,
+            labels,
+            bias=bias,
+            ignore_index=-100,
+            class_weights=jnp.linspace(0.5, 2.0, v, dtype=F64),
+            label_smoothing=0.1,
+            z_loss=1e-3,
+            logit_soft_cap=3.0,
+            reduction=reduction,
+            token_chunk=128,
+            vocab_chunk=16,
+            recompute_logits=None if reduction == "none" else recompute_logits,
+        )
+        return jnp.sum(out * ct) if reduction == "none" else out
+
+    def value_and_grads():
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, w, bias)
+
+    monkeypatch.setattr(_loops, "partitionable", lambda: True)
+    assert _loops.Lanes.of(n, 128).number == 2
+    got = value_and_grads()
+    monkeypatch.setattr(_loops, "partitionable", lambda: False)
+    want = value_and_grads()
+    for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w_, rtol=1e-12, atol=1e-14)

@@ -20,6 +20,18 @@ import jaxce
 from jaxce import _xla
 
 N, V = 256, 8192
+CHUNK = 2**20  # jaxce._xla.ROW_CHUNK_BYTES on CPU
+
+
+@pytest.fixture(autouse=True)
+def _row_chunks_of_one_mib(monkeypatch):
+    """Every backend's row chunks at the CPU's 1 MiB while these tests compile. The bounds below
+    are a few chunks, not a number of rows: with small chunks they show that a loss's loop over
+    row chunks bounds its memory on whatever backend runs them. GPUs and TPUs take chunks of 256
+    MiB by default (``_xla.ROW_CHUNK_BYTES``), larger than these tests' arrays, which would
+    then be read whole; and XLA keeps a float32 copy of a whole chunk for some options."""
+    for backend in _xla.ROW_CHUNK_BYTES:
+        monkeypatch.setitem(_xla.ROW_CHUNK_BYTES, backend, CHUNK)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +120,6 @@ def test_every_option_combination_fits_one_bf16_buffer(smoothing, z_loss, cap, w
 # number of rows and whatever XLA fuses: the bound is a property of the program (it holds on
 # every JAX the package supports, where fusing the reductions differs between versions).
 C = 4096
-CHUNK = 2**20  # jaxce._xla.ROW_CHUNK_BYTES on CPU
 PER_ROW = 64  # bytes of per-row statistics a loss may keep (a few float32 numbers per row)
 LOSSES = {
     "integer_all_options": (
@@ -341,9 +352,9 @@ def test_label_term_is_scattered_where_it_pays(dtype, rows, scattered):
 
 
 # On a GPU the reductions XLA fuses whole read whole rows (_xla.WHOLE_ROWS_BACKENDS): traced for
-# each backend, a [4096, 32768] loss (512 MiB of float32, two of the accelerators' 256 MiB
-# chunks) has a loop over row chunks exactly where the measurement found XLA keeping a
-# temporary the size of the array without one.
+# each backend, a [4096, 32768] loss (512 MiB of float32, two of the accelerators' default 256 MiB
+# chunks, many of the 1 MiB that this module's fixture sets) has a loop over row chunks exactly
+# where the measurement found XLA keeping a temporary the size of the array without one.
 CE = jaxce.softmax_cross_entropy_with_integer_labels
 _WEIGHTS = jnp.ones((32768,), jnp.float32)
 _WHOLE_ROW_CASES = {
@@ -376,6 +387,13 @@ _WHOLE_ROW_CASES = {
     ),
     "sigmoid BCE, bf16": (
         lambda z, y: jaxce.sigmoid_binary_cross_entropy(z, z > 0, reduction="mean"),
+        "bfloat16",
+        True,
+    ),
+    "entropy": (lambda z, y: jaxce.entropy(z, reduction="mean"), "float32", True),
+    "entropy, bf16": (lambda z, y: jaxce.entropy(z, reduction="mean"), "bfloat16", False),
+    "KL divergence, bf16": (
+        lambda z, y: jaxce.kl_divergence(z, z, reduction="mean"),
         "bfloat16",
         True,
     ),

@@ -2181,8 +2181,9 @@ def _along(x, labels, probs, where, axis):
 @_settings(0.2)
 @given(data=st.data())
 def test_class_axis(data):
-    """A class axis in the middle (PyTorch's ``[N, C, d]``) or a tuple of axes gives exactly
-    the results of the same classes moved to the last axis."""
+    """A class axis in the middle (PyTorch's ``[N, C, d]``) or a tuple of axes gives the
+    results of the same classes moved to the last axis: exactly on CPU, to the order of a row's
+    sum elsewhere."""
     draw = data.draw
     dtype = draw(st.sampled_from(("float32", "bfloat16")), "dtype")
     axis = draw(st.sampled_from((1, (1, 2), (2, 1))), "axis")
@@ -2206,11 +2207,25 @@ def test_class_axis(data):
 
     got = _along(*(jnp.asarray(a) for a in (x, labels, probs, where)), axis=axis)
     want = _along(*(jnp.asarray(a) for a in (last(x), labels, last(probs), last(where))), axis=-1)
+    # On CPU, XLA sums a row in the same order whatever its layout: the results are the same
+    # bits. A GPU's reduction of a transposed read may add the same terms in another order, so
+    # there they agree to a few rounding units of each row's scale: 1 for probabilities, else
+    # the largest finite magnitude among the row's logits and the result.
+    exact = jax.default_backend() == "cpu"
+    x_last = P.to_f64(last(x))
+    magnitude = np.max(np.where(np.isfinite(x_last), np.abs(x_last), 0.0), axis=-1)
     for name in got:
-        g = P.to_f64(got[name])
+        g, w = P.to_f64(got[name]), P.to_f64(want[name])
         if g.shape == x.shape:
             g = last(g)
-        assert same(g, want[name]), name
+        if exact:
+            assert same(g, w), name
+            continue
+        finite = np.where(np.isfinite(w), np.abs(w), 0.0)
+        per_row = magnitude if w.ndim == magnitude.ndim else magnitude[..., None]
+        rows = np.max(finite, axis=-1, keepdims=True) if w.ndim > magnitude.ndim else finite
+        scale = 1.0 if name == "softmax" else np.maximum(np.maximum(per_row, rows), 1.0)
+        assert_close(name, g, w, scale, dtype, units=4 * classes)
 
 
 # ============================================================== empty class axis

@@ -48,7 +48,8 @@ and results are not counted.
 The functions below are the command line's building blocks: ``run`` returns one ``Result`` per
 program and shape, which ``format_table``, ``format_markdown``, ``write_json`` and ``plot`` turn
 into the outputs of ``--markdown``, ``--json`` and ``--plot``; ``read_json`` reads a saved run
-back (``--from-json``), to print its tables again or choose rows of it.
+back (``--from-json``, which ``join_runs`` several saved runs of one machine), to print its
+tables again or choose rows of it.
 """
 
 from __future__ import annotations
@@ -1114,6 +1115,43 @@ def read_json(path: str | os.PathLike) -> tuple[list[Result], dict[str, Any]]:
     return compute_ratios(results, env.get("backend", "cpu")), env
 
 
+def join_runs(
+    runs: Sequence[tuple[list[Result], dict[str, Any]]],
+) -> tuple[list[Result], dict[str, Any]]:
+    """Joins saved runs (what :func:`read_json` returns) of one machine, with the same versions
+    and settings, into one: their results in order, the environment of the first, dated from the
+    first run's date to the last's where they differ.
+
+    Raises:
+      ValueError: if the runs differ in anything but the date, or if two of them measured the
+        same program at the same shape and dtype.
+    """
+    results, env = list(runs[0][0]), dict(runs[0][1])
+    seen = {(r.benchmark, r.program, r.shape, r.dtype) for r in results}
+    for more, other in runs[1:]:
+        differ = sorted(
+            k for k in env.keys() | other.keys() if k != "date" and env.get(k) != other.get(k)
+        )
+        if differ:
+            name = differ[0]
+            raise ValueError(
+                f"the runs differ in {', '.join(differ)} ({env.get(name)!r} against"
+                f" {other.get(name)!r}): only runs of one machine and settings are joined"
+            )
+        for r in more:
+            key = (r.benchmark, r.program, r.shape, r.dtype)
+            if key in seen:
+                raise ValueError(
+                    f"{r.benchmark} {r.program} {format_shape(r.shape)} {r.dtype} is in two runs"
+                )
+            seen.add(key)
+            results.append(r)
+    last = runs[-1][1]["date"]
+    if last != env["date"]:
+        env["date"] = f"{env['date']} to {last}"
+    return results, env
+
+
 _LINESTYLES = {"float32": "-", "bfloat16": "--", "float16": ":"}
 
 
@@ -1305,9 +1343,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--from-json",
         type=_readable,
+        action="append",
         metavar="FILE",
         help="measure nothing: print the tables (and --plot) of a run saved with --json, its"
-        " ratios and targets computed again; BENCHMARK, --shape and --dtype choose its rows",
+        " ratios and targets computed again; BENCHMARK, --shape and --dtype choose its rows;"
+        " repeatable, to join runs of one machine and settings (one benchmark each, say)",
     )
     parser.add_argument(
         "--plot",
@@ -1363,7 +1403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 " apply"
             )
         try:
-            results, saved = read_json(args.from_json)
+            results, saved = join_runs([read_json(path) for path in args.from_json])
         except ValueError as err:
             parser.error(f"argument --from-json: {err}")
         results = [
@@ -1374,7 +1414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             and (dtypes is None or r.dtype in dtypes)
         ]
         if not results:
-            parser.error(f"argument --from-json: no result in {args.from_json!r} is chosen")
+            files = ", ".join(repr(path) for path in args.from_json)
+            parser.error(f"argument --from-json: no result in {files} is chosen")
         env = {k: v for k, v in saved.items() if k not in _RUN_SETTINGS}
         repeats = saved.get("repeats")
         compile_samples = saved.get("compile_samples")

@@ -520,6 +520,48 @@ def test_from_json_prints_the_saved_runs_tables(tmp_path, capsys):
     assert bench.read_json(saved) == (results, env)
 
 
+def _split_run(tmp_path, path, results, env, later_env=None):
+    """The saved run at ``path`` written again as two files, one per benchmark."""
+    paths = []
+    for i, name in enumerate(("cross_entropy", "binary")):
+        part = tmp_path / f"{name}.json"
+        part_env = env if i == 0 or later_env is None else later_env
+        bench.write_json(part, [r for r in results if r.benchmark == name], part_env)
+        paths.append(part)
+    return paths
+
+
+def test_from_json_joins_runs_of_one_machine(tmp_path, capsys):
+    """Runs saved one benchmark at a time (a machine lent for minutes) print as one run."""
+    path, results, env = _saved_run(tmp_path)
+    later = env | {"date": "2026-01-02 03:09 UTC"}
+    first, second = _split_run(tmp_path, path, results, env, later)
+    assert bench.main(["--from-json", str(first), "--from-json", str(second), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    dated = env | {"date": "2026-01-02 03:04 UTC to 2026-01-02 03:09 UTC"}
+    header = bench.describe(dated, 3, 2, False)
+    assert out == bench.format_markdown(results, header) + "\n"
+    assert bench.join_runs([bench.read_json(first), bench.read_json(second)]) == (results, dated)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"jax": "0.0.1"}, "the runs differ in jax ("),
+        ({"repeats": 7}, "the runs differ in repeats (3 against 7)"),
+        ({}, "binary jaxce 4x8 float32 is in two runs"),
+    ],
+)
+def test_from_json_joins_only_runs_of_one_machine_and_settings(tmp_path, capsys, change, message):
+    path, results, env = _saved_run(tmp_path)
+    first, second = _split_run(tmp_path, path, results, env, env | change)
+    again = second if change else path  # with no change: the whole run beside its own part
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--from-json", str(first if change else second), "--from-json", str(again)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --from-json:" in err and message in err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

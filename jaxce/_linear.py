@@ -364,7 +364,11 @@ def linear_softmax_cross_entropy(
         (6NDV FLOPs; with a bfloat16/float16 ``w`` a float32 ``[D, V]`` accumulator), ``True``
         computes the row statistics first and then the gradients a vocabulary chunk at a time
         (8NDV FLOPs, ``dw`` accumulated chunk by chunk in float32 and kept in ``w``'s dtype).
-        ``None`` (default): one pass for a float32/float64 ``w``, two for bfloat16/float16.
+        ``None`` (default): one pass for a float32/float64 ``w``, two for bfloat16/float16,
+        whose memory is the point of this loss; where the accumulator fits, one pass is faster
+        on a GPU (value_and_grad on an H200 at N, D, V = 16384, 4096, 131072 in bfloat16:
+        95 ms with 2.5 GiB of temporaries against 128 ms with 544 MiB; the unfused loss 82 ms
+        with 8 GiB).
 
     Returns:
       The loss in float32 (float64 for float64 inputs): a scalar, or per token for

@@ -917,6 +917,46 @@ def automatic_axes_keep_every_row_chunk_on_its_devices():
 
 
 @check
+def automatic_axes_keep_second_derivatives_on_their_devices():
+    # Forward over reverse (a Hessian-vector product, as second-order optimizers take) of the
+    # losses with row chunks on the same Auto mesh: the chunks' forward-mode rule scans the
+    # lanes too, so the product is computed where its rows are, and only scalars move.
+    auto = mesh_of((8, 1), AxisType.Auto)
+    rng = np.random.default_rng(5)
+    n, c, d = 1024, 256, 32
+    z = jnp.asarray(rng.normal(size=(n, c)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, c, n), jnp.int32)
+    t = jax.nn.softmax(jnp.asarray(rng.normal(size=(n, c)), jnp.float32))
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, c)) / 6, jnp.float32)
+    every = dict(label_smoothing=0.1, z_loss=1e-4, logit_soft_cap=5.0, reduction="mean")
+    ce = jaxce.softmax_cross_entropy_with_integer_labels
+    losses = {
+        "integer labels, every option": (lambda z: ce(z, y, **every), z),
+        "soft labels": (lambda z: jaxce.softmax_cross_entropy(z, t, reduction="mean"), z),
+        "fused, every option": (lambda h: jaxce.linear_softmax_cross_entropy(h, w, y, **every), h),
+    }
+    with row_chunks_of(128, c):
+        for name, (loss, a) in losses.items():
+
+            def hvp(a, v, loss=loss):
+                return jax.jvp(jax.grad(loss), (a,), (v,))[1]
+
+            v = jnp.asarray(rng.normal(size=a.shape), jnp.float32)
+            want = jax.jit(hvp)(a, v)
+            placed = [jax.device_put(b, NamedSharding(auto, P("data"))) for b in (a, v)]
+            with jax.set_mesh(auto):
+                compiled = jax.jit(hvp).lower(*placed).compile()
+                got = compiled(*placed)
+            close(f"{name}: Hessian-vector product", got, want)
+            assert got.sharding.is_equivalent_to(placed[0].sharding, got.ndim), (
+                f"{name}: laid out {got.sharding.spec}"
+            )
+            for op, shapes in collectives(compiled.as_text()):
+                assert all(s == () for s in shapes), f"{name}: {op} of shapes {shapes}"
+
+
+@check
 def every_function_with_split_classes_on_explicit_axes():
     # The class axis split too (the fused loss's x over its features and w over the
     # vocabulary): the integer-label loss is vocabulary-parallel, the others gather the classes

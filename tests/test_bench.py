@@ -520,12 +520,12 @@ def test_from_json_prints_the_saved_runs_tables(tmp_path, capsys):
     assert bench.read_json(saved) == (results, env)
 
 
-def _split_run(tmp_path, path, results, env, later_env=None):
-    """The saved run at ``path`` written again as two files, one per benchmark."""
+def _split_run(tmp_path, results, env, later_env):
+    """A saved run's results written again as two files, one per benchmark: the first with
+    ``env``, the second with ``later_env``."""
     paths = []
-    for i, name in enumerate(("cross_entropy", "binary")):
+    for name, part_env in (("cross_entropy", env), ("binary", later_env)):
         part = tmp_path / f"{name}.json"
-        part_env = env if i == 0 or later_env is None else later_env
         bench.write_json(part, [r for r in results if r.benchmark == name], part_env)
         paths.append(part)
     return paths
@@ -535,7 +535,7 @@ def test_from_json_joins_runs_of_one_machine(tmp_path, capsys):
     """Runs saved one benchmark at a time (a machine lent for minutes) print as one run."""
     path, results, env = _saved_run(tmp_path)
     later = env | {"date": "2026-01-02 03:09 UTC"}
-    first, second = _split_run(tmp_path, path, results, env, later)
+    first, second = _split_run(tmp_path, results, env, later)
     assert bench.main(["--from-json", str(first), "--from-json", str(second), "--markdown"]) == 0
     out = capsys.readouterr().out
     dated = env | {"date": "2026-01-02 03:04 UTC to 2026-01-02 03:09 UTC"}
@@ -554,7 +554,7 @@ def test_from_json_joins_runs_of_one_machine(tmp_path, capsys):
 )
 def test_from_json_joins_only_runs_of_one_machine_and_settings(tmp_path, capsys, change, message):
     path, results, env = _saved_run(tmp_path)
-    first, second = _split_run(tmp_path, path, results, env, env | change)
+    first, second = _split_run(tmp_path, results, env, env | change)
     again = second if change else path  # with no change: the whole run beside its own part
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--from-json", str(first if change else second), "--from-json", str(again)])

@@ -30,8 +30,7 @@ def _row_chunks_of_one_mib(monkeypatch):
     row chunks bounds its memory on whatever backend runs them. GPUs and TPUs take chunks of 256
     MiB by default (``_xla.ROW_CHUNK_BYTES``), larger than these tests' arrays, which would
     then be read whole; and XLA keeps a float32 copy of a whole chunk for some options."""
-    for backend in _xla.ROW_CHUNK_BYTES:
-        monkeypatch.setitem(_xla.ROW_CHUNK_BYTES, backend, CHUNK)
+    monkeypatch.setattr(_xla, "ROW_CHUNK_BYTES", dict.fromkeys(_xla.ROW_CHUNK_BYTES, CHUNK))
 
 
 @pytest.mark.parametrize(

@@ -134,9 +134,19 @@ def _evaluation_and_training(loss, reduction, cotangent, argnums):
     return jax.jit(loss), jax.jit(jax.value_and_grad(scalar, argnums=argnums))
 
 
-def _compare_logits(mesh, options, reduction, d, data_axis="data"):
+def _reused(programs, key, build):
+    """``build()``, kept in ``programs`` (a dict, or None: build every time) under ``key``."""
+    if programs is None:
+        return build()
+    if key not in programs:
+        programs[key] = build()
+    return programs[key]
+
+
+def _compare_logits(mesh, options, reduction, d, data_axis="data", programs=None):
     """Value and gradients (logits, class weights, smoothing, z-loss, soft cap: each one that
-    is given, traced) on a mesh vs one device."""
+    is given, traced) on a mesh vs one device. ``programs``: a dict in which the compiled
+    programs are kept for calls with the same options (scalars only), mesh and labels."""
     kw = _kwargs(options, d)
     weights = kw.pop("class_weights", None)
     eps = jnp.float32(kw.pop("label_smoothing", 0.0))
@@ -161,12 +171,16 @@ def _compare_logits(mesh, options, reduction, d, data_axis="data"):
 
         return _evaluation_and_training(loss, reduction, cotangent, argnums)
 
-    sharded = make(
-        lambda *a, **k: jaxce.sharded.softmax_cross_entropy_with_integer_labels(
-            *a, axis_name="model", data_axis_name=data_axis, mesh=mesh, **k
+    def build():
+        sharded = make(
+            lambda *a, **k: jaxce.sharded.softmax_cross_entropy_with_integer_labels(
+                *a, axis_name="model", data_axis_name=data_axis, mesh=mesh, **k
+            )
         )
-    )
-    single = make(jaxce.softmax_cross_entropy_with_integer_labels)
+        return sharded, make(jaxce.softmax_cross_entropy_with_integer_labels)
+
+    key = ("logits", reduction, data_axis, tuple(sorted(kw.items())), weights is None, cap is None)
+    sharded, single = _reused(programs, key, build)
     args = (d["logits"], weights, eps, zl, cap)
     close("loss alone", sharded[0](*args), single[0](*args))
     (v1, g1), (v2, g2) = sharded[1](*args), single[1](*args)
@@ -352,7 +366,8 @@ def every_device_returns_the_same_loss():
         close("loss", losses.flat[0], want)
 
 
-def _compare_fused(mesh, options, reduction, d, rtol=RTOL, atol=ATOL, **chunks):
+def _compare_fused(mesh, options, reduction, d, rtol=RTOL, atol=ATOL, programs=None, **chunks):
+    """As :func:`_compare_logits`, for the fused loss (``chunks``: its chunk sizes)."""
     kw = _kwargs(options, d)
     kw.pop("where", None)  # the fused loss has no mask: -inf in the bias removes classes
     weights = kw.pop("class_weights", None)
@@ -377,12 +392,16 @@ def _compare_fused(mesh, options, reduction, d, rtol=RTOL, atol=ATOL, **chunks):
         argnums = (0, 1, 2) if weights is None else (0, 1, 2, 3)
         return _evaluation_and_training(loss, reduction, cotangent, argnums)
 
-    sharded = make(
-        lambda *a, **k: jaxce.sharded.linear_softmax_cross_entropy(
-            *a, axis_name="model", data_axis_name="data", mesh=mesh, **chunks, **k
+    def build():
+        sharded = make(
+            lambda *a, **k: jaxce.sharded.linear_softmax_cross_entropy(
+                *a, axis_name="model", data_axis_name="data", mesh=mesh, **chunks, **k
+            )
         )
-    )
-    single = make(fused_reference)
+        return sharded, make(fused_reference)
+
+    key = ("fused", reduction, tuple(sorted(kw.items())), weights is None, tuple(sorted(hyper)))
+    sharded, single = _reused(programs, key, build)
     args = (d["x"], d["w"], d["bias"], weights, hyper)
     close("loss alone", sharded[0](*args), single[0](*args), rtol, atol)
     (v1, g1), (v2, g2) = sharded[1](*args), single[1](*args)
@@ -502,6 +521,9 @@ POISON = {
 def nan_comes_through_as_on_one_device():
     d = data(v=1024)
     mesh = mesh_of((2, 4))
+    # The cases differ in their data and in the values of their traced hyperparameters, not in
+    # their programs: each program is compiled once, for every case with its options' names.
+    reuse = {"programs": {}}
     for name, (key, index, hyper) in POISON.items():
         poisoned = d if key is None else _poisoned(d, key, index)
         options = {"ignore_index": -100, **hyper}
@@ -509,9 +531,9 @@ def nan_comes_through_as_on_one_device():
             for reduction in ("none", "mean"):
                 values = []
                 if key in (None, "logits"):
-                    values.append(_compare_logits(mesh, options, reduction, poisoned))
+                    values.append(_compare_logits(mesh, options, reduction, poisoned, **reuse))
                 if key != "logits":
-                    values.append(_compare_fused(mesh, options, reduction, poisoned))
+                    values.append(_compare_fused(mesh, options, reduction, poisoned, **reuse))
                 # The single-device loss is NaN (its own tests check that), so agreeing with it
                 # means being NaN, not both being some number.
                 assert all(np.isnan(v) for v in values), f"{reduction}: {values} is not NaN"

@@ -19,6 +19,10 @@ implementation must do:
 ``linear``
     ``jaxce.linear_softmax_cross_entropy(x, w, labels)`` against the unfused losses (jaxce's and
     optax's on ``x @ w``), gradients to ``x`` and ``w``.
+``options``
+    run only when named: the integer-label loss with each option of ``cross_entropy``'s alone
+    (class weights, z-loss, label smoothing, soft cap) and all four, each against the same
+    options written with optax, which tells which option costs what.
 
 The floor of the first three reads the logits (and the labels where the loss reads them: soft
 labels, binary targets) once and writes an array of the logits' size, which any forward +
@@ -85,12 +89,14 @@ GRID = {
     "soft_cross_entropy": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768)),
     "binary": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768)),
     "linear": ((1024, 256, 8192), (4096, 512, 32768)),
+    "options": ((256, 10), (1024, 1000), (16384, 4096), (4096, 32768), (4096, 131072)),
 }
 QUICK_GRID = {
     "cross_entropy": ((256, 10), (1024, 1000), (2048, 8192)),
     "soft_cross_entropy": ((256, 10), (2048, 4096)),
     "binary": ((256, 10), (2048, 4096)),
     "linear": ((512, 256, 4096),),
+    "options": ((256, 10), (1024, 1000), (2048, 8192)),
 }
 # Added to the default grid on a GPU or TPU (bfloat16 8192 x 131072 is a language model's step).
 ACCELERATOR_GRID = {
@@ -98,6 +104,7 @@ ACCELERATOR_GRID = {
     "soft_cross_entropy": ((8192, 131072),),
     "binary": ((8192, 131072),),
     "linear": ((16384, 4096, 131072),),
+    "options": ((8192, 131072),),
 }
 DEFAULT_DTYPES = ("float32", "bfloat16")
 GRID_MINUTES = "about 13 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
@@ -119,6 +126,16 @@ class _Options(TypedDict):
 
 # The options of cross_entropy's "jaxce, all options" row, with class weights in [0.5, 1.5).
 ALL_OPTIONS: _Options = {"label_smoothing": 0.1, "z_loss": 1e-4, "logit_soft_cap": 30.0}
+
+# The options benchmark's programs: class weights alone, each of ALL_OPTIONS alone and all four
+# (the options, and whether class weights are given).
+OPTION_SETS: dict[str, tuple[Mapping[str, Any], bool]] = {
+    "class weights": ({}, True),
+    "z-loss": ({"z_loss": ALL_OPTIONS["z_loss"]}, False),
+    "label smoothing": ({"label_smoothing": ALL_OPTIONS["label_smoothing"]}, False),
+    "soft cap": ({"logit_soft_cap": ALL_OPTIONS["logit_soft_cap"]}, False),
+    "all four": (ALL_OPTIONS, True),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,6 +170,7 @@ class Benchmark:
       shape_names: the names of the shape's dimensions, e.g. ``("N", "C")``.
       inputs: ``(shape, dtype) -> tuple of arrays``, the arguments of every program.
       programs: the programs, the floor last.
+      by_default: whether a run that names no benchmark measures it.
     """
 
     name: str
@@ -160,6 +178,7 @@ class Benchmark:
     shape_names: tuple[str, ...]
     inputs: Callable[[tuple[int, ...], str], tuple[jax.Array, ...]]
     programs: tuple[Program, ...]
+    by_default: bool = True
 
 
 def _uniform(shape: tuple[int, ...], seed: int) -> jax.Array:
@@ -280,29 +299,49 @@ def _jaxce_ce(z, labels, weights):
     return jaxce.softmax_cross_entropy_with_integer_labels(z, labels, reduction="mean")
 
 
-def _jaxce_ce_all_options(z, labels, weights):
-    return jaxce.softmax_cross_entropy_with_integer_labels(
-        z, labels, class_weights=weights, reduction="mean", **ALL_OPTIONS
-    )
+def _jaxce_ce_with(options: Mapping[str, Any], weighted: bool) -> Callable[..., jax.Array]:
+    """The integer-label loss with ``options`` (and the class weights if ``weighted``)."""
+
+    def loss(z, labels, weights):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            z, labels, class_weights=weights if weighted else None, reduction="mean", **options
+        )
+
+    return loss
+
+
+def _optax_ce_with(options: Mapping[str, Any], weighted: bool) -> Callable[..., jax.Array]:
+    """The same loss as :func:`_jaxce_ce_with`, as it is written with optax (PyTorch's semantics:
+    each class's term weighted by its class weight, the mean over the labels' weights): the soft
+    cap's tanh, one-hot labels smoothed by optax.smooth_labels and weighted, the z-loss from the
+    logsumexp; in float32, as jaxce computes (and as the float32 labels and weights need under
+    strict dtype promotion)."""
+    cap, eps, zl = (options.get(k) for k in ("logit_soft_cap", "label_smoothing", "z_loss"))
+
+    def loss(z, labels, weights):
+        z = z.astype(jnp.float32)
+        if cap is not None:
+            z = cap * jnp.tanh(z / cap)
+        targets = jax.nn.one_hot(labels, z.shape[-1], dtype=jnp.float32)
+        if eps is not None:
+            targets = optax.smooth_labels(targets, eps)
+        w_y = weights[labels] if weighted else jnp.ones(labels.shape, jnp.float32)
+        if weighted:
+            targets = targets * weights[None, :]
+        per_example = optax.softmax_cross_entropy(z, targets)
+        if zl is not None:
+            per_example = per_example + zl * w_y * jax.nn.logsumexp(z, axis=-1) ** 2
+        return jnp.sum(per_example) / jnp.sum(w_y)
+
+    return loss
 
 
 def _optax_ce(z, labels, weights):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, labels))
 
 
-def _optax_ce_all_options(z, labels, weights):
-    # The same loss as _jaxce_ce_all_options, as it is written with optax (PyTorch's semantics:
-    # each class's term weighted by its class weight, the mean over the labels' weights): the
-    # soft cap's tanh, one-hot labels smoothed by optax.smooth_labels and weighted, the z-loss
-    # from the logsumexp; in float32, as jaxce computes (and as the float32 labels and weights
-    # need under strict dtype promotion).
-    cap, eps, zl = (ALL_OPTIONS[k] for k in ("logit_soft_cap", "label_smoothing", "z_loss"))
-    capped = cap * jnp.tanh(z.astype(jnp.float32) / cap)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, z.shape[-1], dtype=jnp.float32), eps)
-    w_y = weights[labels]
-    loss = optax.softmax_cross_entropy(capped, targets * weights[None, :])
-    loss = loss + zl * w_y * jax.nn.logsumexp(capped, axis=-1) ** 2
-    return jnp.sum(loss) / jnp.sum(w_y)
+_jaxce_ce_all_options = _jaxce_ce_with(ALL_OPTIONS, weighted=True)
+_optax_ce_all_options = _optax_ce_with(ALL_OPTIONS, weighted=True)
 
 
 def _jaxce_soft_ce(z, labels):
@@ -413,8 +452,38 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Program("floor (x @ w, g @ w.T, x.T @ g)", FLOOR, _matmul_floor),
             ),
         ),
+        Benchmark(
+            "options",
+            "integer-label softmax cross-entropy with each option alone and all four,"
+            " value_and_grad of the mean wrt the logits",
+            ("N", "C"),
+            _cross_entropy_inputs,
+            (
+                *(
+                    program
+                    for name, (options, weighted) in OPTION_SETS.items()
+                    for program in (
+                        Program(
+                            f"jaxce, {name}",
+                            JAXCE,
+                            _grad_of_logits(_jaxce_ce_with(options, weighted)),
+                            compare_to=f"optax, {name}",
+                        ),
+                        Program(
+                            f"optax, {name}",
+                            OPTAX,
+                            _grad_of_logits(_optax_ce_with(options, weighted)),
+                        ),
+                    )
+                ),
+                Program("floor (read + write the logits)", FLOOR, _logits_floor),
+            ),
+            by_default=False,
+        ),
     )
 }
+# What a run that names no benchmark measures.
+DEFAULT_BENCHMARKS = tuple(name for name, b in BENCHMARKS.items() if b.by_default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -769,7 +838,8 @@ def plan(
     """The ``(benchmark, shape, dtype)`` cases that ``run`` measures, in order.
 
     Args:
-      benchmarks: names from ``BENCHMARKS``; ``None`` for all of them.
+      benchmarks: names from ``BENCHMARKS``; ``None`` for ``DEFAULT_BENCHMARKS`` (all but
+        ``options``).
       shapes: shapes ``(N, C)`` for the logits' benchmarks and ``(N, D, V)`` for ``linear``,
         each used by the benchmarks of its length; ``None`` for the default grid (``GRID``,
         extended by ``ACCELERATOR_GRID`` on a GPU or TPU) or ``QUICK_GRID`` when ``quick``.
@@ -779,7 +849,7 @@ def plan(
     Returns:
       The cases, benchmark by benchmark, shapes in the given order, dtypes innermost.
     """
-    names = list(BENCHMARKS) if benchmarks is None else list(benchmarks)
+    names = list(DEFAULT_BENCHMARKS) if benchmarks is None else list(benchmarks)
     for name in names:
         if name not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
@@ -1018,6 +1088,9 @@ def _notes(benchmark: str) -> str:
     if benchmark == "cross_entropy":
         options = ", ".join(f"{k}={v:g}" for k, v in ALL_OPTIONS.items())
         return f"all options: {options} and class_weights."
+    if benchmark == "options":
+        options = ", ".join(f"{k}={v:g}" for k, v in ALL_OPTIONS.items())
+        return f"{options}; class weights in [0.5, 1.5)."
     return ""
 
 
@@ -1302,7 +1375,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="*",
         type=_benchmark,
         metavar="BENCHMARK",
-        help=f"any of {', '.join(BENCHMARKS)} (default: all)",
+        help=f"any of {', '.join(BENCHMARKS)} (default: {', '.join(DEFAULT_BENCHMARKS)})",
     )
     parser.add_argument(
         "--quick",
@@ -1389,7 +1462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     benchmarks = list(dict.fromkeys(args.benchmarks)) or None
     if args.shape is not None:
         ranks = {len(s) for s in args.shape}
-        chosen = benchmarks or [b for b in BENCHMARKS if len(BENCHMARKS[b].shape_names) in ranks]
+        chosen = benchmarks or [
+            b for b in DEFAULT_BENCHMARKS if len(BENCHMARKS[b].shape_names) in ranks
+        ]
         for name in chosen:
             names = BENCHMARKS[name].shape_names
             if len(names) not in ranks:

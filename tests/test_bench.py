@@ -103,9 +103,11 @@ def test_plan_gives_each_benchmark_the_shapes_of_its_rank():
     assert ("linear", (8, 4, 16), "bfloat16") in cases
     assert ("binary", (8, 16), "float32") in cases
     assert all(len(shape) == (3 if name == "linear" else 2) for name, shape, _ in cases)
-    assert len(cases) == 2 * len(bench.BENCHMARKS)
-    quick = bench.plan(["cross_entropy"], quick=True)
-    assert [s for _, s, d in quick if d == "float32"] == list(bench.QUICK_GRID["cross_entropy"])
+    assert len(cases) == 2 * len(bench.DEFAULT_BENCHMARKS)
+    assert "options" not in bench.DEFAULT_BENCHMARKS  # measured only when named
+    for name in ("cross_entropy", "options"):
+        quick = bench.plan([name], quick=True)
+        assert [s for _, s, d in quick if d == "float32"] == list(bench.QUICK_GRID[name])
     with pytest.raises(ValueError, match="unknown benchmark"):
         bench.plan(["nope"])
     with pytest.raises(ValueError, match="unknown dtype"):
@@ -170,7 +172,9 @@ def test_quick_on_cpu_warms_up_only_each_benchmarks_first_case(monkeypatch, back
 
 
 def test_run_measures_every_program(results):
-    expected = {(name, p.name) for name, b in bench.BENCHMARKS.items() for p in b.programs}
+    expected = {
+        (name, p.name) for name in bench.DEFAULT_BENCHMARKS for p in bench.BENCHMARKS[name].programs
+    }
     assert {(r.benchmark, r.program) for r in results} == expected
     for r in results:
         assert r.error is None, r
@@ -199,6 +203,21 @@ def test_the_compared_programs_compute_the_same_loss():
             for i, (a, b) in enumerate(pairs):  # the value first, to 1e-5
                 rtol, atol = (1e-5, 0) if i == 0 else (1e-4, 1e-7)
                 np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"{name}: {p.name}")
+
+
+def test_the_options_benchmark_pairs_each_option_set_with_optax():
+    """``options``: each option alone and all four, each jaxce program compared with the same
+    options written with optax, in one run with a floor."""
+    results = bench.run(["options"], [(8, 16)], ["float32"], repeats=1, compile_samples=1)
+    by_name = {r.program: r for r in results}
+    for name in bench.OPTION_SETS:
+        mine = by_name[f"jaxce, {name}"]
+        assert mine.compare_to == f"optax, {name}" and mine.speedup is not None, mine
+        assert mine.x_floor is not None and by_name[f"optax, {name}"].x_floor is not None
+    assert len(results) == 2 * len(bench.OPTION_SETS) + 1
+    assert all(r.error is None for r in results)
+    table = bench.format_table(results)
+    assert "label_smoothing=0.1, z_loss=0.0001, logit_soft_cap=30" in table
 
 
 def test_a_failing_program_is_reported_and_the_others_still_run(monkeypatch, capsys):
@@ -419,12 +438,14 @@ def test_table_and_markdown(results):
     assert f"JAX {jax.__version__}" in header and "optax" in header
     table = bench.format_table(results, header)
     assert table.startswith(header)
-    for name, benchmark in bench.BENCHMARKS.items():
-        assert f"{name}: {benchmark.summary}" in table
+    for name in bench.DEFAULT_BENCHMARKS:
+        assert f"{name}: {bench.BENCHMARKS[name].summary}" in table
     assert "8x4x16" in table and "x floor" in table and "speed-up vs optax" in table
     markdown = bench.format_markdown(results, header)
     rows = [line for line in markdown.splitlines() if line.startswith("|")]
-    assert len(rows) == len(results) + 2 * len(bench.BENCHMARKS)  # header and rule per table
+    assert len(rows) == len(results) + 2 * len(
+        bench.DEFAULT_BENCHMARKS
+    )  # header and rule per table
     assert len({row.count(" | ") for row in rows if not row.startswith("|-")}) == 1
     assert "| 8x16 | float32 | jaxce" in markdown
 

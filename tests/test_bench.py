@@ -443,9 +443,8 @@ def test_table_and_markdown(results):
     assert "8x4x16" in table and "x floor" in table and "speed-up vs optax" in table
     markdown = bench.format_markdown(results, header)
     rows = [line for line in markdown.splitlines() if line.startswith("|")]
-    assert len(rows) == len(results) + 2 * len(
-        bench.DEFAULT_BENCHMARKS
-    )  # header and rule per table
+    tables = len(bench.DEFAULT_BENCHMARKS)
+    assert len(rows) == len(results) + 2 * tables  # a header and a rule per table
     assert len({row.count(" | ") for row in rows if not row.startswith("|-")}) == 1
     assert "| 8x16 | float32 | jaxce" in markdown
 

@@ -523,7 +523,7 @@ def nan_comes_through_as_on_one_device():
     mesh = mesh_of((2, 4))
     # The cases differ in their data and in the values of their traced hyperparameters, not in
     # their programs: each program is compiled once, for every case with its options' names.
-    reuse = {"programs": {}}
+    programs = {}
     for name, (key, index, hyper) in POISON.items():
         poisoned = d if key is None else _poisoned(d, key, index)
         options = {"ignore_index": -100, **hyper}
@@ -531,9 +531,13 @@ def nan_comes_through_as_on_one_device():
             for reduction in ("none", "mean"):
                 values = []
                 if key in (None, "logits"):
-                    values.append(_compare_logits(mesh, options, reduction, poisoned, **reuse))
+                    values.append(
+                        _compare_logits(mesh, options, reduction, poisoned, programs=programs)
+                    )
                 if key != "logits":
-                    values.append(_compare_fused(mesh, options, reduction, poisoned, **reuse))
+                    values.append(
+                        _compare_fused(mesh, options, reduction, poisoned, programs=programs)
+                    )
                 # The single-device loss is NaN (its own tests check that), so agreeing with it
                 # means being NaN, not both being some number.
                 assert all(np.isnan(v) for v in values), f"{reduction}: {values} is not NaN"

@@ -268,17 +268,18 @@ def row_stats(
 ) -> Partial:
     """:func:`partial_stats` of ``[..., C]`` logits, reduced a chunk of rows at a time
     (``_loops.by_row_chunks``): the temporaries are the size of a chunk, on any XLA; whole rows
-    where only ``max`` and ``sum exp`` are reduced, on a GPU, and on CPU for float32 and float64
-    logits, and for bfloat16 ones where no derivative follows (``alone``: the loss without its
-    gradient, whose backward pass would otherwise share their float32 conversion;
-    ``_xla.row_chunk``)."""
+    without a mask or a soft cap on a GPU, and where only ``max`` and ``sum exp`` are reduced
+    (no smoothing either) on CPU for float32 and float64 logits, and for bfloat16 ones where no
+    derivative follows (``alone``: the loss without its gradient, whose backward pass would
+    otherwise share their float32 conversion; ``_xla.row_chunk``)."""
 
     def stats(xs, ms, weights, options):
         return partial_stats(xs, ms, weights, options, num_classes)
 
-    fuses_whole = mask is None and not options.elementwise
+    # Smoothing's sums fuse whole on a GPU too; a soft cap's do not (_xla.WHOLE_ROWS_BACKENDS).
+    fuses_whole = mask is None and options.logit_soft_cap is None
     narrow = alone and _xla.fusible_on_cpu(x)
-    on_cpu = fuses_whole and (_xla.computes_in_place(x) or narrow)
+    on_cpu = fuses_whole and not options.smoothing and (_xla.computes_in_place(x) or narrow)
     if on_cpu and narrow:
         x = _xla.unshared(x)
     return _loops.by_row_chunks(

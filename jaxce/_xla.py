@@ -79,10 +79,20 @@ ROW_CHUNK_BYTES = {"cpu": 2**20, "gpu": 256 * 2**20, "tpu": 256 * 2**20}
 # rows against 256 MiB chunks): the integer-label statistics without soft cap or smoothing,
 # 0.86-0.94x -> 0.96-1.06x, temporaries at most 144 KiB; the soft-label statistics without
 # smoothing, class weights or mask, 0.78-0.95x -> 0.95-1.01x, at most 16 MiB; float32
-# elementwise sums (sigmoid BCE), 1.39-1.53x -> 1.80-2.11x, at most 257 KiB. Not so with a soft
-# cap or smoothing (every option on, bfloat16 [8192, 131072]: 4 GiB of temporaries) or for a
-# bfloat16 elementwise sum whose derivative shares an exponential with it (4 GiB, see
-# ``reads_whole_rows``): those keep their chunks, as TPUs do (not measured). Guarded by
+# elementwise sums (sigmoid BCE), 1.39-1.53x -> 1.80-2.11x, at most 257 KiB. Label smoothing
+# without a soft cap too (2026-12-04, [8192, 131072] and [4096, 32768], alone, with class weights,
+# with z-loss and class weights): float32 0.79-0.99x -> 1.02-1.27x, bfloat16 0.66-1.12x ->
+# 0.88-1.54x, its four row sums one fusion beside the max's; XLA's partial sums of long rows grow
+# with the rows there, 1-2 KiB a row (16-33 MiB at 16384 rows of 32768-131072 classes, 0.4% of
+# the float32 logits). Not so with a soft cap (every option on, bfloat16 [8192, 131072]: 4 GiB of
+# temporaries, the capped logits written out) or for a bfloat16 elementwise sum whose derivative
+# shares an exponential with it (4 GiB, see ``reads_whole_rows``): those keep their chunks, as
+# TPUs do (not measured). With a soft cap, neither one reduction for the four sums (the max reads
+# the capped logits too, so XLA still writes them out: 0.78 -> 0.80x in float32, 0.81 -> 0.72x
+# with smoothing alone in bfloat16) nor the statistics as one online-softmax reduction (XLA's GPU
+# code for a reduction of several values with a rescaling combiner is bound by its arithmetic:
+# float32 max and sum 1.80 ms against 0.96 + 0.95 ms as two reductions, every option 0.78 ->
+# 0.70x) was faster. Guarded by
 # tests/test_memory.py::test_gpus_read_whole_rows_where_xla_fuses_them.
 WHOLE_ROWS_BACKENDS = ("gpu",)
 

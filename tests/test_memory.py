@@ -364,8 +364,20 @@ _WHOLE_ROW_CASES = {
         "float32",
         True,
     ),
-    "smoothing": (lambda z, y: CE(z, y, label_smoothing=0.1, reduction="mean"), "float32", False),
+    "smoothing": (lambda z, y: CE(z, y, label_smoothing=0.1, reduction="mean"), "float32", True),
+    "smoothing, z-loss and class weights, bf16": (
+        lambda z, y: CE(
+            z, y, label_smoothing=0.1, z_loss=1e-4, class_weights=_WEIGHTS, reduction="mean"
+        ),
+        "bfloat16",
+        True,
+    ),
     "soft cap": (lambda z, y: CE(z, y, logit_soft_cap=30.0, reduction="mean"), "bfloat16", False),
+    "smoothing, soft cap": (
+        lambda z, y: CE(z, y, label_smoothing=0.1, logit_soft_cap=30.0, reduction="mean"),
+        "float32",
+        False,
+    ),
     "where": (lambda z, y: CE(z, y, where=z > 0, reduction="mean"), "float32", False),
     "soft labels": (
         lambda z, y: jaxce.softmax_cross_entropy(z, jax.nn.one_hot(y, 32768), reduction="mean"),

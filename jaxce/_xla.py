@@ -87,12 +87,15 @@ ROW_CHUNK_BYTES = {"cpu": 2**20, "gpu": 256 * 2**20, "tpu": 256 * 2**20}
 # the float32 logits). Not so with a soft cap (every option on, bfloat16 [8192, 131072]: 4 GiB of
 # temporaries, the capped logits written out) or for a bfloat16 elementwise sum whose derivative
 # shares an exponential with it (4 GiB, see ``reads_whole_rows``): those keep their chunks, as
-# TPUs do (not measured). With a soft cap, neither one reduction for the four sums (the max reads
-# the capped logits too, so XLA still writes them out: 0.78 -> 0.80x in float32, 0.81 -> 0.72x
-# with smoothing alone in bfloat16) nor the statistics as one online-softmax reduction (XLA's GPU
-# code for a reduction of several values with a rescaling combiner is bound by its arithmetic:
-# float32 max and sum 1.80 ms against 0.96 + 0.95 ms as two reductions, every option 0.78 ->
-# 0.70x) was faster. Guarded by
+# TPUs do (not measured). With a soft cap and smoothing, XLA writes the capped logits out (in
+# the max's kernel, which reads the same logits) for the sums, two of which read them. Nothing
+# tried on the H200 on 2026-12-04 changed that (every option, float32 [8192, 131072], speed
+# relative to optax's from 0.78-0.80x): the four sums as one reduction, 0.80x; an optimization
+# barrier after the max, 0.65x (the capped logits get a kernel of their own); the cap's tanh
+# built from exp(-2|u|) and a polynomial, operations XLA repeats in each reader, 0.80x; the max
+# and the sums as one online-softmax reduction, 0.70x (XLA's GPU code for a reduction of several
+# values with a rescaling combiner is bound by its arithmetic: float32 max and sum 1.80 ms
+# against 0.96 + 0.95 ms as two reductions). Guarded by
 # tests/test_memory.py::test_gpus_read_whole_rows_where_xla_fuses_them.
 WHOLE_ROWS_BACKENDS = ("gpu",)
 

@@ -295,10 +295,6 @@ def _matmul_floor():
     return lambda x, w, labels, g: (x @ w, g @ w.T, x.T @ g)
 
 
-def _jaxce_ce(z, labels, weights):
-    return jaxce.softmax_cross_entropy_with_integer_labels(z, labels, reduction="mean")
-
-
 def _jaxce_ce_with(options: Mapping[str, Any], weighted: bool) -> Callable[..., jax.Array]:
     """The integer-label loss with ``options`` (and the class weights if ``weighted``)."""
 
@@ -342,6 +338,7 @@ def _optax_ce(z, labels, weights):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, labels))
 
 
+_jaxce_ce = _jaxce_ce_with({}, weighted=False)
 _jaxce_ce_all_options = _jaxce_ce_with(ALL_OPTIONS, weighted=True)
 _optax_ce_all_options = _optax_ce_with(ALL_OPTIONS, weighted=True)
 

@@ -23,11 +23,19 @@ implementation must do:
     run only when named: the integer-label loss with each option of ``cross_entropy``'s alone
     (class weights, z-loss, label smoothing, soft cap) and all four, each against the same
     options written with optax, which tells which option costs what.
+``step``
+    run only when named: ``cross_entropy``'s losses inside a small classifier's training step,
+    ``value_and_grad`` with respect to the parameters of a multilayer perceptron (784 inputs,
+    256 ReLU units, ``C`` classes) on ``N`` examples, which tells what a loss's time comes to in
+    a step, where its call is no longer a program of its own.
 
 The floor of the first three reads the logits (and the labels where the loss reads them: soft
 labels, binary targets) once and writes an array of the logits' size, which any forward +
 backward pass must at least do. The floor of ``linear`` is the three matrix products no
-implementation can avoid, ``x @ w``, ``g @ w.T`` and ``x.T @ g``, jitted together.
+implementation can avoid, ``x @ w``, ``g @ w.T`` and ``x.T @ g``, jitted together. The floor of
+``step`` is the same step with the linear loss ``sum(g * logits)`` for a given ``g``: the model's
+forward pass, one read of its logits and its backward pass from ``g``, the least any loss adds to
+the model (so ``x floor`` is the step's time over the model's own).
 
 Every program is compiled once as a warm-up and then ``COMPILE_SAMPLES`` times (the compile time
 reported is the median of ``lower`` + ``compile`` of a fresh function, so no cache of JAX hides
@@ -106,6 +114,11 @@ ACCELERATOR_GRID: dict[str, tuple[tuple[int, ...], ...]] = {
 # The options benchmark times the integer-label loss at cross_entropy's shapes.
 for _grid in (GRID, QUICK_GRID, ACCELERATOR_GRID):
     _grid["options"] = _grid["cross_entropy"]
+# The step benchmark's batches and classes: a digit classifier, a thousand classes, and a
+# vocabulary's worth, where the loss's share of the step grows.
+GRID["step"] = ((256, 10), (1024, 1000), (4096, 4096), (1024, 32768))
+QUICK_GRID["step"] = ((256, 10), (1024, 1000))
+ACCELERATOR_GRID["step"] = ((8192, 32768),)
 DEFAULT_DTYPES = ("float32", "bfloat16")
 GRID_MINUTES = "about 13 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
 # A timed sample calls a program this long at least: a 100 µs call is timed as the mean of 200.
@@ -267,6 +280,61 @@ def _loss_alone(mean_loss: Callable[..., jax.Array]) -> Callable[[], Callable]:
     return make
 
 
+# The step benchmark's model: a multilayer perceptron with MODEL_FEATURES inputs and one hidden
+# layer of MODEL_HIDDEN ReLU units (the size of a digit classifier), whose logits the loss reads.
+MODEL_FEATURES, MODEL_HIDDEN = 784, 256
+
+
+def _step_inputs(shape, dtype):
+    """The inputs of the step benchmark's programs: ``(features, labels, class weights, w1, b1,
+    w2, b2, g)``, with ``g`` the floor's stand-in for the gradient of the loss wrt the logits."""
+    n, c = shape
+    features = _logits((n, MODEL_FEATURES), dtype, 3.0**0.5)  # unit variance
+    w1 = _logits((MODEL_FEATURES, MODEL_HIDDEN), dtype, (6.0 / MODEL_FEATURES) ** 0.5)  # He
+    b1 = jnp.zeros((MODEL_HIDDEN,), dtype)
+    w2 = _logits((MODEL_HIDDEN, c), dtype, 2.0 * (3.0 / MODEL_HIDDEN) ** 0.5)  # logits' sd 2
+    b2 = jnp.zeros((c,), dtype)
+    g = _logits((n, c), dtype, (3.0 / (n * c)) ** 0.5)
+    _, labels, weights = _cross_entropy_inputs(shape, dtype)
+    return features, labels, weights, w1, b1, w2, b2, g
+
+
+def _model(features, w1, b1, w2, b2):
+    """The step benchmark's logits."""
+    return jax.nn.relu(features @ w1 + b1[None, :]) @ w2 + b2[None, :]
+
+
+def _step(mean_loss: Callable[..., jax.Array]) -> Callable[[], Callable]:
+    """``make`` for a program ``(features, labels, weights, w1, b1, w2, b2, g) ->
+    value_and_grad wrt (w1, b1, w2, b2)`` of ``mean_loss`` on the model's logits."""
+
+    def make():
+        def program(features, labels, weights, w1, b1, w2, b2, g):
+            def loss(params):
+                return mean_loss(_model(features, *params), labels, weights)
+
+            return jax.value_and_grad(loss)((w1, b1, w2, b2))
+
+        return program
+
+    return make
+
+
+def _model_floor():
+    # A step whose loss is linear, sum(g * logits) with g given: the model's forward pass, one
+    # read of its logits, and its backward pass from g, the gradient wrt the logits. A loss
+    # does at least that, and then computes and writes its gradient. (Returning the logits
+    # instead of reading them would write them out as an output, fresh memory on every call:
+    # slower than a whole step with a loss, in bfloat16 at [4096, 4096] on CPU.)
+    def program(features, labels, weights, w1, b1, w2, b2, g):
+        def linear_loss(params):
+            return jnp.sum(_model(features, *params) * g, dtype=jnp.float32)
+
+        return jax.value_and_grad(linear_loss)((w1, b1, w2, b2))
+
+    return program
+
+
 def _grad_of_x_and_w(mean_loss: Callable[..., jax.Array]) -> Callable[[], Callable]:
     """``make`` for a program ``(x, w, labels, g) -> value_and_grad wrt x and w``."""
 
@@ -371,6 +439,24 @@ def _optax_unfused(x, w, labels):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ w, labels))
 
 
+def _plain_and_all_options(
+    program: Callable[[Callable[..., jax.Array]], Callable[[], Callable]],
+) -> tuple[Program, ...]:
+    """The integer-label loss, plain and with every option on, jaxce's and optax's, each made
+    into a program by ``program`` (e.g. :func:`_grad_of_logits`)."""
+    return (
+        Program("jaxce", JAXCE, program(_jaxce_ce), compare_to="optax"),
+        Program(
+            "jaxce, all options",
+            JAXCE,
+            program(_jaxce_ce_all_options),
+            compare_to="optax, all options",
+        ),
+        Program("optax", OPTAX, program(_optax_ce)),
+        Program("optax, all options", OPTAX, program(_optax_ce_all_options)),
+    )
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
@@ -380,15 +466,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             ("N", "C"),
             _cross_entropy_inputs,
             (
-                Program("jaxce", JAXCE, _grad_of_logits(_jaxce_ce), compare_to="optax"),
-                Program(
-                    "jaxce, all options",
-                    JAXCE,
-                    _grad_of_logits(_jaxce_ce_all_options),
-                    compare_to="optax, all options",
-                ),
-                Program("optax", OPTAX, _grad_of_logits(_optax_ce)),
-                Program("optax, all options", OPTAX, _grad_of_logits(_optax_ce_all_options)),
+                *_plain_and_all_options(_grad_of_logits),
                 Program(JAXCE_ALONE, JAXCE, _loss_alone(_jaxce_ce), compare_to=OPTAX_ALONE),
                 Program(OPTAX_ALONE, OPTAX, _loss_alone(_optax_ce)),
                 Program("floor (read + write the logits)", FLOOR, _logits_floor),
@@ -476,6 +554,18 @@ BENCHMARKS: dict[str, Benchmark] = {
                     )
                 ),
                 Program("floor (read + write the logits)", FLOOR, _logits_floor),
+            ),
+            by_default=False,
+        ),
+        Benchmark(
+            "step",
+            f"a training step: value_and_grad wrt the parameters of a multilayer perceptron"
+            f" ({MODEL_FEATURES} inputs, {MODEL_HIDDEN} ReLU units) of the mean loss on its logits",
+            ("N", "C"),
+            _step_inputs,
+            (
+                *_plain_and_all_options(_step),
+                Program("floor (the model, a linear loss)", FLOOR, _model_floor),
             ),
             by_default=False,
         ),
@@ -838,10 +928,11 @@ def plan(
 
     Args:
       benchmarks: names from ``BENCHMARKS``; ``None`` for ``DEFAULT_BENCHMARKS`` (all but
-        ``options``).
-      shapes: shapes ``(N, C)`` for the logits' benchmarks and ``(N, D, V)`` for ``linear``,
-        each used by the benchmarks of its length; ``None`` for the default grid (``GRID``,
-        extended by ``ACCELERATOR_GRID`` on a GPU or TPU) or ``QUICK_GRID`` when ``quick``.
+        ``options`` and ``step``).
+      shapes: shapes ``(N, C)`` for the logits' benchmarks and ``step``, ``(N, D, V)`` for
+        ``linear``, each used by the benchmarks of its length; ``None`` for the default grid
+        (``GRID``, extended by ``ACCELERATOR_GRID`` on a GPU or TPU) or ``QUICK_GRID`` when
+        ``quick``.
       dtypes: names from ``DTYPES``; ``None`` for float32 and bfloat16.
       quick: use the reduced grid.
 
@@ -1085,7 +1176,7 @@ def _missed_lines(results: Sequence[Result]) -> list[str]:
 
 def _notes(benchmark: str) -> str:
     options = ", ".join(f"{k}={v:g}" for k, v in ALL_OPTIONS.items())
-    if benchmark == "cross_entropy":
+    if benchmark in ("cross_entropy", "step"):
         return f"all options: {options} and class_weights."
     if benchmark == "options":
         return f"{options}; class weights in [0.5, 1.5)."
@@ -1364,6 +1455,7 @@ def _parser() -> argparse.ArgumentParser:
             "  python -m jaxce.bench --quick\n"
             "  python -m jaxce.bench cross_entropy --shape 4096x32768 --dtype bfloat16\n"
             "  python -m jaxce.bench linear --shape 4096x512x32768 --markdown\n"
+            "  python -m jaxce.bench step --shape 256x10 --shape 1024x1000\n"
             "  python -m jaxce.bench --json results.json --plot results.png\n"
             "  python -m jaxce.bench cross_entropy --from-json results.json --markdown"
         ),
@@ -1387,13 +1479,14 @@ def _parser() -> argparse.ArgumentParser:
         type=_shape,
         metavar="NxC|NxDxV",
         help="measure this shape instead of the grid (repeatable): NxC for the logits'"
-        " benchmarks, NxDxV for linear",
+        " benchmarks and step (N examples of C classes), NxDxV for linear",
     )
     parser.add_argument(
         "--dtype",
         action="append",
         choices=DTYPES,
-        help="the logits' (and x's and w's) dtype, repeatable (default: float32 and bfloat16)",
+        help="the logits' dtype (and the inputs' and weights' of linear and step), repeatable"
+        " (default: float32 and bfloat16)",
     )
     parser.add_argument(
         "--repeats",

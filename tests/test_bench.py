@@ -104,8 +104,9 @@ def test_plan_gives_each_benchmark_the_shapes_of_its_rank():
     assert ("binary", (8, 16), "float32") in cases
     assert all(len(shape) == (3 if name == "linear" else 2) for name, shape, _ in cases)
     assert len(cases) == 2 * len(bench.DEFAULT_BENCHMARKS)
-    assert "options" not in bench.DEFAULT_BENCHMARKS  # measured only when named
-    for name in ("cross_entropy", "options"):
+    for name in ("options", "step"):
+        assert name not in bench.DEFAULT_BENCHMARKS  # measured only when named
+    for name in ("cross_entropy", "options", "step"):
         quick = bench.plan([name], quick=True)
         assert [s for _, s, d in quick if d == "float32"] == list(bench.QUICK_GRID[name])
     with pytest.raises(ValueError, match="unknown benchmark"):
@@ -218,6 +219,44 @@ def test_the_options_benchmark_pairs_each_option_set_with_optax():
     assert all(r.error is None for r in results)
     table = bench.format_table(results)
     assert "label_smoothing=0.1, z_loss=0.0001, logit_soft_cap=30" in table
+
+
+def test_the_step_benchmark_compares_whole_training_steps():
+    """``step``: the integer-label losses inside a model's training step, each jaxce program
+    compared with optax's, in one run with the model's own step as the floor."""
+    results = bench.run(["step"], [(8, 16)], ["float32"], repeats=1, compile_samples=1)
+    by_name = {r.program: r for r in results}
+    assert set(by_name) == {p.name for p in bench.BENCHMARKS["step"].programs}
+    assert all(r.error is None for r in results)
+    for name in ("jaxce", "jaxce, all options"):
+        mine = by_name[name]
+        assert mine.compare_to == name.replace("jaxce", "optax") and mine.speedup is not None
+    assert "all options: label_smoothing=0.1" in bench.format_table(results)
+
+
+def test_the_step_floor_is_the_model_with_a_linear_loss():
+    """The step's floor: the model's forward pass, the linear loss sum(g * logits), and the
+    backward pass from g, against the same step written out in NumPy."""
+    benchmark = bench.BENCHMARKS["step"]
+    floor = next(p for p in benchmark.programs if p.role == bench.FLOOR).make()
+    args = benchmark.inputs((5, 7), "float32")
+    x, labels, weights, w1, b1, w2, b2, g = (np.asarray(a, np.float64) for a in args)
+    value, (dw1, db1, dw2, db2) = floor(*args)
+    pre = x @ w1 + b1
+    hidden = np.maximum(pre, 0)
+    logits = hidden @ w2 + b2
+    assert logits.shape == (5, 7) and 1 < logits.std() < 4  # logits of a classifier's spread
+    dpre = (g @ w2.T) * (pre > 0)
+    expected = (np.sum(g * logits), (x.T @ dpre, dpre.sum(0), hidden.T @ g, g.sum(0)))
+    got = jax.tree.leaves((value, (dw1, db1, dw2, db2)))
+    for mine, want in zip(got, jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(mine, want, rtol=2e-5, atol=1e-6)
+    # Compiled, the model's products are all there: two forward, three backward (no gradient
+    # wrt the features).
+    cost = jax.jit(floor).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    hidden_units, features = bench.MODEL_HIDDEN, bench.MODEL_FEATURES
+    assert cost["flops"] >= 2 * 5 * (2 * features * hidden_units + 3 * hidden_units * 7) - 1
 
 
 def test_a_failing_program_is_reported_and_the_others_still_run(monkeypatch, capsys):

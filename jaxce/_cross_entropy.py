@@ -55,7 +55,9 @@ def _forward(
     label_logit = _rows.capped(_xla.pick(x, meaning.class_index).astype(dtype), options)
     exponentials = None
     if keep:
-        partial, exponentials = _rows.stats_and_exponentials(x, mask, weights, options, num_classes)
+        partial, exponentials = _rows.stats_and_exponentials(
+            x, mask, weights, options, num_classes, kept=True
+        )
     else:
         partial = _rows.row_stats(x, mask, weights, options, num_classes, alone)
     stats = _rows.finish(partial, num_classes)
@@ -273,7 +275,9 @@ def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
 
 
 def _soft_rows_and_exponentials(x, y, mask, weights, eps) -> tuple[_SoftRows, jax.Array]:
-    """:func:`_soft_rows` and the exponentials ``exp(x - shift)`` its log-sum adds up."""
+    """:func:`_soft_rows` and the exponentials ``exp(x - shift)`` its log-sum adds up. Whole
+    rows, of a row chunk or of kept exponentials (at most ``_xla.KEPT_BYTES``): in sub-rows the
+    chunks took 1.05-1.2x the time (``_xla.row_blocks``)."""
     m, e = max_and_exponentials(x, mask)
     shift, log_sum = shift_and_log_sum(m, jnp.sum(e, axis=-1, keepdims=True))
     z = x.astype(shift.dtype)
@@ -328,7 +332,7 @@ def _finite_part(v: jax.Array, big) -> jax.Array:
     return jnp.sign(v) * jnp.minimum(jnp.abs(v), big)
 
 
-def _row_sums(x, y) -> _RowSums:
+def _row_sums(x, y, sub: _loops.SubRows) -> _RowSums:
     """The max, shift, log-sum and target mass of each row, for :func:`_fusible_soft_rows` and,
     where that gives a row that is not finite, :func:`_fusible_exact_soft_rows`: computed once
     for both, so that the second reads the logits and targets once more, not four times, and
@@ -337,21 +341,36 @@ def _row_sums(x, y) -> _RowSums:
     The shift is ``m`` where ``m`` is finite and +-big where it is infinite: ``exp(x - shift)``
     is then 0 at every finite logit, and an empty row's sum is 0 (log: -inf), a +inf logit's
     inf, as in the exact rows. The per-row rules go by the log-sum, not the max: XLA's CPU
-    reductions (max, min) and sign can pass over a NaN logit, its sum of exponentials not."""
+    reductions (max, min) and sign can pass over a NaN logit, its sum of exponentials not.
+
+    ``x`` and ``y`` are the rows' sub-rows (``sub``: :func:`_in_sub_rows`), the sums the rows'."""
     dtype = compute_dtype(x.dtype)
-    m = row_max(x, None)
+    m = sub.max(row_max(x, None))
     shift = _finite_part(m, jnp.finfo(dtype).max)
-    sum_exp = jnp.sum(jnp.exp(x.astype(dtype) - shift), axis=-1, keepdims=True)
-    return _RowSums(m, shift, sum_exp, jnp.sum(y.astype(dtype), axis=-1, keepdims=True))
+    sum_exp = _sum(sub, jnp.exp(x.astype(dtype) - sub.spread(shift)))
+    return _RowSums(m, shift, sum_exp, _sum(sub, y.astype(dtype)))
 
 
-def _fusible_soft_rows(x, y, sums: _RowSums) -> _SoftRows:
+def _sum(sub: _loops.SubRows, values: jax.Array) -> jax.Array:
+    """The rows' sums (``[..., 1]``) of ``values`` over their sub-rows."""
+    return sub.sum(jnp.sum(values, axis=-1, keepdims=True))
+
+
+def _in_sub_rows(x, y):
+    """``(sub, x, y)``: the soft-label rows' sub-rows (``_loops.SubRows``: whole rows but on
+    CPU, for rows longer than its reductions take at full speed) and the arrays' views."""
+    sub = _loops.SubRows.of(x)
+    return (sub, *sub.view(x, y))
+
+
+def _fusible_soft_rows(x, y, sums: _RowSums, sub: _loops.SubRows) -> _SoftRows:
     """The soft-label rows without options, written only in operations that XLA's CPU compiler
     fuses into its reductions (arithmetic, ``exp``, ``log``, ``min``, ``max``, conversions; no
     comparison or select), so that they read whole rows and keep nothing of their size
     (``_xla.fuses_soft_loss``); ``sums``: :func:`_row_sums`. A row whose exact loss needs a
     select comes out NaN here: a zero target on a -inf logit (``0 * inf``, where the loss takes
-    ``0 log 0 = 0``), a row of -inf logits, a +inf or NaN logit or target."""
+    ``0 log 0 = 0``), a row of -inf logits, a +inf or NaN logit or target. ``x``, ``y``: the
+    rows' sub-rows (``sub``)."""
     dtype = sums.sum_exp.dtype
     log_sum = sums.log_sum()
     # The shift m, written again: below 4096 rows XLA leaves the log between the two reductions
@@ -360,12 +379,12 @@ def _fusible_soft_rows(x, y, sums: _RowSums) -> _SoftRows:
     shift_again = -jnp.minimum(-sums.max, jnp.finfo(dtype).max)
     # Likewise one conversion of narrow logits shared by both, or of narrow targets shared with
     # the mass's sum, would be kept as a float32 copy.
-    gaps = (shift_again - _xla.unshared(x).astype(dtype)) + log_sum
-    loss = jnp.sum(_xla.unshared(y).astype(dtype) * gaps, axis=-1, keepdims=True)
+    gaps = (sub.spread(shift_again) - _xla.unshared(x).astype(dtype)) + sub.spread(log_sum)
+    loss = _sum(sub, _xla.unshared(y).astype(dtype) * gaps)
     return _SoftRows(sums.shift, log_sum, None, sums.mass, loss)
 
 
-def _fusible_exact_soft_rows(x, y, sums: _RowSums) -> _SoftRows:
+def _fusible_exact_soft_rows(x, y, sums: _RowSums, sub: _loops.SubRows) -> _SoftRows:
     """The soft-label rows without options as :func:`_soft_forward` computes them, for every
     input (inf and NaN included), written like :func:`_fusible_soft_rows` in operations that
     XLA's CPU compiler fuses into its reductions, with the selects per row, after the sums;
@@ -378,18 +397,19 @@ def _fusible_exact_soft_rows(x, y, sums: _RowSums) -> _SoftRows:
     not: ``y h`` where ``h`` is finite, 0 for a zero target, and +-inf (``2 big`` overflows)
     for any other target on an infinite ``h``, the sign of ``y h``. About four times the
     operations per entry of :func:`_fusible_soft_rows`, in one more reduction over the logits
-    and targets."""
+    and targets. ``x``, ``y``: the rows' sub-rows (``sub``)."""
     dtype = sums.sum_exp.dtype
     big = jnp.finfo(dtype).max
     # Values of their own, so that their float32 conversions stay inside the sum (_xla.unshared).
     z = _xla.unshared(x).astype(dtype)
     t = _xla.unshared(y).astype(dtype)
     # The gaps take the exact rows' shift, shift_of(m): m, or 0 where it is infinite.
-    h = _rows.half_difference(sums.shift - _finite_part(sums.max - sums.shift, big), z)
+    shift = sums.shift - _finite_part(sums.max - sums.shift, big)
+    h = _rows.half_difference(sub.spread(shift), z)
     finite = _finite_part(h, big)
     d = h - finite
     infinite = jnp.sign(t) * jnp.sign(d)
-    half = jnp.sum(t * finite + (infinite + infinite) * big, axis=-1, keepdims=True)
+    half = _sum(sub, t * finite + (infinite + infinite) * big)
     log_sum = sums.log_sum()
     loss = _soft_row_loss(half, sums.mass, log_sum)
     return _SoftRows(shift_of(sums.max), log_sum, None, sums.mass, loss)
@@ -433,11 +453,13 @@ def _fused_else_exact(x, y, part, shared: bool):
     XLA makes the fused pass one fusion that reads each row once, and sums read by the branch too
     would be four reductions (float32 [16384, 4096], against optax's loss in the same run: 0.83x
     as one fusion, 0.47x as four)."""
-    sums = _row_sums(x, y)
-    fused = _fusible_soft_rows(x, y, sums)
+    sub, x, y = _in_sub_rows(x, y)
+    sums = _row_sums(x, y, sub)
+    fused = _fusible_soft_rows(x, y, sums, sub)
 
     def exact():
-        return part(_fusible_exact_soft_rows(x, y, sums if shared else _row_sums(x, y)))
+        again = sums if shared else _row_sums(x, y, sub)
+        return part(_fusible_exact_soft_rows(x, y, again, sub))
 
     # Whether a row is not finite, as a float sum of ``loss * 0``: NaN where a row is, else 0
     # exactly. An ``any`` of booleans costs 0.2-0.3 s of XLA CPU compile time per shape (its

@@ -244,6 +244,68 @@ class Lanes(NamedTuple):
         return per_lane if self.number == 1 else jnp.tile(per_lane, self.number)
 
 
+class SubRows(NamedTuple):
+    """``[..., C]`` rows seen as ``blocks`` sub-rows each (``_xla.row_blocks``): a view
+    ``[rows * blocks, C / blocks]`` (a reshape that moves nothing, behind an optimization
+    barrier) whose rows are reduced, and whose per-row results are merged back into the rows'.
+    With one block every method returns its argument, so callers write one computation."""
+
+    blocks: int
+    shape: tuple[int, ...]  # the rows' shape, [..., C]
+
+    @staticmethod
+    def of(x: jax.Array) -> SubRows:
+        blocks = _xla.row_blocks(x.shape[-1], x.dtype) if x.ndim else 1
+        return SubRows(blocks, tuple(x.shape))
+
+    def view(self, *arrays: jax.Array | None) -> tuple:
+        """``[..., C]`` arrays (or None) as ``[rows * blocks, C / blocks]``, all behind one
+        barrier."""
+        if self.blocks == 1:
+            return arrays
+        flat = (math.prod(self.shape[:-1]) * self.blocks, self.shape[-1] // self.blocks)
+        present = [jnp.reshape(a, flat) for a in arrays if a is not None]
+        viewed = iter(jax.lax.optimization_barrier(present))
+        return tuple(None if a is None else next(viewed) for a in arrays)
+
+    def classes(self, v: jax.Array | None) -> jax.Array | None:
+        """A per-class ``[C]`` vector as the view's ``[rows * blocks, C / blocks]`` (None:
+        None); with one block, as it is."""
+        if v is None or self.blocks == 1:
+            return v
+        rows, width = math.prod(self.shape[:-1]), self.shape[-1] // self.blocks
+        blocked = jnp.broadcast_to(
+            jnp.reshape(v, (1, self.blocks, width)), (rows, self.blocks, width)
+        )
+        return jnp.reshape(blocked, (rows * self.blocks, width))  # sizes spelled out: no -1
+
+    def spread(self, per_row: jax.Array) -> jax.Array:
+        """A per-row ``[..., 1]`` value as each of its sub-rows' ``[rows * blocks, 1]``."""
+        if self.blocks == 1:
+            return per_row
+        rows = math.prod(self.shape[:-1])
+        return jnp.repeat(jnp.reshape(per_row, (rows, 1)), self.blocks, axis=0)
+
+    def _merged(self, reduce, per_sub_row: jax.Array) -> jax.Array:
+        if self.blocks == 1:
+            return per_sub_row
+        blocked = jnp.reshape(per_sub_row, self.shape[:-1] + (self.blocks, 1))
+        return reduce(blocked, axis=-2)
+
+    def max(self, per_sub_row: jax.Array) -> jax.Array:
+        """The rows' ``[..., 1]`` max of their sub-rows' ``[rows * blocks, 1]`` maxima (NaN
+        if any is NaN)."""
+        return self._merged(jnp.max, per_sub_row)
+
+    def sum(self, per_sub_row: jax.Array) -> jax.Array:
+        """The rows' ``[..., 1]`` sum of their sub-rows' ``[rows * blocks, 1]`` sums."""
+        return self._merged(jnp.sum, per_sub_row)
+
+    def whole(self, a: jax.Array) -> jax.Array:
+        """A ``[rows * blocks, C / blocks]`` array of the view as ``[..., C]``."""
+        return a if self.blocks == 1 else jnp.reshape(a, self.shape)
+
+
 def _lanes_of_rows(a: jax.Array, rows: int) -> Lanes:
     """The lanes of chunks of ``rows`` rows of ``a`` (``[N, ...]``), with runs of at least
     ``MIN_RUN_BYTES`` of float32."""

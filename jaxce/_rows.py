@@ -55,8 +55,8 @@ from jaxce._sigmoid import (
     soft_cap_derivative,
 )
 from jaxce._softmax import (
+    exponentials,
     log_sum_or_zero,
-    max_and_exponentials,
     probabilities,
     row_max,
     shift_and_log_sum,
@@ -146,7 +146,10 @@ def admissible(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def class_row(v: jax.Array, like: jax.Array) -> jax.Array:
-    """A per-class ``[C]`` vector shaped ``[1, ..., 1, C]`` to broadcast against ``like``."""
+    """A per-class ``[C]`` vector shaped ``[1, ..., 1, C]`` to broadcast against ``like``; one
+    already of ``like``'s rank (``_loops.SubRows.classes``) as it is."""
+    if v.ndim == like.ndim:
+        return v.astype(like.dtype)
     return jnp.reshape(v.astype(like.dtype), (1,) * (like.ndim - 1) + (like.shape[-1],))
 
 
@@ -229,33 +232,50 @@ def stats_and_exponentials(
     weights: jax.Array | None,
     options: Options,
     num_classes: int,
+    kept: bool = False,
 ) -> tuple[Partial, jax.Array]:
     """:func:`partial_stats` of ``x`` and the ``[..., cols]`` exponentials ``exp(z - shift)``
     its ``sum_exp`` adds up (0 off the admissible entries), in the compute dtype. Kept, they
-    give the probabilities without a second exponential pass (:func:`logit_derivative`)."""
+    give the probabilities without a second exponential pass (:func:`logit_derivative`). A row
+    longer than XLA's CPU reductions take at full speed is reduced in sub-rows
+    (``_loops.SubRows``): each sum is the sum of its sub-rows' sums, all taken relative to the
+    row's max. ``kept``: the derivative reads the exponentials, and without options it writes
+    the gradient into their buffer (``_xla.saves_exponentials``), so there they are computed in
+    the rows' own shape, and only summed in sub-rows."""
+    sub = _loops.SubRows.of(x)
+    xs, ms = sub.view(x, mask)
+    raw_max = sub.max(row_max(xs, ms))
     if not options.elementwise:
-        m, e = max_and_exponentials(x, mask)
-        return Partial(m, jnp.sum(e, axis=-1, keepdims=True), None, None, None), e
+        if kept and sub.blocks > 1:
+            # Of the rows' shape, so that the derivative writes the gradient into their buffer.
+            e = exponentials(x, mask, raw_max)
+            (viewed,) = sub.view(e)
+        else:
+            viewed = exponentials(xs, ms, sub.spread(raw_max))
+            e = sub.whole(viewed)
+        sum_exp = sub.sum(jnp.sum(viewed, axis=-1, keepdims=True))
+        return Partial(raw_max, sum_exp, None, None, None), e
     dtype = compute_dtype(x.dtype)
     # The max is a shift only, without a derivative (as row_max's): capped, it would carry one
     # in the cap, which the merges (rebase) and lse = shift + log_sum then add to derivatives
     # taken of the derivative (d/dcap of dloss/dx, a Hessian in the cap).
-    m = jax.lax.stop_gradient(capped(row_max(x, mask), options))
-    shift = shift_of(m)
-    z = capped_bulk(x.astype(dtype), options)
-    adm = admissible(x, mask)
+    m = jax.lax.stop_gradient(capped(raw_max, options))
+    shift = sub.spread(shift_of(m))
+    z = capped_bulk(xs.astype(dtype), options)
+    adm = admissible(xs, ms)
     zero = jnp.zeros_like(z)
 
     def row_sum(values):
-        return jnp.sum(jnp.where(adm, values, zero), axis=-1, keepdims=True)
+        return sub.sum(jnp.sum(jnp.where(adm, values, zero), axis=-1, keepdims=True))
 
     e = jnp.where(adm, jnp.exp(z - shift), zero)
-    sum_exp = jnp.sum(e, axis=-1, keepdims=True)
+    sum_exp = sub.sum(jnp.sum(e, axis=-1, keepdims=True))
     if not options.smoothing:
-        return Partial(m, sum_exp, None, None, None), e
-    w = jnp.ones_like(z) if weights is None else class_row(weights, z)
+        return Partial(m, sum_exp, None, None, None), sub.whole(e)
+    ws = sub.classes(weights)
+    w = jnp.ones_like(z) if ws is None else class_row(ws, z)
     gap = row_sum(w * half_difference(shift, z, num_classes))
-    return Partial(m, sum_exp, row_sum(jnp.ones_like(z)), row_sum(w), gap), e
+    return Partial(m, sum_exp, row_sum(jnp.ones_like(z)), row_sum(w), gap), sub.whole(e)
 
 
 def row_stats(

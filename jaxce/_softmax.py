@@ -70,25 +70,31 @@ def row_max(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     return jnp.max(x, axis=-1, keepdims=True).astype(dtype)
 
 
+def exponentials(x: jax.Array, mask: jax.Array | None, m: jax.Array) -> jax.Array:
+    """``exp(x - shift_of(m))`` of ``x`` and its rows' max ``m`` (keepdims), 0 on masked
+    entries, in the compute dtype."""
+    e = jnp.exp(x.astype(compute_dtype(x.dtype)) - shift_of(m))
+    return e if mask is None else jnp.where(mask, e, jnp.zeros_like(e))
+
+
 def max_and_exponentials(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """``(max, exp(x - shift_of(max)))``: the row max (keepdims) and the ``[..., C]``
     exponentials, 0 on masked entries, in the compute dtype."""
-    dtype = compute_dtype(x.dtype)
     m = row_max(x, mask)
-    e = jnp.exp(x.astype(dtype) - shift_of(m))
-    if mask is not None:
-        e = jnp.where(mask, e, jnp.zeros_like(e))
-    return m, e
+    return m, exponentials(x, mask, m)
 
 
 def max_and_sum_exp(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """``(max, sum_exp)`` over admissible entries, keepdims, in the compute dtype.
 
     ``sum_exp = sum(exp(x - shift_of(max)))``: 0 exactly for a row with nothing admissible, at
-    least 1 otherwise (the max contributes ``exp(0)``), NaN for a row with a NaN.
+    least 1 otherwise (the max contributes ``exp(0)``), NaN for a row with a NaN. A row longer
+    than XLA's CPU reductions take at full speed is reduced in sub-rows (``_loops.SubRows``).
     """
-    m, e = max_and_exponentials(x, mask)
-    return m, jnp.sum(e, axis=-1, keepdims=True)
+    sub = _loops.SubRows.of(x)
+    xs, ms = sub.view(x, mask)
+    m = sub.max(row_max(xs, ms))
+    return m, sub.sum(jnp.sum(exponentials(xs, ms, sub.spread(m)), axis=-1, keepdims=True))
 
 
 def max_and_log_sum(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:

@@ -163,6 +163,48 @@ def unshared(x: jax.Array) -> jax.Array:
     return x
 
 
+# XLA's CPU compiler (from jaxlib 0.10.2, its YNNPACK fusions) reduces a row of more than 128 KiB
+# of the compute dtype several times slower than shorter ones: measured on 2^27 float32 entries,
+# sum(exp(z)) over rows of 32768 in 42 ms, of 32769 in 290 ms, of 131072 in 289 ms (jaxlib 0.12:
+# 40, 278 and 110 ms), their max 23 against 40 ms; bfloat16 16 ms against 148 ms beyond 32768
+# entries; float64 (2^26) 43 ms against 295 ms beyond 16384. (jaxlib 0.8.2 takes 250 ms at any
+# length.) So there a longer row is reduced as ``blocks`` sub-rows of at most that size, each one
+# whole row of a view ``[rows * blocks, C / blocks]`` of the array, and the sub-rows' results are
+# merged per row (``_loops.SubRows``). The view is behind an optimization barrier: a reshape
+# alone is moved by XLA past the elementwise work, which then runs on the long rows again (163
+# ms). The integer-label loss alone of float32 [1024, 131072] then takes 66 ms instead of 357 ms
+# (optax's 335-349 ms), its value_and_grad 200-204 ms instead of 236-241 ms (optax's 232 ms); the
+# soft-label loss alone 118 ms instead of 662 ms (optax's 452 ms), value_and_grad 361 ms instead
+# of 917 ms (optax's 497 ms). In the loops over row chunks (the integer-label loss with every
+# option, bfloat16 value_and_grad), where each chunk's sub-row sums are merged in kernels of their
+# own at every iteration: 0.87-0.92x the time of the loss alone with every option, 1.04-1.07x its
+# float32 value_and_grad, 0.87-1.0x bfloat16 value_and_grad. Not in the soft-label loss's row
+# chunks (with options), which took 1.05-1.2x the time in sub-rows, nor in the reverse-mode rules
+# of log_softmax and softmax, whose sum of the cotangent took 1.7-3x the time. A row with no
+# divisor in [MIN_SUB_ROW, the limit] (a prime number of classes) is reduced whole. Guarded by
+# tests/test_memory.py::test_long_rows_are_reduced_in_sub_rows_on_cpu.
+CPU_ROW_BYTES = 128 * 2**10
+MIN_SUB_ROW = 128
+
+
+def row_blocks(num_classes: int, dtype) -> int:
+    """The number of equal sub-rows a row of ``num_classes`` entries of ``dtype`` is reduced
+    in: the fewest whose length divides the row, is at most ``CPU_ROW_BYTES`` of the compute
+    dtype and at least ``MIN_SUB_ROW`` entries, on CPU from jaxlib 0.10.2 in a process with one
+    device; else 1. With more, XLA's partitioner may split the class axis over devices, and the
+    view would gather the logits onto each (as ``_loops.partitionable``;
+    tests/_sharded_checks.py, ``plain_jit_on_automatic_axes_moves_only_rows``)."""
+    longest = CPU_ROW_BYTES // jnp.dtype(compute_dtype(dtype)).itemsize
+    if num_classes <= longest or backend() != "cpu" or not cpu_fuses_whole_rows():
+        return 1
+    if jax.device_count() > 1:
+        return 1
+    for blocks in range(-(-num_classes // longest), num_classes // MIN_SUB_ROW + 1):
+        if num_classes % blocks == 0:
+            return blocks
+    return 1
+
+
 # The soft-label loss alone (no derivative) without options, on CPU from jaxlib 0.10.2: XLA fuses
 # a reduction with its producers whole (into a YNNPACK graph) when they are arithmetic, exp, log,
 # min, max and conversions, with no comparison or select, for float32, bfloat16 and float64. The

@@ -8,9 +8,19 @@ from jaxce import _xla
 
 ROW_CHUNKS = "row chunks"
 FUSED_SOFT_PASS = "fused soft pass"
+SUB_ROWS = "sub-rows"
 
 
 PICKED = None  # the path the library picks for the shapes at hand
+
+
+def shortest_sub_rows(num_classes: int, dtype) -> int:
+    """``_xla.row_blocks`` with sub-rows of each row's smallest divisor above 1 entries (of one
+    entry where the length is prime): every sum over a row is then a sum of partial sums."""
+    if num_classes < 2:
+        return 1
+    divisor = next(d for d in range(2, num_classes + 1) if num_classes % d == 0)
+    return num_classes // divisor if divisor < num_classes else num_classes
 
 
 @contextlib.contextmanager
@@ -22,11 +32,26 @@ def taken(path: str | None):
     - ``"row chunks"``: one row a chunk, on every backend (the loop over chunks with its tail,
       which a large input takes where XLA would keep an array of its size);
     - ``"fused soft pass"``: the soft-label pass over whole rows that the CPU takes from
-      ``FUSED_SOFT_MIN_ELEMENTS`` up (jaxlib 0.10.2 on).
+      ``FUSED_SOFT_MIN_ELEMENTS`` up (jaxlib 0.10.2 on);
+    - ``"sub-rows"``: rows reduced in sub-rows (``_loops.SubRows``), as the CPU reduces rows of
+      more than ``CPU_ROW_BYTES`` (jaxlib 0.10.2 on, where the soft-label loss takes its fused
+      pass at such sizes), here as short as each row's length allows
+      (:func:`shortest_sub_rows`), with the exponentials kept where the library keeps them.
 
     A function jitted outside must be traced inside (the patches act at trace time only)."""
     if path is PICKED:
         yield
+        return
+    if path == SUB_ROWS:  # as on CPU, where the soft-label loss takes its fused pass there
+        with contextlib.ExitStack() as stack:
+            for name, value in (
+                ("row_blocks", shortest_sub_rows),
+                ("backend", lambda: "cpu"),
+                ("cpu_fuses_whole_rows", lambda: True),
+                ("FUSED_SOFT_MIN_ELEMENTS", 0),
+            ):
+                stack.enter_context(mock.patch.object(_xla, name, value))
+            yield
         return
     with contextlib.ExitStack() as stack:
 

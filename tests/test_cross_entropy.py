@@ -1029,8 +1029,9 @@ def test_soft_loss_alone_rows_the_fused_pass_leaves(rng, dtype):
     if _xla.fuses_soft_loss(xs, ys):  # then the rows without such entries take the fused pass
         from jaxce import _cross_entropy
 
-        sums = _cross_entropy._row_sums(xs[6:], ys[6:])
-        fused = _cross_entropy._fusible_soft_rows(xs[6:], ys[6:], sums).loss[:, 0]
+        sub, xs6, ys6 = _cross_entropy._in_sub_rows(xs[6:], ys[6:])
+        sums = _cross_entropy._row_sums(xs6, ys6, sub)
+        fused = _cross_entropy._fusible_soft_rows(xs6, ys6, sums, sub).loss[:, 0]
         np.testing.assert_array_equal(jax.jit(jaxce.softmax_cross_entropy)(xs[6:], ys[6:]), fused)
 
 
@@ -1079,9 +1080,14 @@ def test_the_exact_fused_soft_rows_are_the_row_chunks(dtype):
     wide_x, wide_y = R.random_logits(rng, (64, 1024)), R.random_probs(rng, (64, 1024))
     wide_x[::2, 500] = np.nan
     wide_x[1::4, 7], wide_y[1::4, 7] = -np.inf, 0.0
-    exact = jax.jit(
-        lambda a, b: _cross_entropy._fusible_exact_soft_rows(a, b, _cross_entropy._row_sums(a, b))
-    )
+
+    def exact_rows(a, b):
+        sub, a, b = _cross_entropy._in_sub_rows(a, b)
+        return _cross_entropy._fusible_exact_soft_rows(
+            a, b, _cross_entropy._row_sums(a, b, sub), sub
+        )
+
+    exact = jax.jit(exact_rows)
     chunks = jax.jit(lambda a, b: _cross_entropy._soft_forward(a, b, None, None, None))
     for a, b in ((x, y), (wide_x, wide_y)):
         xs, ys = jnp.asarray(a, dtype), jnp.asarray(b, dtype)

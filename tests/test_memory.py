@@ -477,6 +477,90 @@ def test_the_loss_alone_reads_whole_rows_on_cpu(monkeypatch, case):
 
 
 # ----------------------------------------------------------------------------------------------
+# Rows longer than 128 KiB of the compute dtype: XLA's CPU compiler (jaxlib 0.10.2 on) reduces
+# them several times slower, so there they are reduced in sub-rows (_xla.row_blocks,
+# _loops.SubRows). The compiled programs' reductions are read from their HLO: no reduction
+# spans more than the limit, where without the sub-rows the statistics span whole rows.
+_SHAPE = re.compile(r"%(\S+) = \w+\[([\d,]*)\]")
+_REDUCE = re.compile(r"= \w+\[[\d,]*\]\S* reduce\(%([^,\s]+), .*dimensions=\{([\d,]*)\}")
+
+
+def _longest_reduction(text: str) -> int:
+    """The most entries any one reduction of a compiled program's HLO combines into a value."""
+    shapes = {m.group(1): m.group(2) for m in _SHAPE.finditer(text)}
+    longest = 0
+    for operand, dims in _REDUCE.findall(text):
+        sizes = [int(d) for d in shapes[operand].split(",") if d]
+        longest = max(longest, int(np.prod([sizes[int(d)] for d in dims.split(",") if d])))
+    return longest
+
+
+def _long_row_programs(dtype, cols):
+    rows = 16  # float32 soft labels: 8 MiB, more than the kept exponentials' 4 MiB
+    y = jnp.arange(rows, dtype=jnp.int32)
+    weights = jnp.linspace(0.5, 2.0, cols, dtype=jnp.float32)
+    targets = jnp.full((rows, cols), 1 / cols, dtype)
+    options = {"label_smoothing": 0.1, "z_loss": 1e-4, "logit_soft_cap": 30.0}
+    ce = jaxce.softmax_cross_entropy_with_integer_labels
+
+    def integer(**kw):
+        return lambda lg: ce(lg, y, reduction="mean", **kw)
+
+    losses = {
+        "plain": integer(),
+        "z_loss_and_class_weights": integer(z_loss=1e-4, class_weights=weights),
+        "every_option": integer(class_weights=weights, **options),
+        "logsumexp": lambda lg: jnp.sum(jaxce.logsumexp(lg)),
+    }
+    logits = jax.ShapeDtypeStruct((rows, cols), dtype)
+    for name, loss in losses.items():
+        yield f"{name}, alone", jax.jit(loss).lower(logits)
+        yield f"{name}, value_and_grad", jax.jit(jax.value_and_grad(loss)).lower(logits)
+    # The soft-label loss's fused pass: the loss alone, and the forward pass of value_and_grad
+    # for float32 and float64 (bfloat16's keeps its row chunks, of whole rows:
+    # _cross_entropy._soft_rows_and_exponentials).
+    soft = lambda lg: jaxce.softmax_cross_entropy(lg, targets, reduction="mean")  # noqa: E731
+    yield "soft_labels, alone", jax.jit(soft).lower(logits)
+    if dtype != jnp.bfloat16:
+        yield "soft_labels, value_and_grad", jax.jit(jax.value_and_grad(soft)).lower(logits)
+    # Without the derivative: the reverse-mode rules of log_softmax and softmax sum the
+    # cotangent over whole rows (``_softmax``), which in sub-rows took 1.7-3x the time.
+    for name, fn in (("log_softmax", jaxce.log_softmax), ("softmax", jaxce.softmax)):
+        yield f"{name}, alone", jax.jit(lambda lg, fn=fn: jnp.sum(fn(lg)[:, :3])).lower(logits)
+
+
+LONG_ROWS = {  # dtype: the longest row XLA's CPU compiler reduces at full speed
+    jnp.float32: 32768,
+    jnp.bfloat16: 32768,
+    jnp.float64: 16384,
+}
+
+
+@ON_CPU
+@pytest.mark.parametrize("dtype", list(LONG_ROWS), ids=lambda d: jnp.dtype(d).name)
+def test_long_rows_are_reduced_in_sub_rows_on_cpu(monkeypatch, dtype):
+    limit = LONG_ROWS[dtype]
+    cols = 4 * limit
+    if not _xla.cpu_fuses_whole_rows():  # an older XLA: every row length is reduced alike
+        assert _xla.row_blocks(cols, dtype) == 1
+        return
+    assert _xla.row_blocks(limit, dtype) == 1 and _xla.row_blocks(cols, dtype) == 4
+    prime = next(n for n in range(limit + 1, 2 * limit) if all(n % d for d in range(2, n)))
+    # no sub-rows of at least 128 entries
+    assert _xla.row_blocks(prime, dtype) == _xla.row_blocks(2 * prime, dtype) == 1
+    assert _xla.row_blocks(50257, dtype) == 29  # GPT-2's vocabulary: 29 sub-rows of 1733
+    for name, program in _long_row_programs(dtype, cols):
+        text = program.compile().as_text()
+        assert _longest_reduction(text) <= limit, name
+        if name == "plain, value_and_grad" and dtype != jnp.bfloat16:
+            # the gradient still takes the kept exponentials' buffer (KEPT_BYTES)
+            assert _temp_bytes(program) <= 2**16, f"{_temp_bytes(program) / 2**20:.2f} MiB"
+    monkeypatch.setattr(_xla, "row_blocks", lambda num_classes, dtype: 1)
+    for name, program in _long_row_programs(dtype, cols):
+        assert _longest_reduction(program.compile().as_text()) == cols, name
+
+
+# ----------------------------------------------------------------------------------------------
 # The soft-label loss alone without options: on CPU (jaxlib 0.10.2 on) float32, bfloat16 and
 # float64 logits take one fused pass (_cross_entropy._fusible_soft_rows) that keeps only per-row
 # numbers, below the 4096 rows where XLA splits it into two fusions as above them; float16 keeps
@@ -497,7 +581,10 @@ def test_the_soft_label_loss_alone_reads_whole_rows_on_cpu(monkeypatch, dtype, r
         return
 
     def loss(x, y):
-        return _cross_entropy._fusible_soft_rows(x, y, _cross_entropy._row_sums(x, y)).loss
+        sub, x, y = _cross_entropy._in_sub_rows(x, y)
+        return _cross_entropy._fusible_soft_rows(
+            x, y, _cross_entropy._row_sums(x, y, sub), sub
+        ).loss
 
     one_pass = _temp_bytes(jax.jit(loss).lower(*shapes))
     assert one_pass <= PER_ROW * rows, f"{one_pass / 2**20:.2f} MiB"

@@ -269,9 +269,10 @@ def xlogx_scale(lp):
 
 # =========================================================================== primitives
 # The softmax losses take other code paths at large sizes (chunks of rows, the exponentials
-# computed again): the tests of the functions that take them run on both, at small shapes.
-PATHS = [_paths.PICKED, _paths.ROW_CHUNKS]
-PATH_IDS = ["picked", "row chunks"]
+# computed again; on CPU, long rows reduced in sub-rows): the tests of the functions that take
+# them run on each, at small shapes.
+PATHS = [_paths.PICKED, _paths.ROW_CHUNKS, _paths.SUB_ROWS]
+PATH_IDS = ["picked", "row chunks", "sub-rows"]
 
 
 @functools.partial(jax.jit, static_argnames=("masked", "path"))

@@ -246,8 +246,9 @@ def stats_and_exponentials(
     xs, ms = sub.view(x, mask)
     raw_max = sub.max(row_max(xs, ms))
     if not options.elementwise:
-        if kept and sub.blocks > 1:
-            # Of the rows' shape, so that the derivative writes the gradient into their buffer.
+        if kept:
+            # Of the rows' shape, so that the derivative writes the gradient into their buffer
+            # (with one block, the same computation as the view's).
             e = exponentials(x, mask, raw_max)
             (viewed,) = sub.view(e)
         else:

@@ -3,9 +3,9 @@
 The integer-label loss is the per-row kernel of ``_rows`` applied to whole rows; the fused and
 the sharded losses apply the same kernel to chunks and shards. Derivatives are hand-written
 ``jax.custom_jvp`` rules (see ``_autodiff``): their ``[..., C]`` factors are recomputed in the
-backward pass, so reverse mode saves only the logits and ``O(N)`` statistics; on CPU, for
-float32 logits, also their exponentials, which the forward pass computed anyway
-(``_xla.saves_exponentials``).
+backward pass, so reverse mode saves only the logits and ``O(N)`` statistics; on CPU also their
+exponentials, which the forward pass computed anyway: for float32 logits of the integer-label
+loss in the gradient's buffer, elsewhere up to a budget (``_xla.saves_exponentials``).
 """
 
 from __future__ import annotations
@@ -276,8 +276,8 @@ def _soft_rows(x, y, mask, weights, eps) -> _SoftRows:
 
 def _soft_rows_and_exponentials(x, y, mask, weights, eps) -> tuple[_SoftRows, jax.Array]:
     """:func:`_soft_rows` and the exponentials ``exp(x - shift)`` its log-sum adds up. Whole
-    rows, of a row chunk or of kept exponentials (at most ``_xla.KEPT_BYTES``): in sub-rows the
-    chunks took 1.05-1.2x the time (``_xla.row_blocks``)."""
+    rows, of a row chunk or of kept exponentials (at most ``_xla.SOFT_KEPT_BYTES``): in sub-rows
+    the chunks took 1.05-1.2x the time (``_xla.row_blocks``)."""
     m, e = max_and_exponentials(x, mask)
     shift, log_sum = shift_and_log_sum(m, jnp.sum(e, axis=-1, keepdims=True))
     z = x.astype(shift.dtype)

@@ -287,39 +287,44 @@ def row_chunk(
 # there, so the reverse-mode forward pass keeps them (one pass computes and sums them) and the
 # backward pass scales them into the gradient. For float32 and float64 logits of the integer-label
 # loss, XLA writes the gradient into their buffer (they have its size and dtype): no temporary, at
-# any size. Elsewhere (soft labels, whose other reductions read them; bfloat16 and float16 logits,
-# whose float32 exponentials are larger than the gradient; smoothing, whose row sums read them; a
-# soft cap, whose exponentials are of the capped logits) they take a buffer of their own, so they
-# are kept only while it fits in a CPU's cache (KEPT_BYTES), where it costs no memory traffic;
-# above, the backward pass computes them again. Smoothing or a soft cap on float32 integer-label
-# logits keeps one such buffer (value_and_grad at [1024, 1000]: 4 MiB of temporaries; smoothing 1.65
-# ms -> 1.00 ms, a soft cap 2.34 -> 1.29 ms; at [256, 10] 0.84-0.90x and 0.66-0.71x the time). Both
-# together keep two (the capped logits and their exponentials), so they are kept while the two fit
-# in KEPT_BYTES (value_and_grad of the mean with both, kept against computed again in the same
-# rounds: [512, 1000] 0.64x the time, [128, 4096] 0.55x, [64, 8192] 0.62x, [128, 1000] 0.82x, [256,
-# 10] the same; with z-loss and class weights too, 0.61-0.82x). Smoothing of bfloat16 logits keeps
-# three (12 MiB at [1024, 1000]), a soft cap on them two, and smoothing of float32 soft labels two
-# (8 MiB): these recompute, as accelerators do, bound by memory bandwidth, where recomputing the
-# exponentials costs less than reading them back. Above KEPT_BYTES the trade is speed for memory,
-# and memory is kept: a soft cap alone on float32 logits, value_and_grad against optax's plain loss
-# in the same rounds, recomputing / keeping (its tanh and its exponentials, one of them in the
-# gradient's buffer): [4096, 4096] 2.54x / 2.01x its time with 0.05 / 64 MiB of temporaries, [16384,
-# 4096] 2.42x / 1.77x with 0.19 / 256 MiB. Smoothing is slower kept (1.73x / 2.08x at [4096, 4096]):
-# XLA writes the summands of its row sums (the admissible count, the gap) out whole before their
-# reductions. Written without a compare or a select (the count as a sum of ``1 + max(x - max(x,
-# lowest), -1)``), XLA kept broadcasts the sums share whole instead (128 MiB kept, 2 MiB in chunks),
-# and it was no faster: at [4096, 4096], against optax's plain loss in the same runs, value_and_grad
-# in chunks 1.73x and 2.19x its time in two runs (before: 1.73-2.10x), the loss alone 1.70x and
-# 2.72x (before: 1.50x). Keeping only a soft cap's tanh(x / cap), one array that could take the
-# gradient's buffer, with the exponentials computed again from it, still took 64 MiB at [4096,
-# 4096]: XLA shares cap * tanh between the forward sum and the backward pass and writes it out
-# (2.36x against 2.44x recomputing).
+# any size, with a soft cap too (its exponentials are of the capped logits, and the backward pass
+# takes the cap's derivative from the raw logits: value_and_grad at [4096, 4096], 0.1 MiB of
+# temporaries on JAX 0.8.2 to 0.12, 0.78x the time of computing them again; 0.83-0.85x at
+# [16384, 4096] and [4096, 32768] with z-loss and class weights). Elsewhere they take buffers of
+# their own (``kept_buffers``, counted in the compiled programs' temporaries from [1024, 1000] to
+# [128, 32768]): soft labels one (their other reductions read them), three for bfloat16 logits;
+# bfloat16 and float16 integer-label logits one (float32 exponentials, larger than the gradient),
+# two or three with smoothing (its row sums' summands are written out); float32 smoothing one, two
+# with a soft cap (the capped logits beside their exponentials). Those are kept
+# only while they fit in KEPT_BYTES, which a CPU's caches hold; above, the backward pass computes
+# the exponentials again, the trade of speed for memory. Measured, value_and_grad of the mean,
+# kept against computed again in the same rounds (Intel Xeon, 2 cores, JAX 0.10.2,
+# 2026-12-05; the buffers' total size in brackets):
+# - bfloat16, no options: [1024, 2048] 0.53x the time (8 MiB), [2048, 2048] 0.40x and [4096,
+#   1000] 0.57x (16 MiB); [4096, 2048] 1.22x (32 MiB), [4096, 4096] 1.33x (64 MiB);
+# - bfloat16, a soft cap: [256, 10] 0.57x, [1024, 1000] 0.68x (4 MiB), [2048, 2048] 0.59x
+#   (16 MiB); smoothing: [256, 10] 0.50x, [1024, 1000] 0.58x (12 MiB), [1024, 1300] 0.51x
+#   (15 MiB); every option: [256, 10] 0.87x, [1024, 1000] 0.68x, [1024, 1300] 0.67x;
+# - float32 smoothing: [2048, 1000] 0.65x (8 MiB), [2048, 2048] 0.87x (16 MiB), [4096, 2048]
+#   1.16x (32 MiB); with a soft cap, or every option: [1024, 1000] 0.63x (8 MiB), [2048, 1000]
+#   0.67x and [1024, 2048] 0.70x (16 MiB), and at 32 MiB 0.73x, 1.18x or 1.28x by shape;
+# - soft labels: float32 0.90-1.02x from [2048, 1000] to [2048, 2048], and in rows that their
+#   fused pass reduces in sub-rows (``row_blocks``), where the kept ones are reduced whole,
+#   1.06-1.13x at [16, 131072], [32, 131072] and [64, 65536]; bfloat16 [1024, 1000] 1.07x
+#   (12 MiB), [1024, 2048] 0.53x, [2048, 2048] 1.39x and [4096, 1000] 0.73x (above). So soft
+#   labels keep exponentials of up to SOFT_KEPT_BYTES only (three buffers of 4 MiB in bfloat16).
+# Smoothing is slower kept at large sizes (1.73x / 2.08x its time at [4096, 4096] against optax's
+# plain loss): XLA writes the summands of its row sums (the admissible count, the gap) out whole
+# before their reductions. Written without a compare or a select (the count as a sum of
+# ``1 + max(x - max(x, lowest), -1)``), XLA kept broadcasts the sums share whole instead (128 MiB
+# kept, 2 MiB in chunks), and it was no faster.
 # Guarded by tests/test_memory.py::test_float32_on_cpu_needs_no_temporaries,
 # ::test_kept_exponentials_stay_within_their_budget,
 # ::test_float32_on_cpu_takes_one_exponential_pass and
 # ::test_one_exponential_pass_on_cpu_within_the_budget (the other bounds of
 # tests/test_memory.py are measured above KEPT_BYTES).
-KEPT_BYTES = 4 * 2**20
+KEPT_BYTES = 16 * 2**20
+SOFT_KEPT_BYTES = 4 * 2**20
 
 
 def computes_in_place(x: jax.Array) -> bool:
@@ -328,22 +333,36 @@ def computes_in_place(x: jax.Array) -> bool:
     return compute_dtype(x.dtype) == x.dtype
 
 
+def kept_buffers(
+    x: jax.Array, *, soft_cap: bool = False, smoothing: bool = False, soft_labels: bool = False
+) -> int | None:
+    """How many arrays of the logits ``x``'s size, in the compute dtype, a softmax loss's
+    derivative keeps beside the gradient when it keeps the exponentials (0: they take the
+    gradient's buffer), given its options (a soft cap, label smoothing) and whether its labels
+    are soft; None where they are never kept (smoothing of soft labels)."""
+    wide = computes_in_place(x)
+    if soft_labels:
+        return None if smoothing else (1 if wide else 3)
+    if not wide:
+        return 3 if smoothing else 1
+    if smoothing:
+        return 2 if soft_cap else 1
+    return 0
+
+
 def saves_exponentials(
     x: jax.Array, *, soft_cap: bool = False, smoothing: bool = False, soft_labels: bool = False
 ) -> bool:
     """Whether a softmax loss's derivative keeps ``exp(x - max)`` of the logits ``x`` rather than
-    computing it again, given its options (a soft cap, label smoothing) and whether its labels
-    are soft."""
+    computing it again: on CPU, where the buffers it takes (:func:`kept_buffers`) fit in
+    KEPT_BYTES, and for soft labels where the exponentials fit in SOFT_KEPT_BYTES."""
     if backend() != "cpu":
         return False
-    wide = computes_in_place(x)
-    elementwise = soft_cap or smoothing
-    if elementwise and (soft_labels or not wide):
+    buffers = kept_buffers(x, soft_cap=soft_cap, smoothing=smoothing, soft_labels=soft_labels)
+    size = x.size * jnp.dtype(compute_dtype(x.dtype)).itemsize
+    if buffers is None or (soft_labels and size > SOFT_KEPT_BYTES):
         return False
-    if wide and not (soft_labels or elementwise):
-        return True  # the gradient's own buffer
-    buffers = 2 if soft_cap and smoothing else 1
-    return buffers * x.size * jnp.dtype(compute_dtype(x.dtype)).itemsize <= KEPT_BYTES
+    return buffers * size <= KEPT_BYTES
 
 
 # With kept exponentials, the derivative's label term -b [k = y] is a gather of the tangent,

@@ -315,6 +315,41 @@ def test_kept_and_recomputed_exponentials_match_the_reference(
     assert np.all(np.isfinite(np.asarray(g)))
 
 
+# bfloat16 logits keep their float32 exponentials on CPU with smoothing and a soft cap too
+# (within _xla.KEPT_BYTES): the kept and the recomputed derivatives agree with each other and
+# with float64 on the same (bfloat16) logits.
+@pytest.mark.parametrize(
+    "name", ["plain", "smoothing", "soft_cap", "everything", "smoothing+weights+zloss+ignore"]
+)
+def test_bfloat16_kept_exponentials_match_the_recomputed(monkeypatch, rng, name):
+    kw = dict(KEPT_OR_RECOMPUTED[name], reduction="mean")
+    x = R.random_logits(rng, (7, 6), scale=4.0)
+    x[1, 2:4] = -np.inf
+    x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float64))  # the logits bf16 holds
+    y = np.array([0, 1, 2, 3, 4, 5, 1], np.int32)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    options = dict(smoothing="label_smoothing" in kw, soft_cap="logit_soft_cap_value" in kw)
+    if jax.default_backend() == "cpu":
+        assert _xla.saves_exponentials(xb, **options)
+
+    def loss_and_grad():
+        loss = jax.jit(lambda v: CE_INT(v, jnp.asarray(y), **_jx(kw)))
+        return loss(xb), R.jgrad(lambda v: CE_INT(v, jnp.asarray(y), **_jx(kw)))(xb)
+
+    kept = loss_and_grad()
+    monkeypatch.setattr(_xla, "saves_exponentials", lambda *a, **k: False)
+    recomputed = loss_and_grad()
+    expected = R.softmax_cross_entropy_with_integer_labels(x, y, **kw)
+    g_ref = R.ref_grad(
+        lambda v, xp: R.softmax_cross_entropy_with_integer_labels(v, y, xp=xp, **kw)
+    )(x)
+    for loss, g in (kept, recomputed):
+        assert loss.dtype == jnp.float32 and g.dtype == jnp.bfloat16
+        R.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        R.assert_close(g, g_ref, rtol=2**-7, atol=1e-4)
+    R.assert_close(kept[1], recomputed[1], rtol=2**-7, atol=1e-4)
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_masked_vocab_neg_inf_logits_finite(rng, eps):
     # -inf logits (padded vocabulary) with finite label logits: finite loss and gradient, and

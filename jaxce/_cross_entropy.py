@@ -5,7 +5,8 @@ the sharded losses apply the same kernel to chunks and shards. Derivatives are h
 ``jax.custom_jvp`` rules (see ``_autodiff``): their ``[..., C]`` factors are recomputed in the
 backward pass, so reverse mode saves only the logits and ``O(N)`` statistics; on CPU also their
 exponentials, which the forward pass computed anyway: for float32 logits of the integer-label
-loss in the gradient's buffer, elsewhere up to a budget (``_xla.saves_exponentials``).
+loss without smoothing in the gradient's buffer, elsewhere up to a budget
+(``_xla.saves_exponentials``).
 """
 
 from __future__ import annotations

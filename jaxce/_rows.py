@@ -239,9 +239,10 @@ def stats_and_exponentials(
     give the probabilities without a second exponential pass (:func:`logit_derivative`). A row
     longer than XLA's CPU reductions take at full speed is reduced in sub-rows
     (``_loops.SubRows``): each sum is the sum of its sub-rows' sums, all taken relative to the
-    row's max. ``kept``: the derivative reads the exponentials, and without options it writes
-    the gradient into their buffer (``_xla.saves_exponentials``), so there they are computed in
-    the rows' own shape, and only summed in sub-rows."""
+    row's max. ``kept``: the derivative reads the exponentials, and for float32 and float64
+    logits without smoothing it writes the gradient into their buffer
+    (``_xla.saves_exponentials``), so they are computed in the rows' own shape, and only summed
+    in sub-rows."""
     sub = _loops.SubRows.of(x)
     xs, ms = sub.view(x, mask)
     raw_max = sub.max(row_max(xs, ms))
@@ -262,6 +263,15 @@ def stats_and_exponentials(
     # taken of the derivative (d/dcap of dloss/dx, a Hessian in the cap).
     m = jax.lax.stop_gradient(capped(raw_max, options))
     shift = sub.spread(shift_of(m))
+    if kept:  # of the rows' shape, as above (in sub-rows: 32 MiB kept at [64, 131072])
+        e = capped_exponentials(x, mask, shift_of(m), options)
+        (viewed,) = sub.view(e)
+    else:
+        viewed = capped_exponentials(xs, ms, shift, options)
+        e = sub.whole(viewed)
+    sum_exp = sub.sum(jnp.sum(viewed, axis=-1, keepdims=True))
+    if not options.smoothing:
+        return Partial(m, sum_exp, None, None, None), e
     z = capped_bulk(xs.astype(dtype), options)
     adm = admissible(xs, ms)
     zero = jnp.zeros_like(z)
@@ -269,14 +279,19 @@ def stats_and_exponentials(
     def row_sum(values):
         return sub.sum(jnp.sum(jnp.where(adm, values, zero), axis=-1, keepdims=True))
 
-    e = jnp.where(adm, jnp.exp(z - shift), zero)
-    sum_exp = sub.sum(jnp.sum(e, axis=-1, keepdims=True))
-    if not options.smoothing:
-        return Partial(m, sum_exp, None, None, None), sub.whole(e)
     ws = sub.classes(weights)
     w = jnp.ones_like(z) if ws is None else class_row(ws, z)
     gap = row_sum(w * half_difference(shift, z, num_classes))
-    return Partial(m, sum_exp, row_sum(jnp.ones_like(z)), row_sum(w), gap), sub.whole(e)
+    return Partial(m, sum_exp, row_sum(jnp.ones_like(z)), row_sum(w), gap), e
+
+
+def capped_exponentials(
+    x: jax.Array, mask: jax.Array | None, shift: jax.Array, options: Options
+) -> jax.Array:
+    """``exp(z - shift)`` of the soft-capped logits ``z`` of ``x`` (``shift``: their rows',
+    keepdims), 0 off the admissible entries, in the compute dtype."""
+    z = capped_bulk(x.astype(compute_dtype(x.dtype)), options)
+    return jnp.where(admissible(x, mask), jnp.exp(z - shift), jnp.zeros_like(z))
 
 
 def row_stats(

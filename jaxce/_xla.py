@@ -236,7 +236,7 @@ def row_blocks(num_classes: int, dtype) -> int:
 # tests/test_memory.py::test_the_soft_label_loss_alone_reads_whole_rows_on_cpu.
 # The derivative's forward pass (the row statistics its backward pass reads: the shift, the log-sum
 # and the targets' mass) takes the same pass for float32 and float64 logits where their exponentials
-# are not kept (above KEPT_BYTES), where the row chunks ran at 0.81-1.03x optax's speed:
+# are not kept (above SOFT_KEPT_BYTES), where the row chunks ran at 0.81-1.03x optax's speed:
 # value_and_grad, float32, in one run against the chunks / optax, [2048, 8192] 1.08x / 1.53x, [4096,
 # 4096] 1.07x / 1.08x, [16384, 4096] 1.37x / 1.11x, [4096, 32768] 1.14x / 1.10x, with the same
 # temporaries (2 MiB then; 96-384 KiB at the benchmark's shapes now that the branch it holds for NaN
@@ -294,8 +294,9 @@ def row_chunk(
 # their own (``kept_buffers``, counted in the compiled programs' temporaries from [1024, 1000] to
 # [128, 32768]): soft labels one (their other reductions read them), three for bfloat16 logits;
 # bfloat16 and float16 integer-label logits one (float32 exponentials, larger than the gradient),
-# two or three with smoothing (its row sums' summands are written out); float32 smoothing one, two
-# with a soft cap (the capped logits beside their exponentials). Those are kept
+# three with smoothing (its row sums' summands are written out; two measured with a soft cap and
+# no class weights); float32 smoothing one, two with a soft cap (the capped logits beside their
+# exponentials). Those are kept
 # only while they fit in KEPT_BYTES, which a CPU's caches hold; above, the backward pass computes
 # the exponentials again, the trade of speed for memory. Measured, value_and_grad of the mean,
 # kept against computed again in the same rounds (Intel Xeon, 2 cores, JAX 0.10.2,

@@ -263,7 +263,8 @@ def test_int_labels_where_batch_shape(rng):
 
 
 # On CPU the derivative scales the exponentials the forward pass kept (jaxce._xla.
-# saves_exponentials: float32 and float64 logits, with smoothing or a soft cap up to a budget);
+# saves_exponentials: float32 and float64 logits at any size, with a soft cap too, and with
+# smoothing up to a budget; narrower logits with any option up to a budget);
 # elsewhere, and above it, it computes them again. Both against the float64 reference, on logits
 # with masked (-inf) entries, a where mask, an ignored row and a NaN-free empty row.
 KEPT_OR_RECOMPUTED = {
@@ -315,39 +316,42 @@ def test_kept_and_recomputed_exponentials_match_the_reference(
     assert np.all(np.isfinite(np.asarray(g)))
 
 
-# bfloat16 logits keep their float32 exponentials on CPU with smoothing and a soft cap too
-# (within _xla.KEPT_BYTES): the kept and the recomputed derivatives agree with each other and
-# with float64 on the same (bfloat16) logits.
+# bfloat16 and float16 logits keep their float32 exponentials on CPU with smoothing and a soft
+# cap too (within _xla.KEPT_BYTES): the kept and the recomputed value_and_grad agree with each
+# other and with float64 on the same (rounded) logits, with -inf logits and an empty row.
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize(
     "name", ["plain", "smoothing", "soft_cap", "everything", "smoothing+weights+zloss+ignore"]
 )
-def test_bfloat16_kept_exponentials_match_the_recomputed(monkeypatch, rng, name):
+def test_narrow_kept_exponentials_match_the_recomputed(monkeypatch, rng, name, dtype):
     kw = dict(KEPT_OR_RECOMPUTED[name], reduction="mean")
     x = R.random_logits(rng, (7, 6), scale=4.0)
     x[1, 2:4] = -np.inf
-    x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float64))  # the logits bf16 holds
+    x[5, :] = -np.inf  # an empty row
+    x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float64))  # the logits the dtype holds
     y = np.array([0, 1, 2, 3, 4, 5, 1], np.int32)
-    xb = jnp.asarray(x, jnp.bfloat16)
+    xn = jnp.asarray(x, dtype)
     options = dict(smoothing="label_smoothing" in kw, soft_cap="logit_soft_cap_value" in kw)
     if jax.default_backend() == "cpu":
-        assert _xla.saves_exponentials(xb, **options)
+        assert _xla.saves_exponentials(xn, **options)
 
-    def loss_and_grad():
-        loss = jax.jit(lambda v: CE_INT(v, jnp.asarray(y), **_jx(kw)))
-        return loss(xb), R.jgrad(lambda v: CE_INT(v, jnp.asarray(y), **_jx(kw)))(xb)
+    def value_and_grad():
+        return jax.jit(jax.value_and_grad(lambda v: CE_INT(v, jnp.asarray(y), **_jx(kw))))(xn)
 
-    kept = loss_and_grad()
+    kept = value_and_grad()
     monkeypatch.setattr(_xla, "saves_exponentials", lambda *a, **k: False)
-    recomputed = loss_and_grad()
+    recomputed = value_and_grad()
     expected = R.softmax_cross_entropy_with_integer_labels(x, y, **kw)
     g_ref = R.ref_grad(
         lambda v, xp: R.softmax_cross_entropy_with_integer_labels(v, y, xp=xp, **kw)
     )(x)
+    step = 2.0 ** -(jnp.finfo(dtype).nmant + 1)  # a rounding of the gradient's dtype
     for loss, g in (kept, recomputed):
-        assert loss.dtype == jnp.float32 and g.dtype == jnp.bfloat16
+        assert loss.dtype == jnp.float32 and g.dtype == jnp.dtype(dtype)
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))
         R.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-        R.assert_close(g, g_ref, rtol=2**-7, atol=1e-4)
-    R.assert_close(kept[1], recomputed[1], rtol=2**-7, atol=1e-4)
+        R.assert_close(g, g_ref, rtol=2 * step, atol=1e-4)
+    R.assert_close(kept[1], recomputed[1], rtol=2 * step, atol=1e-4)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])

@@ -246,32 +246,32 @@ def stats_and_exponentials(
     sub = _loops.SubRows.of(x)
     xs, ms = sub.view(x, mask)
     raw_max = sub.max(row_max(xs, ms))
-    if not options.elementwise:
+
+    def summed(of_rows, m):
+        """``of_rows(x, mask, m)``, the exponentials of rows whose max is ``m``, and their
+        rows' sums. Kept, of the rows' shape, so that the derivative writes the gradient into
+        their buffer (with one block, the same computation as the view's; with a soft cap in
+        sub-rows, of the view's shape, XLA kept them beside it: 32 MiB at [64, 131072])."""
         if kept:
-            # Of the rows' shape, so that the derivative writes the gradient into their buffer
-            # (with one block, the same computation as the view's).
-            e = exponentials(x, mask, raw_max)
+            e = of_rows(x, mask, m)
             (viewed,) = sub.view(e)
         else:
-            viewed = exponentials(xs, ms, sub.spread(raw_max))
+            viewed = of_rows(xs, ms, sub.spread(m))
             e = sub.whole(viewed)
-        sum_exp = sub.sum(jnp.sum(viewed, axis=-1, keepdims=True))
+        return e, sub.sum(jnp.sum(viewed, axis=-1, keepdims=True))
+
+    if not options.elementwise:
+        e, sum_exp = summed(exponentials, raw_max)
         return Partial(raw_max, sum_exp, None, None, None), e
     dtype = compute_dtype(x.dtype)
     # The max is a shift only, without a derivative (as row_max's): capped, it would carry one
     # in the cap, which the merges (rebase) and lse = shift + log_sum then add to derivatives
     # taken of the derivative (d/dcap of dloss/dx, a Hessian in the cap).
     m = jax.lax.stop_gradient(capped(raw_max, options))
-    shift = sub.spread(shift_of(m))
-    if kept:  # of the rows' shape, as above (in sub-rows: 32 MiB kept at [64, 131072])
-        e = capped_exponentials(x, mask, shift_of(m), options)
-        (viewed,) = sub.view(e)
-    else:
-        viewed = capped_exponentials(xs, ms, shift, options)
-        e = sub.whole(viewed)
-    sum_exp = sub.sum(jnp.sum(viewed, axis=-1, keepdims=True))
+    e, sum_exp = summed(lambda a, a_mask, a_max: capped_exponentials(a, a_mask, a_max, options), m)
     if not options.smoothing:
         return Partial(m, sum_exp, None, None, None), e
+    shift = sub.spread(shift_of(m))
     z = capped_bulk(xs.astype(dtype), options)
     adm = admissible(xs, ms)
     zero = jnp.zeros_like(z)
@@ -286,12 +286,13 @@ def stats_and_exponentials(
 
 
 def capped_exponentials(
-    x: jax.Array, mask: jax.Array | None, shift: jax.Array, options: Options
+    x: jax.Array, mask: jax.Array | None, m: jax.Array, options: Options
 ) -> jax.Array:
-    """``exp(z - shift)`` of the soft-capped logits ``z`` of ``x`` (``shift``: their rows',
-    keepdims), 0 off the admissible entries, in the compute dtype."""
+    """``exp(z - shift_of(m))`` of the soft-capped logits ``z`` of ``x`` and their rows' max
+    ``m`` (keepdims), 0 off the admissible entries, in the compute dtype (as
+    ``_softmax.exponentials`` of uncapped logits)."""
     z = capped_bulk(x.astype(compute_dtype(x.dtype)), options)
-    return jnp.where(admissible(x, mask), jnp.exp(z - shift), jnp.zeros_like(z))
+    return jnp.where(admissible(x, mask), jnp.exp(z - shift_of(m)), jnp.zeros_like(z))
 
 
 def row_stats(

@@ -14,8 +14,10 @@ Derivatives. The logits loss and the reduced fused loss are ``jax.custom_jvp`` r
 vocabulary axis, and JAX transposes it for reverse mode, including the sums over mesh axes that
 the gradient of a replicated input needs (``x`` of the fused loss over the vocabulary axis,
 ``w`` over the data axis): this follows the types of ``jax.shard_map(check_vma=True)``, JAX's
-default. The per-token fused loss (``reduction="none"``) is a ``jax.custom_vjp`` whose backward
-rule sums those cotangents itself (``_loops.sum_to``).
+default, and, without types (``check_vma=False``), JAX's own sums. The per-token fused loss
+(``reduction="none"``) is a ``jax.custom_vjp`` whose backward rule sums those cotangents itself
+(``_loops.sum_to``), or, without types, the shares of its own cotangent that JAX hands each
+device (``_invariant_cotangent``).
 
 Padded vocabularies: columns at or beyond ``vocab_size`` (global index) are not classes: they
 are excluded from every statistic, like a ``where=False`` entry.
@@ -322,10 +324,12 @@ def _sharded_per_token_fwd(x, w, bias, labels, weights, options, static):
     return (loss, counted), (x, w, bias, labels, weights, options, parts)
 
 
-def _invariant_cotangent(g: jax.Array, static: _Static) -> jax.Array:
+def _invariant_cotangent(g: jax.Array, static: _Static, typed: bool) -> jax.Array:
     """The loss is the same on every device of the vocabulary axis; a cotangent typed as varying
-    there carries one share per device, and the loss's cotangent is their sum."""
-    extra = varying(g) & set(axes_of(static.axis_name))
+    there carries one share per device, and the loss's cotangent is their sum. Without types
+    (``check_vma=False``) JAX hands each device a share of a replicated output's cotangent (and
+    sums the cotangents of replicated inputs): the sum over the axis, again."""
+    extra = varying(g) & set(axes_of(static.axis_name)) if typed else axes_of(static.axis_name)
     return jax.lax.psum(g, tuple(extra)) if extra else g
 
 
@@ -334,7 +338,8 @@ def _sharded_per_token_bwd(static: _FusedStatic, res, cotangents):
     shard, stats, label_logit, w_y, rows = parts
     core = static.core
     dtype = stats.shift.dtype
-    g, g_counted = (_invariant_cotangent(c.astype(dtype)[:, None], core) for c in cotangents)
+    typed = _typed(core.axis_name)
+    g, g_counted = (_invariant_cotangent(c.astype(dtype)[:, None], core, typed) for c in cotangents)
     needs = _blocks.Needs.every(bias, weights, options)
 
     vary = varying_like(*res, g)
@@ -350,12 +355,17 @@ def _sharded_per_token_bwd(static: _FusedStatic, res, cotangents):
         if grads.smoothing_weights is not None:
             per_class = per_class + grads.smoothing_weights
         d_weights = sum_to(per_class.astype(weights.dtype), weights)
+    if not typed:
+        # Computed alike on every device of the vocabulary axis, whose cotangents JAX sums
+        # (check_vma=False): each device returns its share.
+        share = 1 / jax.lax.axis_size(core.axis_name)
+        d_eps, d_zl = (None if d is None else d * share for d in (d_eps, d_zl))
     d_eps = sum_to(d_eps, options.label_smoothing)
     d_zl = sum_to(d_zl, options.z_loss)
+    # dx and d_cap sum over all columns of all devices (dx: the tensor-parallel all-reduce of
+    # N x D numbers), here by type, JAX's own sum without types.
     d_cap = sum_to(grads.cap, options.logit_soft_cap)
-    dx = grads.x.astype(x.dtype)
-    # dx sums over all columns of all devices: the tensor-parallel all-reduce of N x D numbers.
-    dx = sum_to(dx, x) if _typed(core.axis_name) else jax.lax.psum(dx, core.axis_name)
+    dx = sum_to(grads.x.astype(x.dtype), x)
     return (
         dx,
         sum_to(grads.w, w),
@@ -538,8 +548,9 @@ def softmax_cross_entropy_with_integer_labels(
     * inside ``jax.shard_map`` (``mesh=None``): ``logits`` is this device's block
       ``[..., V/P]``, ``labels`` its examples' *global* class indices (the same on every device
       of ``axis_name``), and per-class arrays (``class_weights``, a per-class ``where``) are
-      this device's slices, like the logits. Use JAX's default ``check_vma=True``, under
-      which gradients of inputs replicated over an axis are summed over it.
+      this device's slices, like the logits. Under JAX's default ``check_vma=True``,
+      gradients of inputs replicated over an axis are summed over it by their types; with
+      ``check_vma=False`` JAX sums them itself, and the gradients are the same.
     * under ``jax.jit`` on global arrays (``mesh=`` given): this function calls
       ``jax.shard_map`` itself, with ``logits`` laid out ``P(data_axis_name, ..., axis_name)``
       and ``labels`` ``P(data_axis_name)``; per-class arrays are global ``[V]``. A vocabulary
@@ -746,7 +757,7 @@ def linear_softmax_cross_entropy(
 
     Inside ``jax.shard_map`` (``mesh=None``): ``x`` is this device's tokens ``[..., D]`` (the
     same on every device of ``axis_name``), ``w`` its ``[D, V/P]`` columns, ``bias`` and
-    ``class_weights`` its ``[V/P]`` slices; use ``check_vma=True`` (the default). With ``mesh``:
+    ``class_weights`` its ``[V/P]`` slices (``check_vma`` on or off). With ``mesh``:
     global arrays, laid out ``x`` ``P(data_axis_name)``, ``w`` ``P(None, axis_name)``,
     ``bias``/``class_weights`` ``P(axis_name)``; a vocabulary that does not divide over the
     devices is padded with excluded columns.

@@ -16,6 +16,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -466,6 +467,82 @@ def plain_fused_loss_inside_a_data_parallel_shard_map():
                 ("x", "w", "bias", "class_weights"), got[1], want[1], strict=True
             ):
                 close(f"{name}: gradient of {part}", a, b)
+
+
+@check
+def sharded_losses_inside_an_untyped_shard_map():
+    """Both sharded losses in a caller's ``jax.shard_map`` with ``check_vma=False`` (no types:
+    JAX hands each device a share of a replicated output's cotangent and sums the cotangents of
+    replicated inputs), on a model axis alone and beside a data axis, every reduction: the loss
+    and the gradients of every input (the slices of ``w``, ``bias`` and the class weights, the
+    replicated ``x`` and hyperparameters) are the single-device ones, as with ``check_vma=True``.
+    The per-token fused loss sums its cotangent's shares itself (it once returned 1/P of the
+    gradients of ``w``, ``bias``, the class weights and the cap)."""
+    d = data(n=16, v=64)
+    hyper = (jnp.float32(0.1), jnp.float32(1e-3), jnp.float32(6.0))
+
+    def options(weights, eps, zl, cap, reduction):
+        return dict(
+            class_weights=weights, label_smoothing=eps, z_loss=zl, logit_soft_cap=cap,
+            ignore_index=-100, reduction=reduction,
+        )  # fmt: skip
+
+    def fused(x, w, bias, weights, y, *hyper, reduction):
+        return jaxce.sharded.linear_softmax_cross_entropy(
+            x, w, y, bias=bias, axis_name="model", data_axis_name="data",
+            **options(weights, *hyper, reduction),
+        )  # fmt: skip
+
+    def fused_on_one(x, w, bias, weights, y, *hyper, reduction):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            x @ w + bias[None, :], y, **options(weights, *hyper, reduction)
+        )
+
+    def logits_loss(z, weights, y, *hyper, reduction):
+        return jaxce.sharded.softmax_cross_entropy_with_integer_labels(
+            z, y, axis_name="model", data_axis_name="data", **options(weights, *hyper, reduction)
+        )
+
+    def logits_on_one(z, weights, y, *hyper, reduction):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            z, y, **options(weights, *hyper, reduction)
+        )
+
+    cases = (
+        (fused, fused_on_one, (d["x"], d["w"], d["bias"], d["weights"]),
+         (P("data"), P(None, "model"), P("model"), P("model"))),
+        (logits_loss, logits_on_one, (d["logits"], d["weights"]),
+         (P("data", "model"), P("model"))),
+    )  # fmt: skip
+    for shape in ((1, 8), (2, 4)):
+        mesh = jax.make_mesh(shape, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+        for reduction in ("none", "sum", "mean"):
+            per_token = reduction == "none"
+            for sharded, on_one, arrays, specs in cases:
+                args = (*arrays, d["labels"], *hyper)
+                argnums = tuple(i for i in range(len(args)) if i != len(arrays))
+
+                def total(*a, f=on_one, reduction=reduction):
+                    return jnp.sum(f(*a, reduction=reduction))
+
+                want = jax.jit(jax.value_and_grad(total, argnums=argnums))(*args)
+                for typed in (True, False):
+                    split = jax.shard_map(
+                        functools.partial(sharded, reduction=reduction),
+                        mesh=mesh,
+                        in_specs=(*specs, P("data"), P(), P(), P()),
+                        out_specs=P("data") if per_token else P(),
+                        check_vma=typed,
+                    )
+
+                    def split_total(*a, split=split):
+                        return jnp.sum(split(*a))
+
+                    got = jax.jit(jax.value_and_grad(split_total, argnums=argnums))(*args)
+                    name = f"{sharded.__name__} {shape} {reduction} check_vma={typed}"
+                    close(f"{name}: loss", got[0], want[0])
+                    for i, a, b in zip(argnums, got[1], want[1], strict=True):
+                        close(f"{name}: gradient of argument {i}", a, b)
 
 
 @check

@@ -36,6 +36,7 @@ CHECKS = (
     "fused_every_option_on_every_mesh",
     "fused_each_option",
     "plain_fused_loss_inside_a_data_parallel_shard_map",
+    "sharded_losses_inside_an_untyped_shard_map",
     "fused_narrow_dtypes_over_vocabulary_chunks",
     "nan_comes_through_as_on_one_device",
     "hlo_logits_moves_only_rows",

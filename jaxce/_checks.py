@@ -222,6 +222,20 @@ def hyperparameter(
     return x * jnp.where(valid, jnp.ones_like(x), jnp.full_like(x, jnp.nan))
 
 
+def nan_together(*values: jax.Array | None) -> tuple[jax.Array | None, ...]:
+    """One function's hyperparameters (from :func:`hyperparameter`, or arrays of entries, or
+    None), each times 1, or times NaN where any of them holds a NaN: a traced one out of range
+    then makes every derivative NaN, those with respect to the others included, whose rules may
+    not read the bad one (the z-loss's derivative reads no smoothing)."""
+    present = [v for v in values if v is not None]
+    if len(present) < 2:
+        return values
+    bad = jnp.any(jnp.stack([jnp.any(jnp.isnan(v)) for v in present]))
+    return tuple(
+        None if v is None else v * jnp.where(bad, jnp.nan, 1).astype(v.dtype) for v in values
+    )
+
+
 def nonnegative_entries(name: str, x: jax.Array) -> jax.Array:
     """A vector of weights whose entries must be finite and >= 0 (as a scalar of the same
     meaning, :func:`hyperparameter`): a concrete one holding another value is a ``ValueError``

@@ -125,14 +125,14 @@ def sigmoid_focal_loss(
     cdt = compute_dtype(logits.dtype)
     if alpha is not None:
         alpha = _checks.hyperparameter("alpha", alpha, cdt, low=0.0, high=1.0)
-    gamma = _gamma(gamma, cdt)
+    hyperparameters = _checks.nan_together(alpha, _gamma(gamma, cdt))
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(cdt)
     total = reduction != "none"
     out = _mesh.on_own_rows(
         lambda x, y, shared: _sigmoid_focal(total, x, y, *shared),
         (logits, labels),
-        (alpha, gamma),
+        hyperparameters,
         axes=logits.ndim,
         summed=total,
     )
@@ -278,10 +278,9 @@ def softmax_focal_loss(
             alpha = _checks.nonnegative_entries("alpha", alpha).astype(cdt)
         else:
             alpha = _checks.hyperparameter("alpha", alpha, cdt, low=0.0)
-    gamma = _gamma(gamma, cdt)
     losses, counted = _mesh.on_own_rows(
         lambda x, labels, shared: _softmax_focal(x, labels, *shared, ignore_index),
         (x, labels),
-        (alpha, gamma),
+        _checks.nan_together(alpha, _gamma(gamma, cdt)),
     )
     return reduce_loss(losses, reduction, counted)

@@ -96,9 +96,11 @@ def make_options(dtype, label_smoothing, z_loss, logit_soft_cap) -> Options:
         if value is not None and math.isinf(value):
             cap = None
     return Options(
-        None if _checks.is_literal_zero(label_smoothing) else eps,
-        None if _checks.is_literal_zero(z_loss) else zl,
-        cap,
+        *_checks.nan_together(
+            None if _checks.is_literal_zero(label_smoothing) else eps,
+            None if _checks.is_literal_zero(z_loss) else zl,
+            cap,
+        )
     )
 
 

@@ -476,3 +476,39 @@ def test_traced_hyperparameter_out_of_range_gives_nan(loss, name, bad):
         assert np.isnan(np.asarray(loss_of(x, v))).all(), value
         gx, gv = grads(x, v)
         assert np.isnan(np.asarray(gx)).all() and np.isnan(np.asarray(gv)), value
+
+
+# Two traced hyperparameters, one out of range: the derivative with respect to the other (whose
+# rule may not read the bad one) is NaN too, as the loss is. (loss, the bad one, its value,
+# the other one, its valid value.)
+TOGETHER = [
+    ("ce_int", "label_smoothing", 1.5, "z_loss", 1e-3),
+    ("ce_int", "z_loss", -1.0, "label_smoothing", 0.1),
+    ("ce_int", "logit_soft_cap", -1.0, "z_loss", 1e-3),
+    ("ce_int", "label_smoothing", NAN, "logit_soft_cap", 5.0),
+    ("linear", "label_smoothing", 1.5, "z_loss", 1e-3),
+    ("linear", "z_loss", NAN, "logit_soft_cap", 5.0),
+    ("sigmoid_focal", "gamma", -1.0, "alpha", 0.25),
+    ("sigmoid_focal", "alpha", 1.5, "gamma", 2.0),
+    ("softmax_focal", "gamma", NAN, "alpha", 0.25),
+    ("softmax_focal", "alpha", -0.5, "gamma", 2.0),
+]
+
+
+@pytest.mark.parametrize(
+    "loss,bad_name,bad,name,value", TOGETHER, ids=[f"{a}/{b}={c}" for a, b, c, *_ in TOGETHER]
+)
+def test_an_out_of_range_hyperparameter_makes_the_others_derivatives_nan(
+    loss, bad_name, bad, name, value
+):
+    def total(x, b, v):
+        return jnp.sum(LOSSES[loss](x, **{bad_name: b, name: v}))
+
+    x = jnp.asarray(X43, jnp.float32)
+    grads = jax.jit(jax.grad(total, argnums=(0, 1, 2)))
+    gx, gb, gv = grads(x, jnp.float32(bad), jnp.float32(value))
+    assert np.isnan(np.asarray(gx)).all() and np.isnan(gb) and np.isnan(gv)
+    # In range, both derivatives are finite: the test above is not vacuous.
+    ok = {"label_smoothing": 0.2, "z_loss": 1e-2, "logit_soft_cap": 4.0, "gamma": 1.0}
+    _, gb, gv = grads(x, jnp.float32(ok.get(bad_name, 0.5)), jnp.float32(value))
+    assert np.isfinite(gb) and np.isfinite(gv)

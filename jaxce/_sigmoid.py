@@ -187,12 +187,30 @@ def soft_cap_derivative(x: jax.Array, cap: jax.Array) -> jax.Array:
 _TANH_SATURATES = 40.0
 
 
+# sinh(w) - w = sum_k w^(2k+1) / (2k+1)!, k >= 1: the series' coefficients, highest first, to
+# w^23; for |w| < 2 the next term is below 2.2e-18 of the sum (float64's rounding: 1.1e-16).
+_SINH_MINUS_W = tuple(1 / math.factorial(2 * k + 1) for k in range(11, 0, -1))
+
+
 def soft_cap_cap_derivative(x: jax.Array, cap: jax.Array) -> jax.Array:
     """``d/dcap cap * tanh(x / cap) = tanh(u) - u (1 - tanh(u)**2)``, ``u = x / cap`` (0 at
-    -inf, 1 at +inf)."""
+    -inf, 1 at +inf).
+
+    For ``|u| < 1`` the two terms cancel (the difference is ``2 u**3 / 3`` near 0, where they
+    are ``u``): there it is ``(1 - tanh(u)**2) (sinh(2u) - 2u) / 2``, with ``sinh(w) - w`` from
+    its series, to a few roundings of itself (the subtraction gave 136% of it at ``u = 3e-4``
+    in float32, 1% at ``u = 3e-3``)."""
     u = jnp.where(jnp.isneginf(x), jnp.zeros_like(x), x / cap)
     u = jnp.clip(u, -_TANH_SATURATES, _TANH_SATURATES)
-    return jnp.tanh(u) - u * _sech_squared(u)
+    sech2 = _sech_squared(u)
+    small = jnp.abs(u) < 1
+    w = 2 * jnp.where(small, u, jnp.zeros_like(u))
+    w2 = w * w
+    series = jnp.zeros_like(w)
+    for c in _SINH_MINUS_W:
+        series = series * w2 + c
+    near_zero = sech2 * (series * (w2 * w)) * 0.5
+    return jnp.where(small, near_zero, jnp.tanh(u) - u * sech2)
 
 
 @jax.custom_jvp

@@ -231,9 +231,8 @@ def nan_together(*values: jax.Array | None) -> tuple[jax.Array | None, ...]:
     if len(present) < 2:
         return values
     bad = jnp.any(jnp.stack([jnp.any(jnp.isnan(v)) for v in present]))
-    return tuple(
-        None if v is None else v * jnp.where(bad, jnp.nan, 1).astype(v.dtype) for v in values
-    )
+    factor = jnp.where(bad, jnp.nan, 1.0)
+    return tuple(None if v is None else v * factor.astype(v.dtype) for v in values)
 
 
 def nonnegative_entries(name: str, x: jax.Array) -> jax.Array:

@@ -258,6 +258,11 @@ class SubRows(NamedTuple):
         blocks = _xla.row_blocks(x.shape[-1], x.dtype) if x.ndim else 1
         return SubRows(blocks, tuple(x.shape))
 
+    @property
+    def rows(self) -> int:
+        """The number of rows (not sub-rows)."""
+        return math.prod(self.shape[:-1])
+
     def view(self, *arrays: jax.Array | None) -> tuple:
         """``[..., C]`` arrays (or None) as ``[rows * blocks, C / blocks]``, all behind one
         barrier."""

@@ -246,6 +246,21 @@ def row_blocks(num_classes: int, dtype) -> int:
 FUSED_SOFT_MIN_ELEMENTS = 8192
 
 
+# From this many rows on (jaxlib 0.10.2 to 0.12), XLA's CPU compiler makes the soft-label loss
+# alone's fused pass (_cross_entropy._fusible_soft_rows) one fusion, with the log between its two
+# reductions; below, the log is a kernel of its own and the reductions two fusions, between which
+# anything of the logits' size that both read is kept as an array (measured at 4095 and 4096 rows,
+# of 10 to 32768 classes, and at [2, 2048, 512]). Guarded by
+# tests/test_memory.py::test_the_soft_label_loss_alone_reads_whole_rows_on_cpu.
+CPU_WHOLE_PASS_ROWS = 4096
+
+
+def fuses_soft_pass_whole(rows: int) -> bool:
+    """Whether the fused soft-label pass over ``rows`` rows is one fusion on CPU (see
+    CPU_WHOLE_PASS_ROWS): its two sums may then share their operands."""
+    return rows >= CPU_WHOLE_PASS_ROWS
+
+
 def fuses_soft_loss(x: jax.Array, y: jax.Array) -> bool:
     """Whether the soft-label loss alone of logits ``x`` and labels ``y`` is one fused pass
     (``_cross_entropy._fusible_soft_rows``) rather than row chunks."""

@@ -1036,12 +1036,19 @@ def test_soft_loss_alone_under_vmap(rng, dtype):
         assert "cond[" in jaxpr
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["two fusions", "one fusion"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
-def test_soft_loss_alone_rows_the_fused_pass_leaves(rng, dtype):
+def test_soft_loss_alone_rows_the_fused_pass_leaves(rng, monkeypatch, dtype, whole):
     """Rows whose loss needs a select (a zero target on a -inf logit, a row of -inf logits, a
     +inf or NaN logit, a NaN target) come out NaN in the fused CPU pass: the batch is computed
     again by its exact pass, so the loss alone agrees with value_and_grad's everywhere, inf and
-    NaN included; a batch without such rows takes the fused pass itself."""
+    NaN included; a batch without such rows takes the fused pass itself. Both forms of the
+    pass (``whole``: its sums sharing the differences ``x - shift``, as from
+    ``_xla.CPU_WHOLE_PASS_ROWS`` rows on) find the same rows, and give the same numbers."""
+    from jaxce import _cross_entropy
+
+    if whole:
+        monkeypatch.setattr(_xla, "CPU_WHOLE_PASS_ROWS", 0)
     rows, cols = 64, 256  # above _xla.FUSED_SOFT_MIN_ELEMENTS
     x = R.random_logits(rng, (rows, cols))
     y = R.random_probs(rng, (rows, cols))
@@ -1054,7 +1061,11 @@ def test_soft_loss_alone_rows_the_fused_pass_leaves(rng, dtype):
     y[5, 11] = np.nan  # NaN
     x[6] += 3e4  # large offset: exact in the shifted form
     xs, ys = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
-    alone = jax.jit(jaxce.softmax_cross_entropy)(xs, ys)
+
+    def loss_alone(a, b):  # traced anew at each call: the patches act at trace time
+        return jax.jit(lambda a, b: jaxce.softmax_cross_entropy(a, b))(a, b)
+
+    alone = loss_alone(xs, ys)
     with_grad = jax.jit(jax.value_and_grad(lambda a: jaxce.softmax_cross_entropy(a, ys).sum()))
     per_row = jax.jit(jax.vmap(jax.value_and_grad(jaxce.softmax_cross_entropy)))(xs, ys)[0]
     assert with_grad(xs)[0].dtype == alone.dtype
@@ -1066,12 +1077,14 @@ def test_soft_loss_alone_rows_the_fused_pass_leaves(rng, dtype):
     want = R.softmax_cross_entropy(*rounded)
     R.assert_close(alone[6:], want, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
     if _xla.fuses_soft_loss(xs, ys):  # then the rows without such entries take the fused pass
-        from jaxce import _cross_entropy
-
         sub, xs6, ys6 = _cross_entropy._in_sub_rows(xs[6:], ys[6:])
         sums = _cross_entropy._row_sums(xs6, ys6, sub)
-        fused = _cross_entropy._fusible_soft_rows(xs6, ys6, sums, sub).loss[:, 0]
-        np.testing.assert_array_equal(jax.jit(jaxce.softmax_cross_entropy)(xs[6:], ys[6:]), fused)
+        fused = _cross_entropy._fusible_soft_rows(xs6, ys6, sums, sub, alone=True).loss[:, 0]
+        np.testing.assert_array_equal(loss_alone(xs[6:], ys[6:]), fused)
+        # The other form: the same roundings, (m - x) + log-sum against log-sum - (x - m).
+        with monkeypatch.context() as other:
+            other.setattr(_xla, "CPU_WHOLE_PASS_ROWS", 2**62 if whole else 0)
+            np.testing.assert_array_equal(loss_alone(xs[6:], ys[6:]), fused)
 
 
 # Entries that the exact fused pass must sum like the row chunks: +-inf, NaN, the range's ends,

@@ -586,9 +586,10 @@ def test_long_rows_are_reduced_in_sub_rows_on_cpu(monkeypatch, dtype):
 # ----------------------------------------------------------------------------------------------
 # The soft-label loss alone without options: on CPU (jaxlib 0.10.2 on) float32, bfloat16 and
 # float64 logits take one fused pass (_cross_entropy._fusible_soft_rows) that keeps only per-row
-# numbers, below the 4096 rows where XLA splits it into two fusions as above them; float16 keeps
-# its row chunks. The two shifts and the barrier of that pass are what keep an [N, C] broadcast
-# or float32 copy out of it (without them: 4-64 MiB here; _xla.unshared).
+# numbers; float16 keeps its row chunks. Below 4096 rows (_xla.CPU_WHOLE_PASS_ROWS), where XLA
+# splits the pass into two fusions, its two shifts and its barrier are what keep an [N, C]
+# broadcast or float32 copy out of it (without them: 4-64 MiB here; _xla.unshared); from 4096
+# rows on, one fusion, its two sums share the differences x - shift.
 @pytest.mark.parametrize("rows", [1024, 2048, 4096, 8192])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64, jnp.float16])
 def test_the_soft_label_loss_alone_reads_whole_rows_on_cpu(monkeypatch, dtype, rows):
@@ -606,7 +607,7 @@ def test_the_soft_label_loss_alone_reads_whole_rows_on_cpu(monkeypatch, dtype, r
     def loss(x, y):
         sub, x, y = _cross_entropy._in_sub_rows(x, y)
         return _cross_entropy._fusible_soft_rows(
-            x, y, _cross_entropy._row_sums(x, y, sub), sub
+            x, y, _cross_entropy._row_sums(x, y, sub), sub, alone=True
         ).loss
 
     one_pass = _temp_bytes(jax.jit(loss).lower(*shapes))

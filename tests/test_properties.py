@@ -978,6 +978,9 @@ def _soft(x, y, where, weights, eps, ct, variant, path=_paths.PICKED):
     # The loss alone without options is on CPU one fused pass above a size (_xla.fuses_soft_loss),
     # which these small shapes do not reach: that pass, whatever the size.
     fused = _cross_entropy._plain_soft_loss(x, y) if variant == "plain" else alone
+    # From _xla.CPU_WHOLE_PASS_ROWS rows on, that pass's two sums share their operands.
+    with mock.patch.object(_xla, "CPU_WHOLE_PASS_ROWS", 0):
+        whole = _cross_entropy._plain_soft_loss(x, y) if variant == "plain" else alone
     grads = pull(ct)
     if variant == "plain":
         # So are the forward rows of the derivative where its exponentials are not kept: the
@@ -989,7 +992,7 @@ def _soft(x, y, where, weights, eps, ct, variant, path=_paths.PICKED):
             fused_grads = jax.vjp(jaxce.softmax_cross_entropy, x, y)[1](ct)
     else:
         fused_grads = grads
-    return (loss, *grads, alone, fused, *fused_grads)
+    return (loss, *grads, alone, fused, *fused_grads, whole)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
@@ -1018,7 +1021,9 @@ def test_soft_label_cross_entropy(data, path):
     assert out[0].dtype == out[3].dtype == out[4].dtype == cdtype(dtype) and out[1].dtype == out[
         2
     ].dtype == jnp.dtype(dtype)
-    loss, alone, fused = (P.to_f64(o).reshape(rows) for o in (out[0], out[3], out[4]))
+    loss, alone, fused, whole = (
+        P.to_f64(o).reshape(rows) for o in (out[0], out[3], out[4], out[7])
+    )
     gx, gy, fused_gx, fused_gy = (P.to_f64(o).reshape(rows, cols) for o in out[1:3] + out[5:7])
 
     x64, y64, w64, ct64 = x.astype(F64), y.astype(F64), w.astype(F64), ct.astype(F64)
@@ -1046,7 +1051,7 @@ def test_soft_label_cross_entropy(data, path):
     wide = cdtype(dtype) == np.float64
     over = adm & ((-log_p > top) if wide else (wt * -log_p / 2 > top))
     overflow = (over & (wt != 0)).any(-1)
-    for got in (loss, alone, fused):
+    for got in (loss, alone, fused, whole):
         u = dict(unit_dtype=P.compute_dtype(dtype))
         P.compare(name, dtype, got, want, scale, overflow=overflow, **u)
     # d/dz = (sum w y') p - w y';  d/dy = (1 - eps) w (lse - z) on where & admissible rows

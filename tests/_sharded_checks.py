@@ -1106,6 +1106,39 @@ def eager_calls_on_a_mesh_compile_one_program():
         close(name, got, want)
 
 
+@check
+def eager_gradients_on_an_explicit_mesh_need_the_mesh_set():
+    # Outside jax.jit, JAX forms the cotangent of a result typed on a mesh of Explicit axes only
+    # inside jax.set_mesh (README, Known limitations): there jaxce.sharded's gradients are the
+    # jitted ones; without it JAX raises, as for any function of explicitly sharded arrays.
+    mesh = mesh_of((2, 4))
+    d = data(n=16, v=200)
+    w = d["w"][:, :200]
+    kw = dict(axis_name="model", data_axis_name="data", mesh=mesh, ignore_index=-100)
+    losses = {
+        "integer labels": (
+            lambda z: jaxce.sharded.softmax_cross_entropy_with_integer_labels(
+                z, d["labels"], reduction="mean", **kw
+            ),
+            d["logits"][:, :200],
+        ),
+        "fused": (
+            lambda ww: jaxce.sharded.linear_softmax_cross_entropy(d["x"], ww, d["labels"], **kw),
+            w,
+        ),
+    }
+    for name, (loss, arg) in losses.items():
+        want = jax.jit(jax.grad(loss))(arg)
+        with jax.set_mesh(mesh):
+            close(f"{name}, eager inside set_mesh", jax.grad(loss)(arg), want)
+        try:
+            jax.grad(loss)(arg)
+        except ValueError as e:
+            assert "set_mesh" in str(e), f"{name}: {e}"
+        else:
+            raise AssertionError(f"{name}: JAX now takes it without set_mesh: update the README")
+
+
 class Skipped(Exception):
     """A check with nothing to check (reported to the parent test as a skip)."""
 

@@ -48,6 +48,7 @@ CHECKS = (
     "automatic_axes_keep_second_derivatives_on_their_devices",
     "every_function_with_split_classes_on_explicit_axes",
     "eager_calls_on_a_mesh_compile_one_program",
+    "eager_gradients_on_an_explicit_mesh_need_the_mesh_set",
     "readme_sharded_examples",
 )
 

@@ -4,6 +4,7 @@ Speed is never asserted here: these tests check the arguments, the outputs, that
 from the numbers of the same run, and that the floors do the work they stand for.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxce import bench
@@ -206,6 +208,55 @@ def test_the_compared_programs_compute_the_same_loss():
                 np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"{name}: {p.name}")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_integer_label_programs_agree_with_optax_in_every_option_set(dtype):
+    """Every option set of ``options`` and cross_entropy's "all options": jaxce's value and
+    gradient and optax's, written without a one-hot, within float32 rounding (a bfloat16
+    gradient within one bfloat16 rounding of the float32 one it is rounded from)."""
+    compared = []
+    for name in ("cross_entropy", "options"):
+        benchmark = bench.BENCHMARKS[name]
+        args = benchmark.inputs((24, 37), dtype)
+        for p in benchmark.programs:
+            # (the plain loss's optax program computes in the logits' dtype, as optax does)
+            if p.role != bench.JAXCE or p.name in ("jaxce", bench.JAXCE_ALONE):
+                continue
+            other = next(q for q in benchmark.programs if q.name == p.compare_to)
+            (value, grad), (want, want_grad) = (jax.jit(q.make())(*args) for q in (p, other))
+            assert value.dtype == want.dtype == jnp.float32, p.name
+            assert grad.dtype == want_grad.dtype == jnp.dtype(dtype), p.name
+            eps = np.finfo(np.float32).eps
+            np.testing.assert_allclose(value, want, rtol=8 * eps, err_msg=f"{name}: {p.name}")
+            grad, want_grad = (np.asarray(g, np.float64) for g in (grad, want_grad))
+            scale = np.abs(want_grad).max()
+            rtol = 2.0**-7 if dtype == "bfloat16" else 0.0  # one bfloat16 rounding
+            np.testing.assert_allclose(
+                grad, want_grad, rtol=rtol, atol=8 * eps * scale, err_msg=f"{name}: {p.name}"
+            )
+            compared.append((name, p.name))
+    assert ("cross_entropy", "jaxce, all options") in compared
+    assert {f"jaxce, {option}" for option in bench.OPTION_SETS} <= {p for _, p in compared}
+
+
+def test_the_optax_programs_make_no_one_hot_labels(monkeypatch):
+    """optax's side of a comparison is the strongest program optax allows, not a straw man that
+    makes one-hot labels of the logits' size: the programs run with the means to make them taken
+    away."""
+
+    def taken_away(*args, **kwargs):
+        raise AssertionError("a one-hot of the labels, the size of the logits")
+
+    for module, name in ((jax.nn, "one_hot"), (optax, "smooth_labels")):
+        monkeypatch.setattr(module, name, taken_away)
+    monkeypatch.setattr(optax, "softmax_cross_entropy", taken_away)  # reads dense labels
+    for name in ("cross_entropy", "options", "step"):
+        benchmark = bench.BENCHMARKS[name]
+        args = benchmark.inputs((6, 12), "float32")
+        for p in benchmark.programs:
+            if p.role == bench.OPTAX:
+                jax.jit(p.make())(*args)
+
+
 def test_the_options_benchmark_pairs_each_option_set_with_optax():
     """``options``: each option alone and all four, each jaxce program compared with the same
     options written with optax, in one run with a floor."""
@@ -283,6 +334,48 @@ def test_a_failing_program_is_reported_and_the_others_still_run(monkeypatch, cap
     assert "broken: RuntimeError: out of memory, say" in err
     table = bench.format_table([failed, measured])
     assert "failed: RuntimeError: out of memory, say" in table
+
+
+@pytest.mark.parametrize("markdown", [False, True])
+def test_a_failed_program_is_never_reported_as_targets_met(markdown):
+    measured = bench.compute_ratios(
+        [
+            _result("jaxce", bench.JAXCE, [1.0], 0.1, compare_to="optax"),
+            _result("optax", bench.OPTAX, [2.0], 0.1),
+            _result("floor", bench.FLOOR, [1.0], 0.1),
+        ]
+    )
+    form = bench.format_markdown if markdown else bench.format_table
+    met = "Every target is met." if markdown else "Targets met."
+    assert form(measured).endswith(met)
+    error = "RESOURCE_EXHAUSTED: out of memory " + "x" * 200
+    failed = dataclasses.replace(measured[0], times=(), error=error)
+    output = form(bench.compute_ratios([failed, *measured[1:]]))
+    assert "met" not in output.split(bench._LEGEND)[1]
+    assert f"cross_entropy 4x8 float32 jaxce: failed: {error}" in output
+    assert ("Programs failed (1):" if markdown else "Programs failed: 1") in output
+    # A benchmark without targets: none is claimed met.
+    floor_only = [_result("floor", bench.FLOOR, [1.0], 0.1, benchmark="step")]
+    assert form(floor_only).endswith("No targets apply to these programs.")
+
+
+def test_a_failed_row_keeps_the_table_narrow():
+    measured = [
+        _result("jaxce", bench.JAXCE, [1.0], 0.1, compare_to="optax"),
+        _result("optax", bench.OPTAX, [2.0], 0.1),
+        _result("floor", bench.FLOOR, [1.0], 0.1),
+    ]
+    failed = dataclasses.replace(measured[1], times=(), error="XlaRuntimeError: " + "y" * 280)
+    table = bench.format_table(bench.compute_ratios([failed, *measured[1:]]))
+    narrow = bench.format_table(bench.compute_ratios(measured))
+    column_line = next(line for line in narrow.splitlines() if line.startswith("shape"))
+    lines = table.split("\n\n")[0].splitlines()  # the table, before the legend
+    rows = lines[lines.index(column_line) + 1 :]
+    assert len(rows) == 3 and all(len(row) <= len(column_line) for row in rows)
+
+
+def test_the_legend_says_what_a_loss_alone_row_compiles():
+    assert "of the loss alone in the loss-alone rows" in bench._LEGEND
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,6 +501,65 @@ def test_targets_missed_are_listed():
     )
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_compared_gradient_program_has_targets(dtype, backend):
+    """Never slower than optax with any option; options' "all four", the same program as
+    cross_entropy's "all options", the same targets; the compile-time target for every
+    value_and_grad program with an optax counterpart, none for the loss alone; the floor's
+    1.5x for integer labels only in float32 on CPU."""
+    for name, benchmark in bench.BENCHMARKS.items():
+        programs = {p.name: p for p in benchmark.programs}
+        for p in benchmark.programs:
+            t = bench.targets(name, p.name, dtype, backend)
+            counterpart = programs.get(p.compare_to) if p.compare_to else None
+            gradient = p.role == bench.JAXCE and p.name != bench.JAXCE_ALONE
+            compared = gradient and counterpart is not None and counterpart.role == bench.OPTAX
+            assert t.max_compile_ratio == (1.5 if compared else None), (name, p.name)
+            if name == "options" and p.role == bench.JAXCE:
+                assert t.min_speedup == 1.0, p.name
+    all_four = bench.targets("options", "jaxce, all four", dtype, backend)
+    assert all_four == bench.targets("cross_entropy", "jaxce, all options", dtype, backend)
+    assert all_four.max_x_floor is not None
+    plain = bench.targets("cross_entropy", "jaxce", dtype, backend)
+    assert plain.max_x_floor == (1.5 if (dtype, backend) == ("float32", "cpu") else None)
+
+
+def test_a_miss_never_prints_as_its_target():
+    for value, limit, above, text in [
+        (0.9996, 1.0, False, "0.9996"),
+        (0.996, 1.0, False, "0.996"),
+        (0.5, 1.0, False, "0.50"),
+        (1.996, 2.0, False, "1.996"),
+        (1.504, 1.5, True, "1.504"),
+        (1.6, 1.5, True, "1.60"),
+        (1.5 + 1e-9, 1.5, True, "1.500001"),  # past six decimals: rounded away from the limit
+    ]:
+        assert bench._missing(value, limit, above=above) == text
+    bf16 = [
+        _result("jaxce", bench.JAXCE, [1.0], 1.0, "bfloat16", compare_to="optax"),
+        _result("optax", bench.OPTAX, [1.996], 1.504, "bfloat16"),
+        _result("floor", bench.FLOOR, [1.0], 0.1, "bfloat16"),
+    ]
+    assert bench.compute_ratios(bf16, "cpu")[0].missed == (
+        "1.996x faster than optax (target >= 2x)",
+    )
+    bf16[0] = dataclasses.replace(bf16[0], times=(2.0,), compile_seconds=1.504 * 1.504)
+    assert bench.compute_ratios(bf16, "cpu")[0].missed == (
+        "slower than optax (optax's time / this = 0.998; target >= 2x faster)",
+        "compiles in 1.504x optax's time (target <= 1.5x)",
+    )
+    f32 = [
+        _result("jaxce", bench.JAXCE, [1.504], 0.1, compare_to="optax"),
+        _result("optax", bench.OPTAX, [1.5036], 0.1),
+        _result("floor", bench.FLOOR, [1.0], 0.1),
+    ]
+    assert bench.compute_ratios(f32, "cpu")[0].missed == (
+        "slower than optax (optax's time / this = 0.9997)",
+        "1.504x the floor (target <= 1.5x)",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The floors
 
@@ -442,9 +594,13 @@ def test_the_matmul_floor_does_the_three_products():
     benchmark = bench.BENCHMARKS["linear"]
     floor = next(p for p in benchmark.programs if p.role == bench.FLOOR).make()
     x, w, labels, g = benchmark.inputs((3, 2, 5), "float32")
-    logits, dx, dw = floor(x, w, labels, g)
-    assert logits.shape == (3, 5) and dx.shape == x.shape and dw.shape == w.shape
-    np.testing.assert_allclose(logits, np.asarray(x) @ np.asarray(w), rtol=1e-6)
+    outputs = floor(x, w, labels, g)
+    # x @ w is read, not written out as a [N, V] result (a loss returns no logits) ...
+    assert all(out.shape != (3, 5) for out in outputs)
+    column_sums, dx, dw = outputs
+    assert dx.shape == x.shape and dw.shape == w.shape
+    # ... but every logit is in an output, so XLA cannot drop the product.
+    np.testing.assert_allclose(column_sums, (np.asarray(x) @ np.asarray(w)).sum(0), rtol=1e-6)
     np.testing.assert_allclose(dx, np.asarray(g) @ np.asarray(w).T, rtol=1e-6)
     np.testing.assert_allclose(dw, np.asarray(x).T @ np.asarray(g), rtol=1e-6)
     # Compiled, the three products are all there (2 N D V flops each).
@@ -517,6 +673,52 @@ def test_command_line_writes_json_and_plot(tmp_path, capsys):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_tells_every_program_apart_and_its_title_fits(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
+    results = []
+    for name in ("options", "cross_entropy", "linear"):
+        programs = bench.BENCHMARKS[name].programs
+        for shape in ((8, 4, 16), (8, 4, 32)) if name == "linear" else ((8, 16), (8, 32)):
+            for dtype in ("float32", "bfloat16"):
+                results += [
+                    _result(
+                        p.name,
+                        p.role,
+                        [1.0 + k],
+                        0.1,
+                        dtype,
+                        compare_to=p.compare_to,
+                        benchmark=name,
+                        shape=shape,
+                        temp_bytes=1024 * k,
+                    )
+                    for k, p in enumerate(programs)
+                ]
+    header = bench.describe(bench.environment(), 5, 3, False)
+    bench.plot(tmp_path / "plot.png", results, header)
+    (fig,) = drawn
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        if not lines:
+            continue
+        colors = {}
+        for line in lines:
+            program = line.get_label().rsplit(", ", 1)[0]
+            colors.setdefault(program, set()).add(to_rgba(line.get_color()))
+        assert all(len(c) == 1 for c in colors.values())  # a program's colour in every dtype
+        assert len({c.pop() for c in colors.values()}) == len(colors)  # and no other's
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    title = fig.get_suptitle()
+    assert title.replace("\n", " ") == header
+    assert fig._suptitle.get_window_extent(renderer).width <= fig.bbox.width
+
+
 def _saved_run(tmp_path):
     """A run of two benchmarks written by write_json, and the results it was written from."""
     results = bench.compute_ratios(
@@ -564,7 +766,7 @@ def test_a_saved_run_reads_back_as_it_was_written(tmp_path):
 
 def test_from_json_prints_the_saved_runs_tables(tmp_path, capsys):
     path, results, env = _saved_run(tmp_path)
-    assert bench.main(["--from-json", str(path), "--markdown"]) == 0
+    assert bench.main(["--from-json", str(path), "--markdown"]) == 1  # a program failed
     out = capsys.readouterr().out
     header = bench.describe(bench.environment() | {"date": env["date"]}, 3, 2, False)
     assert out.startswith(header + "\n")
@@ -574,9 +776,26 @@ def test_from_json_prints_the_saved_runs_tables(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "binary: sigmoid" in out and "cross_entropy" not in out and "2x2" not in out
     saved = tmp_path / "again.json"
-    assert bench.main(["--from-json", str(path), "--json", str(saved), "--dtype", "float32"]) == 0
+    assert bench.main(["--from-json", str(path), "--json", str(saved), "--dtype", "float32"]) == 1
     capsys.readouterr()
     assert bench.read_json(saved) == (results, env)
+
+
+def test_from_json_with_a_shape_keeps_every_benchmark_of_the_files(tmp_path, capsys):
+    """Naming no benchmark, --from-json --shape keeps the rows of options and step, which a run
+    measures only when named, as well as those of the default benchmarks."""
+    rows = []
+    for name in ("cross_entropy", "options", "step"):
+        rows += [
+            _result("jaxce", bench.JAXCE, [1.0], 0.1, compare_to="optax", benchmark=name),
+            _result("optax", bench.OPTAX, [2.0], 0.1, benchmark=name),
+        ]
+    path = tmp_path / "run.json"
+    bench.write_json(path, bench.compute_ratios(rows), {**bench.environment(), "repeats": 1})
+    assert bench.main(["--from-json", str(path), "--shape", "4x8"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cross_entropy", "options", "step"):
+        assert f"{name}: {bench.BENCHMARKS[name].summary}" in out
 
 
 def _split_run(tmp_path, results, env, later_env):
@@ -595,7 +814,7 @@ def test_from_json_joins_runs_of_one_machine(tmp_path, capsys):
     path, results, env = _saved_run(tmp_path)
     later = env | {"date": "2026-01-02 03:09 UTC"}
     first, second = _split_run(tmp_path, results, env, later)
-    assert bench.main(["--from-json", str(first), "--from-json", str(second), "--markdown"]) == 0
+    assert bench.main(["--from-json", str(first), "--from-json", str(second), "--markdown"]) == 1
     out = capsys.readouterr().out
     dated = env | {"date": "2026-01-02 03:04 UTC to 2026-01-02 03:09 UTC"}
     header = bench.describe(dated, 3, 2, False)

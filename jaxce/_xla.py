@@ -84,7 +84,9 @@ ROW_CHUNK_BYTES = {"cpu": 2**20, "gpu": 256 * 2**20, "tpu": 256 * 2**20}
 # with z-loss and class weights): float32 0.79-0.99x -> 1.02-1.27x, bfloat16 0.66-1.12x ->
 # 0.88-1.54x, its four row sums one fusion beside the max's; XLA's partial sums of long rows grow
 # with the rows there, 1-2 KiB a row (16-33 MiB at 16384 rows of 32768-131072 classes, 0.4% of
-# the float32 logits). Not so with a soft cap (every option on, bfloat16 [8192, 131072]: 4 GiB of
+# the float32 logits). (The options' figures are relative to optax's program of that day, which
+# smoothed one-hot labels: the comparisons between chunks and whole rows are what they measure.)
+# Not so with a soft cap (every option on, bfloat16 [8192, 131072]: 4 GiB of
 # temporaries, the capped logits written out) or for a bfloat16 elementwise sum whose derivative
 # shares an exponential with it (4 GiB, see ``reads_whole_rows``): those keep their chunks, as
 # TPUs do (not measured). With a soft cap and smoothing, XLA writes the capped logits out (in
@@ -211,7 +213,9 @@ def row_blocks(num_classes: int, dtype) -> int:
 # loss written so (_cross_entropy._fusible_soft_rows) reads whole rows and keeps only per-row
 # numbers, where its row chunks ran at 0.36-0.72x optax's speed. Measured, the loss alone against
 # optax's in the same run, float32 / bfloat16: [1024, 1000] 1.12x / 1.39x, [2048, 8192] 1.43x /
-# 1.72x (optax keeps 64 MiB there), [4096, 4096] 0.92x / 0.88x, [16384, 4096] 0.99x / 0.88x.
+# 1.72x (optax keeps 64 MiB there), [4096, 4096] 0.92x / 0.88x, [16384, 4096] 0.99x / 0.88x;
+# from CPU_WHOLE_PASS_ROWS rows on, with its two sums sharing x - shift, 0.99-1.00x at
+# [16384, 4096] and [4096, 32768] (run alone, 15 rounds).
 # Rows that need the select of 0 log 0 = 0 (a zero target on a -inf logit) come out NaN and the
 # batch is computed again by an exact pass over whole rows, also without a select per entry
 # (_cross_entropy._fusible_exact_soft_rows), whose branch the compiled program holds. Where that

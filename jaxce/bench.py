@@ -124,7 +124,7 @@ GRID["step"] = ((256, 10), (1024, 1000), (4096, 4096), (1024, 32768))
 QUICK_GRID["step"] = ((256, 10), (1024, 1000))
 ACCELERATOR_GRID["step"] = ((8192, 32768),)
 DEFAULT_DTYPES = ("float32", "bfloat16")
-GRID_MINUTES = "about 13 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
+GRID_MINUTES = "8-13 minutes"  # the default grid, float32 and bfloat16, on 2 x86-64 cores
 # A timed sample calls a program this long at least: a 100 µs call is timed as the mean of 200.
 MIN_SAMPLE_SECONDS = 0.02
 # Compilations per program, a fresh function each time; the median is reported.

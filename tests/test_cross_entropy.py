@@ -1087,6 +1087,34 @@ def test_soft_loss_alone_rows_the_fused_pass_leaves(rng, monkeypatch, dtype, who
             np.testing.assert_array_equal(loss_alone(xs[6:], ys[6:]), fused)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_soft_loss_alone_of_4096_rows_is_the_two_fusion_form(monkeypatch, dtype):
+    """From _xla.CPU_WHOLE_PASS_ROWS rows on, unpatched, the fused pass's sums share
+    ``x - shift`` (one XLA fusion on CPU): bitwise the loss of the form below that size, and the
+    row chunks' within rounding, rows that take the exact pass included."""
+    from jaxce import _cross_entropy
+
+    rng = np.random.default_rng(3)
+    rows, cols = 4096, 10
+    assert _xla.fuses_soft_pass_whole(rows) and not _xla.fuses_soft_pass_whole(rows - 1)
+    x = R.random_logits(rng, (rows, cols)) * 4
+    y = R.random_probs(rng, (rows, cols))
+    x[7, 3], y[7, 3] = -np.inf, 0.0  # the exact pass, for the whole batch
+    xs, ys = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+    clean = (xs.at[7, 3].set(0.0), ys)  # a batch the fused pass takes itself
+
+    def loss_alone(a, b):  # traced anew at each call: the patch acts at trace time
+        return np.asarray(jax.jit(lambda a, b: jaxce.softmax_cross_entropy(a, b))(a, b))
+
+    chunks = jax.jit(lambda a, b: _cross_entropy._soft_forward(a, b, None, None, None).loss)
+    for args in ((xs, ys), clean):
+        got = loss_alone(*args)
+        R.assert_close(got, np.asarray(chunks(*args))[:, 0], rtol=1e-6)
+        with monkeypatch.context() as other:
+            other.setattr(_xla, "CPU_WHOLE_PASS_ROWS", 2**62)
+            np.testing.assert_array_equal(loss_alone(*args), got)
+
+
 # Entries that the exact fused pass must sum like the row chunks: +-inf, NaN, the range's ends,
 # a subnormal logit; zero, negative, NaN, infinite, subnormal and large targets.
 _SPECIAL_LOGITS = [0.0, 1.5, -2.0, 30.0, -np.inf, np.inf, np.nan, 3e38, -3e38, 1e-40]

@@ -621,6 +621,19 @@ def test_the_soft_label_loss_alone_reads_whole_rows_on_cpu(monkeypatch, dtype, r
     assert "reduce_or" not in jaxpr
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_soft_label_loss_alone_in_sub_rows_keeps_nothing_of_their_size(monkeypatch, dtype):
+    # From 4096 rows (_xla.CPU_WHOLE_PASS_ROWS) the fused pass's two sums share x - shift; in
+    # sub-rows too (rows of more than _xla.CPU_ROW_BYTES) XLA keeps it in the fusion.
+    monkeypatch.setattr(_xla, "backend", lambda: "cpu")
+    rows, cols = 4096, 2 * LONG_ROWS[dtype]
+    shapes = (jax.ShapeDtypeStruct((rows, cols), dtype),) * 2
+    if _xla.cpu_fuses_whole_rows():
+        assert _xla.row_blocks(cols, dtype) == 2 and _xla.fuses_soft_pass_whole(rows)
+    program = jax.jit(jaxce.softmax_cross_entropy).lower(*shapes)
+    assert _temp_bytes(program) <= PER_ROW * rows, f"{_temp_bytes(program) / 2**20:.2f} MiB"
+
+
 # ------------------------------------------------------------------ calls outside jax.jit
 def _eager_cases():
     rng = np.random.default_rng(0)

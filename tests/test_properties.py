@@ -1018,9 +1018,8 @@ def test_soft_label_cross_entropy(data, path):
     args = (x.reshape(shape), y.reshape(shape), where.reshape(shape), w, eps_arg)
     ct_arg = jnp.asarray(ct.reshape(shape[:-1]))
     out = _soft(*(jnp.asarray(a) for a in args), ct_arg, variant, path)
-    assert out[0].dtype == out[3].dtype == out[4].dtype == cdtype(dtype) and out[1].dtype == out[
-        2
-    ].dtype == jnp.dtype(dtype)
+    assert out[0].dtype == out[3].dtype == out[4].dtype == out[7].dtype == cdtype(dtype)
+    assert out[1].dtype == out[2].dtype == jnp.dtype(dtype)
     loss, alone, fused, whole = (
         P.to_f64(o).reshape(rows) for o in (out[0], out[3], out[4], out[7])
     )

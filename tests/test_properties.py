@@ -1094,9 +1094,15 @@ def test_soft_label_cross_entropy(data, path):
         out2 = _soft(*(jnp.asarray(a) for a in args2), ct_arg, variant, path)
         loss2, alone2, fused2 = (P.to_f64(o).reshape(rows) for o in (out2[0], out2[3], out2[4]))
         others = np.arange(rows) != r
-        assert same(loss[others], loss2[others]) and same(alone[others], alone2[others])
-        # the fused pass computes every row again when one is NaN: the others agree with it
+        assert same(loss[others], loss2[others])
+        # the fused pass computes every row again when one is NaN: the others agree with it, to
+        # rounding (its exact pass sums the same terms in another order). On the sub-rows path
+        # the loss alone takes that pass too, as large inputs on CPU do.
         np.testing.assert_allclose(fused2[others], fused[others], rtol=1e-5)
+        if path == _paths.SUB_ROWS and variant == "plain":
+            np.testing.assert_allclose(alone2[others], alone[others], rtol=1e-5)
+        else:
+            assert same(alone[others], alone2[others])
         assert np.isnan(fused2[r]) == np.isnan(alone2[r])
         for got, fused_got in zip(out2[1:3], out2[5:7], strict=True):  # NaN where it is
             assert same(np.isnan(P.to_f64(got)), np.isnan(P.to_f64(fused_got)))

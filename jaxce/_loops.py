@@ -268,7 +268,7 @@ class SubRows(NamedTuple):
         barrier."""
         if self.blocks == 1:
             return arrays
-        flat = (math.prod(self.shape[:-1]) * self.blocks, self.shape[-1] // self.blocks)
+        flat = (self.rows * self.blocks, self.shape[-1] // self.blocks)
         present = [jnp.reshape(a, flat) for a in arrays if a is not None]
         viewed = iter(jax.lax.optimization_barrier(present))
         return tuple(None if a is None else next(viewed) for a in arrays)
@@ -278,7 +278,7 @@ class SubRows(NamedTuple):
         None); with one block, as it is."""
         if v is None or self.blocks == 1:
             return v
-        rows, width = math.prod(self.shape[:-1]), self.shape[-1] // self.blocks
+        rows, width = self.rows, self.shape[-1] // self.blocks
         blocked = jnp.broadcast_to(
             jnp.reshape(v, (1, self.blocks, width)), (rows, self.blocks, width)
         )
@@ -288,7 +288,7 @@ class SubRows(NamedTuple):
         """A per-row ``[..., 1]`` value as each of its sub-rows' ``[rows * blocks, 1]``."""
         if self.blocks == 1:
             return per_row
-        rows = math.prod(self.shape[:-1])
+        rows = self.rows
         return jnp.repeat(jnp.reshape(per_row, (rows, 1)), self.blocks, axis=0)
 
     def _merged(self, reduce, per_sub_row: jax.Array) -> jax.Array:

@@ -5,8 +5,8 @@ the sharded losses apply the same kernel to chunks and shards. Derivatives are h
 ``jax.custom_jvp`` rules (see ``_autodiff``): their ``[..., C]`` factors are recomputed in the
 backward pass, so reverse mode saves only the logits and ``O(N)`` statistics; on CPU also their
 exponentials, which the forward pass computed anyway: for float32 logits of the integer-label
-loss without smoothing in the gradient's buffer, elsewhere up to a budget
-(``_xla.saves_exponentials``).
+loss without smoothing (or with it, over plain rows: ``_rows.assumes_plain_rows``) in the
+gradient's buffer, elsewhere up to a budget (``_xla.saves_exponentials``).
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def _forward(
     label_logit = _rows.capped(_xla.pick(x, meaning.class_index).astype(dtype), options)
     exponentials = None
     if keep:
+        plain = _rows.assumes_plain_rows(x, mask, options)
         partial, exponentials = _rows.stats_and_exponentials(
-            x, mask, weights, options, num_classes, kept=True
+            x, mask, weights, options, num_classes, kept=True, plain=plain
         )
     else:
         partial = _rows.row_stats(x, mask, weights, options, num_classes, alone)
@@ -75,8 +76,10 @@ def _integer_ce_jvp(ignore_index, primals, tangents):
     x, labels, mask, weights, options = primals
     x_dot, _, _, w_dot, o_dot = tangents
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
+    # Smoothing's sums over plain rows need no buffer of their own (_rows.assumes_plain_rows).
+    smoothing = options.smoothing and not _rows.assumes_plain_rows(x, mask, options)
     keep = dots.per_class(options) and _xla.saves_exponentials(
-        x, soft_cap=options.logit_soft_cap is not None, smoothing=options.smoothing
+        x, soft_cap=options.logit_soft_cap is not None, smoothing=smoothing
     )
     loss, counted, (meaning, stats, label_logit, w_y, rows, exponentials) = _forward(
         x, labels, mask, weights, options, ignore_index, keep

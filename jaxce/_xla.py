@@ -16,12 +16,16 @@ deterministic, so these bounds are asserted, not hoped for:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 import jaxlib.version
 
 from jaxce._layout import compute_dtype
+
+T = TypeVar("T")
 
 # Default chunk sizes of the fused loss per backend, measured with `python -m jaxce.bench linear`:
 # (rows of the recompute strategy's blocks, its vocabulary chunk, the byte budget of one float32
@@ -132,8 +136,10 @@ def reads_whole_rows() -> bool:
 # at [4096, 4096], 1.5x the time of the chunks); so, against optax's loss in the same run, whole
 # rows 1.60x / 1.85x / 1.97x / 1.95x at [1024, 1000] / [2048, 8192] / [4096, 4096] / [16384,
 # 4096], chunks 0.80x / 1.12x / 1.28x / 1.36x. Not so for float16 (which XLA's CPU fusions do not
-# take), for smoothing or for elementwise sums (128 MiB at [4096, 4096] float32, 3.5x the time):
-# those keep their chunks. Guarded by
+# take), for smoothing over the admissible classes or for elementwise sums (128 MiB at [4096, 4096]
+# float32, 3.5x the time): those keep their chunks (smoothing of float32 and float64 logits
+# without a mask or a soft cap first takes its sums over plain rows: _rows.assumes_plain_rows).
+# Guarded by
 # tests/test_memory.py::test_the_loss_alone_reads_whole_rows_on_cpu, on the oldest and the
 # newest JAX that CI installs.
 CPU_WHOLE_ROWS_JAXLIB = (0, 10, 2)
@@ -315,7 +321,9 @@ def row_chunk(
 # bfloat16 and float16 integer-label logits one (float32 exponentials, larger than the gradient),
 # three with smoothing (its row sums' summands are written out; two measured with a soft cap and
 # no class weights); float32 smoothing one, two with a soft cap (the capped logits beside their
-# exponentials). Those are kept
+# exponentials). Float32 and float64 smoothing without a soft cap or ``where`` takes none from
+# jaxlib 0.10.2 on: its sums are first taken without a select, as if every class were admissible
+# (``_rows.assumes_plain_rows``; the caller passes ``smoothing=False`` then). Those are kept
 # only while they fit in KEPT_BYTES, which a CPU's caches hold; above, the backward pass computes
 # the exponentials again, the trade of speed for memory. Measured, value_and_grad of the mean,
 # kept against computed again in the same rounds (Intel Xeon, 2 cores, JAX 0.10.2,
@@ -333,11 +341,11 @@ def row_chunk(
 #   1.06-1.13x at [16, 131072], [32, 131072] and [64, 65536]; bfloat16 [1024, 1000] 1.07x
 #   (12 MiB), [1024, 2048] 0.53x, [2048, 2048] 1.39x and [4096, 1000] 0.73x (above). So soft
 #   labels keep exponentials of up to SOFT_KEPT_BYTES only (three buffers of 4 MiB in bfloat16).
-# Smoothing is slower kept at large sizes (1.73x / 2.08x its time at [4096, 4096] against optax's
-# plain loss): XLA writes the summands of its row sums (the admissible count, the gap) out whole
-# before their reductions. Written without a compare or a select (the count as a sum of
-# ``1 + max(x - max(x, lowest), -1)``), XLA kept broadcasts the sums share whole instead (128 MiB
-# kept, 2 MiB in chunks), and it was no faster.
+# Smoothing over the admissible classes is slower kept at large sizes (1.73x / 2.08x its time at
+# [4096, 4096] against optax's plain loss): XLA writes the summands of its row sums (the
+# admissible count, the gap) out whole before their reductions. Written without a compare or a
+# select (the count as a sum of ``1 + max(x - max(x, lowest), -1)``), XLA kept broadcasts the
+# sums share whole instead (128 MiB kept, 2 MiB in chunks), and it was no faster.
 # Guarded by tests/test_memory.py::test_float32_on_cpu_needs_no_temporaries,
 # ::test_kept_exponentials_stay_within_their_budget,
 # ::test_float32_on_cpu_takes_one_exponential_pass and
@@ -359,7 +367,10 @@ def kept_buffers(
     """How many arrays of the logits ``x``'s size, in the compute dtype, a softmax loss's
     derivative keeps beside the gradient when it keeps the exponentials (0: they take the
     gradient's buffer), given its options (a soft cap, label smoothing) and whether its labels
-    are soft; None where they are never kept (smoothing of soft labels)."""
+    are soft; None where they are never kept (smoothing of soft labels). ``smoothing``: sums
+    over the admissible classes, with a select per entry (not so for the integer-label loss's
+    smoothing over plain rows, ``_rows.assumes_plain_rows``, which takes what the loss without
+    smoothing does)."""
     wide = computes_in_place(x)
     if soft_labels:
         return None if smoothing else (1 if wide else 3)
@@ -453,6 +464,48 @@ def staged() -> bool:
     loops run as Python loops and the branches as Python ``if``s, each operation compiled once
     per shape (tests/test_memory.py::test_calls_outside_jit_compile_nothing_again)."""
     return isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer)
+
+
+@jax.custom_batching.custom_vmap
+def _nonfinite_in_batch(v: jax.Array) -> jax.Array:
+    # A float sum of ``v * 0``: NaN where any entry is not finite, else 0 exactly (an ``any`` of
+    # booleans costs 0.2-0.3 s of XLA CPU compile time per shape, this about 20 ms).
+    return jnp.sum(v * 0)
+
+
+@_nonfinite_in_batch.def_vmap
+def _nonfinite_in_batch_rule(axis_size, in_batched, v):
+    return _nonfinite_in_batch(v), False
+
+
+@jax.custom_jvp
+def _nonfinite_sum(v: jax.Array) -> jax.Array:
+    return _nonfinite_in_batch(v)
+
+
+@_nonfinite_sum.defjvp
+def _nonfinite_sum_jvp(primals, tangents):
+    out = _nonfinite_sum(*primals)
+    return out, jnp.zeros_like(out)
+
+
+def nonfinite_anywhere(v: jax.Array) -> jax.Array:
+    """Whether any entry of ``v`` is not finite (a scalar boolean); under ``vmap``, any entry of
+    the whole batch, unbatched, so that a ``lax.cond`` on it stays a branch rather than a select
+    of both sides. No derivative (a derivative rule's own derivative may trace it)."""
+    return _nonfinite_sum(v) != 0
+
+
+def unless_nonfinite(check: jax.Array, fast: T, exact: Callable[[], T]) -> T:
+    """``fast``, a result computed on the assumption that its input is plain (no infinite or
+    NaN entry, nothing masked), unless ``check`` (a part of it that is not finite exactly where
+    that assumption fails) holds a number that is not finite anywhere in the batch: then
+    ``exact()``, computed again for the whole batch. One branch for the batch, which costs the
+    slow pass only where an input needs it."""
+    suspect = nonfinite_anywhere(check)
+    if not isinstance(suspect, jax.core.Tracer):  # op by op (staged): a Python branch
+        return exact() if bool(suspect) else fast
+    return jax.lax.cond(suspect, exact, lambda: fast)
 
 
 def chunk(a: jax.Array, start, size: int, axis: int, shape=None) -> jax.Array:

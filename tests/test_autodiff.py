@@ -201,8 +201,10 @@ def test_finite_differences_to_second_order(case):
 # ------------------------------------------------------ every path a size or a backend picks
 def _path_cases(rng):
     """:func:`_cases`, and the losses whose reduction or lack of options picks a path of its
-    own: the mean of an elementwise loss (a sum taken a chunk of rows at a time) and soft labels
-    without options (one fused pass, or an exact one for the whole batch)."""
+    own: the mean of an elementwise loss (a sum taken a chunk of rows at a time), soft labels
+    without options (one fused pass, or an exact one for the whole batch) and smoothing without
+    a mask or a soft cap (its sums as if every class were admissible, or over the admissible
+    ones for the whole batch)."""
     cases = _cases(rng)
     x = R.random_logits(rng, (3, 5))
     targets = jnp.asarray(rng.uniform(size=(3, 5)))
@@ -224,6 +226,14 @@ def _path_cases(rng):
         lambda v, xp: R.sigmoid_focal_loss(v, targets, gamma=1.5, xp=xp, **mean),
         x,
     )
+    y = _labels(rng, (3,), 5)
+    weights = jnp.asarray(rng.uniform(0.5, 2.0, 5))
+    smoothing = dict(class_weights=weights, label_smoothing=0.2, z_loss=0.05)
+    cases["integer_ce_smoothing"] = (
+        lambda v: jaxce.softmax_cross_entropy_with_integer_labels(v, y, **smoothing),
+        lambda v, xp: R.softmax_cross_entropy_with_integer_labels(v, y, xp=xp, **smoothing),
+        x,
+    )
     cases["soft_ce_plain_logits"] = (
         lambda v: jaxce.softmax_cross_entropy(v, soft),
         lambda v, xp: R.softmax_cross_entropy(v, soft, xp=xp),
@@ -239,7 +249,8 @@ def _path_cases(rng):
 
 PATH_NAMES = list(_path_cases(np.random.default_rng(0)))
 # What each forced path must reach, in the first derivative's program: a loop over chunks of
-# rows (a while loop), or the fused soft-label pass's choice for the whole batch (a cond).
+# rows (a while loop), or the fused soft-label pass's or the plain rows' choice for the whole
+# batch (a cond).
 CHUNKED = {
     "log_softmax",
     "log_softmax_where",
@@ -257,8 +268,9 @@ CHUNKED = {
     "sigmoid_focal_loss_mean",
     "soft_ce_plain_logits",
     "soft_ce_plain_labels",
+    "integer_ce_smoothing",
 }
-FUSED_SOFT = {"soft_ce_plain_logits", "soft_ce_plain_labels"}
+FUSED_SOFT = {"soft_ce_plain_logits", "soft_ce_plain_labels", "integer_ce_smoothing"}
 
 
 @pytest.mark.parametrize("path", [_paths.ROW_CHUNKS, _paths.FUSED_SOFT_PASS])

@@ -1234,3 +1234,66 @@ def test_soft_empty_row_is_zero_unless_its_targets_hold_a_nan(rng, options, rows
         assert np.isfinite(got[[0, *range(3, rows)]]).all()
     np.testing.assert_allclose(alone, per_row, rtol=1e-6)
     assert np.isnan(float(with_grad))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("rows, cols", [(64, 256), (4096, 16)])
+def test_smoothing_over_plain_rows_is_exact_where_a_row_is_not(rows, cols, dtype):
+    """On CPU the smoothing's sums are first taken as if every class were admissible, without
+    a select per entry (``_rows.assumes_plain_rows``), and taken again over the admissible
+    classes when a row of the batch has a -inf logit (or a +inf or NaN one): batches of plain
+    rows, of rows with masked classes (one with a class weight of 0 there, one of every class
+    but one masked) and of a NaN row give the float64 reference's loss and gradient, alone, in
+    ``value_and_grad`` and under ``vmap``, where the branch stays one branch for the batch."""
+    from jaxce import _rows
+
+    if jax.default_backend() != "cpu" or not _xla.cpu_fuses_whole_rows():
+        pytest.skip("taken on CPU from jaxlib 0.10.2 on")
+    rng = np.random.default_rng(rows + cols)
+    x = R.random_logits(rng, (rows, cols)) + 50.0  # offset: the gap's terms lean on the max
+    labels = rng.integers(0, cols, rows)
+    weights = rng.uniform(0.5, 1.5, cols)
+    weights[3] = 0.0
+    masked = x.copy()
+    masked[1, 3] = masked[rows // 2, 5] = masked[-1, 7] = -np.inf  # weight 0 at [1, 3]
+    masked[2, :] = -np.inf
+    masked[2, labels[2]] = 1.0  # one admissible class
+    labels[rows // 2] = 4
+    kw = dict(label_smoothing=0.2, class_weights=weights, reduction="mean")
+    tol = 1e-5 if dtype == jnp.float32 else 1e-12
+
+    def loss(a):
+        return jaxce.softmax_cross_entropy_with_integer_labels(a, labels, **kw)
+
+    def per_row(a):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            a, labels, label_smoothing=0.2, class_weights=weights
+        )
+
+    assert _rows.assumes_plain_rows(
+        jnp.asarray(x, dtype), None, _rows.make_options(dtype, 0.2, 0.0, None)
+    )
+    assert "cond[" in str(jax.make_jaxpr(loss)(jnp.asarray(x, dtype)))
+    for batch in (x, masked):
+        xs = jnp.asarray(batch, dtype)
+        want = R.softmax_cross_entropy_with_integer_labels(batch, labels, **kw)
+        want_grad = R.ref_grad(R.softmax_cross_entropy_with_integer_labels)(batch, labels, **kw)
+        R.assert_close(jax.jit(loss)(xs), want, rtol=tol)
+        value, grad = jax.jit(jax.value_and_grad(loss))(xs)
+        R.assert_close(value, want, rtol=tol)
+        R.assert_close(grad, want_grad, rtol=tol, atol=tol / rows)
+        assert (np.asarray(grad)[np.isneginf(batch)] == 0).all()
+    # Under vmap, one branch for the whole batch of batches: a cond, not a select of both.
+    both = jnp.asarray(np.stack([x, masked]), dtype)
+    program = str(jax.make_jaxpr(jax.vmap(per_row))(both))
+    assert "cond[" in program, program
+    got = jax.jit(jax.vmap(per_row))(both)
+    for i, batch in enumerate((x, masked)):
+        want = R.softmax_cross_entropy_with_integer_labels(
+            batch, labels, label_smoothing=0.2, class_weights=weights
+        )
+        R.assert_close(got[i], want, rtol=tol, atol=tol)
+    nan = x.copy()
+    nan[5, 2] = np.nan
+    got = np.asarray(jax.jit(per_row)(jnp.asarray(nan, dtype)))
+    assert np.isnan(got[5]) and np.isfinite(np.delete(got, 5)).all()

@@ -5,8 +5,9 @@ the sharded losses apply the same kernel to chunks and shards. Derivatives are h
 ``jax.custom_jvp`` rules (see ``_autodiff``): their ``[..., C]`` factors are recomputed in the
 backward pass, so reverse mode saves only the logits and ``O(N)`` statistics; on CPU also their
 exponentials, which the forward pass computed anyway: for float32 logits of the integer-label
-loss without smoothing (or with it, over plain rows: ``_rows.assumes_plain_rows``) in the
-gradient's buffer, elsewhere up to a budget (``_xla.saves_exponentials``).
+loss without smoothing (or with it, as if every class were admissible:
+``_rows.assumes_all_admissible``) in the gradient's buffer, elsewhere up to a budget
+(``_xla.saves_exponentials``).
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def _forward(
     label_logit = _rows.capped(_xla.pick(x, meaning.class_index).astype(dtype), options)
     exponentials = None
     if keep:
-        plain = _rows.assumes_plain_rows(x, mask, options)
+        all_admissible = _rows.assumes_all_admissible(x, mask, options)
         partial, exponentials = _rows.stats_and_exponentials(
-            x, mask, weights, options, num_classes, kept=True, plain=plain
+            x, mask, weights, options, num_classes, kept=True, all_admissible=all_admissible
         )
     else:
         partial = _rows.row_stats(x, mask, weights, options, num_classes, alone)
@@ -76,8 +77,8 @@ def _integer_ce_jvp(ignore_index, primals, tangents):
     x, labels, mask, weights, options = primals
     x_dot, _, _, w_dot, o_dot = tangents
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
-    # Smoothing's sums over plain rows need no buffer of their own (_rows.assumes_plain_rows).
-    smoothing = options.smoothing and not _rows.assumes_plain_rows(x, mask, options)
+    # Smoothing's sums as if every class were admissible need no buffer of their own.
+    smoothing = options.smoothing and not _rows.assumes_all_admissible(x, mask, options)
     keep = dots.per_class(options) and _xla.saves_exponentials(
         x, soft_cap=options.logit_soft_cap is not None, smoothing=smoothing
     )
@@ -182,7 +183,10 @@ def softmax_cross_entropy_with_integer_labels(
         counted in a mean, whatever its logits hold); PyTorch uses -100. ``None`` ignores
         nothing. It must be a value the labels' dtype can hold.
       class_weights: optional ``[C]`` weights, PyTorch's ``weight``.
-      label_smoothing: :math:`\varepsilon \in [0, 1]`, PyTorch's semantics (a scalar).
+      label_smoothing: :math:`\varepsilon \in [0, 1]`, PyTorch's semantics (a scalar). On CPU,
+        without ``where`` or a soft cap, its sums are first taken as if every class were
+        admissible, and again for a batch that holds a ``-inf`` logit: for batches with
+        masked classes, passing the mask as ``where`` saves that second pass.
       z_loss: :math:`\lambda_z \ge 0`, adds :math:`\lambda_z \mathrm{lse}^2` per example
         (PaLM, typically 1e-4); scaled by the example's class weight.
       logit_soft_cap: optional positive cap applied before the softmax (Gemma 2 uses 30);
@@ -482,15 +486,9 @@ def _fused_else_exact(x, y, part, shared: bool):
         again = sums if shared else _row_sums(x, y, sub)
         return part(_fusible_exact_soft_rows(x, y, again, sub))
 
-    # Whether a row is not finite, as a float sum of ``loss * 0``: NaN where a row is, else 0
-    # exactly. An ``any`` of booleans costs 0.2-0.3 s of XLA CPU compile time per shape (its
-    # reduce-window kernels), this about 20 ms; a max of ``|loss|`` passes over a NaN in XLA's
-    # CPU reductions, and a plain sum XLA merges with the rows' own sums into one sum of the
-    # whole array, which it writes out first.
-    suspect = jnp.sum(fused.loss * 0) != 0
-    if not isinstance(suspect, jax.core.Tracer):  # op by op: a Python branch (_xla.staged)
-        return exact() if bool(suspect) else part(fused)
-    return jax.lax.cond(suspect, exact, lambda: part(fused))
+    # Whether a row is not finite: a plain sum of the losses XLA merges with the rows' own sums
+    # into one sum of the whole array, which it writes out first; ``loss * 0`` it does not.
+    return _xla.unless_nonfinite(fused.loss, lambda: part(fused), exact)
 
 
 # The rows, for the derivative; the loss alone.

@@ -235,7 +235,7 @@ def stats_and_exponentials(
     options: Options,
     num_classes: int,
     kept: bool = False,
-    plain: bool = False,
+    all_admissible: bool = False,
 ) -> tuple[Partial, jax.Array]:
     """:func:`partial_stats` of ``x`` and the ``[..., cols]`` exponentials ``exp(z - shift)``
     its ``sum_exp`` adds up (0 off the admissible entries), in the compute dtype. Kept, they
@@ -243,10 +243,10 @@ def stats_and_exponentials(
     longer than XLA's CPU reductions take at full speed is reduced in sub-rows
     (``_loops.SubRows``): each sum is the sum of its sub-rows' sums, all taken relative to the
     row's max. ``kept``: the derivative reads the exponentials, and for float32 and float64
-    logits without smoothing it writes the gradient into their buffer
-    (``_xla.saves_exponentials``), so they are computed in the rows' own shape, and only summed
-    in sub-rows. ``plain``: the smoothing's sums first as if every class were admissible
-    (:func:`assumes_plain_rows`)."""
+    logits without smoothing (or with it, ``all_admissible``) it writes the gradient into their
+    buffer (``_xla.saves_exponentials``), so they are computed in the rows' own shape, and only
+    summed in sub-rows. ``all_admissible``: the smoothing's sums first as if every class were
+    admissible (:func:`assumes_all_admissible`)."""
     sub = _loops.SubRows.of(x)
     xs, ms = sub.view(x, mask)
     raw_max = sub.max(row_max(xs, ms))
@@ -264,16 +264,17 @@ def stats_and_exponentials(
             e = sub.whole(viewed)
         return e, sub.sum(jnp.sum(viewed, axis=-1, keepdims=True))
 
-    if plain or not options.elementwise:
-        e, sum_exp = summed(exponentials, raw_max)  # without a mask, no select: exp(-inf) is 0
-        if not plain:
-            return Partial(raw_max, sum_exp, None, None, None), e
+    if all_admissible:
         assert mask is None and options.smoothing and options.logit_soft_cap is None
-        sums = plain_or_exact(
-            plain_smoothing_sums(xs, weights, raw_max, num_classes, sub),
-            lambda: exact_smoothing_sums(x, weights, options, num_classes),
+        e, sum_exp = summed(exponentials, raw_max)  # without a mask, no select: exp(-inf) is 0
+        sums = all_admissible_sums(xs, weights, raw_max, num_classes, sub)
+        sums = _xla.unless_nonfinite(
+            sums[2], lambda: sums, lambda: exact_smoothing_sums(x, weights, options, num_classes)
         )
         return Partial(raw_max, sum_exp, *sums), e
+    if not options.elementwise:
+        e, sum_exp = summed(exponentials, raw_max)
+        return Partial(raw_max, sum_exp, None, None, None), e
     # The max is a shift only, without a derivative (as row_max's): capped, it would carry one
     # in the cap, which the merges (rebase) and lse = shift + log_sum then add to derivatives
     # taken of the derivative (d/dcap of dloss/dx, a Hessian in the cap).
@@ -311,13 +312,14 @@ def smoothing_sums(
     return row_sum(jnp.ones_like(z)), row_sum(w), gap
 
 
-def plain_smoothing_sums(
+def all_admissible_sums(
     x: jax.Array, weights: jax.Array | None, m: jax.Array, num_classes: int, sub: _loops.SubRows
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`smoothing_sums` of uncapped logits as if every class were admissible, without a
-    select: the count and the weight total are the row's, and a -inf logit makes its gap term
+    select: the count and the weight total are the row's. A -inf logit makes its gap term
     +-inf or NaN (NaN where its weight is 0), so the row's gap is not finite, as it is for a
-    +inf or NaN logit. ``weights``: the row's ``[C]`` (not the view's)."""
+    +inf or NaN logit or an infinite or NaN class weight: where the gap is finite, every class
+    is admissible and the sums are exact. ``weights``: the row's ``[C]`` (not the view's)."""
     shift = sub.spread(shift_of(m))
     ws = sub.classes(weights)
     z = x.astype(m.dtype)
@@ -343,15 +345,6 @@ def exact_smoothing_sums(
     return _loops.by_row_chunks(sums, x, shared=(weights, options))
 
 
-def plain_or_exact(plain, exact):
-    """``plain``, the smoothing's sums computed as if every class were admissible
-    (:func:`plain_smoothing_sums`), unless a row of the batch has a -inf logit (or a +inf or
-    NaN one, or a gap beyond the range): then ``exact()``, the whole batch's sums over its
-    admissible classes (:func:`exact_smoothing_sums`). The two agree to rounding wherever
-    the first holds."""
-    return _xla.unless_nonfinite(plain[2], plain, exact)
-
-
 def capped_exponentials(
     x: jax.Array, mask: jax.Array | None, m: jax.Array, options: Options
 ) -> jax.Array:
@@ -362,10 +355,12 @@ def capped_exponentials(
     return jnp.where(admissible(x, mask), jnp.exp(z - shift_of(m)), jnp.zeros_like(z))
 
 
-def assumes_plain_rows(x: jax.Array, mask: jax.Array | None, options: Options) -> bool:
-    """Whether the row statistics of the logits ``x`` are first computed as if every class
-    were admissible (:func:`plain_or_exact`): with label smoothing, no mask and no soft cap, on
-    CPU for float32 and float64 logits.
+def assumes_all_admissible(x: jax.Array, mask: jax.Array | None, options: Options) -> bool:
+    """Whether the smoothing's row sums of the logits ``x`` are first taken as if every class
+    were admissible (:func:`all_admissible_sums`), and again over the admissible classes
+    (:func:`exact_smoothing_sums`) for the whole batch where a row's gap is not finite: with
+    label smoothing, no mask and no soft cap, on CPU for float32 and float64 logits. The two
+    agree to rounding wherever the first is finite.
 
     The smoothing's sums over the admissible classes take a select per entry, which XLA's CPU
     compiler does not fuse into a reduction: in row chunks, their summands written out per
@@ -395,9 +390,11 @@ def row_stats(
     (no smoothing either) on CPU for float32 and float64 logits, and for bfloat16 ones where no
     derivative follows (``alone``: the loss without its gradient, whose backward pass would
     otherwise share their float32 conversion; ``_xla.row_chunk``). With smoothing on CPU, whole
-    rows first as if every class were admissible (:func:`assumes_plain_rows`)."""
-    if assumes_plain_rows(x, mask, options):
-        return stats_and_exponentials(x, None, weights, options, num_classes, plain=True)[0]
+    rows first as if every class were admissible (:func:`assumes_all_admissible`)."""
+    if assumes_all_admissible(x, mask, options):
+        return stats_and_exponentials(x, None, weights, options, num_classes, all_admissible=True)[
+            0
+        ]
 
     def stats(xs, ms, weights, options):
         return partial_stats(xs, ms, weights, options, num_classes)

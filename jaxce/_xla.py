@@ -136,9 +136,10 @@ def reads_whole_rows() -> bool:
 # at [4096, 4096], 1.5x the time of the chunks); so, against optax's loss in the same run, whole
 # rows 1.60x / 1.85x / 1.97x / 1.95x at [1024, 1000] / [2048, 8192] / [4096, 4096] / [16384,
 # 4096], chunks 0.80x / 1.12x / 1.28x / 1.36x. Not so for float16 (which XLA's CPU fusions do not
-# take), for smoothing over the admissible classes or for elementwise sums (128 MiB at [4096, 4096]
-# float32, 3.5x the time): those keep their chunks (smoothing of float32 and float64 logits
-# without a mask or a soft cap first takes its sums over plain rows: _rows.assumes_plain_rows).
+# take), for smoothing over the admissible classes or for elementwise sums (128 MiB at [4096,
+# 4096] float32, 3.5x the time): those keep their chunks (smoothing of float32 and float64 logits
+# without a mask or a soft cap first takes its sums as if every class were admissible:
+# _rows.assumes_all_admissible).
 # Guarded by
 # tests/test_memory.py::test_the_loss_alone_reads_whole_rows_on_cpu, on the oldest and the
 # newest JAX that CI installs.
@@ -323,7 +324,7 @@ def row_chunk(
 # no class weights); float32 smoothing one, two with a soft cap (the capped logits beside their
 # exponentials). Float32 and float64 smoothing without a soft cap or ``where`` takes none from
 # jaxlib 0.10.2 on: its sums are first taken without a select, as if every class were admissible
-# (``_rows.assumes_plain_rows``; the caller passes ``smoothing=False`` then). Those are kept
+# (``_rows.assumes_all_admissible``; the caller passes ``smoothing=False`` then). Those are kept
 # only while they fit in KEPT_BYTES, which a CPU's caches hold; above, the backward pass computes
 # the exponentials again, the trade of speed for memory. Measured, value_and_grad of the mean,
 # kept against computed again in the same rounds (Intel Xeon, 2 cores, JAX 0.10.2,
@@ -369,8 +370,8 @@ def kept_buffers(
     gradient's buffer), given its options (a soft cap, label smoothing) and whether its labels
     are soft; None where they are never kept (smoothing of soft labels). ``smoothing``: sums
     over the admissible classes, with a select per entry (not so for the integer-label loss's
-    smoothing over plain rows, ``_rows.assumes_plain_rows``, which takes what the loss without
-    smoothing does)."""
+    smoothing taken as if every class were admissible, ``_rows.assumes_all_admissible``, which
+    takes what the loss without smoothing does)."""
     wide = computes_in_place(x)
     if soft_labels:
         return None if smoothing else (1 if wide else 3)
@@ -467,45 +468,50 @@ def staged() -> bool:
 
 
 @jax.custom_batching.custom_vmap
-def _nonfinite_in_batch(v: jax.Array) -> jax.Array:
-    # A float sum of ``v * 0``: NaN where any entry is not finite, else 0 exactly (an ``any`` of
-    # booleans costs 0.2-0.3 s of XLA CPU compile time per shape, this about 20 ms).
+def _sum_of_zeros(v: jax.Array) -> jax.Array:
+    """``sum(v * 0)``: NaN where an entry of ``v`` is not finite, else 0 exactly; under ``vmap``,
+    of the whole batch, unbatched. An ``any`` of booleans costs 0.2-0.3 s of XLA CPU compile
+    time per shape (its reduce-window kernels), this about 20 ms; a max of ``|v|`` passes over a
+    NaN in XLA's CPU reductions."""
     return jnp.sum(v * 0)
 
 
-@_nonfinite_in_batch.def_vmap
-def _nonfinite_in_batch_rule(axis_size, in_batched, v):
-    return _nonfinite_in_batch(v), False
+@_sum_of_zeros.def_vmap
+def _sum_of_zeros_rule(axis_size, in_batched, v):
+    return _sum_of_zeros(v), False
 
 
 @jax.custom_jvp
-def _nonfinite_sum(v: jax.Array) -> jax.Array:
-    return _nonfinite_in_batch(v)
+def _predicate_sum(v: jax.Array) -> jax.Array:
+    """:func:`_sum_of_zeros` with a zero tangent: it only decides a branch, and a derivative
+    taken of a derivative rule may trace it (``custom_vmap`` alone has no reverse mode)."""
+    return _sum_of_zeros(v)
 
 
-@_nonfinite_sum.defjvp
-def _nonfinite_sum_jvp(primals, tangents):
-    out = _nonfinite_sum(*primals)
+@_predicate_sum.defjvp
+def _predicate_sum_jvp(primals, tangents):
+    out = _predicate_sum(*primals)
     return out, jnp.zeros_like(out)
 
 
 def nonfinite_anywhere(v: jax.Array) -> jax.Array:
     """Whether any entry of ``v`` is not finite (a scalar boolean); under ``vmap``, any entry of
     the whole batch, unbatched, so that a ``lax.cond`` on it stays a branch rather than a select
-    of both sides. No derivative (a derivative rule's own derivative may trace it)."""
-    return _nonfinite_sum(v) != 0
+    of both sides."""
+    return _predicate_sum(v) != 0
 
 
-def unless_nonfinite(check: jax.Array, fast: T, exact: Callable[[], T]) -> T:
-    """``fast``, a result computed on the assumption that its input is plain (no infinite or
-    NaN entry, nothing masked), unless ``check`` (a part of it that is not finite exactly where
-    that assumption fails) holds a number that is not finite anywhere in the batch: then
-    ``exact()``, computed again for the whole batch. One branch for the batch, which costs the
-    slow pass only where an input needs it."""
+def unless_nonfinite(check: jax.Array, fast: Callable[[], T], exact: Callable[[], T]) -> T:
+    """``fast()``, a result computed on the assumption that the input is plain (no infinite or
+    NaN entry, nothing masked), unless ``check`` (a part of it that is not finite where that
+    assumption fails) holds a number that is not finite anywhere in the batch: then
+    ``exact()``, computed for the whole batch. One branch for the batch (under ``vmap`` too:
+    :func:`nonfinite_anywhere`), which costs the exact pass only where an input needs it; op by
+    op (not :func:`staged`), a Python branch."""
     suspect = nonfinite_anywhere(check)
-    if not isinstance(suspect, jax.core.Tracer):  # op by op (staged): a Python branch
-        return exact() if bool(suspect) else fast
-    return jax.lax.cond(suspect, exact, lambda: fast)
+    if not isinstance(suspect, jax.core.Tracer):
+        return exact() if bool(suspect) else fast()
+    return jax.lax.cond(suspect, exact, fast)
 
 
 def chunk(a: jax.Array, start, size: int, axis: int, shape=None) -> jax.Array:

@@ -33,7 +33,8 @@ def taken(path: str | None):
       which a large input takes where XLA would keep an array of its size);
     - ``"fused soft pass"``: the soft-label pass over whole rows that the CPU takes from
       ``FUSED_SOFT_MIN_ELEMENTS`` up (jaxlib 0.10.2 on), and the integer-label smoothing's
-      sums over plain rows (``_rows.assumes_plain_rows``), as on CPU at any size;
+      sums as if every class were admissible (``_rows.assumes_all_admissible``), as on CPU at
+      any size;
     - ``"sub-rows"``: rows reduced in sub-rows (``_loops.SubRows``), as the CPU reduces rows of
       more than ``CPU_ROW_BYTES`` (jaxlib 0.10.2 on, where the soft-label loss takes its fused
       pass at such sizes), here as short as each row's length allows

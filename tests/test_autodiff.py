@@ -249,8 +249,8 @@ def _path_cases(rng):
 
 PATH_NAMES = list(_path_cases(np.random.default_rng(0)))
 # What each forced path must reach, in the first derivative's program: a loop over chunks of
-# rows (a while loop), or the fused soft-label pass's or the plain rows' choice for the whole
-# batch (a cond).
+# rows (a while loop), or the choice for the whole batch (a cond) of the fused soft-label pass
+# or of the smoothing's sums as if every class were admissible.
 CHUNKED = {
     "log_softmax",
     "log_softmax_where",

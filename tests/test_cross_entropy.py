@@ -1238,9 +1238,9 @@ def test_soft_empty_row_is_zero_unless_its_targets_hold_a_nan(rng, options, rows
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("rows, cols", [(64, 256), (4096, 16)])
-def test_smoothing_over_plain_rows_is_exact_where_a_row_is_not(rows, cols, dtype):
+def test_smoothing_as_if_every_class_were_admissible_is_exact_where_one_is_not(rows, cols, dtype):
     """On CPU the smoothing's sums are first taken as if every class were admissible, without
-    a select per entry (``_rows.assumes_plain_rows``), and taken again over the admissible
+    a select per entry (``_rows.assumes_all_admissible``), and taken again over the admissible
     classes when a row of the batch has a -inf logit (or a +inf or NaN one): batches of plain
     rows, of rows with masked classes (one with a class weight of 0 there, one of every class
     but one masked) and of a NaN row give the float64 reference's loss and gradient, alone, in
@@ -1270,7 +1270,7 @@ def test_smoothing_over_plain_rows_is_exact_where_a_row_is_not(rows, cols, dtype
             a, labels, label_smoothing=0.2, class_weights=weights
         )
 
-    assert _rows.assumes_plain_rows(
+    assert _rows.assumes_all_admissible(
         jnp.asarray(x, dtype), None, _rows.make_options(dtype, 0.2, 0.0, None)
     )
     assert "cond[" in str(jax.make_jaxpr(loss)(jnp.asarray(x, dtype)))
@@ -1297,3 +1297,39 @@ def test_smoothing_over_plain_rows_is_exact_where_a_row_is_not(rows, cols, dtype
     nan[5, 2] = np.nan
     got = np.asarray(jax.jit(per_row)(jnp.asarray(nan, dtype)))
     assert np.isnan(got[5]) and np.isfinite(np.delete(got, 5)).all()
+
+
+def test_smoothing_takes_its_exact_sums_only_for_a_batch_that_needs_them(monkeypatch):
+    """Op by op (a Python branch), the exact sums over the admissible classes are computed for
+    a batch with a -inf logit and for none other: a batch of finite logits, with finite class
+    weights, takes the sums as if every class were admissible alone."""
+    from jaxce import _rows
+
+    if jax.default_backend() != "cpu" or not _xla.cpu_fuses_whole_rows():
+        pytest.skip("taken on CPU from jaxlib 0.10.2 on")
+    calls = []
+    exact = _rows.exact_smoothing_sums
+    monkeypatch.setattr(
+        _rows, "exact_smoothing_sums", lambda *a, **k: calls.append(1) or exact(*a, **k)
+    )
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(R.random_logits(rng, (8, 6)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 6, 8))
+    weights = jnp.linspace(0.0, 2.0, 6)  # a weight of 0: finite terms where the logit is
+
+    def loss(a, w=weights):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            a, labels, class_weights=w, label_smoothing=0.1
+        )
+
+    loss(x)
+    jax.value_and_grad(lambda a: loss(a).sum())(x)
+    assert calls == []
+    got = loss(x.at[2, 0].set(-jnp.inf))  # the class of weight 0
+    assert calls == [1]
+    want = R.softmax_cross_entropy_with_integer_labels(
+        np.asarray(x.at[2, 0].set(-jnp.inf)), labels, class_weights=weights, label_smoothing=0.1
+    )
+    R.assert_close(got, want, rtol=1e-5)
+    loss(x, weights.at[1].set(jnp.inf))  # an infinite weight: its terms are not finite either
+    assert calls == [1, 1]

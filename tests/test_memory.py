@@ -221,7 +221,7 @@ def test_hessian_vector_products_do_not_grow_with_the_rows(name, dtype):
 # (jaxce._xla.saves_exponentials), so both take one exponential pass over the logits. The
 # float32 integer-label loss keeps them in the gradient's buffer, with a soft cap too, and with
 # smoothing where its sums are first taken as if every class were admissible (from jaxlib
-# 0.10.2 on: jaxce._rows.assumes_plain_rows): still no [N, V] temporary. Soft labels, bfloat16
+# 0.10.2 on: jaxce._rows.assumes_all_admissible): still no [N, V] temporary. Soft labels, bfloat16
 # logits and float32 logits with smoothing and a soft cap keep them in buffers of their own,
 # only up to _xla.KEPT_BYTES, as float32 logits with smoothing do on an older jaxlib.
 PLAIN_SMOOTHING = jax.default_backend() == "cpu" and _xla.cpu_fuses_whole_rows()
@@ -498,7 +498,7 @@ def test_the_loss_alone_reads_whole_rows_on_cpu(monkeypatch, case):
     assert (loops == 0) == whole, f"{loops} loops"
     if case == "smoothing" and _xla.cpu_fuses_whole_rows():
         # Whole rows first, without a select; the chunks only in the branch that a batch with
-        # a -inf logit takes (jaxce._rows.assumes_plain_rows).
+        # a -inf logit takes (jaxce._rows.assumes_all_admissible).
         assert "stablehlo.case" in text or "stablehlo.if" in text, text
     if jax.default_backend() == "cpu":
         temp = _temp_bytes(program)  # a float32 copy of the logits would be 64 MiB
@@ -663,6 +663,12 @@ def _eager_cases():
         "log_softmax bfloat16": lambda: jaxce.log_softmax(z.astype(jnp.bfloat16)),
         "integer labels, every option": lambda: ce(z, y, **every),
         "its gradient": lambda: jax.grad(lambda z: ce(z, y, reduction="mean", **every))(z),
+        # On CPU, as if every class were admissible, then exactly for a batch with a -inf logit
+        "smoothing": lambda: ce(z, y, label_smoothing=0.1),
+        "smoothing, a -inf logit": lambda: ce(z.at[3, 4].set(-jnp.inf), y, label_smoothing=0.1),
+        "smoothing's gradient": lambda: jax.grad(
+            lambda z: ce(z, y, reduction="mean", label_smoothing=0.1)
+        )(z),
         "soft labels": lambda: jaxce.softmax_cross_entropy(z, p),
         "their gradient": lambda: jax.grad(lambda z: jaxce.softmax_cross_entropy(z, p).sum())(z),
         "kl_divergence": lambda: jaxce.kl_divergence(jaxce.log_softmax(z), p),

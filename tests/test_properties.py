@@ -482,14 +482,16 @@ def test_sigmoid_log_sigmoid_soft_cap(data):
 @functools.partial(jax.jit, static_argnames=("variant", "path"))
 def _ce(x, labels, where, weights, hyper, ct, variant, path=_paths.PICKED):
     """The per-example loss and its pullback of ``ct`` for one option variant: ``plain``
-    (defaults), ``options`` (every option but the cap, hyperparameters traced) or ``capped``;
+    (defaults), ``options`` (every option but the cap, hyperparameters traced), ``unmasked``
+    (those without ``where``, whose smoothing's sums the CPU takes as if every class were
+    admissible first: ``_rows.assumes_all_admissible``) or ``capped``;
     on the path the library picks for these shapes (``_paths.PICKED``) or one a large input
     takes (:func:`_paths.taken`)."""
     eps, zl, cap = hyper
     kw = {}
     if variant != "plain":
         kw = dict(
-            where=where,
+            where=None if variant == "unmasked" else where,
             class_weights=weights,
             label_smoothing=eps,
             z_loss=zl,
@@ -504,7 +506,7 @@ def _ce(x, labels, where, weights, hyper, ct, variant, path=_paths.PICKED):
 
 
 CE_SHAPES = ((6, 5), (2, 3, 4), (3, 1), (0, 5))
-VARIANTS = ("plain", "options", "capped")
+VARIANTS = ("plain", "options", "unmasked", "capped")
 
 
 @st.composite
@@ -518,7 +520,8 @@ def ce_cases(draw, shapes=CE_SHAPES, variants=VARIANTS, dtypes=DTYPES):
     x = draw(values(rows, cols, dtype, neg_inf=True))
     low = 0 if plain else IGNORE
     labels = draw(hnp.arrays(np.int32, (rows,), elements=st.integers(low, cols - 1)))
-    where = np.ones((rows, cols), bool) if plain else booleans(draw, (rows, cols))
+    unmasked = plain or variant == "unmasked"
+    where = np.ones((rows, cols), bool) if unmasked else booleans(draw, (rows, cols))
     w = class_weights(draw, cols, dtype)
     hyper = (
         draw(st.sampled_from([0.0, 0.1, 1.0]) | reals(0, 1)),

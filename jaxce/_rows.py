@@ -267,7 +267,7 @@ def stats_and_exponentials(
     if all_admissible:
         assert mask is None and options.smoothing and options.logit_soft_cap is None
         e, sum_exp = summed(exponentials, raw_max)  # without a mask, no select: exp(-inf) is 0
-        sums = all_admissible_sums(xs, weights, raw_max, num_classes, sub)
+        sums = all_admissible_sums(xs, weights, raw_max, options, num_classes, sub)
         sums = _xla.unless_nonfinite(
             sums[2], lambda: sums, lambda: exact_smoothing_sums(x, weights, options, num_classes)
         )
@@ -298,36 +298,52 @@ def smoothing_sums(
     """The smoothing's row sums over the admissible classes of the raw logits ``x`` (the view
     of ``sub``, as ``mask`` and ``weights``), given their rows' max ``m``: the
     :class:`Partial`'s ``num_admissible``, ``weight_total`` and ``gap``."""
-    dtype = compute_dtype(x.dtype)
-    shift = sub.spread(shift_of(m))
-    z = capped_bulk(x.astype(dtype), options)
-    w = jnp.ones_like(z) if weights is None else class_row(weights, z)
+    w, gaps = gap_terms(x, weights, m, options, num_classes, sub)
     adm = admissible(x, mask)
-    zero = jnp.zeros_like(z)
+    zero = jnp.zeros_like(gaps)
 
     def row_sum(values):
         return sub.sum(jnp.sum(jnp.where(adm, values, zero), axis=-1, keepdims=True))
 
-    gap = row_sum(w * half_difference(shift, z, num_classes))
-    return row_sum(jnp.ones_like(z)), row_sum(w), gap
+    gap = row_sum(gaps)
+    return row_sum(jnp.ones_like(gaps)), row_sum(w), gap
 
 
 def all_admissible_sums(
-    x: jax.Array, weights: jax.Array | None, m: jax.Array, num_classes: int, sub: _loops.SubRows
+    x: jax.Array,
+    weights: jax.Array | None,
+    m: jax.Array,
+    options: Options,
+    num_classes: int,
+    sub: _loops.SubRows,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`smoothing_sums` of uncapped logits as if every class were admissible, without a
-    select: the count and the weight total are the row's. A -inf logit makes its gap term
+    """:func:`smoothing_sums` of logits without a soft cap, as if every class were admissible:
+    no select, the count and the weight total the row's. A -inf logit makes its gap term
     +-inf or NaN (NaN where its weight is 0), so the row's gap is not finite, as it is for a
     +inf or NaN logit or an infinite or NaN class weight: where the gap is finite, every class
     is admissible and the sums are exact. ``weights``: the row's ``[C]`` (not the view's)."""
-    shift = sub.spread(shift_of(m))
-    ws = sub.classes(weights)
-    z = x.astype(m.dtype)
-    w = jnp.ones_like(z) if ws is None else class_row(ws, z)
-    gap = sub.sum(jnp.sum(w * half_difference(shift, z, num_classes), axis=-1, keepdims=True))
+    _, gaps = gap_terms(x, sub.classes(weights), m, options, num_classes, sub)
+    gap = sub.sum(jnp.sum(gaps, axis=-1, keepdims=True))
     count = jnp.full_like(m, sub.shape[-1])
     total = count if weights is None else jnp.full_like(m, jnp.sum(weights.astype(m.dtype)))
     return count, total, gap
+
+
+def gap_terms(
+    x: jax.Array,
+    weights: jax.Array | None,
+    m: jax.Array,
+    options: Options,
+    num_classes: int,
+    sub: _loops.SubRows,
+) -> tuple[jax.Array, jax.Array]:
+    """``(w, w (shift - z) / (2 C))`` of every entry of the raw logits ``x`` (the view of
+    ``sub``, as ``weights``; ``z`` soft-capped if asked), given their rows' max ``m``: the
+    class weights (1 without) and the gap's terms (:func:`half_difference`)."""
+    shift = sub.spread(shift_of(m))
+    z = capped_bulk(x.astype(compute_dtype(x.dtype)), options)
+    w = jnp.ones_like(z) if weights is None else class_row(weights, z)
+    return w, w * half_difference(shift, z, num_classes)
 
 
 def exact_smoothing_sums(
@@ -392,9 +408,10 @@ def row_stats(
     otherwise share their float32 conversion; ``_xla.row_chunk``). With smoothing on CPU, whole
     rows first as if every class were admissible (:func:`assumes_all_admissible`)."""
     if assumes_all_admissible(x, mask, options):
-        return stats_and_exponentials(x, None, weights, options, num_classes, all_admissible=True)[
-            0
-        ]
+        partial, _ = stats_and_exponentials(
+            x, None, weights, options, num_classes, all_admissible=True
+        )
+        return partial
 
     def stats(xs, ms, weights, options):
         return partial_stats(xs, ms, weights, options, num_classes)

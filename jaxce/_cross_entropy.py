@@ -6,8 +6,8 @@ the sharded losses apply the same kernel to chunks and shards. Derivatives are h
 backward pass, so reverse mode saves only the logits and ``O(N)`` statistics; on CPU also their
 exponentials, which the forward pass computed anyway: for float32 logits of the integer-label
 loss without smoothing (or with it, as if every class were admissible:
-``_rows.assumes_all_admissible``) in the gradient's buffer, elsewhere up to a budget
-(``_xla.saves_exponentials``).
+``_rows.assumes_all_admissible``, also under a soft cap given as a number) in the gradient's
+buffer, elsewhere up to a budget (``_xla.saves_exponentials``).
 """
 
 from __future__ import annotations
@@ -34,14 +34,26 @@ from jaxce._softmax import (
 # ----------------------------------------------------------------------------------------------
 # Integer labels on [..., C]. Outputs: the per-example loss and what each example counts for in
 # a "mean" (its class weight if it takes part, else 0).
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-def _integer_ce(x, labels, mask, weights, options, ignore_index):
-    loss, counted, _ = _forward(x, labels, mask, weights, options, ignore_index, alone=True)
+# ``unguarded``: the soft cap, if any, was given as a number of at most 2**64, so whole rows
+# compute it without a select (``_rows.unguarded``).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _integer_ce(x, labels, mask, weights, options, ignore_index, unguarded):
+    loss, counted, _ = _forward(
+        x, labels, mask, weights, options, ignore_index, unguarded, alone=True
+    )
     return loss, counted
 
 
 def _forward(
-    x, labels, mask, weights, options: _rows.Options, ignore_index, keep=False, alone=False
+    x,
+    labels,
+    mask,
+    weights,
+    options: _rows.Options,
+    ignore_index,
+    unguarded: bool,
+    keep=False,
+    alone=False,
 ):
     """The row statistics of raw logits ``x`` (``[..., C]``, any float dtype) and the loss.
 
@@ -57,12 +69,18 @@ def _forward(
     label_logit = _rows.capped(_xla.pick(x, meaning.class_index).astype(dtype), options)
     exponentials = None
     if keep:
-        all_admissible = _rows.assumes_all_admissible(x, mask, options)
         partial, exponentials = _rows.stats_and_exponentials(
-            x, mask, weights, options, num_classes, kept=True, all_admissible=all_admissible
+            x,
+            mask,
+            weights,
+            options,
+            num_classes,
+            kept=True,
+            all_admissible=_rows.assumes_all_admissible(x, mask, weights, options, unguarded),
+            unguarded=unguarded,
         )
     else:
-        partial = _rows.row_stats(x, mask, weights, options, num_classes, alone)
+        partial = _rows.row_stats(x, mask, weights, options, num_classes, alone, unguarded)
     stats = _rows.finish(partial, num_classes)
     label_mask = None if mask is None else _xla.pick(mask, meaning.class_index)
     label_logit = _rows.label_logit_within(label_logit, stats, label_mask)
@@ -73,17 +91,19 @@ def _forward(
     return loss[..., 0], counted[..., 0], (meaning, stats, label_logit, w_y, rows, exponentials)
 
 
-def _integer_ce_jvp(ignore_index, primals, tangents):
+def _integer_ce_jvp(ignore_index, unguarded, primals, tangents):
     x, labels, mask, weights, options = primals
     x_dot, _, _, w_dot, o_dot = tangents
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
     # Smoothing's sums as if every class were admissible need no buffer of their own.
-    smoothing = options.smoothing and not _rows.assumes_all_admissible(x, mask, options)
+    smoothing = options.smoothing and not _rows.assumes_all_admissible(
+        x, mask, weights, options, unguarded
+    )
     keep = dots.per_class(options) and _xla.saves_exponentials(
         x, soft_cap=options.logit_soft_cap is not None, smoothing=smoothing
     )
     loss, counted, (meaning, stats, label_logit, w_y, rows, exponentials) = _forward(
-        x, labels, mask, weights, options, ignore_index, keep
+        x, labels, mask, weights, options, ignore_index, unguarded, keep
     )
     t = None
     if dots.per_class(options):
@@ -184,13 +204,15 @@ def softmax_cross_entropy_with_integer_labels(
         nothing. It must be a value the labels' dtype can hold.
       class_weights: optional ``[C]`` weights, PyTorch's ``weight``.
       label_smoothing: :math:`\varepsilon \in [0, 1]`, PyTorch's semantics (a scalar). On CPU,
-        without ``where`` or a soft cap, its sums are first taken as if every class were
-        admissible, and again for a batch that holds a ``-inf`` logit: for batches with
-        masked classes, passing the mask as ``where`` saves that second pass.
+        without ``where``, its sums are first taken as if every class were admissible, and
+        again for a batch that holds a ``-inf`` logit: for batches with masked classes,
+        passing the mask as ``where`` saves that second pass.
       z_loss: :math:`\lambda_z \ge 0`, adds :math:`\lambda_z \mathrm{lse}^2` per example
         (PaLM, typically 1e-4); scaled by the example's class weight.
       logit_soft_cap: optional positive cap applied before the softmax (Gemma 2 uses 30);
-        ``None`` or ``inf`` means no cap.
+        ``None`` or ``inf`` means no cap. Given as a number (not traced) of at most
+        :math:`2^{64}`, whole rows take it without a select, which is faster on CPU; a traced
+        cap is exact at any value, a schedule's ``inf`` included, in row chunks.
       reduction: ``"none"`` (per-example, the labels' shape), ``"sum"`` or ``"mean"``: the sum
         divided by the total weight :math:`\sum_i w_{y_i}` of the counted examples, as PyTorch.
         A mean over zero counted examples is 0 (PyTorch gives NaN), unless their sum is NaN.
@@ -233,8 +255,11 @@ def softmax_cross_entropy_with_integer_labels(
             label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=logit_soft_cap
         )
         return _on_explicit_mesh(x, labels, mask, weights, ignore_index, hyperparameters, reduction)
+    unguarded = _rows.unguarded(options, logit_soft_cap)
     losses, counted = _mesh.on_own_rows(
-        lambda x, labels, mask, shared: _integer_ce(x, labels, mask, *shared, ignore_index),
+        lambda x, labels, mask, shared: _integer_ce(
+            x, labels, mask, *shared, ignore_index, unguarded
+        ),
         (x, labels, mask),
         (weights, options),
     )

@@ -49,10 +49,12 @@ from jaxce._labels import Labels
 from jaxce._layout import compute_dtype
 from jaxce._reduction import weighted
 from jaxce._sigmoid import (
+    UNGUARDED_CAP_LIMIT,
     soft_cap,
     soft_cap_bulk,
     soft_cap_cap_derivative,
     soft_cap_derivative,
+    soft_cap_unguarded,
 )
 from jaxce._softmax import (
     exponentials,
@@ -119,6 +121,29 @@ def capped_bulk(x: jax.Array, options: Options) -> jax.Array:
     """
     cap = options.logit_soft_cap
     return x if cap is None else soft_cap_bulk(x, cap)
+
+
+def capped_unguarded(x: jax.Array, options: Options) -> jax.Array:
+    """:func:`capped` of whole ``[..., C]`` blocks without a select, for a cap of at most
+    ``UNGUARDED_CAP_LIMIT`` (``soft_cap_unguarded``): -inf is kept at -inf by adding
+    ``min(x, lowest) - lowest``, which is -inf there, NaN at NaN and 0 exactly for every other
+    ``x``. Without a select, XLA's CPU compiler reduces it in one pass over whole rows, with no
+    temporary."""
+    cap = options.logit_soft_cap
+    if cap is None:
+        return x
+    lowest = jnp.asarray(jnp.finfo(x.dtype).min, x.dtype)
+    return soft_cap_unguarded(x, cap) + (jnp.minimum(x, lowest) - lowest)
+
+
+def unguarded(options: Options, logit_soft_cap) -> bool:
+    """Whether the soft cap may be computed without its guard (``soft_cap_unguarded``): none,
+    or one given as a number (or a concrete array) of at most ``UNGUARDED_CAP_LIMIT``, as the
+    caller passed it (``options`` holds it as an array)."""
+    if options.logit_soft_cap is None:
+        return True
+    value = _checks.concrete(logit_soft_cap)
+    return value is not None and value <= UNGUARDED_CAP_LIMIT
 
 
 def capped_derivative(raw: jax.Array, options: Options) -> jax.Array | None:
@@ -214,6 +239,7 @@ def partial_stats(
     weights: jax.Array | None,
     options: Options,
     num_classes: int,
+    unguarded: bool = False,
 ) -> Partial:
     """The :class:`Partial` statistics of a block of raw logits ``x`` (``[..., cols]``, any
     float dtype; soft-capped here), ``mask`` its admissible columns (or None) and ``weights``
@@ -225,7 +251,7 @@ def partial_stats(
     time (:func:`row_stats`) or a block at a time (``_blocks``), so whatever XLA keeps while
     reducing is the size of a chunk.
     """
-    return stats_and_exponentials(x, mask, weights, options, num_classes)[0]
+    return stats_and_exponentials(x, mask, weights, options, num_classes, unguarded=unguarded)[0]
 
 
 def stats_and_exponentials(
@@ -236,6 +262,7 @@ def stats_and_exponentials(
     num_classes: int,
     kept: bool = False,
     all_admissible: bool = False,
+    unguarded: bool = False,
 ) -> tuple[Partial, jax.Array]:
     """:func:`partial_stats` of ``x`` and the ``[..., cols]`` exponentials ``exp(z - shift)``
     its ``sum_exp`` adds up (0 off the admissible entries), in the compute dtype. Kept, they
@@ -246,7 +273,9 @@ def stats_and_exponentials(
     logits without smoothing (or with it, ``all_admissible``) it writes the gradient into their
     buffer (``_xla.saves_exponentials``), so they are computed in the rows' own shape, and only
     summed in sub-rows. ``all_admissible``: the smoothing's sums first as if every class were
-    admissible (:func:`assumes_all_admissible`)."""
+    admissible (:func:`assumes_all_admissible`). ``unguarded``: a soft cap of at most
+    ``UNGUARDED_CAP_LIMIT`` (:func:`unguarded`), computed without a select where there is no
+    mask (:func:`capped_exponentials`)."""
     sub = _loops.SubRows.of(x)
     xs, ms = sub.view(x, mask)
     raw_max = sub.max(row_max(xs, ms))
@@ -264,26 +293,34 @@ def stats_and_exponentials(
             e = sub.whole(viewed)
         return e, sub.sum(jnp.sum(viewed, axis=-1, keepdims=True))
 
-    if all_admissible:
-        assert mask is None and options.smoothing and options.logit_soft_cap is None
-        e, sum_exp = summed(exponentials, raw_max)  # without a mask, no select: exp(-inf) is 0
-        sums = all_admissible_sums(xs, weights, raw_max, options, num_classes, sub)
-        sums = _xla.unless_nonfinite(
-            sums[2], lambda: sums, lambda: exact_smoothing_sums(x, weights, options, num_classes)
-        )
-        return Partial(raw_max, sum_exp, *sums), e
     if not options.elementwise:
         e, sum_exp = summed(exponentials, raw_max)
         return Partial(raw_max, sum_exp, None, None, None), e
-    # The max is a shift only, without a derivative (as row_max's): capped, it would carry one
-    # in the cap, which the merges (rebase) and lse = shift + log_sum then add to derivatives
-    # taken of the derivative (d/dcap of dloss/dx, a Hessian in the cap).
-    m = jax.lax.stop_gradient(capped(raw_max, options))
-    e, sum_exp = summed(lambda a, a_mask, a_max: capped_exponentials(a, a_mask, a_max, options), m)
+    m = capped_max(raw_max, options)
+    e, sum_exp = summed(
+        lambda a, a_mask, a_max: capped_exponentials(a, a_mask, a_max, options, unguarded), m
+    )
+    if all_admissible:
+        assert mask is None and options.smoothing and unguarded
+        sums = all_admissible_sums(xs, weights, m, options, num_classes, sub)
+        sums = _xla.unless_nonfinite(
+            sums[2], lambda: sums, lambda: exact_smoothing_sums(x, weights, options, num_classes)
+        )
+        return Partial(m, sum_exp, *sums), e
     if not options.smoothing:
         return Partial(m, sum_exp, None, None, None), e
     count, total, gap = smoothing_sums(xs, ms, sub.classes(weights), m, options, num_classes, sub)
     return Partial(m, sum_exp, count, total, gap), e
+
+
+def capped_max(raw_max: jax.Array, options: Options) -> jax.Array:
+    """The rows' max of the (capped) logits from that of the raw ones (the cap is increasing):
+    a shift only, without a derivative (as ``row_max``'s). Capped, it would carry one in the
+    cap, which the merges (:func:`rebase`) and ``lse = shift + log_sum`` then add to derivatives
+    taken of the derivative (d/dcap of dloss/dx, a Hessian in the cap)."""
+    if options.logit_soft_cap is None:
+        return raw_max
+    return jax.lax.stop_gradient(capped(raw_max, options))
 
 
 def smoothing_sums(
@@ -298,7 +335,8 @@ def smoothing_sums(
     """The smoothing's row sums over the admissible classes of the raw logits ``x`` (the view
     of ``sub``, as ``mask`` and ``weights``), given their rows' max ``m``: the
     :class:`Partial`'s ``num_admissible``, ``weight_total`` and ``gap``."""
-    w, gaps = gap_terms(x, weights, m, options, num_classes, sub)
+    z = capped_bulk(x.astype(compute_dtype(x.dtype)), options)
+    w, gaps = gap_terms(z, weights, m, num_classes, sub)
     adm = admissible(x, mask)
     zero = jnp.zeros_like(gaps)
 
@@ -317,12 +355,23 @@ def all_admissible_sums(
     num_classes: int,
     sub: _loops.SubRows,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`smoothing_sums` of logits without a soft cap, as if every class were admissible:
-    no select, the count and the weight total the row's. A -inf logit makes its gap term
-    +-inf or NaN (NaN where its weight is 0), so the row's gap is not finite, as it is for a
-    +inf or NaN logit or an infinite or NaN class weight: where the gap is finite, every class
-    is admissible and the sums are exact. ``weights``: the row's ``[C]`` (not the view's)."""
-    _, gaps = gap_terms(x, sub.classes(weights), m, options, num_classes, sub)
+    """:func:`smoothing_sums` as if every class were admissible: no select, the count and the
+    weight total the row's. A -inf logit makes its gap term +-inf or NaN (NaN where its weight
+    is 0; under a soft cap, which takes -inf to -cap, the terms add ``x - x``, NaN at +-inf),
+    so the row's gap is not finite, as it is for a +inf or NaN logit or an infinite or NaN
+    class weight: where the gap is finite, every class is admissible and the sums are exact.
+    ``weights``: the row's ``[C]`` (not the view's). A soft cap (of at most
+    ``UNGUARDED_CAP_LIMIT``) is computed here again, from a cap XLA cannot tell is the same:
+    the exponentials' reduction computed it too, and XLA's CPU compiler wrote capped logits
+    that two reductions share out whole (256 MiB at [16384, 4096], 1.6x the time)."""
+    xf = x.astype(compute_dtype(x.dtype))
+    cap = options.logit_soft_cap
+    z = xf
+    if cap is not None:
+        # x - x, not a constant: a [..., C] broadcast of a constant that another fusion reads
+        # too is written out whole.
+        z = soft_cap_unguarded(xf, jax.lax.optimization_barrier(cap)) + (xf - xf)
+    _, gaps = gap_terms(z, sub.classes(weights), m, num_classes, sub)
     gap = sub.sum(jnp.sum(gaps, axis=-1, keepdims=True))
     count = jnp.full_like(m, sub.shape[-1])
     total = count if weights is None else jnp.full_like(m, jnp.sum(weights.astype(m.dtype)))
@@ -330,18 +379,16 @@ def all_admissible_sums(
 
 
 def gap_terms(
-    x: jax.Array,
+    z: jax.Array,
     weights: jax.Array | None,
     m: jax.Array,
-    options: Options,
     num_classes: int,
     sub: _loops.SubRows,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(w, w (shift - z) / (2 C))`` of every entry of the raw logits ``x`` (the view of
-    ``sub``, as ``weights``; ``z`` soft-capped if asked), given their rows' max ``m``: the
-    class weights (1 without) and the gap's terms (:func:`half_difference`)."""
+    """``(w, w (shift - z) / (2 C))`` of every entry of the (capped) logits ``z`` (the view of
+    ``sub``, as ``weights``, in the compute dtype), given their rows' max ``m``: the class
+    weights (1 without) and the gap's terms (:func:`half_difference`)."""
     shift = sub.spread(shift_of(m))
-    z = capped_bulk(x.astype(compute_dtype(x.dtype)), options)
     w = jnp.ones_like(z) if weights is None else class_row(weights, z)
     return w, w * half_difference(shift, z, num_classes)
 
@@ -355,37 +402,62 @@ def exact_smoothing_sums(
     def sums(rows, weights, options):
         sub = _loops.SubRows.of(rows)
         (viewed,) = sub.view(rows)
-        m = sub.max(row_max(viewed, None))
+        m = capped_max(sub.max(row_max(viewed, None)), options)
         return smoothing_sums(viewed, None, sub.classes(weights), m, options, num_classes, sub)
 
     return _loops.by_row_chunks(sums, x, shared=(weights, options))
 
 
 def capped_exponentials(
-    x: jax.Array, mask: jax.Array | None, m: jax.Array, options: Options
+    x: jax.Array, mask: jax.Array | None, m: jax.Array, options: Options, unguarded: bool = False
 ) -> jax.Array:
     """``exp(z - shift_of(m))`` of the soft-capped logits ``z`` of ``x`` and their rows' max
     ``m`` (keepdims), 0 off the admissible entries, in the compute dtype (as
-    ``_softmax.exponentials`` of uncapped logits)."""
-    z = capped_bulk(x.astype(compute_dtype(x.dtype)), options)
+    ``_softmax.exponentials`` of uncapped logits); without a select where there is no mask and
+    the cap may go ``unguarded`` (:func:`capped_unguarded`)."""
+    xf = x.astype(compute_dtype(x.dtype))
+    if mask is None and unguarded:
+        return jnp.exp(capped_unguarded(xf, options) - shift_of(m))
+    z = capped_bulk(xf, options)
     return jnp.where(admissible(x, mask), jnp.exp(z - shift_of(m)), jnp.zeros_like(z))
 
 
-def assumes_all_admissible(x: jax.Array, mask: jax.Array | None, options: Options) -> bool:
+# With class weights and a soft cap, XLA's CPU reduction of the gap's terms slows down on rows
+# of more classes than this (float32, its reduction alone: 2.5x the time without the weights at
+# [8192, 16384], against 1.2x at [16384, 4096]; every option on, the loss alone at [8192, 8192]
+# took 142 ms against 188 ms in row chunks, at [8192, 16384] 472 ms against 390 ms).
+CAPPED_WEIGHTED_CLASSES = 8192
+
+
+def assumes_all_admissible(
+    x: jax.Array,
+    mask: jax.Array | None,
+    weights: jax.Array | None,
+    options: Options,
+    unguarded: bool,
+) -> bool:
     """Whether the smoothing's row sums of the logits ``x`` are first taken as if every class
     were admissible (:func:`all_admissible_sums`), and again over the admissible classes
     (:func:`exact_smoothing_sums`) for the whole batch where a row's gap is not finite: with
-    label smoothing, no mask and no soft cap, on CPU for float32 and float64 logits. The two
-    agree to rounding wherever the first is finite.
+    label smoothing, no mask and no soft cap or an ``unguarded`` one (:func:`unguarded`; with
+    class weights, on rows of at most ``CAPPED_WEIGHTED_CLASSES``), on CPU for float32 and
+    float64 logits. The two agree to rounding wherever the first is finite.
 
     The smoothing's sums over the admissible classes take a select per entry, which XLA's CPU
     compiler does not fuse into a reduction: in row chunks, their summands written out per
     chunk, the loss with smoothing took 2.6x the time of the loss without (float32 [16384,
-    4096]), and its ``value_and_grad`` 1.8x, where the exponentials were computed again."""
+    4096]), and its ``value_and_grad`` 1.8x, where the exponentials were computed again; with
+    every option on, 190 ms against 126 ms for the loss alone, ``value_and_grad`` 367 against
+    332 ms."""
     return (
         options.smoothing
         and mask is None
-        and options.logit_soft_cap is None
+        and unguarded
+        and (
+            options.logit_soft_cap is None
+            or weights is None
+            or x.shape[-1] <= CAPPED_WEIGHTED_CLASSES
+        )
         and _xla.backend() == "cpu"
         and _xla.fusible_on_cpu(x)
         and _xla.computes_in_place(x)
@@ -399,27 +471,36 @@ def row_stats(
     options: Options,
     num_classes: int,
     alone: bool = False,
+    unguarded: bool = False,
 ) -> Partial:
     """:func:`partial_stats` of ``[..., C]`` logits, reduced a chunk of rows at a time
     (``_loops.by_row_chunks``): the temporaries are the size of a chunk, on any XLA; whole rows
     without a mask or a soft cap on a GPU, and where only ``max`` and ``sum exp`` are reduced
-    (no smoothing either) on CPU for float32 and float64 logits, and for bfloat16 ones where no
-    derivative follows (``alone``: the loss without its gradient, whose backward pass would
-    otherwise share their float32 conversion; ``_xla.row_chunk``). With smoothing on CPU, whole
-    rows first as if every class were admissible (:func:`assumes_all_admissible`)."""
-    if assumes_all_admissible(x, mask, options):
+    (no smoothing either, and a soft cap only ``unguarded``: :func:`unguarded`, which whole
+    rows then compute without a select) on CPU for float32 and float64 logits, and for bfloat16
+    ones where no derivative follows (``alone``: the loss without its gradient, whose backward
+    pass would otherwise share their float32 conversion; ``_xla.row_chunk``). With smoothing
+    on CPU, whole rows first as if every class were admissible
+    (:func:`assumes_all_admissible`). The chunks keep the cap's guard."""
+    if assumes_all_admissible(x, mask, weights, options, unguarded):
         partial, _ = stats_and_exponentials(
-            x, None, weights, options, num_classes, all_admissible=True
+            x, None, weights, options, num_classes, all_admissible=True, unguarded=True
         )
         return partial
-
-    def stats(xs, ms, weights, options):
-        return partial_stats(xs, ms, weights, options, num_classes)
 
     # Smoothing's sums fuse whole on a GPU too; a soft cap's do not (_xla.WHOLE_ROWS_BACKENDS).
     fuses_whole = mask is None and options.logit_soft_cap is None
     narrow = alone and _xla.fusible_on_cpu(x)
-    on_cpu = fuses_whole and not options.smoothing and (_xla.computes_in_place(x) or narrow)
+    on_cpu = (
+        mask is None
+        and unguarded
+        and not options.smoothing
+        and (_xla.computes_in_place(x) or narrow)
+    )
+
+    def stats(xs, ms, weights, options):
+        return partial_stats(xs, ms, weights, options, num_classes, unguarded and on_cpu)
+
     if on_cpu and narrow:
         x = _xla.unshared(x)
     return _loops.by_row_chunks(
@@ -495,11 +576,16 @@ class Stats(NamedTuple):
 
 def finish(p: Partial, num_classes: int) -> Stats:
     """The :class:`Stats` of a row from its statistics merged over all classes (a NaN max gives
-    a NaN ``log_sum``: :func:`shift_and_log_sum`)."""
+    a NaN ``log_sum``: :func:`shift_and_log_sum`). The gap, a sum of non-negative terms, is
+    floored at 0 (NaN stays NaN), as the sum of exponentials at 1: where the max and the
+    entries are soft capped apart (a ``tanh`` of one number and of a row, whose codes can differ
+    by a rounding), a row's terms can round below 0 (a row of equal logits of 1000 under a cap
+    of 1e4: -1.2e-5 of loss for a single class)."""
     shift, log_sum = shift_and_log_sum(p.max, p.sum_exp)
     if p.num_admissible is None or p.gap is None:
         return Stats(shift, log_sum, None, None, None)
-    half_spread = p.gap * (num_classes / jnp.maximum(p.num_admissible, 1))
+    gap = jnp.maximum(p.gap, jnp.zeros_like(p.gap))
+    half_spread = gap * (num_classes / jnp.maximum(p.num_admissible, 1))
     return Stats(shift, log_sum, p.num_admissible, p.weight_total, half_spread)
 
 

@@ -138,8 +138,8 @@ def reads_whole_rows() -> bool:
 # 4096], chunks 0.80x / 1.12x / 1.28x / 1.36x. Not so for float16 (which XLA's CPU fusions do not
 # take), for smoothing over the admissible classes or for elementwise sums (128 MiB at [4096,
 # 4096] float32, 3.5x the time): those keep their chunks (smoothing of float32 and float64 logits
-# without a mask or a soft cap first takes its sums as if every class were admissible:
-# _rows.assumes_all_admissible).
+# without a mask, and without a soft cap or with one given as a number, first takes its sums as
+# if every class were admissible: _rows.assumes_all_admissible).
 # Guarded by
 # tests/test_memory.py::test_the_loss_alone_reads_whole_rows_on_cpu, on the oldest and the
 # newest JAX that CI installs.
@@ -322,8 +322,9 @@ def row_chunk(
 # bfloat16 and float16 integer-label logits one (float32 exponentials, larger than the gradient),
 # three with smoothing (its row sums' summands are written out; two measured with a soft cap and
 # no class weights); float32 smoothing one, two with a soft cap (the capped logits beside their
-# exponentials). Float32 and float64 smoothing without a soft cap or ``where`` takes none from
-# jaxlib 0.10.2 on: its sums are first taken without a select, as if every class were admissible
+# exponentials). Float32 and float64 smoothing without ``where``, and without a soft cap or with
+# one given as a number (``_rows.unguarded``), takes none from jaxlib 0.10.2 on: its sums are
+# first taken without a select, as if every class were admissible
 # (``_rows.assumes_all_admissible``; the caller passes ``smoothing=False`` then). Those are kept
 # only while they fit in KEPT_BYTES, which a CPU's caches hold; above, the backward pass computes
 # the exponentials again, the trade of speed for memory. Measured, value_and_grad of the mean,

@@ -1236,15 +1236,20 @@ def test_soft_empty_row_is_zero_unless_its_targets_hold_a_nan(rng, options, rows
     assert np.isnan(float(with_grad))
 
 
+@pytest.mark.parametrize("cap", [None, 80.0])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("rows, cols", [(64, 256), (4096, 16)])
-def test_smoothing_as_if_every_class_were_admissible_is_exact_where_one_is_not(rows, cols, dtype):
+def test_smoothing_as_if_every_class_were_admissible_is_exact_where_one_is_not(
+    rows, cols, dtype, cap
+):
     """On CPU the smoothing's sums are first taken as if every class were admissible, without
     a select per entry (``_rows.assumes_all_admissible``), and taken again over the admissible
     classes when a row of the batch has a -inf logit (or a +inf or NaN one): batches of plain
     rows, of rows with masked classes (one with a class weight of 0 there, one of every class
     but one masked) and of a NaN row give the float64 reference's loss and gradient, alone, in
-    ``value_and_grad`` and under ``vmap``, where the branch stays one branch for the batch."""
+    ``value_and_grad`` and under ``vmap``, where the branch stays one branch for the batch.
+    Under a soft cap, which takes -inf to a finite -cap, as without; and a +inf logit, which
+    the cap takes to cap, admissible, gives the reference's finite loss."""
     from jaxce import _rows
 
     if jax.default_backend() != "cpu" or not _xla.cpu_fuses_whole_rows():
@@ -1259,25 +1264,30 @@ def test_smoothing_as_if_every_class_were_admissible_is_exact_where_one_is_not(r
     masked[2, :] = -np.inf
     masked[2, labels[2]] = 1.0  # one admissible class
     labels[rows // 2] = 4
-    kw = dict(label_smoothing=0.2, class_weights=weights, reduction="mean")
+    each = dict(label_smoothing=0.2, class_weights=weights)
+    kw = dict(each, reduction="mean")
     tol = 1e-5 if dtype == jnp.float32 else 1e-12
 
     def loss(a):
-        return jaxce.softmax_cross_entropy_with_integer_labels(a, labels, **kw)
+        return jaxce.softmax_cross_entropy_with_integer_labels(a, labels, logit_soft_cap=cap, **kw)
 
     def per_row(a):
         return jaxce.softmax_cross_entropy_with_integer_labels(
-            a, labels, label_smoothing=0.2, class_weights=weights
+            a, labels, logit_soft_cap=cap, **each
         )
 
+    ref_each = dict(each, logit_soft_cap_value=cap)  # the reference's name for the cap
+    ref_kw = dict(kw, logit_soft_cap_value=cap)
+
+    options = _rows.make_options(dtype, 0.2, 0.0, cap)
     assert _rows.assumes_all_admissible(
-        jnp.asarray(x, dtype), None, _rows.make_options(dtype, 0.2, 0.0, None)
+        jnp.asarray(x, dtype), None, jnp.asarray(weights), options, _rows.unguarded(options, cap)
     )
     assert "cond[" in str(jax.make_jaxpr(loss)(jnp.asarray(x, dtype)))
     for batch in (x, masked):
         xs = jnp.asarray(batch, dtype)
-        want = R.softmax_cross_entropy_with_integer_labels(batch, labels, **kw)
-        want_grad = R.ref_grad(R.softmax_cross_entropy_with_integer_labels)(batch, labels, **kw)
+        want = R.softmax_cross_entropy_with_integer_labels(batch, labels, **ref_kw)
+        want_grad = R.ref_grad(R.softmax_cross_entropy_with_integer_labels)(batch, labels, **ref_kw)
         R.assert_close(jax.jit(loss)(xs), want, rtol=tol)
         value, grad = jax.jit(jax.value_and_grad(loss))(xs)
         R.assert_close(value, want, rtol=tol)
@@ -1289,14 +1299,111 @@ def test_smoothing_as_if_every_class_were_admissible_is_exact_where_one_is_not(r
     assert "cond[" in program, program
     got = jax.jit(jax.vmap(per_row))(both)
     for i, batch in enumerate((x, masked)):
-        want = R.softmax_cross_entropy_with_integer_labels(
-            batch, labels, label_smoothing=0.2, class_weights=weights
-        )
+        want = R.softmax_cross_entropy_with_integer_labels(batch, labels, **ref_each)
         R.assert_close(got[i], want, rtol=tol, atol=tol)
     nan = x.copy()
     nan[5, 2] = np.nan
     got = np.asarray(jax.jit(per_row)(jnp.asarray(nan, dtype)))
     assert np.isnan(got[5]) and np.isfinite(np.delete(got, 5)).all()
+    if cap is not None:
+        high = x.copy()
+        high[6, 1] = np.inf
+        want = R.softmax_cross_entropy_with_integer_labels(high, labels, **ref_each)
+        assert np.isfinite(want).all()
+        R.assert_close(jax.jit(per_row)(jnp.asarray(high, dtype)), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cap", [0.5, 30.0, 1e10, 2.0**64])
+def test_a_cap_given_as_a_number_goes_without_its_guard_within_a_rounding(cap):
+    """A soft cap given as a number of at most 2**64 is computed without the select that
+    takes ``x`` itself where ``tanh(x / cap)`` rounds to ``x / cap`` (``_rows.unguarded``):
+    ``cap tanh(x / cap)`` is then within a rounding of it, or within 2.2e-19 where ``x / cap``
+    underflows. A larger cap, and a traced one, keep the guard."""
+    from jaxce import _rows
+    from jaxce._sigmoid import soft_cap_bulk, soft_cap_unguarded
+
+    rng = np.random.default_rng(0)
+    scales = 10.0 ** rng.uniform(-30, 30, 20000)
+    x = jnp.asarray((rng.standard_normal(20000) * scales).astype(np.float32))
+    c = jnp.float32(cap)
+    guarded = np.asarray(jax.jit(soft_cap_bulk)(x, c))
+    plain = np.asarray(jax.jit(soft_cap_unguarded)(x, c))
+    allowed = np.maximum(np.spacing(np.abs(guarded)), 2.2e-19)
+    assert (np.abs(plain - guarded) <= allowed).all()
+
+    def decided(value):
+        return _rows.unguarded(_rows.make_options(jnp.float32, 0.0, 0.0, value), value)
+
+    traced = []
+    jax.jit(lambda t: traced.append(decided(t)) or t)(c)
+    assert decided(cap) and decided(c) and traced == [False]
+    assert not decided(2.0**65) and decided(None) and decided(float("inf"))
+
+
+@pytest.mark.parametrize("cap", [30.0, 1500.0, 1e4])
+def test_equal_capped_logits_far_from_zero_give_log_c_and_never_below_zero(cap):
+    """Rows of equal logits (1, 3 and 1000 classes) at offsets up to the cap: the loss is
+    ``log C`` (times the weights' mix with smoothing) within a few roundings of the capped
+    logit, jitted and not, and never below 0. The max, the exponentials and the smoothing's gap
+    take ``tanh`` in different kernels, whose codes can differ by a rounding; the sum of
+    exponentials is floored at 1 and the gap at 0 (``_rows.finish``): without the floor, a
+    single class of logit 1000 under a cap of 1e4 lost -1.2e-5."""
+    for v in (-0.05 * cap, 7.0, 0.1 * cap, 0.3 * cap, 0.9999 * cap):
+        z = np.float32(cap * np.tanh(np.float64(np.float32(v)) / cap))
+        for c in (1, 3, 1000):
+            x = jnp.full((8, c), v, jnp.float32)
+            labels = jnp.zeros(8, jnp.int32)
+            w = np.linspace(0.5, 1.5, c)
+            for kw, want in (
+                ({}, np.log(c)),
+                ({"label_smoothing": 0.1}, np.log(c)),
+                (
+                    {"label_smoothing": 0.1, "class_weights": w},
+                    np.log(c) * (0.9 * w[0] + 0.1 * w.mean()),
+                ),
+            ):
+
+                def loss(a, kw=kw, labels=labels):
+                    return jaxce.softmax_cross_entropy_with_integer_labels(
+                        a, labels, logit_soft_cap=cap, **kw
+                    )
+
+                for got in (np.asarray(jax.jit(loss)(x)), np.asarray(loss(x))):
+                    assert (got >= 0).all(), (v, c, kw, got)
+                    np.testing.assert_allclose(got, want, rtol=1e-6, atol=8 * np.spacing(abs(z)))
+
+
+@pytest.mark.parametrize("cap", [3.0, 1e30])
+def test_a_cap_given_as_a_number_gives_the_traced_caps_loss(cap):
+    """Every option on, with a masked class and an ignored row: the loss and gradient of a cap
+    given as a number (without its guard where at most 2**64) are those of the same cap
+    traced (with it), within rounding."""
+    rng = np.random.default_rng(1)
+    x = R.random_logits(rng, (64, 40)) * 4
+    x[3, 5] = x[9, :30] = -np.inf
+    labels = rng.integers(0, 40, 64)
+    labels[7] = -100
+    kw = dict(
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        class_weights=rng.uniform(0.5, 1.5, 40),
+        ignore_index=-100,
+        reduction="mean",
+    )
+    xs = jnp.asarray(x, jnp.float32)
+
+    def given(a):
+        return jaxce.softmax_cross_entropy_with_integer_labels(a, labels, logit_soft_cap=cap, **kw)
+
+    def traced(a, c):
+        return jaxce.softmax_cross_entropy_with_integer_labels(a, labels, logit_soft_cap=c, **kw)
+
+    want = R.softmax_cross_entropy_with_integer_labels(x, labels, logit_soft_cap_value=cap, **kw)
+    value, grad = jax.jit(jax.value_and_grad(given))(xs)
+    value_t, grad_t = jax.jit(jax.value_and_grad(traced))(xs, jnp.float32(cap))
+    R.assert_close(value, want, rtol=1e-5)
+    np.testing.assert_allclose(value, value_t, rtol=1e-6)
+    np.testing.assert_allclose(grad, grad_t, rtol=1e-5, atol=1e-7)
 
 
 def test_smoothing_takes_its_exact_sums_only_for_a_batch_that_needs_them(monkeypatch):

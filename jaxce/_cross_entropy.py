@@ -204,9 +204,10 @@ def softmax_cross_entropy_with_integer_labels(
         nothing. It must be a value the labels' dtype can hold.
       class_weights: optional ``[C]`` weights, PyTorch's ``weight``.
       label_smoothing: :math:`\varepsilon \in [0, 1]`, PyTorch's semantics (a scalar). On CPU,
-        without ``where``, its sums are first taken as if every class were admissible, and
-        again for a batch that holds a ``-inf`` logit: for batches with masked classes,
-        passing the mask as ``where`` saves that second pass.
+        for float32 and float64 logits without ``where`` (and without a traced soft cap),
+        its sums are first taken as if every class were admissible, and again for a batch
+        that holds a ``-inf`` logit: for batches with masked classes, passing the mask as
+        ``where`` saves that second pass.
       z_loss: :math:`\lambda_z \ge 0`, adds :math:`\lambda_z \mathrm{lse}^2` per example
         (PaLM, typically 1e-4); scaled by the example's class weight.
       logit_soft_cap: optional positive cap applied before the softmax (Gemma 2 uses 30);

@@ -291,6 +291,12 @@ def fuses_soft_rows(x: jax.Array, y: jax.Array) -> bool:
     return fuses_soft_loss(x, y) and computes_in_place(x)
 
 
+def whole_rows_on_cpu(fuses_whole_on_cpu: bool) -> bool:
+    """Whether a reduction that XLA's CPU compiler fuses whole (``fuses_whole_on_cpu``) takes
+    whole rows: on CPU, from ``CPU_WHOLE_ROWS_JAXLIB`` on."""
+    return fuses_whole_on_cpu and backend() == "cpu" and cpu_fuses_whole_rows()
+
+
 def row_chunk(
     num_rows: int, num_classes: int, fuses_whole: bool = False, fuses_whole_on_cpu: bool = False
 ) -> int:
@@ -298,8 +304,7 @@ def row_chunk(
     budget of float32, in chunks evened out over the rows (at least one row); all rows where
     ``fuses_whole`` (the reduction is one XLA fuses without a temporary) on a backend in
     ``WHOLE_ROWS_BACKENDS``, or where ``fuses_whole_on_cpu`` on CPU."""
-    on_cpu = fuses_whole_on_cpu and backend() == "cpu" and cpu_fuses_whole_rows()
-    if (fuses_whole and reads_whole_rows()) or on_cpu:
+    if (fuses_whole and reads_whole_rows()) or whole_rows_on_cpu(fuses_whole_on_cpu):
         return max(num_rows, 1)
     budget = ROW_CHUNK_BYTES.get(backend(), ROW_CHUNK_BYTES["gpu"])
     rows = max(1, budget // (4 * max(num_classes, 1)))

@@ -1375,12 +1375,14 @@ def test_equal_capped_logits_far_from_zero_give_log_c_and_never_below_zero(cap):
 
 @pytest.mark.parametrize("cap", [3.0, 1e30])
 def test_a_cap_given_as_a_number_gives_the_traced_caps_loss(cap):
-    """Every option on, with a masked class and an ignored row: the loss and gradient of a cap
-    given as a number (without its guard where at most 2**64) are those of the same cap
-    traced (with it), within rounding."""
+    """Every option on, with an ignored row, in a batch of finite logits (the sums as if every
+    class were admissible) and in one with masked classes (the exact sums): the loss and
+    gradient of a cap given as a number (without its guard where at most 2**64) are those of
+    the same cap traced (with it), within rounding."""
     rng = np.random.default_rng(1)
-    x = R.random_logits(rng, (64, 40)) * 4
-    x[3, 5] = x[9, :30] = -np.inf
+    finite = R.random_logits(rng, (64, 40)) * 4
+    masked = finite.copy()
+    masked[3, 5] = masked[9, :30] = -np.inf
     labels = rng.integers(0, 40, 64)
     labels[7] = -100
     kw = dict(
@@ -1390,7 +1392,6 @@ def test_a_cap_given_as_a_number_gives_the_traced_caps_loss(cap):
         ignore_index=-100,
         reduction="mean",
     )
-    xs = jnp.asarray(x, jnp.float32)
 
     def given(a):
         return jaxce.softmax_cross_entropy_with_integer_labels(a, labels, logit_soft_cap=cap, **kw)
@@ -1398,12 +1399,16 @@ def test_a_cap_given_as_a_number_gives_the_traced_caps_loss(cap):
     def traced(a, c):
         return jaxce.softmax_cross_entropy_with_integer_labels(a, labels, logit_soft_cap=c, **kw)
 
-    want = R.softmax_cross_entropy_with_integer_labels(x, labels, logit_soft_cap_value=cap, **kw)
-    value, grad = jax.jit(jax.value_and_grad(given))(xs)
-    value_t, grad_t = jax.jit(jax.value_and_grad(traced))(xs, jnp.float32(cap))
-    R.assert_close(value, want, rtol=1e-5)
-    np.testing.assert_allclose(value, value_t, rtol=1e-6)
-    np.testing.assert_allclose(grad, grad_t, rtol=1e-5, atol=1e-7)
+    for x in (finite, masked):
+        xs = jnp.asarray(x, jnp.float32)
+        want = R.softmax_cross_entropy_with_integer_labels(
+            x, labels, logit_soft_cap_value=cap, **kw
+        )
+        value, grad = jax.jit(jax.value_and_grad(given))(xs)
+        value_t, grad_t = jax.jit(jax.value_and_grad(traced))(xs, jnp.float32(cap))
+        R.assert_close(value, want, rtol=1e-5)
+        np.testing.assert_allclose(value, value_t, rtol=1e-6)
+        np.testing.assert_allclose(grad, grad_t, rtol=1e-5, atol=1e-7)
 
 
 def test_smoothing_takes_its_exact_sums_only_for_a_batch_that_needs_them(monkeypatch):

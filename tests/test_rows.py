@@ -332,3 +332,56 @@ def test_infinite_soft_cap_means_no_cap(rng, cap):
     R.assert_close(
         R.fused_of_logits(x, y, logit_soft_cap=cap), R.fused_of_logits(x, y), rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize("variant", ["plain", "fused"])
+@pytest.mark.parametrize("logits", ["equal", "random"])
+def test_the_smoothing_derivative_of_the_gradient_is_whole_at_equal_logits(variant, logits):
+    """``d/deps dloss/dx = onehot(y) - 1/C`` (summed loss, no weights) at any logits. At equal
+    logits the smoothing gap is exactly 0, where its floor at 0 (``_rows.finish``) must pass
+    the whole derivative: a ``max`` there split it at the tie and gave half of the ``-1/C``."""
+    rng = np.random.default_rng(3)
+    c = 10
+    x = np.zeros((4, c)) if logits == "equal" else rng.standard_normal((4, c))
+    x = jnp.asarray(x, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, c, 4))
+    fn = CE if variant == "plain" else R.fused_of_logits
+
+    def loss(a, eps):
+        return fn(a, labels, label_smoothing=eps).sum()
+
+    eps = jnp.float32(0.1)
+    want = np.eye(c)[np.asarray(labels)] - 1 / c
+    # In both orders: d/deps of the gradient, and the gradient of d/deps (forward over reverse).
+    np.testing.assert_allclose(jax.jacfwd(lambda e: jax.grad(loss)(x, e))(eps), want, atol=1e-6)
+    np.testing.assert_allclose(jax.jacfwd(lambda a: jax.grad(loss, 1)(a, eps))(x), want, atol=1e-6)
+
+
+def test_row_statistics_without_a_cap_read_whole_rows_on_cpu_whoever_calls(monkeypatch):
+    """A caller that does not pass ``unguarded`` (the sharded loss) has nothing to guard without
+    a soft cap: its statistics take whole rows on CPU from jaxlib 0.10.2 on, and smoothing its
+    sums as if every class were admissible, as the plain loss's do; a soft cap there keeps its
+    chunks and its guard."""
+    from jaxce import _loops, _rows, _xla
+
+    if jax.default_backend() != "cpu" or not _xla.cpu_fuses_whole_rows():
+        pytest.skip("whole rows on CPU from jaxlib 0.10.2 on")
+    x = jnp.zeros((64, 1000), jnp.float32)
+    asked = []
+    chunks = _loops.by_row_chunks
+
+    def recorded(*args, **kw):
+        asked.append(kw.get("fuses_whole_on_cpu"))
+        return chunks(*args, **kw)
+
+    monkeypatch.setattr(_loops, "by_row_chunks", recorded)
+    plain = _rows.make_options(jnp.float32, 0.0, 0.0, None)
+    capped = _rows.make_options(jnp.float32, 0.0, 0.0, 30.0)
+    _rows.row_stats(x, None, None, plain, 1000)
+    _rows.row_stats(x, None, None, capped, 1000)
+    assert asked == [True, False]
+    smoothing = _rows.make_options(jnp.float32, 0.1, 0.0, None)
+    assert _rows.assumes_all_admissible(x, None, None, smoothing, False)
+    capped_smoothing = _rows.make_options(jnp.float32, 0.1, 0.0, 30.0)
+    assert not _rows.assumes_all_admissible(x, None, None, capped_smoothing, False)
+    assert _rows.assumes_all_admissible(x, None, None, capped_smoothing, True)

@@ -266,7 +266,10 @@ def test_int_labels_where_batch_shape(rng):
 # saves_exponentials: float32 and float64 logits at any size, with a soft cap too, and with
 # smoothing up to a budget; narrower logits with any option up to a budget);
 # elsewhere, and above it, it computes them again. Both against the float64 reference, on logits
-# with masked (-inf) entries, a where mask, an ignored row and a NaN-free empty row.
+# with masked (-inf) entries, a where mask, an ignored row, a NaN-free empty row and a finite
+# logit whose exponential underflows to 0. "signed": kept exponentials of any size carry the
+# admissible classes for smoothing's derivative (above _rows.SIGNED_BYTES they do; these
+# logits are smaller), which must tell that logit from a masked class (_rows.kept_admissible).
 KEPT_OR_RECOMPUTED = {
     "plain": {},
     "smoothing": dict(label_smoothing=0.2),
@@ -286,17 +289,31 @@ KEPT_OR_RECOMPUTED = {
 }
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["as_chosen", "recomputed"])
+@pytest.fixture
+def untraced():
+    """Clears JAX's caches before and after the test: CE_INT is jitted, and a trace cached by
+    another test (or by this one, under a patched module attribute) would be run instead of
+    the one the test chooses."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+@pytest.mark.usefixtures("untraced")
+@pytest.mark.parametrize("how", ["as_chosen", "recomputed", "signed"])
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "where"])
 @pytest.mark.parametrize("kw", list(KEPT_OR_RECOMPUTED.values()), ids=list(KEPT_OR_RECOMPUTED))
-def test_kept_and_recomputed_exponentials_match_the_reference(
-    monkeypatch, rng, kw, masked, recompute
-):
-    if recompute:
+def test_kept_and_recomputed_exponentials_match_the_reference(monkeypatch, rng, kw, masked, how):
+    from jaxce import _rows
+
+    if how == "recomputed":
         monkeypatch.setattr(_xla, "saves_exponentials", lambda *a, **k: False)
+    if how == "signed":
+        monkeypatch.setattr(_rows, "SIGNED_BYTES", 0)
     x = R.random_logits(rng, (7, 6), scale=4.0)
     x[1, 2:4] = -np.inf
     x[5, :] = -np.inf  # an empty row
+    x[6, 0] = -1000.0  # admissible, its exponential 0 (smoothing still spreads over it)
     y = np.array([0, 1, 2, 3, 4, 5, 1], np.int32)
     kw = dict(kw, reduction="mean")
     if masked:
@@ -319,15 +336,20 @@ def test_kept_and_recomputed_exponentials_match_the_reference(
 # bfloat16 and float16 logits keep their float32 exponentials on CPU with smoothing and a soft
 # cap too (within _xla.KEPT_BYTES): the kept and the recomputed value_and_grad agree with each
 # other and with float64 on the same (rounded) logits, with -inf logits and an empty row.
+@pytest.mark.usefixtures("untraced")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize(
     "name", ["plain", "smoothing", "soft_cap", "everything", "smoothing+weights+zloss+ignore"]
 )
 def test_narrow_kept_exponentials_match_the_recomputed(monkeypatch, rng, name, dtype):
+    from jaxce import _rows
+
+    monkeypatch.setattr(_rows, "SIGNED_BYTES", 0)  # kept for smoothing, they carry its classes
     kw = dict(KEPT_OR_RECOMPUTED[name], reduction="mean")
     x = R.random_logits(rng, (7, 6), scale=4.0)
     x[1, 2:4] = -np.inf
     x[5, :] = -np.inf  # an empty row
+    x[6, 0] = -1000.0  # admissible, its exponential 0 (smoothing still spreads over it)
     x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float64))  # the logits the dtype holds
     y = np.array([0, 1, 2, 3, 4, 5, 1], np.int32)
     xn = jnp.asarray(x, dtype)

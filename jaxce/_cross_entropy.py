@@ -35,11 +35,12 @@ from jaxce._softmax import (
 # Integer labels on [..., C]. Outputs: the per-example loss and what each example counts for in
 # a "mean" (its class weight if it takes part, else 0).
 # ``unguarded``: the soft cap, if any, was given as a number of at most 2**64, so whole rows
-# compute it without a select (``_rows.unguarded``).
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
-def _integer_ce(x, labels, mask, weights, options, ignore_index, unguarded):
+# compute it without a select (``_rows.unguarded``); ``small_cap``: as a number small enough
+# that no exponential underflows (``_rows.small_cap``).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
+def _integer_ce(x, labels, mask, weights, options, ignore_index, unguarded, small_cap):
     loss, counted, _ = _forward(
-        x, labels, mask, weights, options, ignore_index, unguarded, alone=True
+        x, labels, mask, weights, options, ignore_index, unguarded, small_cap, alone=True
     )
     return loss, counted
 
@@ -52,6 +53,7 @@ def _forward(
     options: _rows.Options,
     ignore_index,
     unguarded: bool,
+    small_cap: bool,
     keep=False,
     alone=False,
 ):
@@ -78,6 +80,7 @@ def _forward(
             kept=True,
             all_admissible=_rows.assumes_all_admissible(x, mask, weights, options, unguarded),
             unguarded=unguarded,
+            small_cap=small_cap,
         )
     else:
         partial = _rows.row_stats(x, mask, weights, options, num_classes, alone, unguarded)
@@ -91,7 +94,7 @@ def _forward(
     return loss[..., 0], counted[..., 0], (meaning, stats, label_logit, w_y, rows, exponentials)
 
 
-def _integer_ce_jvp(ignore_index, unguarded, primals, tangents):
+def _integer_ce_jvp(ignore_index, unguarded, small_cap, primals, tangents):
     x, labels, mask, weights, options = primals
     x_dot, _, _, w_dot, o_dot = tangents
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
@@ -103,7 +106,7 @@ def _integer_ce_jvp(ignore_index, unguarded, primals, tangents):
         x, soft_cap=options.logit_soft_cap is not None, smoothing=smoothing
     )
     loss, counted, (meaning, stats, label_logit, w_y, rows, exponentials) = _forward(
-        x, labels, mask, weights, options, ignore_index, unguarded, keep
+        x, labels, mask, weights, options, ignore_index, unguarded, small_cap, keep
     )
     t = None
     if dots.per_class(options):
@@ -257,9 +260,10 @@ def softmax_cross_entropy_with_integer_labels(
         )
         return _on_explicit_mesh(x, labels, mask, weights, ignore_index, hyperparameters, reduction)
     unguarded = _rows.unguarded(options, logit_soft_cap)
+    small_cap = _rows.small_cap(options, logit_soft_cap, cdt)
     losses, counted = _mesh.on_own_rows(
         lambda x, labels, mask, shared: _integer_ce(
-            x, labels, mask, *shared, ignore_index, unguarded
+            x, labels, mask, *shared, ignore_index, unguarded, small_cap
         ),
         (x, labels, mask),
         (weights, options),

@@ -385,3 +385,54 @@ def test_row_statistics_without_a_cap_read_whole_rows_on_cpu_whoever_calls(monke
     capped_smoothing = _rows.make_options(jnp.float32, 0.1, 0.0, 30.0)
     assert not _rows.assumes_all_admissible(x, None, None, capped_smoothing, False)
     assert _rows.assumes_all_admissible(x, None, None, capped_smoothing, True)
+
+
+def test_a_small_cap_sums_the_smoothing_gap_from_the_kept_exponentials(monkeypatch):
+    """Under a soft cap given as a number small enough that no capped logit's exponential
+    underflows (``_rows.small_cap``: below 43.2 in float32, 353.7 in float64), the derivative's
+    forward pass sums the smoothing's gap from the exponentials it keeps, and nothing else does;
+    its loss and gradient are the float64 reference's on rows whose capped logits span nearly
+    twice the cap (exponentials down to exp(-2 cap)), with class weights and an ignored row."""
+    from jaxce import _rows, _xla
+
+    def small(cap, dtype=jnp.float32):
+        options = _rows.make_options(dtype, 0.1, 0.0, cap)
+        return _rows.small_cap(options, cap, dtype)
+
+    assert small(30.0) and small(43.0) and small(np.float32(3.0))
+    assert not small(43.5) and not small(1e4) and not small(None)
+    assert small(350.0, jnp.float64) and not small(360.0, jnp.float64)
+    assert not jax.jit(lambda c: jnp.asarray(small(c)))(30.0)  # traced: not known to be small
+    if jax.default_backend() != "cpu" or not _xla.cpu_fuses_whole_rows():
+        pytest.skip("the sums as if every class were admissible: CPU, from jaxlib 0.10.2 on")
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1e3, 1e3, (64, 300))
+    x[:, 0] = 1e3  # each row's capped max near the cap, another logit near minus the cap
+    x[:, 1] = -1e3
+    labels = rng.integers(0, 300, 64)
+    labels[5] = -100
+    weights = rng.uniform(0.5, 1.5, 300)
+    calls = []
+    summed = _rows.exponential_gap_sums
+    monkeypatch.setattr(
+        _rows, "exponential_gap_sums", lambda *a, **k: calls.append(1) or summed(*a, **k)
+    )
+    for cap, taken in ((30.0, True), (43.0, True), (80.0, False)):
+        kw = dict(label_smoothing=0.2, class_weights=weights, ignore_index=-100, z_loss=1e-3)
+
+        def loss(a, cap=cap, kw=kw):
+            return CE(a, labels, logit_soft_cap=cap, reduction="mean", **kw)
+
+        xs = jnp.asarray(x, jnp.float32)
+        calls.clear()
+        alone = jax.jit(loss)(xs)
+        assert calls == []
+        value, grad = jax.jit(jax.value_and_grad(loss))(xs)
+        assert calls == ([1] if taken else [])
+        ref_kw = dict(kw, logit_soft_cap_value=cap, reduction="mean")
+        want = R.softmax_cross_entropy_with_integer_labels(x, labels, **ref_kw)
+        want_grad = R.ref_grad(R.softmax_cross_entropy_with_integer_labels)(x, labels, **ref_kw)
+        R.assert_close(alone, want, rtol=2e-6)
+        R.assert_close(value, want, rtol=2e-6)
+        R.assert_close(grad, want_grad, rtol=1e-4, atol=1e-9)

@@ -78,7 +78,9 @@ def _forward(
             options,
             num_classes,
             kept=True,
-            all_admissible=_rows.assumes_all_admissible(x, mask, weights, options, unguarded),
+            all_admissible=_rows.assumes_all_admissible(
+                x, mask, weights, options, unguarded, small_cap
+            ),
             unguarded=unguarded,
             small_cap=small_cap,
         )
@@ -100,7 +102,7 @@ def _integer_ce_jvp(ignore_index, unguarded, small_cap, primals, tangents):
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
     # Smoothing's sums as if every class were admissible need no buffer of their own.
     smoothing = options.smoothing and not _rows.assumes_all_admissible(
-        x, mask, weights, options, unguarded
+        x, mask, weights, options, unguarded, small_cap
     )
     keep = dots.per_class(options) and _xla.saves_exponentials(
         x, soft_cap=options.logit_soft_cap is not None, smoothing=smoothing

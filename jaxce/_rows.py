@@ -523,7 +523,9 @@ def kept_admissible(exponentials: jax.Array) -> jax.Array:
 # With class weights and a soft cap, XLA's CPU reduction of the gap's terms slows down on rows
 # of more classes than this (float32, its reduction alone: 2.5x the time without the weights at
 # [8192, 16384], against 1.2x at [16384, 4096]; every option on, the loss alone at [8192, 8192]
-# took 142 ms against 188 ms in row chunks, at [8192, 16384] 472 ms against 390 ms).
+# took 142 ms against 188 ms in row chunks, at [8192, 16384] 472 ms against 390 ms). Summed from
+# the kept exponentials under a small cap, without the tanh, it does not (every option on,
+# value_and_grad at [4096, 32768]: 515-540 ms against 682-715 ms in row chunks).
 CAPPED_WEIGHTED_CLASSES = 8192
 
 
@@ -533,13 +535,16 @@ def assumes_all_admissible(
     weights: jax.Array | None,
     options: Options,
     unguarded: bool,
+    small_cap: bool = False,
 ) -> bool:
     """Whether the smoothing's row sums of the logits ``x`` are first taken as if every class
     were admissible (:func:`all_admissible_sums`), and again over the admissible classes
     (:func:`exact_smoothing_sums`) for the whole batch where a row's gap is not finite: with
     label smoothing, no mask and no soft cap or an ``unguarded`` one (:func:`unguarded`; with
-    class weights, on rows of at most ``CAPPED_WEIGHTED_CLASSES``), on CPU for float32 and
-    float64 logits. The two agree to rounding wherever the first is finite.
+    class weights, on rows of at most ``CAPPED_WEIGHTED_CLASSES``, or of any length where the
+    gap is summed from kept exponentials, ``small_cap``: :func:`exponential_gap_sums` takes no
+    ``tanh``), on CPU for float32 and float64 logits. The two agree to rounding wherever the
+    first is finite.
 
     The smoothing's sums over the admissible classes take a select per entry, which XLA's CPU
     compiler does not fuse into a reduction: in row chunks, their summands written out per
@@ -552,7 +557,10 @@ def assumes_all_admissible(
         and mask is None
         and (
             options.logit_soft_cap is None
-            or (unguarded and (weights is None or x.shape[-1] <= CAPPED_WEIGHTED_CLASSES))
+            or (
+                unguarded
+                and (weights is None or small_cap or x.shape[-1] <= CAPPED_WEIGHTED_CLASSES)
+            )
         )
         and _xla.backend() == "cpu"
         and _xla.fusible_on_cpu(x)

@@ -399,17 +399,36 @@ def exponential_gap_sums(
     257 ms against 283-294 ms). A -inf logit's exponential is 0, its term +inf (NaN with a
     class weight of 0), so the gap is not finite, as for a NaN logit; a +inf one, capped to
     the cap, is admissible and its term finite. ``-log(e)`` is within a few roundings of
-    ``shift - z``: ``e`` carries one rounding, which the logarithm turns into an absolute
-    error of one unit in 2**24 in float32, and the logarithm rounds once more."""
+    ``shift - z`` in absolute terms: ``e``'s relative error of a few units in the last place
+    (XLA's ``exp`` is not correctly rounded) becomes an absolute error of a few units in 2**24
+    in float32, the logarithm's own a few units in the last place of ``-log(e) <= 2 cap``,
+    and the scaling by ``1 / (2 C)`` one more rounding."""
     # A barrier: XLA's simplifier takes log(exp(y)) to y, and y would be the capped logits again,
     # written out whole for the two reductions that read them.
     (viewed,) = sub.view(jax.lax.optimization_barrier(e))
-    gaps = jnp.log(viewed) * jnp.asarray(-0.5 / num_classes, viewed.dtype)
+    gaps = _minus_log(viewed) * jnp.asarray(0.5 / num_classes, viewed.dtype)
     w = sub.classes(weights)
     if w is not None:
         gaps = class_row(w, viewed) * gaps
     gap = sub.sum(jnp.sum(gaps, axis=-1, keepdims=True))
     return (*admissible_counts(weights, m, sub), gap)
+
+
+@jax.custom_jvp
+def _minus_log(e: jax.Array) -> jax.Array:
+    """``-log(e)`` whose derivative is 0 where ``e`` is 0 (a -inf logit's exponential), not
+    ``0 / 0``. Such a batch takes the exact sums (``_xla.unless_nonfinite``), but reverse mode
+    through the loss's value (a gradient penalty, ``grad`` of ``value_and_grad``'s value)
+    transposes both branches, and the unused one's zero cotangents would make NaN there."""
+    return -jnp.log(e)
+
+
+@_minus_log.defjvp
+def _minus_log_jvp(primals, tangents):
+    (e,), (e_dot,) = primals, tangents
+    positive = e > 0
+    safe = jnp.where(positive, e, jnp.ones_like(e))
+    return _minus_log(e), jnp.where(positive, -e_dot / safe, jnp.zeros_like(e))
 
 
 def admissible_counts(

@@ -42,6 +42,16 @@ for _module in ("jaxce", "jaxce.sharded", "jaxce.bench", "jaxce.__main__", "jaxc
 
 
 @pytest.fixture
+def untraced():
+    """Clears JAX's caches before and after the test: a jitted loss (CE_INT) reuses the trace
+    another test cached, or one this test cached under a patched module attribute, instead of
+    the one the test chooses."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+@pytest.fixture
 def rng():
     """A fresh generator with a fixed seed for every test."""
     return np.random.default_rng(0)

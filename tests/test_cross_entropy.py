@@ -289,16 +289,6 @@ KEPT_OR_RECOMPUTED = {
 }
 
 
-@pytest.fixture
-def untraced():
-    """Clears JAX's caches before and after the test: CE_INT is jitted, and a trace cached by
-    another test (or by this one, under a patched module attribute) would be run instead of
-    the one the test chooses."""
-    jax.clear_caches()
-    yield
-    jax.clear_caches()
-
-
 @pytest.mark.usefixtures("untraced")
 @pytest.mark.parametrize("how", ["as_chosen", "recomputed", "signed"])
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "where"])

@@ -387,6 +387,7 @@ def test_row_statistics_without_a_cap_read_whole_rows_on_cpu_whoever_calls(monke
     assert _rows.assumes_all_admissible(x, None, None, capped_smoothing, True)
 
 
+@pytest.mark.usefixtures("untraced")
 @pytest.mark.parametrize("long_rows", [False, True], ids=["rows", "long sub-rows"])
 def test_a_small_cap_sums_the_smoothing_gap_from_the_kept_exponentials(monkeypatch, long_rows):
     """Under a soft cap given as a number small enough that no capped logit's exponential
@@ -395,13 +396,13 @@ def test_a_small_cap_sums_the_smoothing_gap_from_the_kept_exponentials(monkeypat
     its loss and gradient are the float64 reference's on rows whose capped logits span nearly
     twice the cap (exponentials down to exp(-2 cap)), with class weights and an ignored row.
     ``long rows``: rows longer than ``_rows.CAPPED_WEIGHTED_CLASSES`` (which a small cap takes
-    too, the others keeping their chunks), reduced in sub-rows (``_xla.row_blocks``)."""
+    too, the others keeping their chunks), reduced in sub-rows (``_xla.row_blocks``). With a
+    -inf logit, the gradient of ``value_and_grad``'s value is the gradient, without NaN."""
     from jaxce import _rows, _xla
 
     if long_rows:
         monkeypatch.setattr(_rows, "CAPPED_WEIGHTED_CLASSES", 100)
         monkeypatch.setattr(_xla, "row_blocks", lambda num_classes, dtype: 4)
-        jax.clear_caches()
 
     def small(cap, dtype=jnp.float32):
         options = _rows.make_options(dtype, 0.1, 0.0, cap)
@@ -444,4 +445,11 @@ def test_a_small_cap_sums_the_smoothing_gap_from_the_kept_exponentials(monkeypat
         R.assert_close(alone, want, rtol=2e-6)
         R.assert_close(value, want, rtol=2e-6)
         R.assert_close(grad, want_grad, rtol=1e-4, atol=1e-9)
-    jax.clear_caches()
+        # A batch with a -inf logit takes the exact sums; reverse mode through the value of
+        # value_and_grad transposes the unused branch too, whose -log(0) must give no NaN.
+        masked = x.copy()
+        masked[2, 7] = -np.inf
+        xm = jnp.asarray(masked, jnp.float32)
+        through_value = jax.jit(jax.grad(lambda a: jax.value_and_grad(loss)(a)[0]))(xm)
+        assert np.isfinite(np.asarray(through_value)).all()
+        R.assert_close(through_value, jax.jit(jax.grad(loss))(xm), rtol=1e-4, atol=1e-8)

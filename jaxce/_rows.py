@@ -543,8 +543,11 @@ def kept_admissible(exponentials: jax.Array) -> jax.Array:
 # of more classes than this (float32, its reduction alone: 2.5x the time without the weights at
 # [8192, 16384], against 1.2x at [16384, 4096]; every option on, the loss alone at [8192, 8192]
 # took 142 ms against 188 ms in row chunks, at [8192, 16384] 472 ms against 390 ms). Summed from
-# the kept exponentials under a small cap, without the tanh, it does not (every option on,
-# value_and_grad at [4096, 32768]: 515-540 ms against 682-715 ms in row chunks).
+# the kept exponentials under a small cap, without the tanh, it does not on whole rows (every
+# option on, value_and_grad at [4096, 32768]: 515-540 ms against 682-715 ms in row chunks), but
+# it does in sub-rows (``_xla.row_blocks``), whose class weights XLA broadcasts to the view: the
+# weighted sum of -log(e) alone took 297 ms against 38 ms without the weights at [1024, 131072],
+# and every option on, value_and_grad at [4096, 131072], 5.1-5.2 s against 3.2 s in row chunks.
 CAPPED_WEIGHTED_CLASSES = 8192
 
 
@@ -560,10 +563,10 @@ def assumes_all_admissible(
     were admissible (:func:`all_admissible_sums`), and again over the admissible classes
     (:func:`exact_smoothing_sums`) for the whole batch where a row's gap is not finite: with
     label smoothing, no mask and no soft cap or an ``unguarded`` one (:func:`unguarded`; with
-    class weights, on rows of at most ``CAPPED_WEIGHTED_CLASSES``, or of any length where the
-    gap is summed from kept exponentials, ``small_cap``: :func:`exponential_gap_sums` takes no
-    ``tanh``), on CPU for float32 and float64 logits. The two agree to rounding wherever the
-    first is finite.
+    class weights, on rows of at most ``CAPPED_WEIGHTED_CLASSES``, or on longer rows reduced
+    whole where the gap is summed from kept exponentials, ``small_cap``:
+    :func:`exponential_gap_sums` takes no ``tanh``), on CPU for float32 and float64 logits.
+    The two agree to rounding wherever the first is finite.
 
     The smoothing's sums over the admissible classes take a select per entry, which XLA's CPU
     compiler does not fuse into a reduction: in row chunks, their summands written out per
@@ -578,7 +581,11 @@ def assumes_all_admissible(
             options.logit_soft_cap is None
             or (
                 unguarded
-                and (weights is None or small_cap or x.shape[-1] <= CAPPED_WEIGHTED_CLASSES)
+                and (
+                    weights is None
+                    or x.shape[-1] <= CAPPED_WEIGHTED_CLASSES
+                    or (small_cap and _xla.row_blocks(x.shape[-1], x.dtype) == 1)
+                )
             )
         )
         and _xla.backend() == "cpu"

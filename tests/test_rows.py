@@ -388,20 +388,26 @@ def test_row_statistics_without_a_cap_read_whole_rows_on_cpu_whoever_calls(monke
 
 
 @pytest.mark.usefixtures("untraced")
-@pytest.mark.parametrize("long_rows", [False, True], ids=["rows", "long sub-rows"])
-def test_a_small_cap_sums_the_smoothing_gap_from_the_kept_exponentials(monkeypatch, long_rows):
+@pytest.mark.parametrize(
+    "rows",
+    ["rows", "long rows", "sub-rows", "weighted sub-rows"],
+)
+def test_a_small_cap_sums_the_smoothing_gap_from_the_kept_exponentials(monkeypatch, rows):
     """Under a soft cap given as a number small enough that no capped logit's exponential
     underflows (``_rows.small_cap``: below 43.2 in float32, 353.7 in float64), the derivative's
     forward pass sums the smoothing's gap from the exponentials it keeps, and nothing else does;
     its loss and gradient are the float64 reference's on rows whose capped logits span nearly
-    twice the cap (exponentials down to exp(-2 cap)), with class weights and an ignored row.
-    ``long rows``: rows longer than ``_rows.CAPPED_WEIGHTED_CLASSES`` (which a small cap takes
-    too, the others keeping their chunks), reduced in sub-rows (``_xla.row_blocks``). With a
-    -inf logit, the gradient of ``value_and_grad``'s value is the gradient, without NaN."""
+    twice the cap (exponentials down to exp(-2 cap)), with class weights (but in ``sub-rows``)
+    and an ignored row. ``long rows``: longer than ``_rows.CAPPED_WEIGHTED_CLASSES``, which a
+    small cap takes too, the others keeping their chunks; ``sub-rows``: long rows reduced in
+    sub-rows (``_xla.row_blocks``), which take it without class weights, and keep their chunks
+    with them (``weighted sub-rows``). With a -inf logit, the gradient of ``value_and_grad``'s
+    value is the gradient, without NaN."""
     from jaxce import _rows, _xla
 
-    if long_rows:
+    if rows != "rows":
         monkeypatch.setattr(_rows, "CAPPED_WEIGHTED_CLASSES", 100)
+    if "sub-rows" in rows:
         monkeypatch.setattr(_xla, "row_blocks", lambda num_classes, dtype: 4)
 
     def small(cap, dtype=jnp.float32):
@@ -421,13 +427,14 @@ def test_a_small_cap_sums_the_smoothing_gap_from_the_kept_exponentials(monkeypat
     x[:, 1] = -1e3
     labels = rng.integers(0, 300, 64)
     labels[5] = -100
-    weights = rng.uniform(0.5, 1.5, 300)
+    weights = None if rows == "sub-rows" else rng.uniform(0.5, 1.5, 300)
     calls = []
     summed = _rows.exponential_gap_sums
     monkeypatch.setattr(
         _rows, "exponential_gap_sums", lambda *a, **k: calls.append(1) or summed(*a, **k)
     )
     for cap, taken in ((30.0, True), (43.0, True), (80.0, False)):
+        taken = taken and rows != "weighted sub-rows"
         kw = dict(label_smoothing=0.2, class_weights=weights, ignore_index=-100, z_loss=1e-3)
 
         def loss(a, cap=cap, kw=kw):

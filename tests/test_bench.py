@@ -881,15 +881,16 @@ def test_markdown_flag(capsys):
     assert bench.main([*argv, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].endswith(
-        "median of 1 runs after a warm-up, round-robin; compile time: median of 3 compilations"
+        "median of 1 runs after a warm-up, shuffled; compile time: median of 3 compilations"
         " after a warm-up one"
     )
     assert "| shape | dtype | program | time | x floor |" in out
 
 
-def test_each_round_starts_one_program_further_on(monkeypatch):
+def test_each_round_times_the_programs_in_a_fresh_order(monkeypatch):
     # Which program ran just before changes a program's time (a large output reuses the pages
-    # that one just freed): no program runs twice in a row, and each takes every place.
+    # that one just freed): the warm-up round in the listed order, then no program twice in a
+    # row, and no program after the same one in every round.
     def program(k):
         return bench.Program(f"p{k}", bench.JAXCE, lambda: lambda logits: logits * k)
 
@@ -907,13 +908,29 @@ def test_each_round_starts_one_program_further_on(monkeypatch):
     monkeypatch.setattr(bench, "_seconds_per_call", timed)
     bench.run(["fake"], [(2, 3)], ["float32"], repeats=5, progress=False)
     rounds = [ran[i : i + 3] for i in range(0, len(ran), 3)]
-    assert rounds[:4] == [
-        ["p1", "p2", "floor"],  # the warm-up
-        ["p2", "floor", "p1"],
-        ["floor", "p1", "p2"],
-        ["p1", "p2", "floor"],
-    ]
+    assert rounds == bench.round_orders(["p1", "p2", "floor"], 6)
+    assert rounds[0] == ["p1", "p2", "floor"]  # the warm-up
     assert all(a != b for a, b in zip(ran, ran[1:], strict=False))
+    assert all(sorted(r) == ["floor", "p1", "p2"] for r in rounds)
+
+
+def test_round_orders_vary_what_runs_before_each_program():
+    names = [f"p{k}" for k in range(7)]  # the cross-entropy benchmark's seven programs
+    orders = bench.round_orders(names, 8)
+    assert orders == bench.round_orders(names, 8)  # the same in every run
+    assert orders[0] == names and all(sorted(o) == names for o in orders)
+    assert len({tuple(o) for o in orders}) == 8
+    flat = [name for order in orders for name in order]
+    assert all(a != b for a, b in zip(flat, flat[1:], strict=False))
+    before = {name: [] for name in names}  # the previous round's last counts for the first
+    for previous, order in zip(orders, orders[1:], strict=False):
+        for a, b in zip([previous[-1], *order[:-1]], order, strict=True):
+            before[b].append(a)
+    # Each program follows a given one in at most 2 of the 7 timed rounds (in every round, with
+    # each round starting one program further on).
+    assert max(runs.count(a) for runs in before.values() for a in runs) == 2
+    assert bench.round_orders(["a", "b"], 4) == [["a", "b"]] * 4
+    assert bench.round_orders(["a"], 3) == [["a"]] * 3
 
 
 def test_quick_compiles_each_program_once(tmp_path, capsys):

@@ -48,14 +48,16 @@ per process and keeps the result: the first program of a shape to compile would 
 jaxce's unfused programs compiled first, 0.3 s for the other). ``--quick`` on CPU keeps it only in
 each benchmark's first case (``warms_up_every_case``). Each program is then run once as a
 warm-up, and the programs of a shape are timed in turn, ``repeats`` rounds, each in a fresh order
-(:func:`round_orders`: no program runs twice in a row), so that machine noise and what ran just
-before fall on all of them alike. A sample times a program for at least ``MIN_SAMPLE_SECONDS``
-(a fast program is called in a loop, waiting for each call), and the time reported is the
-median per call over the samples (and the minimum). Every ratio compares numbers of the same
-run, sample by sample: a ratio is the median over the rounds of the two programs' times in that
-round, so that a slow stretch of a shared machine, which slows every program of a round,
-cancels out; a target missed on the speed-up gives the lowest and highest of the rounds' ratios
-beside it, which tell a loss from a tie within the machine's noise. Memory is the compiled
+(:class:`RoundOrders`: no program runs twice in a row, nor, of three or more, after the same
+one in every round), so that machine noise and what ran just before fall on all of them alike.
+A sample times a program for at least ``MIN_SAMPLE_SECONDS`` (a fast program is called in a
+loop, waiting for each call), and the time reported is the median per call over the samples
+(and the minimum).
+Every ratio compares numbers of the same run, sample by sample: a ratio is the median over the
+rounds of the two programs' times in that round, so that a slow stretch of a shared machine,
+which slows every program of a round, cancels out; a target missed on the speed-up gives the
+lowest and highest of the rounds' ratios beside it, which tell a loss from a tie within the
+machine's noise. Memory is the compiled
 program's temporary buffers (``compile().memory_analysis().temp_size_in_bytes``); the arguments
 and results are not counted.
 
@@ -950,11 +952,10 @@ def _measure_case(
 
     times: dict[str, list[float]] = {name: [] for name in compiled}
     calls = dict.fromkeys(compiled, 1)
-    orders = round_orders(list(compiled), repeats + 1)
-    for repeat, order in enumerate(orders):  # the first round is the warm-up
-        for name in order:
-            if name not in compiled:  # it failed in an earlier round
-                continue
+    orders = RoundOrders()
+    last = None
+    for repeat in range(repeats + 1):  # the first round is the warm-up
+        for name in orders.next(list(compiled), last):
             try:
                 seconds = _seconds_per_call(compiled[name], args, calls[name])
             except Exception as err:  # e.g. out of memory: drop this program, keep the others
@@ -971,6 +972,7 @@ def _measure_case(
                 # resolution; a second call, after the warm-up, tells how many calls that is
                 seconds = _seconds_per_call(compiled[name], args, 1)
                 calls[name] = max(1, min(10_000, math.ceil(MIN_SAMPLE_SECONDS / seconds)))
+            last = name
             progress.step()
     return [
         dataclasses.replace(r, times=tuple(times[name]), calls=calls[name])
@@ -980,48 +982,75 @@ def _measure_case(
     ]
 
 
-def round_orders(names: Sequence[str], rounds: int) -> list[list[str]]:
-    """The order in which each of ``rounds`` rounds times the programs ``names``: the listed
-    order in the first (the warm-up), then in each round, of ``ORDER_CANDIDATES`` shuffles by a
-    generator of a fixed seed (the same orders in every run), the first that puts each program
-    least often after the program it has already followed most (the previous round's last
-    program counting as the one before its first), and never after itself.
+class RoundOrders:
+    """The order of each round of a case's timing: the programs' listed order in the first
+    round (the warm-up), then in each round, of ``ORDER_CANDIDATES`` shuffles by a generator of
+    a fixed seed (the same orders in every run), the first that puts each program least often
+    after the program it has already followed most (ties: least often in all), the previous
+    round's last program counting as the one before its first; a program never runs twice in
+    a row (an order that would start with the last one is rotated by one).
 
     Which program ran just before changes a program's time: right after optax's program with
     every option on, which frees 512 MiB of temporaries, the loss alone took 48-49 ms instead
     of 35 ms (jaxce's and optax's alike, float32 [16384, 4096], 7 rounds). Each round starting
     one program further on, as the benchmark ran until 2026-12-05, put the same program before
     each program in every round (jaxce's loss alone after optax's all-options program), and the
-    median over the rounds kept the bias in its ratio. Here a program follows a given one in a
-    round or two of a run's five to seven, which the median passes over (plain shuffles put
-    one after the same program in 4 of 7 rounds)."""
-    generator = random.Random(0)
-    orders = [list(names)]
-    followed: dict[tuple[str, str], int] = {}
+    median over the rounds kept the bias in its ratio. With ``n`` programs no order can put a
+    program after a given one in fewer than ``ceil(rounds / (n - 1))`` of the rounds; these
+    come close: over the 7 timed rounds of the cross-entropy benchmark's 7 programs, no program
+    follows the same one more than twice (plain shuffles: 4 times), with 3 programs 4 times
+    (the bound), and with 2, each round in the listed order, every time."""
 
-    def pairs(order: list[str]) -> list[tuple[str, str]]:
-        return list(zip([orders[-1][-1], *order[:-1]], order, strict=True))
+    def __init__(self) -> None:
+        self._generator = random.Random(0)
+        self._followed: dict[tuple[str, str], int] = {}
+        self._last: str | None = None
 
-    def cost(order: list[str]) -> tuple[int, int]:
-        counts = [followed.get(pair, 0) for pair in pairs(order)]
-        if any(before == after for before, after in pairs(order)):
-            return (rounds + 1, 0)  # a program twice in a row
-        return (max(counts), sum(counts))
+    def next(self, names: Sequence[str], last: str | None = None) -> list[str]:
+        """The next round's order of the programs ``names`` (those still measured); ``last``:
+        the program that ran last, where it is not the last round's last (which failed)."""
+        names = list(names)
+        self._last = last if last is not None else self._last
+        if self._last is None or len(names) < 3:
+            order = names
+        else:
+            candidates = []
+            for _ in range(ORDER_CANDIDATES):
+                candidate = list(names)
+                self._generator.shuffle(candidate)
+                candidates.append(candidate)
+            order = min(candidates, key=self._cost)
+        if order and order[0] == self._last:
+            order = order[1:] + order[:1]
+        for pair in self._pairs(order):
+            self._followed[pair] = self._followed.get(pair, 0) + 1
+        if order:
+            self._last = order[-1]
+        return order
 
-    while len(orders) < rounds:
-        candidates = []
-        for _ in range(ORDER_CANDIDATES):
-            order = list(names)
-            generator.shuffle(order)
-            candidates.append(order)
-        best = min(candidates, key=cost) if len(names) > 2 else list(names)
-        for pair in pairs(best):
-            followed[pair] = followed.get(pair, 0) + 1
-        orders.append(best)
-    return orders
+    def _pairs(self, order: list[str]) -> list[tuple[str, str]]:
+        if self._last is None:
+            return []  # the warm-up: what runs in it is not timed
+        return list(zip([self._last, *order[:-1]], order, strict=True))
+
+    def _cost(self, order: list[str]) -> tuple[int, int, int]:
+        pairs = self._pairs(order)
+        counts = [self._followed.get(pair, 0) for pair in pairs] or [0]
+        repeats = sum(before == after for before, after in pairs)
+        return (repeats, max(counts), sum(counts))
+
+
+def round_orders(names: Sequence[str], rounds: int) -> list[list[str]]:
+    """The orders of ``rounds`` rounds of the programs ``names``, none failing
+    (:class:`RoundOrders`)."""
+    orders = RoundOrders()
+    return [orders.next(names) for _ in range(rounds)]
 
 
 ORDER_CANDIDATES = 64
+ROUND_ORDER = "shuffled"
+"""How a run orders its rounds, in its header line and its saved settings (``--json``); a run
+saved without it, from before :class:`RoundOrders`, ran them round-robin."""
 
 
 def _seconds_per_call(executable, args: Sequence[jax.Array], calls: int) -> float:
@@ -1210,10 +1239,14 @@ def describe(
     repeats: int | None = None,
     compile_samples: int | None = None,
     warm_up_every_case: bool = True,
+    round_order: str = ROUND_ORDER,
 ) -> str:
     """One line giving the date, machine and versions of a run (``warm_up_every_case``: see
-    :func:`warms_up_every_case`)."""
-    runs = "" if repeats is None else f"; median of {repeats} runs after a warm-up, shuffled"
+    :func:`warms_up_every_case`; ``round_order``: ``ROUND_ORDER``, or ``"round-robin"`` for a
+    run saved before it)."""
+    runs = ""
+    if repeats is not None:
+        runs = f"; median of {repeats} runs after a warm-up, {round_order}"
     if compile_samples is not None:
         runs += f"; compile time: median of {compile_samples} compilations after a warm-up one"
         if not warm_up_every_case:
@@ -1703,7 +1736,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # What the JSON output's environment adds to environment(): how the run measured.
-_RUN_SETTINGS = ("repeats", "compile_samples", "compile_warm_up_every_case")
+_RUN_SETTINGS = ("repeats", "compile_samples", "compile_warm_up_every_case", "round_order")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1756,6 +1789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats = saved.get("repeats")
         compile_samples = saved.get("compile_samples")
         every_case = saved.get("compile_warm_up_every_case", True)
+        round_order = saved.get("round_order", "round-robin")
     else:
         repeats = args.repeats or (3 if args.quick else 5)
         compile_samples = args.compile_samples or (1 if args.quick else COMPILE_SAMPLES)
@@ -1770,18 +1804,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         env = environment()
         every_case = warms_up_every_case(args.quick)
+        round_order = ROUND_ORDER
     try:
         "µs".encode(sys.stdout.encoding or "ascii")
         micro = "µs"
     except (UnicodeEncodeError, LookupError):
         micro = "us"  # a terminal that cannot show µ
-    header = describe(env, repeats, compile_samples, every_case)
+    header = describe(env, repeats, compile_samples, every_case, round_order)
     if args.markdown:
         print(format_markdown(results, header))
     else:
         print(format_table(results, header, micro))
     if args.json:
-        settings = (repeats, compile_samples, every_case)
+        settings = (repeats, compile_samples, every_case, round_order)
         write_json(args.json, results, {**env, **dict(zip(_RUN_SETTINGS, settings, strict=True))})
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:

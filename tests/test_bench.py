@@ -768,7 +768,9 @@ def test_from_json_prints_the_saved_runs_tables(tmp_path, capsys):
     path, results, env = _saved_run(tmp_path)
     assert bench.main(["--from-json", str(path), "--markdown"]) == 1  # a program failed
     out = capsys.readouterr().out
-    header = bench.describe(bench.environment() | {"date": env["date"]}, 3, 2, False)
+    # Saved without how it ordered its rounds: from before they were shuffled.
+    header = bench.describe(bench.environment() | {"date": env["date"]}, 3, 2, False, "round-robin")
+    assert "median of 3 runs after a warm-up, round-robin;" in header
     assert out.startswith(header + "\n")
     assert out == bench.format_markdown(results, header) + "\n"
     # BENCHMARK, --shape and --dtype choose rows; nothing is measured.
@@ -778,7 +780,10 @@ def test_from_json_prints_the_saved_runs_tables(tmp_path, capsys):
     saved = tmp_path / "again.json"
     assert bench.main(["--from-json", str(path), "--json", str(saved), "--dtype", "float32"]) == 1
     capsys.readouterr()
-    assert bench.read_json(saved) == (results, env)
+    assert bench.read_json(saved) == (results, env | {"round_order": "round-robin"})
+    bench.write_json(path, results, env | {"round_order": bench.ROUND_ORDER})
+    assert bench.main(["--from-json", str(path), "--markdown"]) == 1
+    assert "median of 3 runs after a warm-up, shuffled;" in capsys.readouterr().out
 
 
 def test_from_json_with_a_shape_keeps_every_benchmark_of_the_files(tmp_path, capsys):
@@ -817,7 +822,7 @@ def test_from_json_joins_runs_of_one_machine(tmp_path, capsys):
     assert bench.main(["--from-json", str(first), "--from-json", str(second), "--markdown"]) == 1
     out = capsys.readouterr().out
     dated = env | {"date": "2026-01-02 03:04 UTC to 2026-01-02 03:09 UTC"}
-    header = bench.describe(dated, 3, 2, False)
+    header = bench.describe(dated, 3, 2, False, "round-robin")
     assert out == bench.format_markdown(results, header) + "\n"
     assert bench.join_runs([bench.read_json(first), bench.read_json(second)]) == (results, dated)
 
@@ -909,9 +914,50 @@ def test_each_round_times_the_programs_in_a_fresh_order(monkeypatch):
     bench.run(["fake"], [(2, 3)], ["float32"], repeats=5, progress=False)
     rounds = [ran[i : i + 3] for i in range(0, len(ran), 3)]
     assert rounds == bench.round_orders(["p1", "p2", "floor"], 6)
-    assert rounds[0] == ["p1", "p2", "floor"]  # the warm-up
     assert all(a != b for a, b in zip(ran, ran[1:], strict=False))
     assert all(sorted(r) == ["floor", "p1", "p2"] for r in rounds)
+    timed = ran[2:]  # from the warm-up's last program on
+    for name in ("p1", "p2", "floor"):
+        before = {a for a, b in zip(timed, timed[1:], strict=False) if b == name}
+        assert before == {"p1", "p2", "floor"} - {name}
+
+
+def test_a_program_that_fails_while_timed_leaves_the_others_in_fresh_orders(monkeypatch):
+    def program(k):
+        return bench.Program(f"p{k}", bench.JAXCE, lambda: lambda logits: logits * k)
+
+    _install_fake(monkeypatch, "fake", "four programs", *(program(k) for k in range(4)))
+    ran = []
+    names = {}
+
+    def timed(executable, args, calls):
+        if id(executable) not in names:
+            names[id(executable)] = f"p{len(names)}"
+        name = names[id(executable)]
+        ran.append(name)
+        if name == "p2" and ran.count("p2") == 2:  # the second round
+            raise RuntimeError("out of memory, say")
+        return 1.0
+
+    monkeypatch.setattr(bench, "_seconds_per_call", timed)
+    results = bench.run(["fake"], [(2, 3)], ["float32"], repeats=4, progress=False)
+    assert [r.error is None for r in results] == [True, True, False, True]
+    assert [len(r.times) for r in results] == [4, 4, 0, 4]
+    assert ran.count("p2") == 2
+    assert all(a != b for a, b in zip(ran, ran[1:], strict=False))
+
+
+def test_a_case_whose_every_program_fails_is_reported(monkeypatch):
+    def broken():
+        def program(logits):
+            raise RuntimeError("out of memory, say")
+
+        return program
+
+    programs = [bench.Program(f"p{k}", bench.JAXCE, broken) for k in range(2)]
+    _install_fake(monkeypatch, "fake", "two failing programs", *programs)
+    results = bench.run(["fake"], [(2, 3)], ["float32"], repeats=1, progress=False)
+    assert [r.error for r in results] == ["RuntimeError: out of memory, say"] * 2
 
 
 def test_round_orders_vary_what_runs_before_each_program():
@@ -929,8 +975,24 @@ def test_round_orders_vary_what_runs_before_each_program():
     # Each program follows a given one in at most 2 of the 7 timed rounds (in every round, with
     # each round starting one program further on).
     assert max(runs.count(a) for runs in before.values() for a in runs) == 2
+
+
+@pytest.mark.parametrize("count, most", [(3, 4), (4, 3), (5, 2)])
+def test_round_orders_of_fewer_programs_reach_the_least_possible(count, most):
+    # Over 7 timed rounds of ``count`` programs, some program follows a given one in at least
+    # ceil(7 / (count - 1)) of them.
+    names = [f"p{k}" for k in range(count)]
+    orders = bench.round_orders(names, 8)
+    flat = [name for order in orders for name in order]
+    assert all(a != b for a, b in zip(flat, flat[1:], strict=False))
+    pairs = list(zip(flat[count - 1 :], flat[count:], strict=False))
+    assert max(pairs.count(p) for p in set(pairs)) == most == -(-7 // (count - 1))
+
+
+def test_round_orders_of_two_programs_or_fewer():
     assert bench.round_orders(["a", "b"], 4) == [["a", "b"]] * 4
     assert bench.round_orders(["a"], 3) == [["a"]] * 3
+    assert bench.round_orders([], 2) == [[], []]
 
 
 def test_quick_compiles_each_program_once(tmp_path, capsys):

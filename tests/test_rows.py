@@ -399,10 +399,10 @@ def test_a_small_cap_sums_the_smoothing_gap_from_the_kept_exponentials(monkeypat
     its loss and gradient are the float64 reference's on rows whose capped logits span nearly
     twice the cap (exponentials down to exp(-2 cap)), with class weights (but in ``sub-rows``)
     and an ignored row. ``long rows``: longer than ``_rows.CAPPED_WEIGHTED_CLASSES``, which a
-    small cap takes too, the others keeping their chunks; ``sub-rows``: long rows reduced in
-    sub-rows (``_xla.row_blocks``), which take it without class weights, and keep their chunks
-    with them (``weighted sub-rows``). With a -inf logit, the gradient of ``value_and_grad``'s
-    value is the gradient, without NaN."""
+    small cap takes too, the others taking the sums over the admissible classes; ``sub-rows``:
+    long rows reduced in sub-rows (``_xla.row_blocks``), which take it without class weights,
+    and with them (``weighted sub-rows``) the sums over the admissible classes. With a -inf
+    logit, the gradient of ``value_and_grad``'s value is the gradient, without NaN."""
     from jaxce import _rows, _xla
 
     if rows != "rows":
@@ -441,6 +441,11 @@ def test_a_small_cap_sums_the_smoothing_gap_from_the_kept_exponentials(monkeypat
             return CE(a, labels, logit_soft_cap=cap, reduction="mean", **kw)
 
         xs = jnp.asarray(x, jnp.float32)
+        options = _rows.make_options(jnp.float32, 0.2, 1e-3, cap)
+        w = None if weights is None else jnp.asarray(weights, jnp.float32)
+        assert _rows.assumes_all_admissible(xs, None, w, options, True, small(cap)) == (
+            rows in ("rows", "sub-rows") or taken
+        )
         calls.clear()
         alone = jax.jit(loss)(xs)
         assert calls == []

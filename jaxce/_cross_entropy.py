@@ -79,7 +79,7 @@ def _forward(
             num_classes,
             kept=True,
             all_admissible=_rows.assumes_all_admissible(
-                x, mask, weights, options, unguarded, small_cap
+                x, mask, weights, options, unguarded, small_cap, kept=True
             ),
             unguarded=unguarded,
             small_cap=small_cap,
@@ -102,7 +102,7 @@ def _integer_ce_jvp(ignore_index, unguarded, small_cap, primals, tangents):
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
     # Smoothing's sums as if every class were admissible need no buffer of their own.
     smoothing = options.smoothing and not _rows.assumes_all_admissible(
-        x, mask, weights, options, unguarded, small_cap
+        x, mask, weights, options, unguarded, small_cap, kept=True
     )
     keep = dots.per_class(options) and _xla.saves_exponentials(
         x, soft_cap=options.logit_soft_cap is not None, smoothing=smoothing

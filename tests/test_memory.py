@@ -231,7 +231,9 @@ def test_hessian_vector_products_do_not_grow_with_the_rows(name, dtype):
 # smoothing (and a soft cap) where its sums are first taken as if every class were admissible
 # (from jaxlib 0.10.2 on: jaxce._rows.assumes_all_admissible): still no [N, V] temporary. Soft
 # labels and bfloat16 logits keep them in buffers of their own, only up to _xla.KEPT_BYTES, as
-# float32 logits with smoothing (one buffer; two with a soft cap) do on an older jaxlib.
+# float32 logits with smoothing (one buffer; two with a soft cap) do on an older jaxlib. Under a
+# small soft cap (_rows.small_cap), bfloat16 logits with smoothing keep one buffer there too (the
+# sums as if every class were admissible, from the kept exponentials), three on an older jaxlib.
 PLAIN_SMOOTHING = jax.default_backend() == "cpu" and _xla.cpu_fuses_whole_rows()
 FLOAT32_CASES = {
     "plain": {},
@@ -248,14 +250,19 @@ SOFT_KEPT_ROWS = 4 * 2**20 // (4 * V)  # jaxce._xla.SOFT_KEPT_BYTES of them
 # name, dtype, the most rows whose exponentials are kept, and the buffers of the logits' size (in
 # float32) kept beside the gradient there, which fit in KEPT bytes: smoothing and a soft cap
 # together keep two (the capped logits and their exponentials), smoothing of bfloat16 logits
-# three; soft labels keep exponentials of up to 4 MiB, in three buffers for bfloat16 logits.
+# three (one under a small soft cap, above); soft labels keep exponentials of up to 4 MiB, in
+# three buffers for bfloat16 logits.
 BUDGET_CASES = {
     "soft_labels_float32": ("soft_labels", jnp.float32, SOFT_KEPT_ROWS, 1),
     "soft_labels_bfloat16": ("soft_labels", jnp.bfloat16, SOFT_KEPT_ROWS, 3),
     "integer_bfloat16": ("plain", jnp.bfloat16, KEPT_ROWS, 1),
     "soft_cap_bfloat16": ("soft_cap", jnp.bfloat16, KEPT_ROWS, 1),
     "smoothing_bfloat16": ("smoothing", jnp.bfloat16, KEPT_ROWS // 3, 3),
-    "smoothing_and_soft_cap_bfloat16": ("smoothing_and_soft_cap", jnp.bfloat16, KEPT_ROWS // 3, 3),
+    "smoothing_and_soft_cap_bfloat16": (
+        ("smoothing_and_soft_cap", jnp.bfloat16, KEPT_ROWS, 1)
+        if PLAIN_SMOOTHING
+        else ("smoothing_and_soft_cap", jnp.bfloat16, KEPT_ROWS // 3, 3)
+    ),
     **(
         {}
         if PLAIN_SMOOTHING

@@ -465,3 +465,64 @@ def test_a_small_cap_sums_the_smoothing_gap_from_the_kept_exponentials(monkeypat
         through_value = jax.jit(jax.grad(lambda a: jax.value_and_grad(loss)(a)[0]))(xm)
         assert np.isfinite(np.asarray(through_value)).all()
         R.assert_close(through_value, jax.jit(jax.grad(loss))(xm), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.usefixtures("untraced")
+@pytest.mark.parametrize("within", [True, False], ids=["kept", "above the budget"])
+def test_bfloat16_under_a_small_cap_sums_the_smoothing_gap_from_kept_exponentials(
+    monkeypatch, within
+):
+    """bfloat16 logits (computed in float32) under a small soft cap take the smoothing's sums
+    as if every class were admissible, from the exponentials the derivative keeps, where it
+    keeps them (``_xla.saves_exponentials``, ``kept``); above the budget, and in the loss
+    alone, the sums over the admissible classes. Both give the float64 reference's loss and
+    gradient on the bfloat16 logits' values, with class weights, z-loss and an ignored row, and
+    a batch with a -inf logit takes the exact sums."""
+    from jaxce import _rows, _xla
+
+    if jax.default_backend() != "cpu" or not _xla.cpu_fuses_whole_rows():
+        pytest.skip("the sums as if every class were admissible: CPU, from jaxlib 0.10.2 on")
+    if not within:
+        monkeypatch.setattr(_xla, "KEPT_BYTES", 2**10)
+    rng = np.random.default_rng(5)
+    xb = jnp.asarray(rng.uniform(-1e3, 1e3, (64, 300)), jnp.bfloat16)
+    xb = xb.at[:, 0].set(1e3).at[:, 1].set(-1e3)  # capped logits spanning nearly twice the cap
+    x = np.asarray(xb.astype(jnp.float32), np.float64)
+    labels = rng.integers(0, 300, 64)
+    labels[5] = -100
+    weights = rng.uniform(0.5, 1.5, 300)
+    kw = dict(label_smoothing=0.2, class_weights=weights, ignore_index=-100, z_loss=1e-3)
+    options = _rows.make_options(jnp.float32, 0.2, 1e-3, 30.0)
+    w = jnp.asarray(weights, jnp.float32)
+    assert _rows.assumes_all_admissible(xb, None, w, options, True, True, kept=True) == within
+    assert not _rows.assumes_all_admissible(xb, None, w, options, True, True)
+    assert not _rows.assumes_all_admissible(xb, None, w, options, True, False, kept=True)
+    calls = []
+    summed = _rows.exponential_gap_sums
+    monkeypatch.setattr(
+        _rows, "exponential_gap_sums", lambda *a, **k: calls.append(1) or summed(*a, **k)
+    )
+
+    def loss(a):
+        return CE(a, labels, logit_soft_cap=30.0, reduction="mean", **kw)
+
+    alone = jax.jit(loss)(xb)
+    assert calls == []
+    value, grad = jax.jit(jax.value_and_grad(loss))(xb)
+    assert calls == ([1] if within else [])
+    assert grad.dtype == jnp.bfloat16
+    ref_kw = dict(kw, logit_soft_cap_value=30.0, reduction="mean")
+    want = R.softmax_cross_entropy_with_integer_labels(x, labels, **ref_kw)
+    want_grad = R.ref_grad(R.softmax_cross_entropy_with_integer_labels)(x, labels, **ref_kw)
+    R.assert_close(alone, want, rtol=2e-6)
+    R.assert_close(value, want, rtol=2e-6)
+    # The gradient rounded to bfloat16 (8 bits): within 2^-8 of each entry, or of the smallest.
+    R.assert_close(grad.astype(jnp.float32), want_grad, rtol=2**-8, atol=1e-9)
+    masked = xb.at[2, 7].set(-jnp.inf)
+    xm = np.asarray(masked.astype(jnp.float32), np.float64)
+    value, grad = jax.jit(jax.value_and_grad(loss))(masked)
+    R.assert_close(
+        value, R.softmax_cross_entropy_with_integer_labels(xm, labels, **ref_kw), rtol=2e-6
+    )
+    want_grad = R.ref_grad(R.softmax_cross_entropy_with_integer_labels)(xm, labels, **ref_kw)
+    R.assert_close(grad.astype(jnp.float32), want_grad, rtol=2**-8, atol=1e-9)

@@ -330,11 +330,12 @@ def row_chunk(
 # exponentials). Float32 and float64 smoothing without ``where``, and without a soft cap or with
 # one given as a number (``_rows.unguarded``), takes none from jaxlib 0.10.2 on: its sums are
 # first taken without a select, as if every class were admissible
-# (``_rows.assumes_all_admissible``; the caller passes ``smoothing=False`` then). Those are kept
-# only while they fit in KEPT_BYTES, which a CPU's caches hold; above, the backward pass computes
-# the exponentials again, the trade of speed for memory. Measured, value_and_grad of the mean,
-# kept against computed again in the same rounds (Intel Xeon, 2 cores, JAX 0.10.2,
-# 2026-12-05; the buffers' total size in brackets):
+# (``_rows.assumes_all_admissible``; the caller passes ``smoothing=False`` then), and bfloat16
+# smoothing under a soft cap below ``_rows.small_cap``'s limit takes one, its sums taken from
+# the kept exponentials where one buffer fits. Those are kept only while they fit in KEPT_BYTES,
+# which a CPU's caches hold; above, the backward pass computes the exponentials again, the trade
+# of speed for memory. Measured, value_and_grad of the mean, kept against computed again in the
+# same rounds (Intel Xeon, 2 cores, JAX 0.10.2, 2026-12-05; the buffers' total size in brackets):
 # - bfloat16, no options: [1024, 2048] 0.53x the time (8 MiB), [2048, 2048] 0.40x and [4096,
 #   1000] 0.57x (16 MiB); [4096, 2048] 1.22x (32 MiB), [4096, 4096] 1.33x (64 MiB);
 # - bfloat16, a soft cap: [256, 10] 0.57x, [1024, 1000] 0.68x (4 MiB), [2048, 2048] 0.59x

@@ -56,6 +56,7 @@ def _forward(
     small_cap: bool,
     keep=False,
     alone=False,
+    all_admissible=False,
 ):
     """The row statistics of raw logits ``x`` (``[..., C]``, any float dtype) and the loss.
 
@@ -63,7 +64,9 @@ def _forward(
     rows at a time (``_rows.row_stats``) and the label logit is read from ``x`` itself
     (``_xla.pick``). With ``keep``, they are reduced from whole rows whose exponentials are
     returned too, for the derivative (``_xla.saves_exponentials``); else those are None.
-    ``alone``: no derivative follows (``_rows.row_stats``).
+    ``alone``: no derivative follows (``_rows.row_stats``). ``all_admissible``: with ``keep``,
+    the smoothing's sums are first taken as if every class were admissible, as the derivative
+    rule decided (``_rows.assumes_all_admissible``).
     """
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[-1]
@@ -78,9 +81,7 @@ def _forward(
             options,
             num_classes,
             kept=True,
-            all_admissible=_rows.assumes_all_admissible(
-                x, mask, weights, options, unguarded, small_cap, kept=True
-            ),
+            all_admissible=all_admissible,
             unguarded=unguarded,
             small_cap=small_cap,
         )
@@ -101,14 +102,25 @@ def _integer_ce_jvp(ignore_index, unguarded, small_cap, primals, tangents):
     x_dot, _, _, w_dot, o_dot = tangents
     dots = _rows.tangents_of(x_dot, w_dot, o_dot, weights, options)
     # Smoothing's sums as if every class were admissible need no buffer of their own.
-    smoothing = options.smoothing and not _rows.assumes_all_admissible(
+    all_admissible = _rows.assumes_all_admissible(
         x, mask, weights, options, unguarded, small_cap, kept=True
     )
     keep = dots.per_class(options) and _xla.saves_exponentials(
-        x, soft_cap=options.logit_soft_cap is not None, smoothing=smoothing
+        x,
+        soft_cap=options.logit_soft_cap is not None,
+        smoothing=options.smoothing and not all_admissible,
     )
     loss, counted, (meaning, stats, label_logit, w_y, rows, exponentials) = _forward(
-        x, labels, mask, weights, options, ignore_index, unguarded, small_cap, keep
+        x,
+        labels,
+        mask,
+        weights,
+        options,
+        ignore_index,
+        unguarded,
+        small_cap,
+        keep,
+        all_admissible=all_admissible,
     )
     t = None
     if dots.per_class(options):

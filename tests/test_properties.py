@@ -643,7 +643,10 @@ def ce_reference(case):
             dz = dz * (1 - t * t)
         ct = case["ct"].astype(F64)
         grad = np.where(active[:, None], ct[:, None] * dz, 0.0)
-        g_scale = np.abs(ct)[:, None] * g_scale
+        # 0 where no gradient flows (an ignored row, a zero cotangent), not 0 * inf: a huge cap
+        # over huge logits takes the scale beyond the range there.
+        flows = active[:, None] & (ct != 0)[:, None]
+        g_scale = np.where(flows, np.abs(ct)[:, None] * g_scale, 0.0)
     # Rows where a term of the formula is beyond the range: the loss cannot be computed in that
     # dtype (an infinite or NaN result is accepted there; compare() also accepts it where the
     # loss itself is). Every weighted lse - z is formed from halves and doubled after its

@@ -199,6 +199,23 @@ def same(a, b) -> bool:
     return np.array_equal(P.to_f64(a), P.to_f64(b), equal_nan=True)
 
 
+def rounded_alike(dtype):
+    """``same`` but for a few units in the last place of ``dtype`` or of its compute dtype,
+    whichever is larger, relative to the largest finite magnitude of the second array: NaN
+    where the second has one, and infinities, still exactly."""
+    unit = max(float(P.finfo(dtype).eps), float(P.finfo(P.compute_dtype(dtype)).eps))
+
+    def alike(a, b) -> bool:
+        a, b = P.to_f64(a), P.to_f64(b)
+        finite = np.isfinite(b)
+        if not np.array_equal(finite, np.isfinite(a)) or not same(a[~finite], b[~finite]):
+            return False
+        size = np.max(np.abs(b[finite]), initial=0.0)
+        return bool(np.all(np.abs(a[finite] - b[finite]) <= 8 * unit * size))
+
+    return alike
+
+
 def nan_probe(draw, run, arrays, which, expect_nan):
     """Puts a NaN into ``arrays[which]`` (``[rows, cols]``) at a drawn place ``(r, c)``.
     ``run(arrays)`` gives a tuple of float64 results with the rows first: every row but ``r``
@@ -745,8 +762,11 @@ def test_integer_labels_nan_stays_in_its_example(case, data, path):
     bad[r, c] = np.nan if takes_part else data.draw(st.sampled_from([np.nan, np.inf]), "value")
     (loss2, alone2), grad2 = run_ce(case, bad, with_alone=True, path=path)
     others = np.arange(rows) != r
-    assert same(loss[others], loss2[others]) and same(grad[others], grad2[others])
-    assert same(alone[others], alone2[others])
+    # Without where, a NaN or inf sends the batch from the smoothing's sums as if every class were
+    # admissible to the exact ones (_rows.assumes_all_admissible), which agree to rounding only.
+    unchanged = same if case["variant"] in WHERE_VARIANTS else rounded_alike(case["dtype"])
+    assert unchanged(loss[others], loss2[others]) and unchanged(grad[others], grad2[others])
+    assert unchanged(alone[others], alone2[others])
     if takes_part and where[r, c]:
         assert np.isnan(loss2[r]) and np.isnan(alone2[r]) and np.isnan(grad2[r]).any()
     elif takes_part:  # a masked label: its logit is read (optax), in the loss's linear term
@@ -1264,11 +1284,15 @@ def test_sigmoid_binary_cross_entropy(data):
     name = "sigmoid_binary_cross_entropy"
     P.compare(name, dtype, loss, want, scale, unit_dtype=P.compute_dtype(dtype))
     s = scipy.special.expit(x64)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         want_gx = ct64 * (w64 * ((pw64 * t + 1 - t) * s - pw64 * t))
         gx_scale = np.abs(ct64) * (w64 * ((pw64 * t + 1) * s + pw64 * t))
-        want_gy = ct64 * ((1 - eps) * w64 * (pw64 * pos - neg))
-        gy_scale = np.abs(ct64) * ((1 - eps) * w64 * (pw64 * pos + neg))
+        # A weight of 0 (w, or eps = 1) on a term beyond the range adds 0, not 0 * inf.
+        label_weight = (1 - eps) * w64
+        want_gy = ct64 * np.where(label_weight == 0, 0.0, label_weight * (pw64 * pos - neg))
+        gy_scale = np.abs(ct64) * np.where(
+            label_weight == 0, 0.0, label_weight * (pw64 * pos + neg)
+        )
     P.compare(f"{name} (gradient)", dtype, gx, want_gx, gx_scale, unit_dtype=dtype)
     # d/dy has the term pos_weight |log sigmoid(x)|, beyond the range at x near -3e38
     terms = pw64 * pos + neg

@@ -277,6 +277,43 @@ def test_low_precision_inputs(rng, dtype, reduction):
         R.assert_close(a, e, rtol=1e-2, atol=1e-2 * scale)
 
 
+@pytest.mark.parametrize("cotangent", [1.0, 0.0])
+@pytest.mark.parametrize("recompute_logits", [None, True, False])
+def test_float16_mean_gradient_in_range_where_the_sums_is_not(rng, recompute_logits, cotangent):
+    """float16 ``w`` with ``reduction="mean"`` takes two passes, which keep ``dw`` in ``w``'s
+    dtype before the cotangent scales it. Here the summed loss's ``dw`` (1024 tokens of
+    activations near 200, each adding about -190 to the label's column) is beyond float16's
+    65504 where the mean's (about -190) is not: it was -inf, and NaN under a zero cotangent.
+    The fused loss gives what the unfused one gives (float32 logits, ``dw`` rounded once to
+    float16), and zeros under a zero cotangent. ``reduction="sum"`` keeps the sum's gradient,
+    beyond the range: -inf."""
+    n, d, v = 1024, 4, 16
+    x = jnp.asarray(200 + rng.normal(size=(n, d)), jnp.float16)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 1e-3, jnp.float16)
+    y = jnp.zeros((n,), jnp.int32)
+    chunks = {"token_chunk": 96, "vocab_chunk": 8, "recompute_logits": recompute_logits}
+
+    def fused(x, w, reduction="mean"):
+        return LCE(x, w, y, reduction=reduction, **chunks) * cotangent
+
+    def unfused(x, w):
+        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+        return softmax_cross_entropy_with_integer_labels(logits, y, reduction="mean") * cotangent
+
+    got = jax.jit(jax.grad(fused, argnums=(0, 1)))(x, w)
+    want = jax.jit(jax.grad(unfused, argnums=(0, 1)))(x, w)
+    for a, e in zip(got, want, strict=True):
+        assert a.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(a)))
+        scale = float(jnp.max(jnp.abs(e.astype(jnp.float32))))
+        R.assert_close(a, e, rtol=2e-3, atol=2e-3 * scale)
+    if cotangent:
+        assert float(jnp.min(got[1].astype(jnp.float32))) < -150  # the label's column
+        summed = jax.jit(jax.grad(lambda w: fused(x, w, "sum")))(w)
+        assert bool(jnp.isneginf(summed[:, 0]).all())
+    else:
+        assert not bool(jnp.any(got[1]))
+
+
 _DOT = re.compile(
     r"stablehlo\.dot_general .*: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)"
 )

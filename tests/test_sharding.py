@@ -144,6 +144,32 @@ def test_mesh_call_matches_the_fused_single_device_loss(rng):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_float16_mean_gradient_of_the_fused_loss_in_range_where_the_sums_is_not(rng):
+    """As tests/test_linear.py's test of the one-device loss: the summed loss's ``dw`` is beyond
+    float16's range (1024 tokens of activations near 200), the mean's is not (about -190)."""
+    n, d, v = 1024, 4, 16
+    x = jnp.asarray(200 + rng.normal(size=(n, d)), jnp.float16)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 1e-3, jnp.float16)
+    labels = jnp.zeros((n,), jnp.int32)
+
+    def fused(w):
+        return jaxce.sharded.linear_softmax_cross_entropy(
+            x, w, labels, axis_name="model", data_axis_name="data", mesh=_mesh(), reduction="mean"
+        )
+
+    def unfused(w):
+        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+        return jaxce.softmax_cross_entropy_with_integer_labels(logits, labels, reduction="mean")
+
+    got, want = jax.grad(fused)(w), jax.grad(unfused)(w)
+    assert got.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(got)))
+    assert float(jnp.min(got.astype(jnp.float32))) < -150
+    scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-3, atol=2e-3 * scale
+    )
+
+
 def test_padding_columns_are_not_classes(rng):
     logits, labels = _data(rng, v=11)
     padded = jnp.concatenate([logits, jnp.full((6, 5), 50.0, jnp.float32)], axis=-1)

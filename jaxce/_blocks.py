@@ -147,36 +147,6 @@ class RowInfo(NamedTuple):
     g: jax.Array  # [rows, 1] the per-row cotangent (1 for the unscaled gradient of a sum)
 
 
-def mean_scale(w: jax.Array, counted: jax.Array, mean: bool) -> jax.Array | None:
-    """The power of two ``m`` by which the two-pass rules of a mean divide the unscaled
-    gradients of the summed loss (``g = 1 / m`` in :class:`RowInfo`) and multiply their tangent
-    back, in the compute dtype: the largest power of two at most the counted weight (or 1).
-    ``dw`` is written in ``w``'s dtype, and float16's range ends at 65504: the gradient of a sum
-    over N tokens can be beyond it where the mean's, which the caller receives, is not (float16
-    ``w`` over 7 tokens: -inf where the mean's was -23824, NaN under a zero cotangent). Divided
-    by ``m``, what is kept has about the magnitude of the mean's gradient, and powers of two
-    change no digit. None (no scaling) for a sum, whose gradient is the sum's, and where ``w``'s
-    dtype has float32's range (float32, bfloat16)."""
-    if not mean or jnp.finfo(w.dtype).max >= jnp.finfo(jnp.float32).max:
-        return None
-    total = jax.lax.stop_gradient(jnp.maximum(jnp.sum(counted), 1))  # piecewise constant
-    _, exponent = jnp.frexp(total)  # total = mantissa * 2**exponent, mantissa in [0.5, 1)
-    return jnp.ldexp(jnp.ones_like(total), exponent - 1)
-
-
-def per_row_cotangent(w_y: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """The per-row cotangent ``g`` of :class:`RowInfo` for the unscaled gradients of a sum: 1,
-    or ``1 / scale`` (:func:`mean_scale`)."""
-    ones = jnp.ones_like(w_y)
-    return ones if scale is None else ones / scale.astype(w_y.dtype)
-
-
-def rescaled(t: jax.Array | None, scale: jax.Array | None) -> jax.Array | None:
-    """A tangent computed from gradients divided by ``scale`` (:func:`mean_scale`), multiplied
-    back."""
-    return t if t is None or scale is None else t * scale.astype(t.dtype)
-
-
 def live_rows(x_t: jax.Array, rows: _rows.Status) -> jax.Array:
     """``x_t`` with the rows that take no part (ignored or empty) set to 0, for ``dw = x^T dz``:
     their ``dz`` is 0, but 0 times a NaN or infinite activation (a padding token's garbage)
@@ -207,6 +177,21 @@ class Grads(NamedTuple):
     cap: jax.Array | None  # [] d/dcap
 
 
+def kept_dw_dtype(w: jax.Array, dtype):
+    """The dtype in which :func:`gradients` keeps a reduced loss's ``dw``: ``w``'s (bfloat16
+    too, half the memory of float32), or the compute ``dtype`` where ``w``'s exponent range is
+    narrower than float32's. A reduced loss keeps the gradient of its sum, which the cotangent
+    scales afterwards (by ``1 / counted`` for a mean, by a loss scale in float16 training): in
+    float16 (at most 65504, normal from 6.1e-5) the sum over N tokens can be beyond the range
+    where the mean's is not (1024 tokens of activations near 200: -inf in the label's column
+    where the mean's gradient is about -190, NaN under a zero cotangent), and kept at the
+    mean's magnitude instead, a loss-scaled step's small entries would round to 0 before the
+    scale multiplies them. The price: a float32 ``[D, V]`` buffer, twice ``w``'s."""
+    if jnp.finfo(w.dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
+        return dtype
+    return w.dtype
+
+
 def gradients(
     x,
     w,
@@ -219,12 +204,14 @@ def gradients(
     dtype,
     needs: Needs,
     vary: Callable | None = None,
+    dw_dtype=None,
 ) -> Grads:
     """:class:`Grads` over ``w``'s columns, computing each ``[token_chunk, vocab_chunk]`` block
     of logits again from the statistics of whole rows.
 
     The outer loop runs over vocabulary chunks, so each chunk of ``dw`` is complete (summed over
-    all tokens in float32) when it is written, in ``w``'s dtype; ``dx`` accumulates in float32.
+    all tokens in float32) when it is written, in ``dw_dtype`` (default ``w``'s; a reduced
+    loss's: :func:`kept_dw_dtype`); ``dx`` accumulates in float32.
     """
     (n, d), v = x.shape, w.shape[1]
     operand = _xla.product_dtype(x, w, dtype)
@@ -274,7 +261,7 @@ def gradients(
 
     init = (
         lanes.view(jnp.zeros((n, d), dtype)),
-        jnp.zeros((d, v) if needs.w else (0, 0), w.dtype),
+        jnp.zeros((d, v) if needs.w else (0, 0), w.dtype if dw_dtype is None else dw_dtype),
         jnp.zeros((v,), dtype),
         jnp.zeros((v,), dtype),
         jnp.zeros((), dtype),

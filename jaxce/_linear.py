@@ -15,8 +15,8 @@ Strategies, all hand-written derivatives:
 * **two passes** (a reduced loss with a bfloat16/float16 ``w``, whose single pass would need a
   float32 ``[D, V]`` accumulator; or ``recompute_logits=True``): the row statistics first, then
   the gradients chunk of vocabulary by chunk, each chunk of ``dw`` complete and written in
-  ``w``'s dtype (for a mean, divided first by a power of two near the counted weight, so that
-  float16 holds it: ``_blocks.mean_scale``): 8NDV FLOPs.
+  ``w``'s dtype (float32 for a float16 ``w``, whose range the sum's gradient can exceed:
+  ``_blocks.kept_dw_dtype``): 8NDV FLOPs.
 * **recompute** (``reduction="none"``, whose per-token cotangent is only known after the
   forward pass): a ``jax.custom_vjp`` whose forward rule keeps the row statistics (O(N)) and
   whose backward rule computes the blocks again with the cotangent: 8NDV FLOPs. Reverse mode
@@ -42,7 +42,6 @@ from jaxce._reduction import reduce_loss
 class _Static(NamedTuple):
     blocks: _blocks.Static
     single_pass: bool  # the single-pass strategy (else two passes), for reduced losses
-    mean: bool  # reduction="mean" (else "sum"): see _blocks.mean_scale
 
 
 def _row_results(stats, meaning, label_logit, weights, options, dtype):
@@ -253,19 +252,18 @@ def _summed_jvp(static: _Static, primals, tangents):
         loss, counted, (label_logit, w_y, rows) = _row_results(
             stats, meaning, label_logit, weights, options, dtype
         )
-        scale = None  # float32 accumulators
     else:
         loss, counted, (meaning, stats, label_logit, w_y, rows) = _forward(
             x, w, bias, labels, weights, options, blocks
         )
-        scale = _blocks.mean_scale(w, counted, static.mean)
-        g = _blocks.per_row_cotangent(w_y, scale)
-        info = _blocks.RowInfo(meaning.class_index, w_y, rows, g)
-        grads = _blocks.gradients(x, w, bias, weights, options, blocks, stats, info, dtype, needs)
+        info = _blocks.RowInfo(meaning.class_index, w_y, rows, jnp.ones_like(w_y))
+        kept = _blocks.kept_dw_dtype(w, dtype)
+        grads = _blocks.gradients(
+            x, w, bias, weights, options, blocks, stats, info, dtype, needs, dw_dtype=kept
+        )
     t = _autodiff.add(
         _autodiff.contract(grads.x, dots.x, dtype), _blocks.column_tangent(grads, dots, dtype)
     )
-    t = _blocks.rescaled(t, scale)
     w_y_dot = None
     if dots.rows.weights is not None:
         w_y_dot = _rows.label_weight(dots.rows.weights, meaning.class_index, dtype)
@@ -450,7 +448,7 @@ def linear_softmax_cross_entropy(
         if reduction == "none":
             losses, _ = _per_token(x2, w, bias, labels1, weights, options, static)
             return jnp.reshape(losses, labels.shape)
-        single = _Static(static, single_pass, reduction == "mean")
+        single = _Static(static, single_pass)
         total, counted = _summed(x2, w, bias, labels1, weights, options, single)
         return total, jnp.sum(counted)
 

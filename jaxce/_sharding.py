@@ -245,7 +245,6 @@ _sharded_ce.defjvp(_sharded_ce_jvp, symbolic_zeros=True)
 class _FusedStatic(NamedTuple):
     core: _Static
     blocks: _blocks.Static
-    mean: bool  # reduction="mean": see _blocks.mean_scale
 
 
 def _sharded_linear_forward(x, w, bias, labels, weights, options, static: _FusedStatic):
@@ -266,12 +265,15 @@ def _sharded_linear_forward(x, w, bias, labels, weights, options, static: _Fused
     return loss, counted, (shard, stats, label_logit, w_y, rows), vary
 
 
-def _local_gradients(x, w, bias, weights, options, static, parts, g, needs, vary):
+def _local_gradients(x, w, bias, weights, options, static, parts, g, needs, vary, summed=False):
+    """This device's gradients; ``summed``: the unscaled ones of a reduced loss, whose ``dw``
+    is kept in ``_blocks.kept_dw_dtype``."""
     shard, stats, _, w_y, rows = parts
     info = _blocks.RowInfo(shard.label_cols(), w_y, rows, g)
     dtype = _blocks.dtype_of(x, w)
+    kept = _blocks.kept_dw_dtype(w, dtype) if summed else None
     return _blocks.gradients(
-        x, w, bias, weights, options, static.blocks, stats, info, dtype, needs, vary
+        x, w, bias, weights, options, static.blocks, stats, info, dtype, needs, vary, kept
     )
 
 
@@ -293,12 +295,9 @@ def _sharded_summed_jvp(static: _FusedStatic, primals, tangents):
     )
     shard, stats, label_logit, w_y, rows = parts
     dtype = stats.shift.dtype
-    # The counted weights are those of the global statistics: the same on every device of the
-    # vocabulary axis, and so is the scale.
-    scale = _blocks.mean_scale(w, counted, static.mean)
-    g = _blocks.per_row_cotangent(w_y, scale)
+    ones = jnp.ones_like(w_y)
     grads = _local_gradients(
-        x, w, bias, weights, options, static, parts, g, dots.needs(options), vary
+        x, w, bias, weights, options, static, parts, ones, dots.needs(options), vary, summed=True
     )
     # The terms over this device's columns, summed over the vocabulary axis; dx, whose rows
     # every device of that axis shares, summed before its contraction (the tensor-parallel
@@ -307,7 +306,6 @@ def _sharded_summed_jvp(static: _FusedStatic, primals, tangents):
     t = None if local is None else jax.lax.psum(local, axis)
     if grads.x is not None:
         t = _autodiff.add(t, _autodiff.contract(jax.lax.psum(grads.x, axis), dots.x, dtype))
-    t = _blocks.rescaled(t, scale)
     w_y_dot = _label_weight_tangent(dots.rows, shard, dtype, axis)
     parts = (stats, label_logit, w_y, rows)
     return _blocks.summed_outputs(loss, counted, t, parts, w_y_dot, dots, options)
@@ -852,7 +850,6 @@ def linear_softmax_cross_entropy(
             _blocks.chunk_size("vocab_chunk", vocab_chunk, default_cols, cols),
             core.vocab_size,
         ),
-        reduction == "mean",
     )
     bias = _padding_bias(bias, cols, core, dtype)
     if n == 0:

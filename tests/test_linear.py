@@ -280,13 +280,13 @@ def test_low_precision_inputs(rng, dtype, reduction):
 @pytest.mark.parametrize("cotangent", [1.0, 0.0])
 @pytest.mark.parametrize("recompute_logits", [None, True, False])
 def test_float16_mean_gradient_in_range_where_the_sums_is_not(rng, recompute_logits, cotangent):
-    """float16 ``w`` with ``reduction="mean"`` takes two passes, which keep ``dw`` in ``w``'s
-    dtype before the cotangent scales it. Here the summed loss's ``dw`` (1024 tokens of
-    activations near 200, each adding about -190 to the label's column) is beyond float16's
-    65504 where the mean's (about -190) is not: it was -inf, and NaN under a zero cotangent.
-    The fused loss gives what the unfused one gives (float32 logits, ``dw`` rounded once to
-    float16), and zeros under a zero cotangent. ``reduction="sum"`` keeps the sum's gradient,
-    beyond the range: -inf."""
+    """A reduced loss keeps the summed loss's ``dw`` before the cotangent scales it. Here that
+    (1024 tokens of activations near 200, each adding about -190 to the label's column) is
+    beyond float16's 65504 where the mean's (about -190) is not: kept in float16 by the two
+    passes, it was -inf, and NaN under a zero cotangent (``_blocks.kept_dw_dtype``). The fused
+    loss gives what the unfused one gives (float32 logits, ``dw`` rounded once to float16) in
+    every strategy, and zeros under a zero cotangent; ``reduction="sum"``'s gradient is the
+    sum's, beyond the range: -inf."""
     n, d, v = 1024, 4, 16
     x = jnp.asarray(200 + rng.normal(size=(n, d)), jnp.float16)
     w = jnp.asarray(rng.normal(size=(d, v)) * 1e-3, jnp.float16)
@@ -312,6 +312,32 @@ def test_float16_mean_gradient_in_range_where_the_sums_is_not(rng, recompute_log
         assert bool(jnp.isneginf(summed[:, 0]).all())
     else:
         assert not bool(jnp.any(got[1]))
+
+
+def test_float16_loss_scaled_mean_keeps_small_gradients(rng):
+    """Float16 training scales the loss (here by 2**15) so that small gradients stay within
+    float16's range: the fused loss's ``dw`` of a mean, kept before the cotangent scales it,
+    must not round them to 0 first. One column of ``w`` at -4 takes little probability: its
+    mean gradient is about 1e-8 (float16's smallest subnormal: 6e-8), 3e-4 once scaled."""
+    n, d, v = 1024, 4, 16
+    x = jnp.asarray(1 + 0.1 * rng.normal(size=(n, d)), jnp.float16)
+    w = np.zeros((d, v))
+    w[:, 3] = -4.0
+    w = jnp.asarray(w, jnp.float16)
+    y = jnp.asarray(rng.integers(4, v, n), jnp.int32)
+    scale = 2.0**15
+
+    def fused(w):
+        return LCE(x, w, y, recompute_logits=True) * scale
+
+    def unfused(w):
+        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+        return softmax_cross_entropy_with_integer_labels(logits, y, reduction="mean") * scale
+
+    got, want = jax.grad(fused)(w), jax.grad(unfused)(w)
+    assert float(jnp.min(want[:, 3].astype(jnp.float32))) > 1e-4
+    R.assert_close(got[:, 3], want[:, 3], rtol=2e-3)
+    R.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(want))))
 
 
 _DOT = re.compile(

@@ -171,7 +171,7 @@ class Grads(NamedTuple):
     """Derivatives of ``sum_i g_i loss_i`` over a pass (None where not needed)."""
 
     x: jax.Array | None  # [N, D] float32
-    w: jax.Array | None  # [D, V] in w's dtype (each chunk complete before it is written)
+    w: jax.Array | None  # [D, V] in gradients()' dw_dtype (each chunk complete when written)
     bias: jax.Array | None  # [V] float32
     smoothing_weights: jax.Array | None  # [V] the smoothing part of d/dclass_weights
     cap: jax.Array | None  # [] d/dcap

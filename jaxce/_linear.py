@@ -13,7 +13,8 @@ Strategies, all hand-written derivatives:
   loss is one scalar, so these unscaled gradients are what reverse mode keeps, and the
   ``jax.custom_jvp`` rule's tangent is their contraction with the inputs' tangents.
 * **two passes** (a reduced loss with a bfloat16/float16 ``w``, whose single pass would need a
-  float32 ``[D, V]`` accumulator; or ``recompute_logits=True``): the row statistics first, then
+  float32 ``[D, V]`` accumulator, which a bfloat16 ``w``'s two passes do without; or
+  ``recompute_logits=True``): the row statistics first, then
   the gradients chunk of vocabulary by chunk, each chunk of ``dw`` complete and written in
   ``w``'s dtype (float32 for a float16 ``w``, whose range the sum's gradient can exceed:
   ``_blocks.kept_dw_dtype``): 8NDV FLOPs.
@@ -367,9 +368,12 @@ def linear_softmax_cross_entropy(
       recompute_logits: for a reduced loss, ``False`` computes the gradients in one pass
         (6NDV FLOPs; with a bfloat16/float16 ``w`` a float32 ``[D, V]`` accumulator), ``True``
         computes the row statistics first and then the gradients a vocabulary chunk at a time
-        (8NDV FLOPs, ``dw`` accumulated chunk by chunk in float32 and kept in ``w``'s dtype).
+        (8NDV FLOPs, ``dw`` accumulated chunk by chunk in float32 and kept in ``w``'s dtype,
+        but in float32 for a float16 ``w``, where the gradient of the sum over tokens, which
+        the cotangent scales afterwards, can be beyond float16's range).
         ``None`` (default): one pass for a float32/float64 ``w``, two for bfloat16/float16,
-        whose memory is the point of this loss; where the accumulator fits, one pass is faster
+        whose memory is the point of this loss (for bfloat16; a float16 ``w`` keeps a float32
+        ``dw`` either way); where the accumulator fits, one pass is faster
         on a GPU (value_and_grad on an H200 at N, D, V = 16384, 4096, 131072 in bfloat16:
         95 ms with 2.5 GiB of temporaries against 128 ms with 544 MiB; the unfused loss 82 ms
         with 8 GiB).

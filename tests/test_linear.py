@@ -279,11 +279,14 @@ def test_low_precision_inputs(rng, dtype, reduction):
 
 @pytest.mark.parametrize("cotangent", [1.0, 0.0])
 @pytest.mark.parametrize("recompute_logits", [None, True, False])
-def test_float16_mean_gradient_in_range_where_the_sums_is_not(rng, recompute_logits, cotangent):
+def test_float16_mean_gradient_in_range_where_the_sum_gradient_is_not(
+    rng, recompute_logits, cotangent
+):
     """A reduced loss keeps the summed loss's ``dw`` before the cotangent scales it. Here that
     (1024 tokens of activations near 200, each adding about -190 to the label's column) is
     beyond float16's 65504 where the mean's (about -190) is not: kept in float16 by the two
-    passes, it was -inf, and NaN under a zero cotangent (``_blocks.kept_dw_dtype``). The fused
+    passes, it was -inf, and NaN under a zero cotangent; now in float32
+    (``_blocks.kept_dw_dtype``). The fused
     loss gives what the unfused one gives (float32 logits, ``dw`` rounded once to float16) in
     every strategy, and zeros under a zero cotangent; ``reduction="sum"``'s gradient is the
     sum's, beyond the range: -inf."""

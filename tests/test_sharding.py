@@ -144,7 +144,7 @@ def test_mesh_call_matches_the_fused_single_device_loss(rng):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_float16_mean_gradient_of_the_fused_loss_in_range_where_the_sums_is_not(rng):
+def test_float16_mean_gradient_of_the_fused_loss_in_range_where_the_sum_gradient_is_not(rng):
     """As tests/test_linear.py's test of the one-device loss: the summed loss's ``dw`` is beyond
     float16's range (1024 tokens of activations near 200), the mean's is not (about -190)."""
     n, d, v = 1024, 4, 16

@@ -171,7 +171,7 @@ class Grads(NamedTuple):
     """Derivatives of ``sum_i g_i loss_i`` over a pass (None where not needed)."""
 
     x: jax.Array | None  # [N, D] float32
-    w: jax.Array | None  # [D, V] in gradients()' dw_dtype (each chunk complete when written)
+    w: jax.Array | None  # [D, V] in kept_dw_dtype() if summed, else w's (each chunk complete)
     bias: jax.Array | None  # [V] float32
     smoothing_weights: jax.Array | None  # [V] the smoothing part of d/dclass_weights
     cap: jax.Array | None  # [] d/dcap
@@ -204,17 +204,19 @@ def gradients(
     dtype,
     needs: Needs,
     vary: Callable | None = None,
-    dw_dtype=None,
+    summed: bool = False,
 ) -> Grads:
     """:class:`Grads` over ``w``'s columns, computing each ``[token_chunk, vocab_chunk]`` block
     of logits again from the statistics of whole rows.
 
     The outer loop runs over vocabulary chunks, so each chunk of ``dw`` is complete (summed over
-    all tokens in float32) when it is written, in ``dw_dtype`` (default ``w``'s; a reduced
-    loss's: :func:`kept_dw_dtype`); ``dx`` accumulates in float32.
+    all tokens in float32) when it is written, in ``w``'s dtype, or in :func:`kept_dw_dtype`
+    where ``summed`` (a reduced loss's gradients, before the cotangent scales them); ``dx``
+    accumulates in float32.
     """
     (n, d), v = x.shape, w.shape[1]
     operand = _xla.product_dtype(x, w, dtype)
+    dw_dtype = kept_dw_dtype(w, dtype) if summed else w.dtype
     if vary is None:  # as varying like the inputs (see statistics)
         vary = _loops.varying_like(x, w, bias, weights, stats, info)
     lanes = token_lanes(x, static)
@@ -261,7 +263,7 @@ def gradients(
 
     init = (
         lanes.view(jnp.zeros((n, d), dtype)),
-        jnp.zeros((d, v) if needs.w else (0, 0), w.dtype if dw_dtype is None else dw_dtype),
+        jnp.zeros((d, v) if needs.w else (0, 0), dw_dtype),
         jnp.zeros((v,), dtype),
         jnp.zeros((v,), dtype),
         jnp.zeros((), dtype),

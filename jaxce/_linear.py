@@ -258,9 +258,8 @@ def _summed_jvp(static: _Static, primals, tangents):
             x, w, bias, labels, weights, options, blocks
         )
         info = _blocks.RowInfo(meaning.class_index, w_y, rows, jnp.ones_like(w_y))
-        kept = _blocks.kept_dw_dtype(w, dtype)
         grads = _blocks.gradients(
-            x, w, bias, weights, options, blocks, stats, info, dtype, needs, dw_dtype=kept
+            x, w, bias, weights, options, blocks, stats, info, dtype, needs, summed=True
         )
     t = _autodiff.add(
         _autodiff.contract(grads.x, dots.x, dtype), _blocks.column_tangent(grads, dots, dtype)

@@ -271,9 +271,8 @@ def _local_gradients(x, w, bias, weights, options, static, parts, g, needs, vary
     shard, stats, _, w_y, rows = parts
     info = _blocks.RowInfo(shard.label_cols(), w_y, rows, g)
     dtype = _blocks.dtype_of(x, w)
-    kept = _blocks.kept_dw_dtype(w, dtype) if summed else None
     return _blocks.gradients(
-        x, w, bias, weights, options, static.blocks, stats, info, dtype, needs, vary, kept
+        x, w, bias, weights, options, static.blocks, stats, info, dtype, needs, vary, summed
     )
 
 

@@ -8,10 +8,14 @@
 
 import importlib
 import os
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import jaxce
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -55,3 +59,28 @@ def untraced():
 def rng():
     """A fresh generator with a fixed seed for every test."""
     return np.random.default_rng(0)
+
+
+class Float16Overflow(NamedTuple):
+    """A float16 fused loss whose summed ``dw`` is beyond float16's 65504 where the mean's is
+    not: 1024 tokens of activations near 200, each adding about -190 to the label's column."""
+
+    x: jax.Array  # [1024, 4] float16
+    w: jax.Array  # [4, 16] float16
+    labels: jax.Array  # [1024] int32, all 0
+
+    def unfused_mean(self, x, w):
+        """The unfused mean loss over float32 logits, the reference for the fused one."""
+        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            logits, self.labels, reduction="mean"
+        )
+
+
+@pytest.fixture
+def float16_overflow(rng):
+    """:class:`Float16Overflow`."""
+    n, d, v = 1024, 4, 16
+    x = jnp.asarray(200 + rng.normal(size=(n, d)), jnp.float16)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 1e-3, jnp.float16)
+    return Float16Overflow(x, w, jnp.zeros((n,), jnp.int32))

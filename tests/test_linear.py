@@ -280,28 +280,22 @@ def test_low_precision_inputs(rng, dtype, reduction):
 @pytest.mark.parametrize("cotangent", [1.0, 0.0])
 @pytest.mark.parametrize("recompute_logits", [None, True, False])
 def test_float16_mean_gradient_in_range_where_the_sum_gradient_is_not(
-    rng, recompute_logits, cotangent
+    float16_overflow, recompute_logits, cotangent
 ):
     """A reduced loss keeps the summed loss's ``dw`` before the cotangent scales it. Here that
-    (1024 tokens of activations near 200, each adding about -190 to the label's column) is
-    beyond float16's 65504 where the mean's (about -190) is not: kept in float16 by the two
+    is beyond float16's 65504 where the mean's (about -190) is not: kept in float16 by the two
     passes, it was -inf, and NaN under a zero cotangent; now in float32
-    (``_blocks.kept_dw_dtype``). The fused
-    loss gives what the unfused one gives (float32 logits, ``dw`` rounded once to float16) in
-    every strategy, and zeros under a zero cotangent; ``reduction="sum"``'s gradient is the
-    sum's, beyond the range: -inf."""
-    n, d, v = 1024, 4, 16
-    x = jnp.asarray(200 + rng.normal(size=(n, d)), jnp.float16)
-    w = jnp.asarray(rng.normal(size=(d, v)) * 1e-3, jnp.float16)
-    y = jnp.zeros((n,), jnp.int32)
+    (``_blocks.kept_dw_dtype``). The fused loss gives what the unfused one gives (float32
+    logits, ``dw`` rounded once to float16) in every strategy, and zeros under a zero
+    cotangent; ``reduction="sum"``'s gradient is the sum's, beyond the range: -inf."""
+    x, w, y = float16_overflow.x, float16_overflow.w, float16_overflow.labels
     chunks = {"token_chunk": 96, "vocab_chunk": 8, "recompute_logits": recompute_logits}
 
     def fused(x, w, reduction="mean"):
         return LCE(x, w, y, reduction=reduction, **chunks) * cotangent
 
     def unfused(x, w):
-        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
-        return softmax_cross_entropy_with_integer_labels(logits, y, reduction="mean") * cotangent
+        return float16_overflow.unfused_mean(x, w) * cotangent
 
     got = jax.jit(jax.grad(fused, argnums=(0, 1)))(x, w)
     want = jax.jit(jax.grad(unfused, argnums=(0, 1)))(x, w)

@@ -144,13 +144,12 @@ def test_mesh_call_matches_the_fused_single_device_loss(rng):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_float16_mean_gradient_of_the_fused_loss_in_range_where_the_sum_gradient_is_not(rng):
+def test_float16_mean_gradient_of_the_fused_loss_in_range_where_the_sum_gradient_is_not(
+    float16_overflow,
+):
     """As tests/test_linear.py's test of the one-device loss: the summed loss's ``dw`` is beyond
-    float16's range (1024 tokens of activations near 200), the mean's is not (about -190)."""
-    n, d, v = 1024, 4, 16
-    x = jnp.asarray(200 + rng.normal(size=(n, d)), jnp.float16)
-    w = jnp.asarray(rng.normal(size=(d, v)) * 1e-3, jnp.float16)
-    labels = jnp.zeros((n,), jnp.int32)
+    float16's range, the mean's is not (about -190)."""
+    x, w, labels = float16_overflow.x, float16_overflow.w, float16_overflow.labels
 
     def fused(w):
         return jaxce.sharded.linear_softmax_cross_entropy(
@@ -158,8 +157,7 @@ def test_float16_mean_gradient_of_the_fused_loss_in_range_where_the_sum_gradient
         )
 
     def unfused(w):
-        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
-        return jaxce.softmax_cross_entropy_with_integer_labels(logits, labels, reduction="mean")
+        return float16_overflow.unfused_mean(x, w)
 
     got, want = jax.grad(fused)(w), jax.grad(unfused)(w)
     assert got.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(got)))

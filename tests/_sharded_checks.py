@@ -34,6 +34,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 from _compilations import counted  # noqa: E402
+from _float16_overflow import Float16Overflow  # noqa: E402
 from _jax_support import (  # noqa: E402
     hessian_over_devices_works,
     reverse_over_reverse_through_scan_works,
@@ -558,6 +559,35 @@ def fused_narrow_dtypes_over_vocabulary_chunks():
             )
         except AssertionError as err:
             raise AssertionError(f"{jnp.dtype(dtype).name}: {err}") from None
+
+
+@check
+def fused_float16_mean_in_range_where_each_devices_sum_is_not():
+    """A float16 ``w`` on a data-parallel mesh: each device's summed ``dw`` over its 512 tokens
+    (about -97000 in the label's column) is beyond float16's 65504 where the mean's is not; the
+    fused mean's gradients are the unfused loss's, finite, in float16."""
+    case = Float16Overflow.draw(np.random.default_rng(0))
+    mesh = mesh_of((2, 4))
+
+    def fused(x, w):
+        return jaxce.sharded.linear_softmax_cross_entropy(
+            x,
+            w,
+            case.labels,
+            axis_name="model",
+            data_axis_name="data",
+            mesh=mesh,
+            reduction="mean",
+            vocab_chunk=2,
+        )
+
+    got = jax.jit(jax.grad(fused, argnums=(0, 1)))(case.x, case.w)
+    want = jax.jit(jax.grad(case.unfused_mean, argnums=(0, 1)))(case.x, case.w)
+    assert float(jnp.min(got[1].astype(jnp.float32))) < -150, "the label's column"
+    for name, a, e in zip(("x", "w"), got, want, strict=True):
+        assert a.dtype == jnp.float16, f"gradient of {name}: {a.dtype}"
+        assert bool(jnp.all(jnp.isfinite(a))), f"gradient of {name}: {a}"
+        close(f"gradient of {name}", a, e, rtol=2e-3, atol=2e-3)
 
 
 @check

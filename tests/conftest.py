@@ -8,14 +8,11 @@
 
 import importlib
 import os
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jaxce
+from _float16_overflow import Float16Overflow
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -61,26 +58,8 @@ def rng():
     return np.random.default_rng(0)
 
 
-class Float16Overflow(NamedTuple):
-    """A float16 fused loss whose summed ``dw`` is beyond float16's 65504 where the mean's is
-    not: 1024 tokens of activations near 200, each adding about -190 to the label's column."""
-
-    x: jax.Array  # [1024, 4] float16
-    w: jax.Array  # [4, 16] float16
-    labels: jax.Array  # [1024] int32, all 0
-
-    def unfused_mean(self, x, w):
-        """The unfused mean loss over float32 logits, the reference for the fused one."""
-        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
-        return jaxce.softmax_cross_entropy_with_integer_labels(
-            logits, self.labels, reduction="mean"
-        )
-
-
 @pytest.fixture
 def float16_overflow(rng):
-    """:class:`Float16Overflow`."""
-    n, d, v = 1024, 4, 16
-    x = jnp.asarray(200 + rng.normal(size=(n, d)), jnp.float16)
-    w = jnp.asarray(rng.normal(size=(d, v)) * 1e-3, jnp.float16)
-    return Float16Overflow(x, w, jnp.zeros((n,), jnp.int32))
+    """A float16 fused loss whose summed ``dw`` is beyond float16's range where the mean's is
+    not (:class:`_float16_overflow.Float16Overflow`)."""
+    return Float16Overflow.draw(rng)

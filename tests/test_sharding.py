@@ -38,6 +38,7 @@ CHECKS = (
     "plain_fused_loss_inside_a_data_parallel_shard_map",
     "sharded_losses_inside_an_untyped_shard_map",
     "fused_narrow_dtypes_over_vocabulary_chunks",
+    "fused_float16_mean_in_range_where_each_devices_sum_is_not",
     "nan_comes_through_as_on_one_device",
     "hlo_logits_moves_only_rows",
     "hlo_fused_moves_rows_dx_and_the_data_parallel_dw",

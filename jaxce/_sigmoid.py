@@ -173,6 +173,12 @@ def soft_cap(x: jax.Array, cap: jax.Array) -> jax.Array:
     return jnp.where(jnp.isneginf(x), x, soft_cap_bulk(x, cap))
 
 
+def _flush_shift(dtype) -> float:
+    """The largest power of two below ``-log`` of ``dtype``'s smallest normal number: 64 in
+    float32, 512 in float64 (see :func:`_sech_squared`)."""
+    return 2.0 ** math.floor(math.log2(-math.log(float(jnp.finfo(dtype).smallest_normal))))
+
+
 def _sech_squared(u: jax.Array) -> jax.Array:
     """``1 - tanh(u)**2`` as ``4 e / (1 + e)**2``, ``e = exp(-2 |u|)``: within 2.6 epsilons of
     the true value, relative, at every ``u`` (0 at +-inf; measured on 4000 draws per range in
@@ -180,14 +186,31 @@ def _sech_squared(u: jax.Array) -> jax.Array:
     epsilons for ``|u|`` in [0.5, 3]; in float32, 1.1e-4 relative at ``|u| = 4``, 8.9e-3 at 6, and
     0 from 8 on, where the true value is 4.5e-7 and less. Named in the compiled program
     (``sech_squared``): its exponential is not one of the logits' (``tests/test_memory.py``
-    counts those)."""
+    counts those).
+
+    ``e`` is below the smallest normal number, which XLA flushes to 0 on CPU and GPU, from
+    ``2 |u| = 87.3`` in float32 (708.4 in float64), ``4 e`` only from 88.7 (709.8): from
+    ``2 |u| = s`` (:func:`_flush_shift`) on, ``4 e`` is ``exp(s - 2 |u|)`` times the constant
+    ``4 exp(-s)``, whose exponent ``s - 2 |u|`` is exact (Sterbenz) where the result is above 0,
+    so the result stays within a few roundings of itself down to the smallest normal number
+    (4.0e-38 at ``2 |u| = 87.5``, not 0), within 1.2 epsilons beyond ``s`` (measured; the
+    constant's rounding). Below ``s`` the result is the same as without the shift, bit for
+    bit."""
     with jax.named_scope("sech_squared"):
-        e = jnp.exp(-2 * jnp.abs(u))
+        a = -2 * jnp.abs(u)
+        s = _flush_shift(a.dtype)
+        far = a < -s
+        shifted = jnp.exp(jnp.where(far, a + s, a))
+        e = jnp.where(far, 0.0, shifted)
+        four_e = shifted * jnp.where(far, 4 * math.exp(-s), 4.0)
         # 4 e times 1 / (1 + e) twice, not one division by (1 + e)^2: in a forward-mode
         # derivative of the reverse pass (a Hessian-vector product), XLA kept the divisor's
         # tangent whole (12 MiB at [512, 8192] with every option of the cross-entropy on).
+        # r from e (0 where 1 + e rounds to 1 anyway), not from four_e / 4: that kept XLA's
+        # CPU compiler from fusing the derivative into the gradient's pass (tests/test_memory.py:
+        # twice the temporaries with a soft cap).
         r = 1 / (1 + e)
-        return (4 * e) * r * r
+        return four_e * r * r
 
 
 def soft_cap_derivative(x: jax.Array, cap: jax.Array) -> jax.Array:

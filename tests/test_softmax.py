@@ -348,6 +348,36 @@ def test_logit_soft_cap_derivatives_deep_in_saturation(dtype, rtol):
     np.testing.assert_allclose(np.asarray(d_cap, np.float64), want, rtol=rtol)
 
 
+def _sech_squared_exact(u: float) -> float:
+    """``1 / cosh(u)**2 = 4 e / (1 + e)**2``, ``e = exp(-2 |u|)``, in 60-digit arithmetic."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        e = (-2 * abs(decimal.Decimal(u))).exp()
+        return float(4 * e / (1 + e) ** 2)
+
+
+@pytest.mark.parametrize(
+    "dtype, u, rtol",
+    [
+        ("float32", [30.0, 32.5, 40.0, 43.75, 44.0, 44.25], 4e-7),
+        ("float64", [300.0, 256.5, 354.25, 354.5, 354.75], 1e-15),
+    ],
+)
+def test_logit_soft_cap_derivative_near_the_smallest_normal_number(dtype, u, rtol):
+    """``d/dx = 4 e / (1 + e)**2``, ``e = exp(-2 |u|)``: where ``e`` is below the smallest normal
+    number (flushed to 0 by XLA on CPU) and ``4 e`` is not (float32 ``|u|`` in [43.7, 44.4],
+    float64 [354.2, 354.9]), the derivative is that normal number to a few roundings, not 0 (at
+    ``|u| = 43.75``: 4.0e-38 in float32), and a loss scale multiplies it, not a 0."""
+    cap = 0.5
+    u = np.array(u + [-v for v in u])
+    x = jnp.asarray(u * cap, dtype)  # exact in both dtypes
+    for scale in (1.0, 2.0**15):
+        d_x = jax.vmap(jax.grad(lambda v, s=scale: jaxce.logit_soft_cap(v, cap) * s))(x)
+        want = scale * np.array([_sech_squared_exact(float(v)) for v in u])
+        assert np.all(want >= np.finfo(dtype).smallest_normal)
+        np.testing.assert_allclose(np.asarray(d_x, np.float64), want, rtol=rtol)
+
+
 def _cap_derivative_exact(u: float) -> float:
     """``tanh(u) - u / cosh(u)**2`` in 60-digit decimal arithmetic (no cancellation left)."""
     with decimal.localcontext() as ctx:

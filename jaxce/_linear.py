@@ -7,14 +7,15 @@ backward pass, with exactly the per-row mathematics of the plain loss (``_rows``
 
 Strategies, all hand-written derivatives:
 
-* **single pass** (a reduced loss, float32 ``w``): over chunks of ``token_chunk`` rows, the
+* **single pass** (a reduced loss, float32 ``w``, on GPUs and TPUs: ``_xla.SINGLE_PASS_BACKENDS``;
+  or ``recompute_logits=False``): over chunks of ``token_chunk`` rows, the
   forward rule computes the block of logits for the whole vocabulary, its row statistics and
   at once ``dz``, ``dx = dz w^T`` and ``dw += x^T dz``: 6NDV FLOPs. The cotangent of a reduced
   loss is one scalar, so these unscaled gradients are what reverse mode keeps, and the
   ``jax.custom_jvp`` rule's tangent is their contraction with the inputs' tangents.
-* **two passes** (a reduced loss with a bfloat16/float16 ``w``, whose single pass would need a
-  float32 ``[D, V]`` accumulator, which a bfloat16 ``w``'s two passes do without; or
-  ``recompute_logits=True``): the row statistics first, then
+* **two passes** (a reduced loss on CPU, where they are faster; one with a bfloat16/float16
+  ``w``, whose single pass would need a float32 ``[D, V]`` accumulator, which a bfloat16
+  ``w``'s two passes do without; or ``recompute_logits=True``): the row statistics first, then
   the gradients chunk of vocabulary by chunk, each chunk of ``dw`` complete and written in
   ``w``'s dtype (float32 for a float16 ``w``, whose range the sum's gradient can exceed:
   ``_blocks.kept_dw_dtype``): 8NDV FLOPs.
@@ -370,7 +371,9 @@ def linear_softmax_cross_entropy(
         (8NDV FLOPs, ``dw`` accumulated chunk by chunk in float32 and kept in ``w``'s dtype,
         but in float32 for a float16 ``w``, where the gradient of the sum over tokens, which
         the cotangent scales afterwards, can be beyond float16's range).
-        ``None`` (default): one pass for a float32/float64 ``w``, two for bfloat16/float16,
+        ``None`` (default): one pass for a float32/float64 ``w`` on GPUs and TPUs, two on CPU
+        (faster there, 0.58-0.93x the single pass's time at four of five shapes measured, and
+        less memory where V is large: the README's "How it works") and for bfloat16/float16,
         whose memory is the point of this loss (for bfloat16; a float16 ``w`` keeps a float32
         ``dw`` either way); where the accumulator fits, one pass is faster
         on a GPU (value_and_grad on an H200 at N, D, V = 16384, 4096, 131072 in bfloat16:
@@ -432,7 +435,10 @@ def linear_softmax_cross_entropy(
         n = x2.shape[0]
         default_rows, default_cols, budget = _xla.chunk_defaults()
         single_pass = reduction != "none" and not (
-            recompute_logits or (recompute_logits is None and w.dtype != dtype)
+            recompute_logits
+            or (
+                recompute_logits is None and (w.dtype != dtype or not _xla.single_pass_by_default())
+            )
         )
         if single_pass:
             rows = _blocks.chunk_size(
@@ -441,7 +447,7 @@ def linear_softmax_cross_entropy(
             whole = _xla.whole_vocab_single_pass()
             cols = v if whole else _single_pass_cols(rows, d, v, default_cols)
         else:
-            rows, cols = default_rows, default_cols
+            rows, cols = default_rows, _blocks.vocab_chunk_of_two_passes(d)
         static = _blocks.Static(
             ignore_index,
             _blocks.chunk_size("token_chunk", token_chunk, rows, n),

@@ -840,7 +840,8 @@ def linear_softmax_cross_entropy(
     batch_shape = labels.shape
     x2, labels1 = jnp.reshape(x, (labels.size, d)), jnp.reshape(labels, (labels.size,))
     n = x2.shape[0]
-    default_rows, default_cols, _ = _xla.chunk_defaults()
+    default_rows = _xla.chunk_defaults()[0]
+    default_cols = _blocks.vocab_chunk_of_two_passes(d)
     static = _FusedStatic(
         core,
         _blocks.Static(

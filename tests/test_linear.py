@@ -174,7 +174,7 @@ def test_gpus_take_the_whole_vocabulary_in_the_single_pass(rng, monkeypatch, bac
     )
 
     def loss(x, w, y):
-        return LCE(x, w, y, label_smoothing=0.1, z_loss=1e-4)
+        return LCE(x, w, y, label_smoothing=0.1, z_loss=1e-4, recompute_logits=False)
 
     program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     loops = program.lower(*shapes).as_text().count("stablehlo.while")
@@ -187,6 +187,32 @@ def test_gpus_take_the_whole_vocabulary_in_the_single_pass(rng, monkeypatch, bac
     )
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         R.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpus_default_to_the_two_passes(monkeypatch, backend, dtype):
+    """A reduced loss's default strategy: the single pass for a float32 ``w`` on GPUs and TPUs
+    (one loop over token chunks, no statistics pass), the two passes on CPU, where they are
+    faster (``_xla.SINGLE_PASS_BACKENDS``), and for a bfloat16 ``w`` everywhere; the lowered
+    program of ``recompute_logits`` set to the chosen strategy is the default's."""
+    monkeypatch.setattr(_xla, "backend", lambda: backend)
+    shapes = (
+        jax.ShapeDtypeStruct((64, 32), dtype),
+        jax.ShapeDtypeStruct((32, 512), dtype),
+        jax.ShapeDtypeStruct((64,), jnp.int32),
+    )
+
+    def program(**kw):
+        def loss(x, w, y):
+            return LCE(x, w, y, **kw)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*shapes).as_text()
+
+    single = backend != "cpu" and dtype == jnp.float32
+    default = program()
+    assert default == program(recompute_logits=not single)
+    assert default != program(recompute_logits=single)
 
 
 def test_class_weight_gradient(rng):
@@ -554,22 +580,32 @@ def _unfused_temp_bytes(n, d, v):
 
 @pytest.mark.parametrize(
     "n,d,v",
-    [(2048, 256, 1000), (2048, 256, 4000), (2048, 256, 16000), (2048, 1024, 4000)],
+    [
+        (2048, 256, 1000),
+        (2048, 256, 4000),
+        (2048, 256, 16000),
+        (2048, 1024, 4000),
+        (512, 4096, 8192),
+    ],
 )
 def test_default_chunks_never_need_more_than_the_unfused_loss(n, d, v):
     """Small V, where the [N, V] logits are small next to the block budget, and a D large next
-    to N: the default single pass still needs no more temporaries than the unfused loss."""
+    to N: the default strategy still needs no more temporaries than the unfused loss (at D =
+    4096 the two passes' [D, vocab_chunk] arrays took 52 MiB against the unfused 32 MiB before
+    their columns were cut: ``_blocks.vocab_chunk_of_two_passes``)."""
     fused = _temp_bytes(v, n=n, d=d)
     unfused = _unfused_temp_bytes(n, d, v)
     assert fused <= unfused, f"fused {fused / 2**20:.1f} MiB, unfused {unfused / 2**20:.1f} MiB"
 
 
 def test_ragged_token_chunks_add_no_copy_of_the_w_gradient():
-    """A token_chunk that does not divide N costs no more than one that does (the last chunk
-    overlaps its predecessor instead of running after the loop, which made XLA copy dw)."""
+    """A token_chunk that does not divide N costs the single pass no more than one that does
+    (the last chunk overlaps its predecessor instead of running after the loop, which made XLA
+    copy dw)."""
     v = 64000
-    ragged = _temp_bytes(v, n=2048, d=256, token_chunk=96)  # 2048 = 21 * 96 + 32
-    exact = _temp_bytes(v, n=2048, d=256, token_chunk=128)
+    single = {"recompute_logits": False}
+    ragged = _temp_bytes(v, n=2048, d=256, token_chunk=96, **single)  # 2048 = 21 * 96 + 32
+    exact = _temp_bytes(v, n=2048, d=256, token_chunk=128, **single)
     assert ragged <= exact, f"{ragged / 2**20:.1f} MiB vs {exact / 2**20:.1f} MiB"
 
 

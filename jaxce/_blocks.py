@@ -369,15 +369,20 @@ def chunk_size(name: str, value: object, default: int, limit: int) -> int:
     return max(1, min(int(value), limit))
 
 
-def vocab_chunk_of_two_passes(d: int) -> int:
+def vocab_chunk_of_two_passes(d: int, dtype) -> int:
     """The default ``vocab_chunk`` of the two passes (and of the per-token loss): the
-    backend's, cut where D is large so that each ``[D, cols]`` float32 array of a chunk (``w``'s
-    columns for the products, the chunk of ``dw``) is at most a third of the byte budget, but
-    never below 128 columns. On CPU (24 MiB) that is 512 columns at D = 4096: at 512 x 4096 x
-    8192 float32 the 2048 columns of the default took 52 MiB of temporaries, more than the
-    unfused loss's 32 MiB, and 512 take 25 MiB in the same time (value_and_grad, 1.01x)."""
+    backend's; on ``_xla.TWO_PASS_BACKENDS`` (CPU), cut where D is large so that each
+    ``[D, cols]`` array of a chunk in the compute ``dtype`` (``w``'s columns for the products,
+    the chunk of ``dw``) is at most a third of the byte budget, in multiples of 128 columns and
+    never below 128. On CPU (24 MiB) that is 512 columns at D = 4096 in float32: at 512 x 4096
+    x 8192 the 2048 columns of the backend took 52 MiB of temporaries, more than the unfused
+    loss's 32 MiB, and 512 take 25 MiB in the same time (value_and_grad, 1.01x). Accelerators
+    keep theirs (not measured)."""
     _, cols, budget = _xla.chunk_defaults()
-    return min(cols, max(128, budget // (3 * 4 * max(d, 1))))
+    if _xla.single_pass_by_default():
+        return cols
+    fit = budget // (3 * jnp.dtype(dtype).itemsize * max(d, 1))
+    return min(cols, max(128, fit // 128 * 128))
 
 
 def check_arguments(

@@ -7,8 +7,9 @@ backward pass, with exactly the per-row mathematics of the plain loss (``_rows``
 
 Strategies, all hand-written derivatives:
 
-* **single pass** (a reduced loss, float32 ``w``, on GPUs and TPUs: ``_xla.SINGLE_PASS_BACKENDS``;
-  or ``recompute_logits=False``): over chunks of ``token_chunk`` rows, the
+* **single pass** (a reduced loss, float32 or float64 ``w``, except on CPU:
+  ``_xla.TWO_PASS_BACKENDS``; or ``recompute_logits=False``): over chunks of ``token_chunk``
+  rows, the
   forward rule computes the block of logits for the whole vocabulary, its row statistics and
   at once ``dz``, ``dx = dz w^T`` and ``dw += x^T dz``: 6NDV FLOPs. The cotangent of a reduced
   loss is one scalar, so these unscaled gradients are what reverse mode keeps, and the
@@ -363,8 +364,8 @@ def linear_softmax_cross_entropy(
       token_chunk: rows per block (default per backend). In the single-pass strategy the block
         is ``[token_chunk, V]`` in float32, so the default is chosen from a byte budget.
       vocab_chunk: columns per block of the other strategies, and per product of the
-        single-pass strategy (default per backend; the whole vocabulary in the single pass on
-        GPUs).
+        single-pass strategy (default per backend, cut on CPU where D is large; the whole
+        vocabulary in the single pass on GPUs).
       recompute_logits: for a reduced loss, ``False`` computes the gradients in one pass
         (6NDV FLOPs; with a bfloat16/float16 ``w`` a float32 ``[D, V]`` accumulator), ``True``
         computes the row statistics first and then the gradients a vocabulary chunk at a time
@@ -447,7 +448,7 @@ def linear_softmax_cross_entropy(
             whole = _xla.whole_vocab_single_pass()
             cols = v if whole else _single_pass_cols(rows, d, v, default_cols)
         else:
-            rows, cols = default_rows, _blocks.vocab_chunk_of_two_passes(d)
+            rows, cols = default_rows, _blocks.vocab_chunk_of_two_passes(d, dtype)
         static = _blocks.Static(
             ignore_index,
             _blocks.chunk_size("token_chunk", token_chunk, rows, n),

@@ -784,7 +784,7 @@ def linear_softmax_cross_entropy(
         global index ``>= vocab_size`` are excluded). Default: all columns.
       reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
       token_chunk: rows per block (default per backend, as the single-device loss).
-      vocab_chunk: columns per block (default per backend).
+      vocab_chunk: columns per block (default per backend, cut on CPU where D is large).
 
     Returns:
       The loss in float32 (float64 for float64 inputs), identical on every device of
@@ -841,7 +841,7 @@ def linear_softmax_cross_entropy(
     x2, labels1 = jnp.reshape(x, (labels.size, d)), jnp.reshape(labels, (labels.size,))
     n = x2.shape[0]
     default_rows = _xla.chunk_defaults()[0]
-    default_cols = _blocks.vocab_chunk_of_two_passes(d)
+    default_cols = _blocks.vocab_chunk_of_two_passes(d, dtype)
     static = _FusedStatic(
         core,
         _blocks.Static(

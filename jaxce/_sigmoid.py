@@ -181,12 +181,12 @@ def _flush_shift(dtype) -> float:
 
 def _sech_squared(u: jax.Array) -> jax.Array:
     """``1 - tanh(u)**2`` as ``4 e / (1 + e)**2``, ``e = exp(-2 |u|)``: within 2.6 epsilons of
-    the true value, relative, at every ``u`` (0 at +-inf; measured on 4000 draws per range in
-    float32 and float64). ``1 - tanh(u)**2`` itself cancels as ``tanh(u)`` nears +-1: 250-290
-    epsilons for ``|u|`` in [0.5, 3]; in float32, 1.1e-4 relative at ``|u| = 4``, 8.9e-3 at 6, and
-    0 from 8 on, where the true value is 4.5e-7 and less. Named in the compiled program
-    (``sech_squared``): its exponential is not one of the logits' (``tests/test_memory.py``
-    counts those).
+    the true value, relative, wherever that is a normal number (0 at +-inf; measured on 4000
+    draws per range in float32 and float64). ``1 - tanh(u)**2`` itself cancels as ``tanh(u)``
+    nears +-1: 250-290 epsilons for ``|u|`` in [0.5, 3]; in float32, 1.1e-4 relative at
+    ``|u| = 4``, 8.9e-3 at 6, and 0 from 8 on, where the true value is 4.5e-7 and less. Named
+    in the compiled program (``sech_squared``): its exponential is not one of the logits'
+    (``tests/test_memory.py`` counts those).
 
     ``e`` is below the smallest normal number, which XLA flushes to 0 on CPU and GPU, from
     ``2 |u| = 87.3`` in float32 (708.4 in float64), ``4 e`` only from 88.7 (709.8): from

@@ -50,22 +50,25 @@ def chunk_defaults() -> tuple[int, int, int]:
     return CHUNK_DEFAULTS.get(backend(), CHUNK_DEFAULTS["gpu"])
 
 
-# The fused loss's reduced losses with a float32 w default to the single pass (6NDV FLOPs) on
-# accelerators, where the products set the time, and to the two passes (8NDV) on CPU, where
-# the single pass's thin products cost more than the fourth product. Measured on 2 cores of an
-# Intel Xeon (2026-12-06; value_and_grad of the mean, one process, rounds alternating; two runs),
-# the two passes' time over the single pass's: 256 x 64 x 1000 0.69-0.70x (2.0 against 0.26 MiB
-# of temporaries), 1024 x 256 x 8192 0.93x (12.0 against 9.4 MiB), 512 x 4096 x 8192 0.58-0.60x
-# (25 against 9 MiB: the single pass's blocks of N/8 = 64 rows cut dw's update into products of
-# 128 columns), 4096 x 512 x 32768 0.92-0.93x (24.0 against 47.5 MiB), 8192 x 256 x 4096
-# 1.02-1.05x (16 against 34 MiB). Guarded by
-# tests/test_linear.py::test_cpus_default_to_the_two_passes.
-SINGLE_PASS_BACKENDS = ("gpu", "tpu")
+# The fused loss's reduced losses with a float32 (or float64) w default to the single pass (6NDV
+# FLOPs) on accelerators, where the products set the time, and to the two passes (8NDV) on CPU,
+# where the single pass's thin products cost more than the fourth product. Measured on 2 cores of
+# an Intel Xeon (2026-12-06; value_and_grad of the mean, one process, rounds alternating; two
+# runs), the two passes' time over the single pass's: 256 x 64 x 1000 0.69-0.70x (2.0 against 0.26
+# MiB of temporaries), 1024 x 256 x 8192 0.93x (12.0 against 9.4 MiB), 512 x 4096 x 8192 0.58-0.60x
+# (25 against 9 MiB: the single pass's blocks of N/8 = 64 rows cut dw's update into products of 128
+# columns), 4096 x 512 x 32768 0.92-0.93x (24.0 against 47.5 MiB), 8192 x 256 x 4096 1.02-1.05x (16
+# against 34 MiB). Guarded by tests/test_linear.py::test_cpus_default_to_the_two_passes. The two
+# passes' vocabulary chunks are cut where D is large on these backends only
+# (_blocks.vocab_chunk_of_two_passes): measured there alone. Other backends take the GPUs' choices,
+# as in chunk_defaults.
+TWO_PASS_BACKENDS = ("cpu",)
 
 
 def single_pass_by_default() -> bool:
-    """Whether a reduced fused loss with a float32 ``w`` takes the single pass by default."""
-    return backend() in SINGLE_PASS_BACKENDS
+    """Whether a reduced fused loss with a float32 or float64 ``w`` takes the single pass by
+    default (not on ``TWO_PASS_BACKENDS``)."""
+    return backend() not in TWO_PASS_BACKENDS
 
 
 # The fused loss's single pass on GPUs takes each block of tokens with the whole vocabulary, where

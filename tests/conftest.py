@@ -12,7 +12,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from _float16_overflow import Float16Overflow
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -40,6 +39,9 @@ for _module in ("jaxce", "jaxce.sharded", "jaxce.bench", "jaxce.__main__", "jaxc
         importlib.import_module(_module)
     except ImportError:  # the demo's extras are optional
         pass
+
+
+from _float16_overflow import Float16Overflow  # noqa: E402  (imports jaxce after the config)
 
 
 @pytest.fixture

@@ -32,6 +32,17 @@ SHAPES = [
     ((29,), 4, 64, 7, 16),  # exact vocabulary chunks, ragged tokens
     ((6,), 3, 13, 1, 1),  # chunks of one
 ]
+# Each reduction with each strategy: the default (the two passes on CPU for a reduced loss,
+# the single pass elsewhere: _xla.TWO_PASS_BACKENDS) and the single pass named, so that CPU runs
+# check the accelerators' default too.
+STRATEGIES = [("mean", None), ("mean", False), ("sum", None), ("sum", False), ("none", None)]
+
+
+def _strategy_id(strategy):
+    reduction, recompute = strategy
+    return reduction if recompute is None else f"{reduction}-single-pass"
+
+
 OPTIONS = [
     {},
     {"ignore_index": -100},
@@ -103,17 +114,17 @@ def _reference_value_and_grads(x, w, bias, y, reduction, kw, ct):
         return jax.jit(jax.value_and_grad(f, argnums=argnums))(x, w, bias)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=_strategy_id)
 @pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: "-".join(kw) or "plain")
 @pytest.mark.parametrize("batch,d,v,tc,vc", SHAPES[:1])
-def test_matches_unfused_every_option(rng, batch, d, v, tc, vc, kw, reduction):
+def test_matches_unfused_every_option(rng, batch, d, v, tc, vc, kw, strategy):
+    reduction, recompute = strategy
     x, w, y = _problem(rng, batch, d, v)
     bias, kw, y = _options(rng, v, kw, y)
     ct = rng.normal(size=batch)
     args = [jnp.asarray(a) if a is not None else None for a in (x, w, bias, y)]
-    got = _value_and_grads(
-        *args, reduction, _jnp(kw), jnp.asarray(ct), {"token_chunk": tc, "vocab_chunk": vc}
-    )
+    chunks = {"token_chunk": tc, "vocab_chunk": vc, "recompute_logits": recompute}
+    got = _value_and_grads(*args, reduction, _jnp(kw), jnp.asarray(ct), chunks)
     expected = _reference_value_and_grads(*args, reduction, _jnp(kw), jnp.asarray(ct))
     assert got[0].dtype == jnp.float64
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
@@ -138,24 +149,28 @@ def test_recompute_strategy_for_reduced_losses(rng, kw, reduction):
         LCE(args[0], args[1], args[3], reduction="none", recompute_logits=False)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "strategy", [("mean", None), ("mean", False), ("none", None)], ids=_strategy_id
+)
 @pytest.mark.parametrize("batch,d,v,tc,vc", SHAPES[1:])
-def test_awkward_shapes(rng, batch, d, v, tc, vc, reduction):
+def test_awkward_shapes(rng, batch, d, v, tc, vc, strategy):
+    reduction, recompute = strategy
     x, w, y = _problem(rng, batch, d, v)
     bias, kw, y = _options(rng, v, OPTIONS[-1], y)
     ct = rng.normal(size=batch)
     args = [jnp.asarray(a) for a in (x, w, bias, y)]
-    chunks = {"token_chunk": tc, "vocab_chunk": vc}
+    chunks = {"token_chunk": tc, "vocab_chunk": vc, "recompute_logits": recompute}
     got = _value_and_grads(*args, reduction, _jnp(kw), jnp.asarray(ct), chunks)
     expected = _reference_value_and_grads(*args, reduction, _jnp(kw), jnp.asarray(ct))
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         R.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
-def test_default_chunks_and_vmap(rng):
+@pytest.mark.parametrize("recompute", [None, False, True])
+def test_default_chunks_and_vmap(rng, recompute):
     x, w, y = _problem(rng, (4, 9), 8, 300)
     xs, ws, ys = jnp.asarray(x), jnp.asarray(w), jnp.asarray(y)
-    got = jax.vmap(lambda x, y: LCE(x, ws, y))(xs, ys)
+    got = jax.vmap(lambda x, y: LCE(x, ws, y, recompute_logits=recompute))(xs, ys)
     expected = [_reference(x[i], w, None, y[i], "mean", {}, np) for i in range(4)]
     R.assert_close(got, np.array(expected), rtol=1e-10)
 
@@ -194,7 +209,7 @@ def test_gpus_take_the_whole_vocabulary_in_the_single_pass(rng, monkeypatch, bac
 def test_cpus_default_to_the_two_passes(monkeypatch, backend, dtype):
     """A reduced loss's default strategy: the single pass for a float32 ``w`` on GPUs and TPUs
     (one loop over token chunks, no statistics pass), the two passes on CPU, where they are
-    faster (``_xla.SINGLE_PASS_BACKENDS``), and for a bfloat16 ``w`` everywhere; the lowered
+    faster (``_xla.TWO_PASS_BACKENDS``), and for a bfloat16 ``w`` everywhere; the lowered
     program of ``recompute_logits`` set to the chosen strategy is the default's."""
     monkeypatch.setattr(_xla, "backend", lambda: backend)
     shapes = (
@@ -216,13 +231,13 @@ def test_cpus_default_to_the_two_passes(monkeypatch, backend, dtype):
 
 
 def test_class_weight_gradient(rng):
-    """Gradients also flow to class_weights (a learned reweighting), in both strategies."""
+    """Gradients also flow to class_weights (a learned reweighting), in every strategy."""
     x, w, y = _problem(rng, (23,), 5, 41)
     cw = rng.uniform(0.5, 2.0, size=41)
     kw = {"label_smoothing": 0.1, "z_loss": 0.02}
-    for reduction in ["mean", "none"]:
+    for reduction, recompute in [("mean", True), ("mean", False), ("none", None)]:
 
-        def f(cw, reduction=reduction):
+        def f(cw, reduction=reduction, recompute=recompute):
             loss = LCE(
                 jnp.asarray(x),
                 jnp.asarray(w),
@@ -231,6 +246,7 @@ def test_class_weight_gradient(rng):
                 reduction=reduction,
                 token_chunk=5,
                 vocab_chunk=8,
+                recompute_logits=recompute,
                 **kw,
             )
             return jnp.sum(loss)
@@ -256,9 +272,9 @@ def test_class_weight_gradient(rng):
 def test_check_grads(rng):
     x, w, y = _problem(rng, (5,), 3, 7)
     bias = jnp.asarray(rng.normal(size=7))
-    for reduction in ["mean", "none"]:
+    for reduction, recompute in [("mean", True), ("mean", False), ("none", None)]:
         f = functools.partial(
-            lambda x, w, b, red: jnp.sum(
+            lambda x, w, b, red, recompute: jnp.sum(
                 LCE(
                     x,
                     w,
@@ -270,9 +286,11 @@ def test_check_grads(rng):
                     logit_soft_cap=3.0,
                     token_chunk=2,
                     vocab_chunk=3,
+                    recompute_logits=recompute,
                 )
             ),
             red=reduction,
+            recompute=recompute,
         )
         jax.test_util.check_grads(
             jax.jit(f), (jnp.asarray(x), jnp.asarray(w), bias), order=1, modes=("rev",)
@@ -550,18 +568,24 @@ def _temp_bytes(v, dtype=jnp.float32, reduction="mean", n=N, d=D, **kw):
     return stats.temp_size_in_bytes
 
 
+MEMORY_STRATEGIES = [("mean", None), ("mean", False), ("none", None)]
+
+
 @CPU_DEFAULTS
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_temporaries_at_most_64_mib(reduction):
+@pytest.mark.parametrize("strategy", MEMORY_STRATEGIES, ids=_strategy_id)
+def test_temporaries_at_most_64_mib(strategy):
     """The unfused loss needs 1024 MiB of temporaries here (the [N, V] logits and their
-    gradient); the fused one at most 64 MiB."""
-    assert _temp_bytes(V, reduction=reduction) <= 64 * 2**20
+    gradient); the fused one at most 64 MiB, in every strategy."""
+    reduction, recompute = strategy
+    assert _temp_bytes(V, reduction=reduction, recompute_logits=recompute) <= 64 * 2**20
 
 
 @CPU_DEFAULTS
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_doubling_the_vocabulary_grows_temporaries_by_at_most_the_extra_w_gradient(reduction):
-    grown = _temp_bytes(2 * V, reduction=reduction) - _temp_bytes(V, reduction=reduction)
+@pytest.mark.parametrize("strategy", MEMORY_STRATEGIES, ids=_strategy_id)
+def test_doubling_the_vocabulary_grows_temporaries_by_at_most_the_extra_w_gradient(strategy):
+    reduction, recompute = strategy
+    kw = {"reduction": reduction, "recompute_logits": recompute}
+    grown = _temp_bytes(2 * V, **kw) - _temp_bytes(V, **kw)
     assert grown <= D * V * 4, f"temporaries grew by {grown / 2**20:.1f} MiB"
 
 

@@ -435,12 +435,10 @@ def linear_softmax_cross_entropy(
         x2, labels1 = jnp.reshape(x, (labels.size, d)), jnp.reshape(labels, (labels.size,))
         n = x2.shape[0]
         default_rows, default_cols, budget = _xla.chunk_defaults()
-        single_pass = reduction != "none" and not (
-            recompute_logits
-            or (
-                recompute_logits is None and (w.dtype != dtype or not _xla.single_pass_by_default())
-            )
-        )
+        if recompute_logits is None:  # the default (see recompute_logits above)
+            single_pass = reduction != "none" and w.dtype == dtype and _xla.single_pass_by_default()
+        else:  # False with reduction="none" was refused above
+            single_pass = not recompute_logits
         if single_pass:
             rows = _blocks.chunk_size(
                 "token_chunk", token_chunk, _single_pass_rows(n, v, budget), n

@@ -36,6 +36,7 @@ SHAPES = [
 # the single pass elsewhere: _xla.TWO_PASS_BACKENDS) and the single pass named, so that CPU runs
 # check the accelerators' default too.
 STRATEGIES = [("mean", None), ("mean", False), ("sum", None), ("sum", False), ("none", None)]
+MEAN_STRATEGIES = [("mean", None), ("mean", False), ("none", None)]
 
 
 def _strategy_id(strategy):
@@ -149,9 +150,7 @@ def test_recompute_strategy_for_reduced_losses(rng, kw, reduction):
         LCE(args[0], args[1], args[3], reduction="none", recompute_logits=False)
 
 
-@pytest.mark.parametrize(
-    "strategy", [("mean", None), ("mean", False), ("none", None)], ids=_strategy_id
-)
+@pytest.mark.parametrize("strategy", MEAN_STRATEGIES, ids=_strategy_id)
 @pytest.mark.parametrize("batch,d,v,tc,vc", SHAPES[1:])
 def test_awkward_shapes(rng, batch, d, v, tc, vc, strategy):
     reduction, recompute = strategy
@@ -568,11 +567,8 @@ def _temp_bytes(v, dtype=jnp.float32, reduction="mean", n=N, d=D, **kw):
     return stats.temp_size_in_bytes
 
 
-MEMORY_STRATEGIES = [("mean", None), ("mean", False), ("none", None)]
-
-
 @CPU_DEFAULTS
-@pytest.mark.parametrize("strategy", MEMORY_STRATEGIES, ids=_strategy_id)
+@pytest.mark.parametrize("strategy", MEAN_STRATEGIES, ids=_strategy_id)
 def test_temporaries_at_most_64_mib(strategy):
     """The unfused loss needs 1024 MiB of temporaries here (the [N, V] logits and their
     gradient); the fused one at most 64 MiB, in every strategy."""
@@ -581,7 +577,7 @@ def test_temporaries_at_most_64_mib(strategy):
 
 
 @CPU_DEFAULTS
-@pytest.mark.parametrize("strategy", MEMORY_STRATEGIES, ids=_strategy_id)
+@pytest.mark.parametrize("strategy", MEAN_STRATEGIES, ids=_strategy_id)
 def test_doubling_the_vocabulary_grows_temporaries_by_at_most_the_extra_w_gradient(strategy):
     reduction, recompute = strategy
     kw = {"reduction": reduction, "recompute_logits": recompute}

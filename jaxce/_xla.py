@@ -465,19 +465,24 @@ def pick(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index[..., None], axis=-1)
 
 
-# The fused loss's products of x, w and the derivative blocks. On GPUs and TPUs, inputs of one
-# dtype are multiplied in it: bfloat16 operands run at the matrix units' full rate, accumulated
-# in float32, and each float32 derivative block is rounded to bfloat16 for ``dx`` and ``dw``, as
-# the unfused loss's bfloat16 gradient is. Float32 blocks of w halve the rate or worse (H200,
-# bfloat16 16384 x 4096 x 131072: 253 ms with them, 124 ms without; the three products alone,
-# 79 ms). XLA's CPU backend computes a narrow product in float32 anyway, so there the operands
-# are float32 (w converted a chunk at a time) and the derivative blocks keep their float32
-# digits; so are mixed inputs everywhere, as ``x @ w`` promotes them. Guarded by
-# tests/test_linear.py::test_accelerators_multiply_bfloat16_blocks_as_they_are.
+# The fused loss's products of x, w and the derivative blocks. Inputs of one dtype are multiplied
+# in it: bfloat16 operands run at the hardware's full rate, accumulated in float32, and each
+# float32 derivative block is rounded to bfloat16 for ``dx`` and ``dw``, as the unfused loss's
+# bfloat16 gradient is. Float32 blocks of w halve the rate or worse: on an H200 (bfloat16
+# 16384 x 4096 x 131072) 253 ms with them, 124 ms without (the three products alone, 79 ms);
+# on 2 cores of an Intel Xeon with AMX, whose XLA runs a bfloat16 product with a float32 result
+# at twice float32's rate, the bfloat16 loss took 0.56-0.58x the time it took with float32
+# blocks (1024 x 256 x 8192, 8192 x 256 x 4096, 4096 x 512 x 32768). Not measured: a CPU
+# without bfloat16 instructions, where XLA converts the operands to float32 itself, as this
+# code did before. The exception is float16 on CPU, whose products took the same time either
+# way (XLA computes them in float32): there the derivative blocks keep their float32 digits. Mixed inputs are multiplied in the
+# compute dtype everywhere, as ``x @ w`` promotes them (``w`` converted a chunk at a time:
+# :func:`columns`). Guarded by
+# tests/test_linear.py::test_narrow_blocks_are_multiplied_as_they_are.
 def product_dtype(x: jax.Array, w: jax.Array, dtype):
     """The dtype the fused loss's blocks of ``x``, ``w`` and ``dloss/dz`` are multiplied in
     (``dtype``: the one its arithmetic happens in, float32 or float64)."""
-    if backend() == "cpu" or x.dtype != w.dtype:
+    if x.dtype != w.dtype or (x.dtype == jnp.float16 and backend() == "cpu"):
         return jnp.dtype(dtype)
     return jnp.dtype(x.dtype)
 

@@ -385,18 +385,28 @@ _DOT = re.compile(
 )
 
 
-@pytest.mark.parametrize("backend, operand", [("gpu", "bf16"), ("tpu", "bf16"), ("cpu", "f32")])
+@pytest.mark.parametrize(
+    "backend, dtype, operand",
+    [
+        ("gpu", "bfloat16", "bf16"),
+        ("tpu", "bfloat16", "bf16"),
+        ("cpu", "bfloat16", "bf16"),
+        ("gpu", "float16", "f16"),
+        ("cpu", "float16", "f32"),
+    ],
+)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_accelerators_multiply_bfloat16_blocks_as_they_are(
-    rng, monkeypatch, backend, operand, reduction
+def test_narrow_blocks_are_multiplied_as_they_are(
+    rng, monkeypatch, backend, dtype, operand, reduction
 ):
-    """bfloat16 x and w traced for a GPU or TPU: every product (x w, dz w^T, x^T dz, forward and
-    backward) has bfloat16 operands and a float32 result, so it runs on the matrix units at
-    their full rate; on CPU the operands are float32. Either way the result is as close to
-    float64 as the rounding of the inputs and of dz to bfloat16 allows."""
+    """bfloat16 x and w: every product (x w, dz w^T, x^T dz, forward and backward) has
+    bfloat16 operands and a float32 result, so it runs at the hardware's full rate, on CPU
+    too; float16 ones on accelerators, but in float32 on CPU, whose XLA computes them so.
+    Either way the result is as close to float64 as the rounding of the inputs and of dz to
+    the products' dtype allows."""
     monkeypatch.setattr(_xla, "backend", lambda: backend)
     x, w, y = _problem(rng, (40,), 16, 300, scale=2.0)
-    x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
     ct = jnp.asarray(rng.normal(size=40), jnp.float32)
     chunks = {"token_chunk": 16, "vocab_chunk": 128}
 

@@ -341,11 +341,11 @@ def linear_softmax_cross_entropy(
     any implementation needs). With ``"none"`` the per-token cotangent is only known afterwards,
     so the backward pass computes the logits again block by block (8NDV FLOPs).
     bfloat16/float16 ``x`` and ``w`` are multiplied with float32 accumulation, and ``w`` is never
-    converted to float32 as a whole. On GPUs and TPUs the blocks are multiplied in that dtype (the
-    matrix units' full rate), each block of ``dloss/dz`` rounded to it for ``dx`` and ``dw`` as
-    the unfused loss's gradient is; on a CPU they are multiplied in float32. Float32 products
-    take JAX's default precision, as ``x @ w`` does (TF32 on recent NVIDIA GPUs); wrap the call
-    in ``jax.default_matmul_precision("highest")`` for full float32.
+    converted to float32 as a whole. The blocks are multiplied in that dtype (the hardware's
+    full rate), each block of ``dloss/dz`` rounded to it for ``dx`` and ``dw`` as the unfused
+    loss's gradient is; float16 ones in float32 on a CPU, whose XLA computes them so. Float32
+    products take JAX's default precision, as ``x @ w`` does (TF32 on recent NVIDIA GPUs);
+    wrap the call in ``jax.default_matmul_precision("highest")`` for full float32.
 
     Args:
       x: ``[..., D]`` floating-point activations (the last hidden states).

@@ -475,9 +475,9 @@ def pick(x: jax.Array, index: jax.Array) -> jax.Array:
 # blocks (1024 x 256 x 8192, 8192 x 256 x 4096, 4096 x 512 x 32768). Not measured: a CPU
 # without bfloat16 instructions, where XLA converts the operands to float32 itself, as this
 # code did before. The exception is float16 on CPU, whose products took the same time either
-# way (XLA computes them in float32): there the derivative blocks keep their float32 digits. Mixed inputs are multiplied in the
-# compute dtype everywhere, as ``x @ w`` promotes them (``w`` converted a chunk at a time:
-# :func:`columns`). Guarded by
+# way (XLA computes them in float32): there the derivative blocks keep their float32 digits.
+# Mixed inputs are multiplied in the compute dtype everywhere, as ``x @ w`` promotes them
+# (``w`` converted a chunk at a time: :func:`columns`). Guarded by
 # tests/test_linear.py::test_narrow_blocks_are_multiplied_as_they_are.
 def product_dtype(x: jax.Array, w: jax.Array, dtype):
     """The dtype the fused loss's blocks of ``x``, ``w`` and ``dloss/dz`` are multiplied in

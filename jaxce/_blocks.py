@@ -56,8 +56,8 @@ def dtype_of(x: jax.Array, w: jax.Array):
 def matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype) -> jax.Array:
     """``a`` times ``b`` over the given axes, accumulated in ``dtype`` (float32 for bf16).
 
-    Operands of one dtype are multiplied as they are (bf16 x bf16 -> f32 on accelerators);
-    mixed operands are both cast to ``dtype`` first.
+    Operands of one dtype are multiplied as they are (bf16 x bf16 -> f32, the hardware's
+    rate: ``_xla.product_dtype``); mixed operands are both cast to ``dtype`` first.
     """
     if a.dtype != b.dtype:
         a, b = a.astype(dtype), b.astype(dtype)
@@ -372,12 +372,12 @@ def chunk_size(name: str, value: object, default: int, limit: int) -> int:
 def vocab_chunk_of_two_passes(d: int, dtype) -> int:
     """The default ``vocab_chunk`` of the two passes (and of the per-token loss): the
     backend's; on ``_xla.TWO_PASS_BACKENDS`` (CPU), cut where D is large so that each
-    ``[D, cols]`` array of a chunk in the compute ``dtype`` (``w``'s columns for the products,
-    the chunk of ``dw``) is at most a third of the byte budget, in multiples of 128 columns and
-    never below 128. On CPU (24 MiB) that is 512 columns at D = 4096 in float32: at 512 x 4096
-    x 8192 the 2048 columns of the backend took 52 MiB of temporaries, more than the unfused
-    loss's 32 MiB, and 512 take 25 MiB in the same time (value_and_grad, 1.01x). Accelerators
-    keep theirs (not measured)."""
+    ``[D, cols]`` array of a chunk (``w``'s columns for the products, the chunk of ``dw``),
+    counted in the compute ``dtype`` (bfloat16 columns take half), is at most a third of the
+    byte budget, in multiples of 128 columns and never below 128. On CPU (24 MiB) that is 512
+    columns at D = 4096 in float32: at 512 x 4096 x 8192 the 2048 columns of the backend took
+    52 MiB of temporaries, more than the unfused loss's 32 MiB, and 512 take 25 MiB in the same
+    time (value_and_grad, 1.01x). Accelerators keep theirs (not measured)."""
     _, cols, budget = _xla.chunk_defaults()
     if _xla.single_pass_by_default():
         return cols

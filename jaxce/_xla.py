@@ -551,12 +551,14 @@ def chunk(a: jax.Array, start, size: int, axis: int, shape=None) -> jax.Array:
     """``a[start:start + size]`` along ``axis``, inside a loop whose index ``start`` depends on;
     reshaped to ``shape`` if given.
 
-    XLA's CPU backend moves a conversion of the chunk (to float32, for arithmetic on bfloat16)
-    ahead of the ``dynamic_slice`` and then out of the loop: a float32 copy of all of ``a``
-    (optimization barriers are removed before that happens on CPU). Read inside a ``cond``
-    whose predicate depends on the loop index, the chunk comes out of an opaque call and the
-    conversion stays after it, so only one chunk is ever float32. Guarded by
-    tests/test_memory.py and tests/test_linear.py::test_bfloat16_never_converts_all_of_w.
+    XLA's CPU backend moves a conversion of the chunk (to float32: a float16 ``w``'s columns,
+    or a bfloat16 ``w`` beside a float32 ``x``, for products in float32; a narrow product XLA
+    computes in float32 itself) ahead of the ``dynamic_slice`` and then out of the loop: a
+    float32 copy of all of ``a`` (optimization barriers are removed before that happens on
+    CPU). Read inside a ``cond`` whose predicate depends on the loop index, the chunk comes out
+    of an opaque call and the conversion stays after it, so only one chunk is ever float32.
+    Guarded by tests/test_memory.py and
+    tests/test_linear.py::test_a_narrow_w_is_never_converted_whole.
     """
 
     def shaped(part):
@@ -581,7 +583,7 @@ def chunk(a: jax.Array, start, size: int, axis: int, shape=None) -> jax.Array:
 
 def columns(w: jax.Array, col0, cols: int, dtype) -> jax.Array:
     """Columns ``[col0, col0 + cols)`` of ``w`` (``[D, cols]``), in ``dtype`` (see :func:`chunk`:
-    a bfloat16 ``w`` is converted a chunk at a time, never as a whole)."""
+    a narrow ``w`` multiplied in float32 is converted a chunk at a time, never as a whole)."""
     if cols == w.shape[1] and not isinstance(col0, jax.Array):
         return w
     return chunk(w, col0, cols, 1).astype(dtype)

@@ -6,7 +6,6 @@ with ``compile().memory_analysis()`` (deterministic; the memory tests only compi
 """
 
 import functools
-import re
 
 import _reference as R
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
+from _products import product_types
 
 from jaxce import _xla
 from jaxce._cross_entropy import softmax_cross_entropy_with_integer_labels
@@ -380,11 +380,6 @@ def test_float16_loss_scaled_mean_keeps_small_gradients(rng):
     R.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(want))))
 
 
-_DOT = re.compile(
-    r"stablehlo\.dot_general .*: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)"
-)
-
-
 @pytest.mark.parametrize(
     "backend, dtype, operand",
     [
@@ -395,15 +390,17 @@ _DOT = re.compile(
         ("cpu", "float16", "f32"),
     ],
 )
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "reduction, recompute_logits", [("mean", None), ("mean", False), ("none", None)]
+)
 def test_narrow_blocks_are_multiplied_as_they_are(
-    rng, monkeypatch, backend, dtype, operand, reduction
+    rng, monkeypatch, backend, dtype, operand, reduction, recompute_logits
 ):
-    """bfloat16 x and w: every product (x w, dz w^T, x^T dz, forward and backward) has
-    bfloat16 operands and a float32 result, so it runs at the hardware's full rate, on CPU
-    too; float16 ones on accelerators, but in float32 on CPU, whose XLA computes them so.
-    Either way the result is as close to float64 as the rounding of the inputs and of dz to
-    the products' dtype allows."""
+    """bfloat16 x and w: every product (x w, dz w^T, x^T dz, forward and backward, in the
+    two passes and in the single pass) has bfloat16 operands and a float32 result, so it runs
+    at the hardware's full rate, on CPU too; float16 ones on accelerators, but in float32 on
+    CPU, whose XLA computes them so. Either way the result is as close to float64 as the
+    rounding of the inputs and of dz to the products' dtype allows."""
     monkeypatch.setattr(_xla, "backend", lambda: backend)
     x, w, y = _problem(rng, (40,), 16, 300, scale=2.0)
     x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
@@ -411,15 +408,22 @@ def test_narrow_blocks_are_multiplied_as_they_are(
     chunks = {"token_chunk": 16, "vocab_chunk": 128}
 
     def f(x, w):
-        loss = LCE(x, w, jnp.asarray(y), reduction=reduction, label_smoothing=0.1, **chunks)
+        loss = LCE(
+            x,
+            w,
+            jnp.asarray(y),
+            reduction=reduction,
+            label_smoothing=0.1,
+            recompute_logits=recompute_logits,
+            **chunks,
+        )
         return jnp.sum(loss * ct) if reduction == "none" else loss
 
     program = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
-    dots = _DOT.findall(program.lower(x, w).as_text())
-    assert len(dots) >= 4, dots  # x w twice (forward, backward), dz w^T, x^T dz
-    for a, b, out in dots:
-        assert a.endswith(f"x{operand}>") and b.endswith(f"x{operand}>"), (a, b)
-        assert out.endswith("xf32>"), out
+    dots = product_types(program.lower(x, w).as_text())
+    # x w (twice in the two passes), dz w^T, x^T dz
+    assert len(dots) >= (3 if recompute_logits is False else 4), dots
+    assert all(d == (operand, operand, "f32") for d in dots), dots
     got = program(x, w)
     x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
     expected = _reference_value_and_grads(
@@ -560,14 +564,14 @@ CPU_DEFAULTS = pytest.mark.skipif(
 )
 
 
-def _temp_bytes(v, dtype=jnp.float32, reduction="mean", n=N, d=D, **kw):
+def _temp_bytes(v, dtype=jnp.float32, reduction="mean", n=N, d=D, w_dtype=None, **kw):
     def loss(x, w, y):
         out = LCE(x, w, y, reduction=reduction, **kw)
         return jnp.mean(out) if reduction == "none" else out
 
     shapes = (
         jax.ShapeDtypeStruct((n, d), dtype),
-        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((d, v), dtype if w_dtype is None else w_dtype),
         jax.ShapeDtypeStruct((n,), jnp.int32),
     )
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*shapes).compile()
@@ -640,6 +644,19 @@ def test_ragged_token_chunks_add_no_copy_of_the_w_gradient():
 
 
 @CPU_DEFAULTS
-def test_bfloat16_never_converts_all_of_w():
-    """A float32 copy of a bf16 w would be D*V*4 bytes of temporaries (per-token path)."""
-    assert _temp_bytes(V, jnp.bfloat16, reduction="none") < D * V * 4
+@pytest.mark.parametrize(
+    "x_dtype, w_dtype, reduction",
+    [
+        ("bfloat16", "bfloat16", "mean"),
+        ("bfloat16", "bfloat16", "none"),
+        ("float16", "float16", "none"),  # a reduced loss keeps a float32 dw by design
+        ("float32", "bfloat16", "mean"),
+        ("float32", "bfloat16", "none"),
+    ],
+)
+def test_a_narrow_w_is_never_converted_whole(x_dtype, w_dtype, reduction):
+    """A float32 copy of a narrow w would be D*V*4 bytes of temporaries. float16 on CPU and
+    a float32 x beside a bfloat16 w are multiplied in float32, w's columns converted a chunk at
+    a time (``_xla.chunk``); bfloat16 inputs are multiplied as they are."""
+    got = _temp_bytes(V, x_dtype, reduction=reduction, w_dtype=w_dtype)
+    assert got < D * V * 4, f"{got / 2**20:.1f} MiB"

@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _products import product_types
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import jaxce
 import jaxce.sharded
+from jaxce import _xla
 
 HERE = pathlib.Path(__file__).resolve().parent
 CHECKS = (
@@ -143,6 +145,34 @@ def test_mesh_call_matches_the_fused_single_device_loss(rng):
         jnp.einsum("btd,dv->btv", x, w), labels, label_smoothing=0.1
     )
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_multiplies_bfloat16_blocks_as_they_are(rng, monkeypatch, backend, reduction):
+    """As the one-device loss (tests/test_linear.py): every product of the sharded fused loss,
+    forward and backward, has bfloat16 operands and a float32 result."""
+    monkeypatch.setattr(_xla, "backend", lambda: backend)
+    x = jnp.asarray(rng.normal(size=(8, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(16, 300)) * 0.25, jnp.bfloat16)
+    labels = jnp.asarray(rng.integers(0, 300, 8), jnp.int32)
+
+    def f(x, w):
+        loss = jaxce.sharded.linear_softmax_cross_entropy(
+            x,
+            w,
+            labels,
+            axis_name="model",
+            data_axis_name="data",
+            mesh=_mesh(),
+            reduction=reduction,
+            vocab_chunk=128,
+        )
+        return jnp.sum(loss) if reduction == "none" else loss
+
+    dots = product_types(jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(x, w).as_text())
+    assert len(dots) >= 4, dots  # x w twice (forward, backward), dz w^T, x^T dz
+    assert all(d == ("bf16", "bf16", "f32") for d in dots), dots
 
 
 def test_float16_mean_gradient_of_the_fused_loss_in_range_where_the_sum_gradient_is_not(

@@ -165,6 +165,28 @@ def test_awkward_shapes(rng, batch, d, v, tc, vc, strategy):
         R.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("strategy", MEAN_STRATEGIES, ids=_strategy_id)
+@pytest.mark.parametrize("batch,d,v,tc,vc", SHAPES)
+def test_awkward_shapes_in_bfloat16(rng, batch, d, v, tc, vc, strategy):
+    """bfloat16 x and w, multiplied as they are, at the shapes above: every product XLA makes of
+    them runs (a bfloat16 product its CPU kernels decline, XLA's own cannot run: UNIMPLEMENTED
+    ... BF16 x BF16 = F32), and the result is as close to float64 as bfloat16 allows."""
+    reduction, recompute = strategy
+    x, w, y = _problem(rng, batch, d, v, scale=2.0)
+    x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    ct = jnp.asarray(rng.normal(size=batch), jnp.float32)
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    chunks = {"token_chunk": tc, "vocab_chunk": vc, "recompute_logits": recompute}
+    got = _value_and_grads(x, w, None, jnp.asarray(y), reduction, kw, ct, chunks)
+    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+    expected = _reference_value_and_grads(
+        x64, w64, None, jnp.asarray(y), reduction, kw, ct.astype(jnp.float64)
+    )
+    R.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    for a, e in zip(got[1], expected[1], strict=True):
+        R.assert_close(a, e, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(e))))
+
+
 @pytest.mark.parametrize("recompute", [None, False, True])
 def test_default_chunks_and_vmap(rng, recompute):
     x, w, y = _problem(rng, (4, 9), 8, 300)

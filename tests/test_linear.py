@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
-from _products import product_types
+from _products import assert_products
 
 from jaxce import _xla
 from jaxce._cross_entropy import softmax_cross_entropy_with_integer_labels
@@ -115,6 +115,19 @@ def _reference_value_and_grads(x, w, bias, y, reduction, kw, ct):
         return jax.jit(jax.value_and_grad(f, argnums=argnums))(x, w, bias)
 
 
+def _assert_near_float64(got, x, w, y, reduction, kw, ct, loss_atol=1e-12):
+    """``got``, the value and the gradients to ``x`` and ``w`` of the fused loss of narrow
+    ``x`` and ``w``, against float64 on the same (rounded) inputs: the loss within 1e-5, each
+    gradient within 1e-2 of its largest entry."""
+    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+    expected = _reference_value_and_grads(
+        x64, w64, None, jnp.asarray(y), reduction, kw, ct.astype(jnp.float64)
+    )
+    R.assert_close(got[0], expected[0], rtol=1e-5, atol=loss_atol)
+    for a, e in zip(got[1], expected[1], strict=True):
+        R.assert_close(a, e, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(e))))
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=_strategy_id)
 @pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: "-".join(kw) or "plain")
 @pytest.mark.parametrize("batch,d,v,tc,vc", SHAPES[:1])
@@ -178,13 +191,7 @@ def test_awkward_shapes_in_bfloat16(rng, batch, d, v, tc, vc, strategy):
     kw = {"label_smoothing": 0.1, "z_loss": 1e-3}
     chunks = {"token_chunk": tc, "vocab_chunk": vc, "recompute_logits": recompute}
     got = _value_and_grads(x, w, None, jnp.asarray(y), reduction, kw, ct, chunks)
-    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
-    expected = _reference_value_and_grads(
-        x64, w64, None, jnp.asarray(y), reduction, kw, ct.astype(jnp.float64)
-    )
-    R.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
-    for a, e in zip(got[1], expected[1], strict=True):
-        R.assert_close(a, e, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(e))))
+    _assert_near_float64(got, x, w, y, reduction, kw, ct, loss_atol=1e-6)
 
 
 @pytest.mark.parametrize("recompute", [None, False, True])
@@ -332,14 +339,7 @@ def test_low_precision_inputs(rng, dtype, reduction):
     )
     assert got[0].dtype == jnp.float32
     assert got[1][0].dtype == dtype and got[1][1].dtype == dtype
-    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
-    expected = _reference_value_and_grads(
-        x64, w64, None, jnp.asarray(y), reduction, kw, ct.astype(jnp.float64)
-    )
-    R.assert_close(got[0], expected[0], rtol=1e-5)
-    for a, e in zip(got[1], expected[1], strict=True):
-        scale = float(jnp.max(jnp.abs(e)))
-        R.assert_close(a, e, rtol=1e-2, atol=1e-2 * scale)
+    _assert_near_float64(got, x, w, y, reduction, kw, ct)
 
 
 @pytest.mark.parametrize("cotangent", [1.0, 0.0])
@@ -412,17 +412,16 @@ def test_float16_loss_scaled_mean_keeps_small_gradients(rng):
         ("cpu", "float16", "f32"),
     ],
 )
-@pytest.mark.parametrize(
-    "reduction, recompute_logits", [("mean", None), ("mean", False), ("none", None)]
-)
+@pytest.mark.parametrize("strategy", MEAN_STRATEGIES, ids=_strategy_id)
 def test_narrow_blocks_are_multiplied_as_they_are(
-    rng, monkeypatch, backend, dtype, operand, reduction, recompute_logits
+    rng, monkeypatch, backend, dtype, operand, strategy
 ):
     """bfloat16 x and w: every product (x w, dz w^T, x^T dz, forward and backward, in the
     two passes and in the single pass) has bfloat16 operands and a float32 result, so it runs
     at the hardware's full rate, on CPU too; float16 ones on accelerators, but in float32 on
     CPU, whose XLA computes them so. Either way the result is as close to float64 as the
     rounding of the inputs and of dz to the products' dtype allows."""
+    reduction, recompute_logits = strategy
     monkeypatch.setattr(_xla, "backend", lambda: backend)
     x, w, y = _problem(rng, (40,), 16, 300, scale=2.0)
     x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
@@ -442,18 +441,10 @@ def test_narrow_blocks_are_multiplied_as_they_are(
         return jnp.sum(loss * ct) if reduction == "none" else loss
 
     program = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
-    dots = product_types(program.lower(x, w).as_text())
     # x w (twice in the two passes), dz w^T, x^T dz
-    assert len(dots) >= (3 if recompute_logits is False else 4), dots
-    assert all(d == (operand, operand, "f32") for d in dots), dots
-    got = program(x, w)
-    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
-    expected = _reference_value_and_grads(
-        x64, w64, None, jnp.asarray(y), reduction, {"label_smoothing": 0.1}, ct.astype(jnp.float64)
-    )
-    R.assert_close(got[0], expected[0], rtol=1e-5)
-    for a, e in zip(got[1], expected[1], strict=True):
-        R.assert_close(a, e, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(e))))
+    at_least = 3 if recompute_logits is False else 4
+    assert_products(program.lower(x, w).as_text(), operand, at_least)
+    _assert_near_float64(program(x, w), x, w, y, reduction, {"label_smoothing": 0.1}, ct)
 
 
 def test_bad_label_gives_nan_for_that_token_only(rng):

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxce import _loops
+from jaxce import _loops, _xla
+from jaxce._layout import compute_dtype
 from jaxce._loops import is_zero
 
 F = TypeVar("F", bound=Callable)
@@ -132,7 +133,12 @@ def product_rule(is_zero_product: Callable[[jax.Array, jax.Array], jax.Array]) -
     return product
 
 
-def elementwise(value: Callable, tangent: Callable, narrow_fuses_whole: bool = False) -> Callable:
+def elementwise(
+    value: Callable,
+    tangent: Callable,
+    narrow_fuses_whole: bool = False,
+    terms: Callable | None = None,
+) -> Callable:
     """An elementwise loss as a ``jax.custom_jvp`` function ``f(total, *args)``.
 
     ``value(*args)`` is the elementwise loss and ``tangent(*args, *dots)`` its tangent (one
@@ -141,14 +147,26 @@ def elementwise(value: Callable, tangent: Callable, narrow_fuses_whole: bool = F
     elementwise loss then never exists as an array, in the forward pass or the backward pass
     (one fusion of the rematerialized factor and the scalar cotangent). ``narrow_fuses_whole``:
     the sum of bfloat16 or float16 arguments is read whole too where XLA fuses such a sum
-    (``_loops.chunked_sum``).
+    (``_loops.chunked_sum``). ``terms(*args, zero, one)``: ``value`` written without a comparison
+    or a select, its constants 0 and 1 taken from its last two arguments, equal to ``value``
+    wherever the inputs are finite: XLA's CPU compiler fuses its sum whole
+    (``_xla.sum_in_one_fusion``); where that sum is not finite, ``value``'s is taken, for the
+    whole batch (under ``vmap`` too).
     """
     tangent = rematerialized(tangent)
 
     def primal(total: bool, *args):
-        if total:
-            return _loops.chunked_sum(value, args, jnp.shape(args[0]), narrow_fuses_whole)
-        return value(*args)
+        if not total:
+            return value(*args)
+        shape = jnp.shape(args[0])
+
+        def exact():
+            return _loops.chunked_sum(value, args, shape, narrow_fuses_whole)
+
+        if terms is None or not _xla.fuses_sum(args, shape):
+            return exact()
+        fused = _xla.sum_in_one_fusion(terms, args, compute_dtype(args[0].dtype))
+        return _xla.unless_nonfinite(fused, lambda: fused, exact)
 
     f = functools.partial(jax.custom_jvp, nondiff_argnums=(0,))(primal)
 

@@ -21,11 +21,11 @@ def _smoothed(y, eps):
 #   dloss/dx = w ((pw t + 1 - t) sigmoid(x) - pw t),  dloss/dt = w (l- - pw l+),
 #   dloss/dy = (1 - eps) dloss/dt,  dloss/deps = dloss/dt (1/2 - y),
 #   dloss/dpw = -w t l+,  dloss/dw = loss / w.
-def _coefficients(t, pos_weight, weights):
+def _coefficients(t, pos_weight, weights, one=1):
     """``(w pw t, w (1 - t))``: the weights multiply the labels before the logarithms, so that a
     weight of 0 gives 0 where ``pw log sigmoid(x)`` alone would overflow."""
     pos = t if pos_weight is None else pos_weight * t
-    neg = 1 - t
+    neg = one - t
     if weights is not None:
         pos, neg = weights * pos, weights * neg
     return pos, neg
@@ -38,7 +38,7 @@ def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
     operations. That is the cost of the loss's forward pass on CPU, whose reductions take the
     select's operands as arrays of a chunk's size (float32 [4096, 4096] summed a chunk of rows
     at a time: 34 ms written with both logarithms, 23 ms so, 17.6 ms without ``pos + neg``
-    where it is 1)."""
+    where it is 1). A large sum on CPU takes :func:`_sigmoid_bce_terms` first."""
     xf = x.astype(compute_dtype(x.dtype))
     pos, neg = _coefficients(_smoothed(y.astype(xf.dtype), eps), pos_weight, weights)
     side = jnp.where(xf < 0, pos, neg)
@@ -48,6 +48,21 @@ def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
     if pos_weight is not None or weights is not None:
         tail = (pos + neg) * tail  # else pos + neg = t + (1 - t) = 1: one input less per chunk
     return tail + weighted(side, jnp.abs(xf))
+
+
+def _sigmoid_bce_terms(x, y, pos_weight, weights, eps, zero, one):
+    """:func:`_sigmoid_bce_value` without a comparison or a select: ``(pos + neg) tail +
+    pos max(-x, 0) + neg max(x, 0)``, which takes for every finite input the same values,
+    rounding for rounding (one of the two products is ``+0``, and a weight of 0 multiplies a
+    finite term). Where an input is not finite it may give NaN (``0 inf`` at an infinite logit
+    whose side has a weight of 0), and the sum is then taken again by
+    :func:`_sigmoid_bce_value` (``_autodiff.elementwise``'s ``terms``)."""
+    xf = x.astype(compute_dtype(x.dtype))
+    pos, neg = _coefficients(_smoothed(y.astype(xf.dtype), eps), pos_weight, weights, one)
+    tail = softplus_tail(xf)
+    if pos_weight is not None or weights is not None:
+        tail = (pos + neg) * tail
+    return tail + pos * jnp.maximum(-xf, zero) + neg * jnp.maximum(xf, zero)
 
 
 def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w_dot, eps_dot):
@@ -84,14 +99,24 @@ def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w
 
 
 _sigmoid_bce = _autodiff.elementwise(
-    _sigmoid_bce_value, _sigmoid_bce_tangent, narrow_fuses_whole=True
+    _sigmoid_bce_value, _sigmoid_bce_tangent, narrow_fuses_whole=True, terms=_sigmoid_bce_terms
 )
 
 
 def _like(weights: jax.Array | None, x: jax.Array) -> jax.Array | None:
-    """Optional ``weights`` broadcast to ``x``'s shape, outside the kernel, so that autodiff
-    sums their gradients back to the shape the caller passed."""
-    return None if weights is None else jnp.broadcast_to(weights, x.shape)
+    """Optional ``weights`` of ``x``'s rank broadcast outside the kernel, so that autodiff sums
+    their gradients back to the shape the caller passed, as far as the kernel needs. Of logits
+    with rows, one weight per class (``[1, ..., 1, C]``) and one per row (``[..., 1]``) stay so,
+    which the sums read in chunks of rows (``_loops.chunked_sum``) without an array of ``x``'s
+    size (float32 [4096, 1024] with a ``pos_weight``: 16 MiB more temporaries, broadcast);
+    others take ``x``'s shape."""
+    if weights is None:
+        return None
+    if x.ndim > 1 and all(d == 1 for d in weights.shape[:-1]):
+        return weights
+    if x.ndim > 1 and weights.shape[-1] == 1:
+        return jnp.broadcast_to(weights, x.shape[:-1] + (1,))
+    return jnp.broadcast_to(weights, x.shape)
 
 
 def sigmoid_binary_cross_entropy(

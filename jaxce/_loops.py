@@ -347,6 +347,7 @@ def by_row_chunks(
     shared: tuple = (),
     fuses_whole: bool = False,
     fuses_whole_on_cpu: bool = False,
+    per_row: bool = False,
 ):
     """``fn(x, *others, *shared)`` of ``[..., C]`` arrays ``x, *others`` whose results are per
     row (``[..., k]`` arrays), computed a chunk of rows at a time (``_xla.row_chunk``): whatever
@@ -355,7 +356,8 @@ def by_row_chunks(
     as arguments: ``fn`` closes over no traced value, so that the chunks' derivative can be
     taken in every mode (:func:`_in_chunks`). ``fuses_whole``: XLA fuses ``fn`` whole without a
     temporary on the backends that read such a reduction whole; ``fuses_whole_on_cpu``: on CPU
-    too."""
+    too. ``per_row``: an ``other`` of ``[..., 1]`` is cut into chunks as it is (one number per
+    row), not broadcast to ``[..., C]`` first."""
     lead, cols = x.shape[:-1], x.shape[-1]
 
     n = 1
@@ -363,7 +365,10 @@ def by_row_chunks(
         n *= d
 
     def rows_of(a):
-        return None if a is None else jnp.reshape(jnp.broadcast_to(a, x.shape), (n, cols))
+        if a is None:
+            return None
+        width = 1 if per_row and a.shape[-1] == 1 else cols
+        return jnp.reshape(jnp.broadcast_to(a, lead + (width,)), (n, width))
 
     arrays = (rows_of(x),) + tuple(rows_of(a) for a in others)
     rows = _xla.row_chunk(n, cols, fuses_whole, fuses_whole_on_cpu)
@@ -486,17 +491,33 @@ def chunked_sum(
     fn: Callable, args: tuple, shape: tuple[int, ...], narrow_fuses_whole: bool = False
 ) -> jax.Array:
     """``sum(fn(*args))`` of an elementwise ``fn``, a chunk of rows at a time: the arguments of
-    the full ``shape`` are cut into chunks of rows, the others (scalars, None) passed whole (as
-    :func:`by_row_chunks`'s ``shared``), so the elementwise values never exist as a whole array
-    (XLA's CPU reductions do not fuse their producers). Float32 arguments are read whole where
-    XLA fuses such a sum (``_xla.reads_whole_rows``); narrower ones too if
-    ``narrow_fuses_whole`` (the sum and its derivative share no float32 array for XLA to
-    keep)."""
-    full = [a is not None and jnp.shape(a) == shape for a in args]
+    the full ``shape``, or of one number per row (``[..., 1]``), are cut into chunks of rows, the
+    others (scalars, None, arrays of ``[1, ..., 1, C]``) passed whole (as :func:`by_row_chunks`'s
+    ``shared``), so the elementwise values never exist as a whole array (XLA's CPU reductions do
+    not fuse their producers), nor does an argument broadcast to the full shape. Float32
+    arguments are read whole where XLA fuses such a sum (``_xla.reads_whole_rows``); narrower
+    ones too if ``narrow_fuses_whole`` (the sum and its derivative share no float32 array for XLA
+    to keep)."""
     if not shape:
         return jnp.sum(fn(*args))
-    chunked = tuple(a for a, f in zip(args, full, strict=True) if f)
-    whole = tuple(a for a, f in zip(args, full, strict=True) if not f)
+    # Rows of the array flattened to 2-D (a 1-D array is one row per element); sizes spelled
+    # out, as -1 is undefined for an empty array.
+    two_d = (math.prod(shape[:-1]), shape[-1]) if len(shape) > 1 else (shape[0], 1)
+
+    def per_row(a) -> bool:
+        return len(shape) > 1 and jnp.shape(a) == shape[:-1] + (1,)
+
+    full = [a is not None and (jnp.shape(a) == shape or per_row(a)) for a in args]
+    chunked = tuple(
+        jnp.reshape(a, (two_d[0], 1) if per_row(a) else two_d)
+        for a, f in zip(args, full, strict=True)
+        if f
+    )
+    whole = tuple(
+        a if a is None or jnp.ndim(a) < 2 else jnp.reshape(a, (1, jnp.shape(a)[-1]))
+        for a, f in zip(args, full, strict=True)
+        if not f
+    )
 
     def rows(*chunks_and_whole):
         chunks = iter(chunks_and_whole[: len(chunked)])
@@ -505,10 +526,8 @@ def chunked_sum(
         flat = (values.shape[0], math.prod(values.shape[1:]))
         return jnp.sum(jnp.reshape(values, flat), axis=-1, keepdims=True)
 
-    # Rows of the array flattened to 2-D (a 1-D array is one row per element); sizes spelled
-    # out, as -1 is undefined for an empty array.
-    two_d = (math.prod(shape[:-1]), shape[-1]) if len(shape) > 1 else (shape[0], 1)
-    chunked = tuple(jnp.reshape(a, two_d) for a in chunked)
     float32 = all(a.dtype == jnp.float32 for a in chunked)  # no conversion for XLA to keep
     fuses_whole = float32 or narrow_fuses_whole
-    return jnp.sum(by_row_chunks(rows, *chunked, shared=whole, fuses_whole=fuses_whole))
+    return jnp.sum(
+        by_row_chunks(rows, *chunked, shared=whole, fuses_whole=fuses_whole, per_row=True)
+    )

@@ -278,6 +278,48 @@ def row_blocks(num_classes: int, dtype) -> int:
 FUSED_SOFT_MIN_ELEMENTS = 8192
 
 
+# The sum of an elementwise loss (sigmoid BCE) on CPU, from jaxlib 0.10.2, written without a
+# comparison or a select (_autodiff.elementwise's ``terms``): XLA fuses it whole with its sum into
+# one YNNPACK kernel, where its row chunks were a loop over such kernels. The loss alone takes the
+# same time either way (its exponential and logarithm set it), but value_and_grad of the mean
+# took less: measured on 2 cores of an Intel Xeon (2026-12-06; one process, rounds alternating,
+# 15 rounds), the fused sum's time over the chunks', float32: [512, 512] 0.98x, [1024, 1000]
+# 0.73-0.80x, [2048, 8192] 0.88x, [4096, 4096] 0.90-0.96x, [16384, 4096] 0.95x; bfloat16:
+# [1024, 1000] 0.77x, [4096, 4096] 0.83x; the same temporaries (the chunks, which the branch for
+# a sum that is not finite holds). Below FUSED_SUM_MIN_ELEMENTS entries it took 1.09x ([64, 128],
+# [256, 256]), and there the chunks stay. Its compilation took 7-8 ms more (116 against 108 ms at
+# float32 [1024, 1000], optax's 77 ms). The inputs and the constants 0 and 1 are values of their
+# own (an optimization barrier): with a literal 1 XLA merged its broadcast with the derivative's
+# and kept it as an array (128 MiB at float32 [4096, 4096]); a conversion of narrow inputs shared
+# with the derivative would be kept so too. Not for float16 (not fused: a float32 copy). Guarded
+# by tests/test_memory.py::test_elementwise_sums_keep_no_array_of_their_size.
+FUSED_SUM_MIN_ELEMENTS = 2**18
+
+
+def fuses_sum(args: tuple, shape: tuple[int, ...]) -> bool:
+    """Whether the sum of an elementwise loss of ``args`` (arrays of ``shape``, scalars, None)
+    is taken whole by :func:`sum_in_one_fusion`."""
+    arrays = [a for a in args if a is not None and jnp.ndim(a) > 0]
+    size = 1
+    for d in shape:
+        size *= d
+    return (
+        backend() == "cpu"
+        and cpu_fuses_whole_rows()
+        and size >= FUSED_SUM_MIN_ELEMENTS
+        and all(a.dtype in CPU_FUSED_DTYPES for a in arrays)
+    )
+
+
+def sum_in_one_fusion(terms: Callable[..., jax.Array], args: tuple, dtype) -> jax.Array:
+    """``sum(terms(*args, zero, one))``, ``args`` and the ``dtype`` scalars ``zero`` and ``one``
+    behind an optimization barrier (see FUSED_SUM_MIN_ELEMENTS): ``terms`` takes its constants
+    from them."""
+    constants = (jnp.zeros((), dtype), jnp.ones((), dtype))
+    *args, (zero, one) = jax.lax.optimization_barrier((*args, constants))
+    return jnp.sum(terms(*args, zero, one))
+
+
 # From this many rows on (jaxlib 0.10.2 to 0.12), XLA's CPU compiler makes the soft-label loss
 # alone's fused pass (_cross_entropy._fusible_soft_rows) one fusion, with the log between its two
 # reductions; below, the log is a kernel of its own and the reductions two fusions, between which

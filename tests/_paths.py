@@ -7,7 +7,7 @@ from unittest import mock
 from jaxce import _xla
 
 ROW_CHUNKS = "row chunks"
-FUSED_SOFT_PASS = "fused soft pass"
+FUSED_PASSES = "fused passes"
 SUB_ROWS = "sub-rows"
 
 
@@ -31,10 +31,11 @@ def taken(path: str | None):
 
     - ``"row chunks"``: one row a chunk, on every backend (the loop over chunks with its tail,
       which a large input takes where XLA would keep an array of its size);
-    - ``"fused soft pass"``: the soft-label pass over whole rows that the CPU takes from
-      ``FUSED_SOFT_MIN_ELEMENTS`` up (jaxlib 0.10.2 on), and the integer-label smoothing's
+    - ``"fused passes"``: the soft-label pass over whole rows that the CPU takes from
+      ``FUSED_SOFT_MIN_ELEMENTS`` up (jaxlib 0.10.2 on), the integer-label smoothing's
       sums as if every class were admissible (``_rows.assumes_all_admissible``), as on CPU at
-      any size;
+      any size, and the sums of elementwise losses in one fusion, from
+      ``FUSED_SUM_MIN_ELEMENTS`` up (``_xla.sum_in_one_fusion``);
     - ``"sub-rows"``: rows reduced in sub-rows (``_loops.SubRows``), as the CPU reduces rows of
       more than ``CPU_ROW_BYTES`` (jaxlib 0.10.2 on, where the soft-label loss takes its fused
       pass at such sizes), here as short as each row's length allows
@@ -66,10 +67,11 @@ def taken(path: str | None):
             patch("reads_whole_rows", lambda: False)
             patch("cpu_fuses_whole_rows", lambda: False)
             patch("fuses_soft_loss", lambda x, y: False)
-        elif path == FUSED_SOFT_PASS:
+        elif path == FUSED_PASSES:
             patch("backend", lambda: "cpu")
             patch("cpu_fuses_whole_rows", lambda: True)
             patch("FUSED_SOFT_MIN_ELEMENTS", 0)
+            patch("FUSED_SUM_MIN_ELEMENTS", 0)
         else:
             raise ValueError(f"unknown path {path!r}")
         yield

@@ -249,8 +249,9 @@ def _path_cases(rng):
 
 PATH_NAMES = list(_path_cases(np.random.default_rng(0)))
 # What each forced path must reach, in the first derivative's program: a loop over chunks of
-# rows (a while loop), or the choice for the whole batch (a cond) of the fused soft-label pass
-# or of the smoothing's sums as if every class were admissible.
+# rows (a while loop), or the choice for the whole batch (a cond) of the fused soft-label pass,
+# of the smoothing's sums as if every class were admissible, or of an elementwise loss's sum in
+# one fusion.
 CHUNKED = {
     "log_softmax",
     "log_softmax_where",
@@ -270,10 +271,15 @@ CHUNKED = {
     "soft_ce_plain_labels",
     "integer_ce_smoothing",
 }
-FUSED_SOFT = {"soft_ce_plain_logits", "soft_ce_plain_labels", "integer_ce_smoothing"}
+FUSED = {
+    "soft_ce_plain_logits",
+    "soft_ce_plain_labels",
+    "integer_ce_smoothing",
+    "sigmoid_bce_mean",
+}
 
 
-@pytest.mark.parametrize("path", [_paths.ROW_CHUNKS, _paths.FUSED_SOFT_PASS])
+@pytest.mark.parametrize("path", [_paths.ROW_CHUNKS, _paths.FUSED_PASSES])
 @pytest.mark.parametrize("name", PATH_NAMES)
 def test_second_derivatives_in_every_mode_on_every_path(name, path):
     """Reverse over reverse (``jax.grad`` of ``jax.grad``, as in meta-learning or a gradient
@@ -291,7 +297,7 @@ def test_second_derivatives_in_every_mode_on_every_path(name, path):
     with _paths.taken(path):
         program = str(jax.make_jaxpr(jax.grad(total(f)))(x))
         reached = "while[" in program if path == _paths.ROW_CHUNKS else "cond[" in program
-        assert reached == (name in (CHUNKED if path == _paths.ROW_CHUNKS else FUSED_SOFT)), program
+        assert reached == (name in (CHUNKED if path == _paths.ROW_CHUNKS else FUSED)), program
         R.assert_close(jax.jit(jax.hessian(total(f)))(x), want, rtol=1e-9, atol=1e-11)
         if path == _paths.ROW_CHUNKS and not reverse_over_reverse_through_scan_works():
             pytest.skip(f"jax {jax.__version__} cannot transpose a scan in a custom_jvp rule")

@@ -2,6 +2,7 @@
 
 import itertools
 
+import _paths
 import _reference as R
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,50 @@ def test_sbce_option_grid(rng, backend_forms, pos_weight, weights, eps, reductio
     assert logistic == (backend_forms == "gpu")
 
 
+@pytest.mark.parametrize(
+    "path",
+    [_paths.PICKED, _paths.ROW_CHUNKS, _paths.FUSED_PASSES],
+    ids=["picked", "chunks", "fused"],
+)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize(
+    "shape,w_shape",
+    [
+        ((5, 3), (5, 1)),
+        ((5, 3), (1, 3)),
+        ((5, 3), (3,)),
+        ((2, 3, 4), (2, 3, 1)),
+        ((2, 3, 4), (4,)),
+        ((2, 3, 4), (2, 1, 4)),
+        ((6,), (1,)),
+        ((6,), (6,)),
+    ],
+)
+def test_sbce_weights_per_row_and_class(rng, path, reduction, shape, w_shape):
+    """Weights per row or per class, and ``pos_weight``, are read as they are, not broadcast to
+    the logits' shape (``_binary._like``): values and gradients wrt the logits, the weights and
+    ``pos_weight`` at the shapes the caller passed, on each path a sum takes, against float64."""
+    x = R.random_logits(rng, shape)
+    y = rng.random(shape)
+    w = rng.uniform(0.0, 2.0, size=w_shape)
+    pw = rng.uniform(0.5, 4.0, size=shape[-1:])
+
+    def total(a, w, pw, xp=None):
+        kw = dict(weights=w, pos_weight=pw, label_smoothing=0.1)
+        if xp is not None:
+            return xp.sum(R.sigmoid_binary_cross_entropy(a, y, xp=xp, **kw))
+        loss = jaxce.sigmoid_binary_cross_entropy(a, jnp.asarray(y), reduction=reduction, **kw)
+        return jnp.sum(loss)
+
+    with _paths.taken(path):
+        got = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))(x, w, pw)
+    want = R.ref_grad(total, argnums=(0, 1, 2))(x, w, pw)
+    R.assert_close(got[0], total(x, w, pw, xp=np), rtol=1e-12)
+    for g, ref, a in zip(got[1], want, (x, w, pw), strict=True):
+        assert g.shape == a.shape
+        R.assert_close(g, ref, rtol=1e-11, atol=1e-14)
+
+
 def test_sbce_hand_derived_torch():
     # torch: l = -w [pw y log s(x) + (1 - y) log(1 - s(x))], mean over all elements
     x = np.array([[0.5, -1.0, 2.0], [3.0, 0.0, -0.2]])
@@ -134,6 +179,44 @@ def test_sbce_infinite_logits(dtype):
     w = jnp.asarray(np.array([1.0, 0.0, 1.0, 0.0, 1.0]), dtype=dtype)
     np.testing.assert_array_equal(np.asarray(SBCE(x, y, weights=w)), [0, 0, 0, 0, np.inf])
     assert float(SBCE(x[:4], y[:4], weights=w[:4], reduction="sum")) == 0.0
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+def test_sbce_sum_in_one_fusion_keeps_every_digit(dtype, eps):
+    """The sum in one fusion (on CPU from ``_xla.FUSED_SUM_MIN_ELEMENTS`` entries, forced here)
+    of large logits on targets near their side, ``(1 - t) x`` for a target near 1 (``0.95``,
+    smoothing's ``1 - eps / 2``) and ``t |x|`` near 0, is within a few units of float64's sum.
+    An infinite logit whose side has a weight of 0 adds 0 there, not NaN: the terms without a
+    select give ``0 inf`` for it, and the sum is then taken from the elementwise losses (without
+    that branch this test fails)."""
+    x = np.array([30.0, 1e4, -1e4, 3.0, -30.0, 1e4, 2.0, np.inf, -np.inf])
+    y = np.array([0.95, 0.999, 0.001, 1 - 2**-20, 0.05, 1.0, 0.9, 0.0, 1.0])
+    w = np.array([1.0, 1.0, 2.0, 1.0, 1.0, 0.5, 1.0, 0.0, 0.0])
+    cd = jnp.float64 if dtype == jnp.float64 else jnp.float32  # the weights: the compute dtype
+    xs, ys, ws = jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(w, cd)
+
+    def total(x, y, w):
+        return SBCE(x, y, weights=w, label_smoothing=eps, reduction="sum")
+
+    finite = slice(0, 7)
+    f64 = [np.asarray(a[finite], np.float64) for a in (xs, ys, ws)]
+    want = np.sum(R.sigmoid_binary_cross_entropy(*f64[:2], weights=f64[2], label_smoothing=eps))
+    with _paths.taken(_paths.FUSED_PASSES):
+        fused = jax.jit(total)
+        assert "cond[" in str(jax.make_jaxpr(total)(xs, ys, ws))
+        got = float(fused(xs, ys, ws))
+        got_finite = float(fused(xs[finite], ys[finite], ws[finite]))
+        # Under vmap the choice is the whole batch's: the finite example's sum is the same.
+        pair = jax.jit(jax.vmap(total))(*(jnp.stack([a[:7], a[2:]]) for a in (xs, ys, ws)))
+    unit = float(np.finfo(cd).eps)
+    assert abs(got_finite - want) <= 4 * unit * want, (got_finite, want)
+    assert abs(got - got_finite) <= 4 * unit * want  # the elementwise losses summed in chunks
+    assert abs(float(pair[0]) - got_finite) <= 4 * unit * want
+    assert float(pair[1]) == pytest.approx(
+        got - float(SBCE(xs[:2], ys[:2], weights=ws[:2], label_smoothing=eps, reduction="sum")),
+        rel=8 * unit,
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])

@@ -531,6 +531,41 @@ def test_the_loss_alone_reads_whole_rows_on_cpu(monkeypatch, case):
         assert temp <= (CHUNK if whole else 4 * CHUNK), f"{temp / 2**20:.2f} MiB"
 
 
+# The sum of the sigmoid BCE in one fusion (_xla.sum_in_one_fusion; on CPU from jaxlib 0.10.2):
+# its inputs and constants behind an optimization barrier, so that it shares nothing with the
+# derivative's kernel. With a literal 1 (for 1 - t) XLA kept its broadcast as an array, 128 MiB
+# at float32 [4096, 4096]. Weights per row and per class stay so (_binary._like): broadcast, they
+# were an array of the logits' size (16 MiB here), whatever the path. The row chunks of the
+# branch for a sum that is not finite take 4 MiB here.
+SUM_OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.1},
+    "weights per row and class": {"label_smoothing": 0.1, "weights": None, "pos_weight": None},
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("options", list(SUM_OPTIONS))
+@pytest.mark.parametrize("derivative", [False, True], ids=["alone", "value_and_grad"])
+def test_elementwise_sums_keep_no_array_of_their_size(dtype, options, derivative):
+    rows, classes = 4096, 1024  # a float32 array of the logits' size: 16 MiB
+    kw = SUM_OPTIONS[options]
+
+    def loss(x, y, w, pw):
+        weights = {"weights": w, "pos_weight": pw}
+        options = {k: weights.get(k, v) if v is None else v for k, v in kw.items()}
+        return jaxce.sigmoid_binary_cross_entropy(x, y, reduction="mean", **options)
+
+    logits = jax.ShapeDtypeStruct((rows, classes), dtype)
+    w = jax.ShapeDtypeStruct((rows, 1), jnp.float32)
+    pw = jax.ShapeDtypeStruct((classes,), jnp.float32)
+    program = jax.jit(jax.value_and_grad(loss) if derivative else loss).lower(logits, logits, w, pw)
+    fused = "stablehlo.case" in program.as_text() or "stablehlo.if" in program.as_text()
+    assert fused == (jax.default_backend() == "cpu" and _xla.cpu_fuses_whole_rows())
+    temp = _temp_bytes(program)
+    assert temp <= 8 * CHUNK, f"{temp / 2**20:.2f} MiB"
+
+
 # ----------------------------------------------------------------------------------------------
 # Rows longer than 128 KiB of the compute dtype: XLA's CPU compiler (jaxlib 0.10.2 on) reduces
 # them several times slower, so there they are reduced in sub-rows (_xla.row_blocks,

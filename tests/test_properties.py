@@ -1324,6 +1324,68 @@ def test_sigmoid_binary_cross_entropy(data):
         assert np.isnan(P.to_f64(out2[0]).reshape(-1)[i])
 
 
+def _sbce_total(x, y, pos_weight, weights, eps, reduction, path):
+    """The reduced sigmoid BCE, jitted and traced on ``path``, and whether its program holds the
+    choice (a cond) between the fused sum and the chunks (``_xla.sum_in_one_fusion``)."""
+    kw = {} if pos_weight is None else dict(pos_weight=pos_weight, weights=weights)
+    kw |= {} if eps is None else dict(label_smoothing=eps)
+
+    def loss(x, y):
+        return jaxce.sigmoid_binary_cross_entropy(x, y, reduction=reduction, **kw)
+
+    with _paths.taken(path):
+        program = str(jax.make_jaxpr(loss)(x, y))
+        return jax.jit(loss)(x, y), "cond[" in program
+
+
+@_settings(0.5)
+@given(data=st.data())
+def test_sigmoid_bce_sum_in_one_fusion(data):
+    """The sum (and mean) of the sigmoid BCE taken whole in one fusion (on CPU from
+    ``_xla.FUSED_SUM_MIN_ELEMENTS`` entries, forced here) is the sum of the elementwise losses:
+    its terms are theirs, rounding for rounding, written without a select, and where an input
+    makes them differ (an infinite logit, NaN) the sum is taken again from the elementwise
+    losses. Both differ from the float64 sum of the elementwise losses by at most the sum's own
+    rounding."""
+    draw = data.draw
+    dtype = draw(st.sampled_from(DTYPES), "dtype")
+    shape = draw(st.sampled_from(((5,), (2, 3), (3, 2, 4))), "shape")
+    variant = draw(st.sampled_from(("plain", "smoothing", "options")), "variant")
+    reduction = draw(st.sampled_from(("sum", "mean")), "reduction")
+    n = math.prod(shape)
+    x = draw(values(n, 1, dtype), "logits").reshape(shape)
+    special = draw(hnp.arrays(np.int8, shape, elements=st.integers(0, 11)), "special entries")
+    x = np.where(special == 1, np.inf, np.where(special == 2, -np.inf, x)).astype(x.dtype)
+    if draw(st.integers(0, 7), "NaN") == 0:
+        x.reshape(-1)[draw(st.integers(0, n - 1))] = np.nan
+    y = unit_interval(draw, shape, dtype)
+    cd = cdtype(dtype)
+    pw = w = eps = None
+    if variant != "plain":
+        eps = cast(draw(st.sampled_from([0.1, 1.0]) | reals(0, 1), "eps"), cd)
+    if variant == "options":
+        some = st.sampled_from([0.0, 1.0, 3.0]) | reals(0, 10)
+        pw = cast(draw(hnp.arrays(F64, shape[-1:], elements=some), "pos_weight"), cd)
+        w = cast(draw(hnp.arrays(F64, shape, elements=some), "weights"), cd)
+    args = tuple(None if a is None else jnp.asarray(a) for a in (x, y, pw, w, eps))
+    fused, chose = _sbce_total(*args, reduction, _paths.FUSED_PASSES)
+    chunked, _ = _sbce_total(*args, reduction, _paths.ROW_CHUNKS)
+    assert chose == (dtype != "float16")  # float16 is not fused (a float32 copy)
+    kw = {} if pw is None else dict(pos_weight=args[2], weights=args[3])
+    kw |= {} if eps is None else dict(label_smoothing=args[4])
+    terms = P.to_f64(jaxce.sigmoid_binary_cross_entropy(args[0], args[1], **kw))
+    want = np.sum(terms) / (n if reduction == "mean" else 1)
+    # The float32 sum of n terms: n roundings of at most the sum of their magnitudes.
+    bound = (n + 2) * float(P.finfo(cd).eps) * np.sum(np.abs(terms))
+    bound /= n if reduction == "mean" else 1
+    for got in (fused, chunked):
+        got = float(P.to_f64(got))
+        if not np.isfinite(want) or np.sum(np.abs(terms)) > float(P.finfo(cd).max) / 2:
+            assert np.isnan(got) if np.isnan(want) else got == want or not np.isfinite(got)
+        else:
+            assert abs(got - want) <= bound, (got, want, bound)
+
+
 @jax.jit
 def _bce(p, y, weights, ct):
     loss, pull = jax.vjp(lambda a: jaxce.binary_cross_entropy(a, y, weights=weights), p)

@@ -52,11 +52,12 @@ def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
 
 def _sigmoid_bce_terms(x, y, pos_weight, weights, eps, zero, one):
     """:func:`_sigmoid_bce_value` without a comparison or a select: ``(pos + neg) tail +
-    pos max(-x, 0) + neg max(x, 0)``, which takes for every finite input the same values,
-    rounding for rounding (one of the two products is ``+0``, and a weight of 0 multiplies a
-    finite term). Where an input is not finite it may give NaN (``0 inf`` at an infinite logit
-    whose side has a weight of 0), and the sum is then taken again by
-    :func:`_sigmoid_bce_value` (``_autodiff.elementwise``'s ``terms``)."""
+    pos max(-x, 0) + neg max(x, 0)``, which takes the same values, rounding for rounding (up to
+    the sign of a zero), wherever the inputs and ``pos`` and ``neg`` are finite (one of the two
+    products is 0, and a weight of 0 multiplies a finite term). Elsewhere it may give NaN
+    (``0 inf`` at an infinite logit whose side has a weight of 0, an overflowed coefficient times
+    0), and the sum is then taken again by :func:`_sigmoid_bce_value`
+    (``_autodiff.elementwise``'s ``terms``)."""
     xf = x.astype(compute_dtype(x.dtype))
     pos, neg = _coefficients(_smoothed(y.astype(xf.dtype), eps), pos_weight, weights, one)
     tail = softplus_tail(xf)

@@ -494,7 +494,8 @@ def chunked_sum(
     the full ``shape``, or of one number per row (``[..., 1]``), are cut into chunks of rows, the
     others (scalars, None, arrays of ``[1, ..., 1, C]``) passed whole (as :func:`by_row_chunks`'s
     ``shared``), so the elementwise values never exist as a whole array (XLA's CPU reductions do
-    not fuse their producers), nor does an argument broadcast to the full shape. Float32
+    not fuse their producers), nor does such an argument broadcast to the full shape (any other
+    is broadcast to it). Float32
     arguments are read whole where XLA fuses such a sum (``_xla.reads_whole_rows``); narrower
     ones too if ``narrow_fuses_whole`` (the sum and its derivative share no float32 array for XLA
     to keep)."""
@@ -507,9 +508,14 @@ def chunked_sum(
     def per_row(a) -> bool:
         return len(shape) > 1 and jnp.shape(a) == shape[:-1] + (1,)
 
-    full = [a is not None and (jnp.shape(a) == shape or per_row(a)) for a in args]
+    def whole_rows(a) -> bool:  # scalars, None and [1, ..., 1, C]: the same for every row
+        return a is None or jnp.ndim(a) < 2 or all(d == 1 for d in jnp.shape(a)[:-1])
+
+    full = [a is not None and (jnp.shape(a) == shape or not whole_rows(a)) for a in args]
     chunked = tuple(
-        jnp.reshape(a, (two_d[0], 1) if per_row(a) else two_d)
+        jnp.reshape(a, (two_d[0], 1))
+        if per_row(a)
+        else jnp.reshape(jnp.broadcast_to(a, shape), two_d)
         for a, f in zip(args, full, strict=True)
         if f
     )

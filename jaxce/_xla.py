@@ -287,18 +287,20 @@ FUSED_SOFT_MIN_ELEMENTS = 8192
 # 0.73-0.80x, [2048, 8192] 0.88x, [4096, 4096] 0.90-0.96x, [16384, 4096] 0.95x; bfloat16:
 # [1024, 1000] 0.77x, [4096, 4096] 0.83x; the same temporaries (the chunks, which the branch for
 # a sum that is not finite holds). Below FUSED_SUM_MIN_ELEMENTS entries it took 1.09x ([64, 128],
-# [256, 256]), and there the chunks stay. Its compilation took 7-8 ms more (116 against 108 ms at
-# float32 [1024, 1000], optax's 77 ms). The inputs and the constants 0 and 1 are values of their
-# own (an optimization barrier): with a literal 1 XLA merged its broadcast with the derivative's
-# and kept it as an array (128 MiB at float32 [4096, 4096]); a conversion of narrow inputs shared
-# with the derivative would be kept so too. Not for float16 (not fused: a float32 copy). Guarded
-# by tests/test_memory.py::test_elementwise_sums_keep_no_array_of_their_size.
+# [256, 256]), and there the chunks stay. The branch costs compile time: lowering and compiling
+# took 34 and 118 ms against 25 and 97 ms at float32 [1024, 1000] (optax's 16 and 76 ms), 33 and
+# 101 ms against 26 and 96 ms at [16384, 4096] (median of four). The inputs and the constants 0
+# and 1 are values of their own (an optimization barrier): with a literal 1 XLA merged its
+# broadcast with the derivative's and kept it as an array (128 MiB at float32 [4096, 4096]); a
+# conversion of narrow inputs shared with the derivative would be kept so too. Not for float16
+# (not fused: a float32 copy). Guarded by
+# tests/test_memory.py::test_elementwise_sums_keep_no_array_of_their_size.
 FUSED_SUM_MIN_ELEMENTS = 2**18
 
 
 def fuses_sum(args: tuple, shape: tuple[int, ...]) -> bool:
-    """Whether the sum of an elementwise loss of ``args`` (arrays of ``shape``, scalars, None)
-    is taken whole by :func:`sum_in_one_fusion`."""
+    """Whether the sum of an elementwise loss of ``args`` (arrays of ``shape`` or broadcast to
+    it, scalars, None) is taken whole by :func:`sum_in_one_fusion`."""
     arrays = [a for a in args if a is not None and jnp.ndim(a) > 0]
     size = 1
     for d in shape:

@@ -10,6 +10,7 @@ whatever XLA fuses (this differs between JAX versions).
 
 import functools
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -559,9 +560,26 @@ def test_elementwise_sums_keep_no_array_of_their_size(dtype, options, derivative
     logits = jax.ShapeDtypeStruct((rows, classes), dtype)
     w = jax.ShapeDtypeStruct((rows, 1), jnp.float32)
     pw = jax.ShapeDtypeStruct((classes,), jnp.float32)
-    program = jax.jit(jax.value_and_grad(loss) if derivative else loss).lower(logits, logits, w, pw)
-    fused = "stablehlo.case" in program.as_text() or "stablehlo.if" in program.as_text()
-    assert fused == (jax.default_backend() == "cpu" and _xla.cpu_fuses_whole_rows())
+    fn = jax.jit(jax.value_and_grad(loss) if derivative else loss)
+    with mock.patch.object(_xla, "sum_in_one_fusion", wraps=_xla.sum_in_one_fusion) as fusion:
+        program = fn.lower(logits, logits, w, pw)
+    assert fusion.called == (jax.default_backend() == "cpu" and _xla.cpu_fuses_whole_rows())
+    temp = _temp_bytes(program)
+    assert temp <= 8 * CHUNK, f"{temp / 2**20:.2f} MiB"
+
+
+@pytest.mark.parametrize("loss", ["sigmoid_binary_cross_entropy", "binary_cross_entropy"])
+@pytest.mark.parametrize("w_shape", [(4096, 1), (1024,)], ids=["per row", "per class"])
+def test_weights_per_row_and_class_keep_no_array_of_the_logits_size(loss, w_shape):
+    """Weights of one number per row or per class are read so in the sums' row chunks, not
+    broadcast to the logits' shape first (``_binary._like``): broadcast, they were kept as an
+    array (16 MiB here, float32 [4096, 1024])."""
+    fn = getattr(jaxce, loss)
+    logits = jax.ShapeDtypeStruct((4096, 1024), jnp.float32)
+    w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
+    program = jax.jit(
+        jax.value_and_grad(lambda x, y, w: fn(x, y, weights=w, reduction="mean"))
+    ).lower(logits, logits, w)
     temp = _temp_bytes(program)
     assert temp <= 8 * CHUNK, f"{temp / 2**20:.2f} MiB"
 

@@ -31,6 +31,19 @@ def _coefficients(t, pos_weight, weights, one=1):
     return pos, neg
 
 
+def _weighted_tail(x, y, pos_weight, weights, eps, one=1):
+    """``(x, pos, neg, (pos + neg) log1p(exp(-|x|)))``, ``x`` in its compute dtype: what the
+    loss's value and its terms without a select (:func:`_sigmoid_bce_terms`) share. The tail is
+    finite (NaN for a NaN logit); without weights ``pos + neg = t + (1 - t) = 1`` is not
+    multiplied: one input less per chunk."""
+    xf = x.astype(compute_dtype(x.dtype))
+    pos, neg = _coefficients(_smoothed(y.astype(xf.dtype), eps), pos_weight, weights, one)
+    tail = softplus_tail(xf)
+    if pos_weight is not None or weights is not None:
+        tail = (pos + neg) * tail
+    return xf, pos, neg, tail
+
+
 def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
     """The elementwise loss, as ``(pos + neg) log1p(exp(-|x|)) + (pos if x < 0 else neg) |x|``
     (``log sigmoid(+-x) = min(+-x, 0) - log1p(exp(-|x|))``): one exponential, one logarithm and
@@ -39,15 +52,9 @@ def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
     select's operands as arrays of a chunk's size (float32 [4096, 4096] summed a chunk of rows
     at a time: 34 ms written with both logarithms, 23 ms so, 17.6 ms without ``pos + neg``
     where it is 1). A large sum on CPU takes :func:`_sigmoid_bce_terms` first."""
-    xf = x.astype(compute_dtype(x.dtype))
-    pos, neg = _coefficients(_smoothed(y.astype(xf.dtype), eps), pos_weight, weights)
-    side = jnp.where(xf < 0, pos, neg)
-    # The tail is finite (NaN for a NaN logit); `weighted` makes 0 |inf| = 0, a perfect
-    # prediction at an infinite logit.
-    tail = softplus_tail(xf)
-    if pos_weight is not None or weights is not None:
-        tail = (pos + neg) * tail  # else pos + neg = t + (1 - t) = 1: one input less per chunk
-    return tail + weighted(side, jnp.abs(xf))
+    xf, pos, neg, tail = _weighted_tail(x, y, pos_weight, weights, eps)
+    # `weighted` makes 0 |inf| = 0, a perfect prediction at an infinite logit.
+    return tail + weighted(jnp.where(xf < 0, pos, neg), jnp.abs(xf))
 
 
 def _sigmoid_bce_terms(x, y, pos_weight, weights, eps, zero, one):
@@ -58,11 +65,7 @@ def _sigmoid_bce_terms(x, y, pos_weight, weights, eps, zero, one):
     (``0 inf`` at an infinite logit whose side has a weight of 0, an overflowed coefficient times
     0), and the sum is then taken again by :func:`_sigmoid_bce_value`
     (``_autodiff.elementwise``'s ``terms``)."""
-    xf = x.astype(compute_dtype(x.dtype))
-    pos, neg = _coefficients(_smoothed(y.astype(xf.dtype), eps), pos_weight, weights, one)
-    tail = softplus_tail(xf)
-    if pos_weight is not None or weights is not None:
-        tail = (pos + neg) * tail
+    xf, pos, neg, tail = _weighted_tail(x, y, pos_weight, weights, eps, one)
     return tail + pos * jnp.maximum(-xf, zero) + neg * jnp.maximum(xf, zero)
 
 

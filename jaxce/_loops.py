@@ -495,10 +495,9 @@ def chunked_sum(
     others (scalars, None, arrays of ``[1, ..., 1, C]``) passed whole (as :func:`by_row_chunks`'s
     ``shared``), so the elementwise values never exist as a whole array (XLA's CPU reductions do
     not fuse their producers), nor does such an argument broadcast to the full shape (any other
-    is broadcast to it). Float32
-    arguments are read whole where XLA fuses such a sum (``_xla.reads_whole_rows``); narrower
-    ones too if ``narrow_fuses_whole`` (the sum and its derivative share no float32 array for XLA
-    to keep)."""
+    is broadcast to it). Float32 arguments are read whole where XLA fuses such a sum
+    (``_xla.reads_whole_rows``); narrower ones too if ``narrow_fuses_whole`` (the sum and its
+    derivative share no float32 array for XLA to keep)."""
     if not shape:
         return jnp.sum(fn(*args))
     # Rows of the array flattened to 2-D (a 1-D array is one row per element); sizes spelled

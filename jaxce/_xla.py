@@ -15,6 +15,7 @@ deterministic, so these bounds are asserted, not hoped for:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import TypeVar
@@ -302,14 +303,10 @@ def fuses_sum(args: tuple, shape: tuple[int, ...]) -> bool:
     """Whether the sum of an elementwise loss of ``args`` (arrays of ``shape`` or broadcast to
     it, scalars, None) is taken whole by :func:`sum_in_one_fusion`."""
     arrays = [a for a in args if a is not None and jnp.ndim(a) > 0]
-    size = 1
-    for d in shape:
-        size *= d
     return (
         backend() == "cpu"
-        and cpu_fuses_whole_rows()
-        and size >= FUSED_SUM_MIN_ELEMENTS
-        and all(a.dtype in CPU_FUSED_DTYPES for a in arrays)
+        and math.prod(shape) >= FUSED_SUM_MIN_ELEMENTS
+        and all(fusible_on_cpu(a) for a in arrays)
     )
 
 

@@ -106,37 +106,31 @@ def test_sbce_weights_per_row_and_class(rng, path, reduction, shape, w_shape):
     w = rng.uniform(0.0, 2.0, size=w_shape)
     pw = rng.uniform(0.5, 4.0, size=shape[-1:])
 
-    def total(a, w, pw, xp=None):
+    def check(total, *args):
+        argnums = tuple(range(len(args)))
+        with _paths.taken(path):
+            got = jax.jit(jax.value_and_grad(total, argnums=argnums))(*args)
+        want = R.ref_grad(total, argnums=argnums)(*args)
+        R.assert_close(got[0], total(*args, xp=np), rtol=1e-12)
+        for g, ref, a in zip(got[1], want, args, strict=True):
+            assert g.shape == a.shape
+            R.assert_close(g, ref, rtol=1e-11, atol=1e-14)
+
+    def sbce(a, w, pw, xp=None):
         kw = dict(weights=w, pos_weight=pw, label_smoothing=0.1)
         if xp is not None:
             return xp.sum(R.sigmoid_binary_cross_entropy(a, y, xp=xp, **kw))
         loss = jaxce.sigmoid_binary_cross_entropy(a, jnp.asarray(y), reduction=reduction, **kw)
         return jnp.sum(loss)
 
-    with _paths.taken(path):
-        got = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))(x, w, pw)
-    want = R.ref_grad(total, argnums=(0, 1, 2))(x, w, pw)
-    R.assert_close(got[0], total(x, w, pw, xp=np), rtol=1e-12)
-    for g, ref, a in zip(got[1], want, (x, w, pw), strict=True):
-        assert g.shape == a.shape
-        R.assert_close(g, ref, rtol=1e-11, atol=1e-14)
-    # binary_cross_entropy on probabilities reads its weights so too
-    p = 1 / (1 + np.exp(-x))
-
     def bce(p, w, xp=None):
         if xp is not None:
             return xp.sum(R.binary_cross_entropy(p, y, weights=w, xp=xp))
-        return jnp.sum(
-            jaxce.binary_cross_entropy(p, jnp.asarray(y), weights=w, reduction=reduction)
-        )
+        loss = jaxce.binary_cross_entropy(p, jnp.asarray(y), weights=w, reduction=reduction)
+        return jnp.sum(loss)
 
-    with _paths.taken(path):
-        got = jax.jit(jax.value_and_grad(bce, argnums=(0, 1)))(p, w)
-    want = R.ref_grad(bce, argnums=(0, 1))(p, w)
-    R.assert_close(got[0], bce(p, w, xp=np), rtol=1e-12)
-    for g, ref, a in zip(got[1], want, (p, w), strict=True):
-        assert g.shape == a.shape
-        R.assert_close(g, ref, rtol=1e-11, atol=1e-14)
+    check(sbce, x, w, pw)
+    check(bce, 1 / (1 + np.exp(-x)), w)  # on probabilities, its weights read so too
 
 
 def test_sbce_hand_derived_torch():

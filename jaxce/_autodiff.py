@@ -147,11 +147,12 @@ def elementwise(
     elementwise loss then never exists as an array, in the forward pass or the backward pass
     (one fusion of the rematerialized factor and the scalar cotangent). ``narrow_fuses_whole``:
     the sum of bfloat16 or float16 arguments is read whole too where XLA fuses such a sum
-    (``_loops.chunked_sum``). ``terms(*args, zero, one)``: ``value`` written without a comparison
-    or a select, its constants 0 and 1 taken from its last two arguments, equal to ``value``
-    wherever the inputs are finite: XLA's CPU compiler fuses its sum whole
-    (``_xla.sum_in_one_fusion``); where that sum is not finite, ``value``'s is taken, for the
-    whole batch (under ``vmap`` too).
+    (``_loops.chunked_sum``). ``terms(*args, zero, one[, big])``: ``value`` written without a
+    comparison or a select, which XLA's CPU compiler fuses whole into its sum
+    (``_xla.sum_in_one_fusion``), its constants 0, 1 and the largest finite number taken from
+    its last arguments: without ``big`` equal to ``value`` wherever the inputs are finite, with
+    it wherever ``value`` is defined. Where the first sum is not finite, the second is taken,
+    for the whole batch (under ``vmap`` too).
     """
     tangent = rematerialized(tangent)
 
@@ -160,13 +161,13 @@ def elementwise(
             return value(*args)
         shape = jnp.shape(args[0])
 
-        def exact():
-            return _loops.chunked_sum(value, args, shape, narrow_fuses_whole)
-
         if terms is None or not _xla.fuses_sum(args, shape):
-            return exact()
-        fused = _xla.sum_in_one_fusion(terms, args, compute_dtype(args[0].dtype))
-        return _xla.unless_nonfinite(fused, lambda: fused, exact)
+            return _loops.chunked_sum(value, args, shape, narrow_fuses_whole)
+        dtype = compute_dtype(args[0].dtype)
+        fused = _xla.sum_in_one_fusion(terms, args, dtype)
+        return _xla.unless_nonfinite(
+            fused, lambda: fused, lambda: _xla.sum_in_one_fusion(terms, args, dtype, infinite=True)
+        )
 
     f = functools.partial(jax.custom_jvp, nondiff_argnums=(0,))(primal)
 

@@ -57,16 +57,34 @@ def _sigmoid_bce_value(x, y, pos_weight, weights, eps):
     return tail + weighted(jnp.where(xf < 0, pos, neg), jnp.abs(xf))
 
 
-def _sigmoid_bce_terms(x, y, pos_weight, weights, eps, zero, one):
-    """:func:`_sigmoid_bce_value` without a comparison or a select: ``(pos + neg) tail +
-    pos max(-x, 0) + neg max(x, 0)``, which takes the same values, rounding for rounding (up to
-    the sign of a zero), wherever the inputs and ``pos`` and ``neg`` are finite (one of the two
-    products is 0, and a weight of 0 multiplies a finite term). Elsewhere it may give NaN
-    (``0 inf`` at an infinite logit whose side has a weight of 0, an overflowed coefficient times
-    0), and the sum is then taken again by :func:`_sigmoid_bce_value`
-    (``_autodiff.elementwise``'s ``terms``)."""
+def _sigmoid_bce_terms(x, y, pos_weight, weights, eps, zero, one, big=None):
+    """:func:`_sigmoid_bce_value` without a comparison or a select, which XLA's CPU compiler
+    fuses whole into its sum (``_xla.sum_in_one_fusion``, whose constants are ``zero``,
+    ``one`` and ``big``, the dtype's largest finite number):
+    ``(pos + neg) tail + pos max(-x, 0) + neg max(x, 0)``.
+
+    Wherever the inputs are finite these are the select's values, rounding for rounding (up to
+    the sign of a zero): one of the two products is 0, and a weight of 0 multiplies a finite
+    number. At an infinite logit whose side has a coefficient of 0 they are ``0 inf = NaN``,
+    where the select gives 0 (a perfect prediction). With ``big`` they are exact there too:
+    ``(pos + neg) tail + (pos min(max(-x, 0), big) + neg min(max(x, 0), big)) f f`` with
+    ``f = min(max(|x| - big, 0), big) + 1``, which is 1 at a finite logit (the same values)
+    and ``big`` at an infinite one, where the products are finite (``big`` times the
+    coefficient of the logit's side) and ``f f`` makes them overflow: ``+-inf`` where that
+    coefficient is not 0 (``big^3`` times the smallest subnormal number overflows), 0 where it
+    is 0, as the select gives. A NaN logit gives NaN. Only where a coefficient itself overflows
+    (``w pw t`` beyond the dtype's range) may a term be NaN (``inf 0``) where the select's is
+    ``inf``. The operations of ``big`` cost the loss alone 1.24x its time on CPU, so the sum
+    takes the first form and only a batch whose sum is not finite the second
+    (``_autodiff.elementwise``): a branch whose sides are one fusion each, which compiles in
+    about half the time of a branch to the select's terms in row chunks (``_xla``'s
+    FUSED_SUM_MIN_ELEMENTS)."""
     xf, pos, neg, tail = _weighted_tail(x, y, pos_weight, weights, eps, one)
-    return tail + pos * jnp.maximum(-xf, zero) + neg * jnp.maximum(xf, zero)
+    below, above = jnp.maximum(-xf, zero), jnp.maximum(xf, zero)
+    if big is None:
+        return tail + pos * below + neg * above
+    f = jnp.minimum(jnp.maximum(jnp.abs(xf) - big, zero), big) + one
+    return tail + (pos * jnp.minimum(below, big) + neg * jnp.minimum(above, big)) * f * f
 
 
 def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w_dot, eps_dot):

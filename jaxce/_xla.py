@@ -281,20 +281,24 @@ FUSED_SOFT_MIN_ELEMENTS = 8192
 
 # The sum of an elementwise loss (sigmoid BCE) on CPU, from jaxlib 0.10.2, written without a
 # comparison or a select (_autodiff.elementwise's ``terms``): XLA fuses it whole with its sum into
-# one YNNPACK kernel, where its row chunks were a loop over such kernels. The loss alone takes the
-# same time either way (its exponential and logarithm set it), but value_and_grad of the mean
-# took less: measured on 2 cores of an Intel Xeon (2026-12-06; one process, rounds alternating,
-# 15 rounds), the fused sum's time over the chunks', float32: [512, 512] 0.98x, [1024, 1000]
-# 0.73-0.80x, [2048, 8192] 0.88x, [4096, 4096] 0.90-0.96x, [16384, 4096] 0.95x; bfloat16:
-# [1024, 1000] 0.77x, [4096, 4096] 0.83x; the same temporaries (the chunks, which the branch for
-# a sum that is not finite holds). Below FUSED_SUM_MIN_ELEMENTS entries it took 1.09x ([64, 128],
-# [256, 256]), and there the chunks stay. The branch costs compile time: lowering and compiling
-# took 34 and 118 ms against 25 and 97 ms at float32 [1024, 1000] (optax's 16 and 76 ms), 33 and
-# 101 ms against 26 and 96 ms at [16384, 4096] (median of four). The inputs and the constants 0
-# and 1 are values of their own (an optimization barrier): with a literal 1 XLA merged its
-# broadcast with the derivative's and kept it as an array (128 MiB at float32 [4096, 4096]); a
-# conversion of narrow inputs shared with the derivative would be kept so too. Not for float16
-# (not fused: a float32 copy). Guarded by
+# one YNNPACK kernel, where its row chunks were a loop over such kernels. value_and_grad of the
+# mean took less: measured on 2 cores of an Intel Xeon (2026-12-06; one process, rounds
+# alternating, 15 rounds), the fused sum's time over the chunks', float32: [512, 512] 0.98x,
+# [1024, 1000] 0.73-0.80x, [2048, 8192] 0.88x, [4096, 4096] 0.90-0.96x, [16384, 4096] 0.95x;
+# bfloat16: [1024, 1000] 0.77x, [4096, 4096] 0.83x. Below FUSED_SUM_MIN_ELEMENTS entries it took
+# 1.09x ([64, 128], [256, 256]), and there the chunks stay. Where the sum is not finite (an
+# infinite logit, NaN) the batch takes the same sum of terms exact at infinite logits
+# (_binary._sigmoid_bce_terms with ``big``), one fusion too, in a branch. Lowering and compiling
+# value_and_grad took 77 and 79 ms at float32 [1024, 1000] and [4096, 4096] (optax's 91 and
+# 92 ms), where with a branch to the row chunks it took 147 and 140 ms, and with the exact terms
+# alone, no branch, 55 and 61 ms; in bfloat16 84 and 92 ms (optax's 132 and 130 ms; the chunks
+# 203 and 182 ms). The exact terms cost the loss alone 1.24x its time (float32 [4096, 4096]: 20.9
+# against 16.8 ms), the branch nothing measured (value_and_grad 52.1 against 55.4 ms
+# without a branch, 54.0 ms with the chunks; one run, 2026-12-06, 11 rounds).
+# The inputs and the constants are values of their own (an optimization barrier): with a literal
+# 1 XLA merged its broadcast with the derivative's and kept it as an array (128 MiB at float32
+# [4096, 4096]); a conversion of narrow inputs shared with the derivative would be kept so too.
+# Not for float16 (not fused: a float32 copy). Guarded by
 # tests/test_memory.py::test_elementwise_sums_keep_no_array_of_their_size.
 FUSED_SUM_MIN_ELEMENTS = 2**18
 
@@ -310,13 +314,18 @@ def fuses_sum(args: tuple, shape: tuple[int, ...]) -> bool:
     )
 
 
-def sum_in_one_fusion(terms: Callable[..., jax.Array], args: tuple, dtype) -> jax.Array:
-    """``sum(terms(*args, zero, one))``, ``args`` and the ``dtype`` scalars ``zero`` and ``one``
-    behind an optimization barrier (see FUSED_SUM_MIN_ELEMENTS): ``terms`` takes its constants
-    from them."""
-    constants = (jnp.zeros((), dtype), jnp.ones((), dtype))
-    *args, (zero, one) = jax.lax.optimization_barrier((*args, constants))
-    return jnp.sum(terms(*args, zero, one))
+def sum_in_one_fusion(
+    terms: Callable[..., jax.Array], args: tuple, dtype, infinite: bool = False
+) -> jax.Array:
+    """``sum(terms(*args, zero, one))``, or with ``infinite`` ``sum(terms(*args, zero, one,
+    big))`` (``big``: the largest finite number), ``args`` and the ``dtype`` scalars behind an
+    optimization barrier (see FUSED_SUM_MIN_ELEMENTS): ``terms`` takes its constants from
+    them."""
+    constants = [jnp.zeros((), dtype), jnp.ones((), dtype)]
+    if infinite:
+        constants.append(jnp.asarray(jnp.finfo(dtype).max, dtype))
+    *args, constants = jax.lax.optimization_barrier((*args, tuple(constants)))
+    return jnp.sum(terms(*args, *constants))
 
 
 # From this many rows on (jaxlib 0.10.2 to 0.12), XLA's CPU compiler makes the soft-label loss

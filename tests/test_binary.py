@@ -200,9 +200,10 @@ def test_sbce_sum_in_one_fusion_keeps_every_digit(dtype, eps):
     """The sum in one fusion (on CPU from ``_xla.FUSED_SUM_MIN_ELEMENTS`` entries, forced here)
     of large logits on targets near their side, ``(1 - t) x`` for a target near 1 (``0.95``,
     smoothing's ``1 - eps / 2``) and ``t |x|`` near 0, is within a few units of float64's sum.
-    An infinite logit whose side has a weight of 0 adds 0 there, not NaN: the terms without a
-    select give ``0 inf`` for it, and the sum is then taken from the elementwise losses (without
-    that branch this test fails)."""
+    An infinite logit whose side has a weight of 0 adds 0 there, not NaN (``0 inf`` without
+    the clips to the finite range), and one whose side has a weight of 16 times the smallest
+    normal number adds inf, not about ``16 tiny max = 64`` (without the factor that is the
+    largest number at an infinite logit), under ``vmap`` too (``_binary._sigmoid_bce_terms``)."""
     x = np.array([30.0, 1e4, -1e4, 3.0, -30.0, 1e4, 2.0, np.inf, -np.inf])
     y = np.array([0.95, 0.999, 0.001, 1 - 2**-20, 0.05, 1.0, 0.9, 0.0, 1.0])
     w = np.array([1.0, 1.0, 2.0, 1.0, 1.0, 0.5, 1.0, 0.0, 0.0])
@@ -218,11 +219,12 @@ def test_sbce_sum_in_one_fusion_keeps_every_digit(dtype, eps):
     want = np.sum(terms)
     with _paths.taken(_paths.FUSED_PASSES):
         fused = jax.jit(total)
-        assert "cond[" in str(jax.make_jaxpr(total)(xs, ys, ws))
         got = float(fused(xs, ys, ws))
         got_finite = float(fused(xs[finite], ys[finite], ws[finite]))
-        # Under vmap the choice is the whole batch's: the finite example's sum is the same.
         pair = jax.jit(jax.vmap(total))(*(jnp.stack([a[:7], a[2:]]) for a in (xs, ys, ws)))
+        tiny = ws.at[8].set(16 * np.finfo(cd).tiny)  # on the target 1's side of -inf
+        assert float(fused(xs, ys, tiny)) == np.inf
+        assert float(jax.jit(jax.vmap(total))(xs[None], ys[None], tiny[None])[0]) == np.inf
     unit = float(np.finfo(cd).eps)
     assert abs(got_finite - want) <= 4 * unit * want, (got_finite, want)
     assert abs(got - got_finite) <= 4 * unit * want  # the elementwise losses summed in chunks

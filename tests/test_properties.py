@@ -1325,17 +1325,19 @@ def test_sigmoid_binary_cross_entropy(data):
 
 
 def _sbce_total(x, y, pos_weight, weights, eps, reduction, path):
-    """The reduced sigmoid BCE, jitted and traced on ``path``, and whether its program holds the
-    choice (a cond) between the fused sum and the chunks (``_xla.sum_in_one_fusion``)."""
+    """The reduced sigmoid BCE, jitted and traced on ``path``, and whether its sum is taken in
+    one fusion (``_xla.sum_in_one_fusion``)."""
     kw = {} if pos_weight is None else dict(pos_weight=pos_weight, weights=weights)
     kw |= {} if eps is None else dict(label_smoothing=eps)
 
     def loss(x, y):
         return jaxce.sigmoid_binary_cross_entropy(x, y, reduction=reduction, **kw)
 
-    with _paths.taken(path):
-        program = str(jax.make_jaxpr(loss)(x, y))
-        return jax.jit(loss)(x, y), "cond[" in program
+    with (
+        _paths.taken(path),
+        mock.patch.object(_xla, "sum_in_one_fusion", wraps=_xla.sum_in_one_fusion) as fusion,
+    ):
+        return jax.jit(loss)(x, y), fusion.called
 
 
 @_settings(0.5)
@@ -1343,9 +1345,9 @@ def _sbce_total(x, y, pos_weight, weights, eps, reduction, path):
 def test_sigmoid_bce_sum_in_one_fusion(data):
     """The sum (and mean) of the sigmoid BCE taken whole in one fusion (on CPU from
     ``_xla.FUSED_SUM_MIN_ELEMENTS`` entries, forced here) is the sum of the elementwise losses:
-    its terms are theirs, rounding for rounding, written without a select, and where an input
-    makes them differ (an infinite logit, NaN) the sum is taken again from the elementwise
-    losses. Both differ from the float64 sum of the elementwise losses by at most the sum's own
+    its terms, written without a select, are theirs, rounding for rounding, at finite logits,
+    and at infinite ones 0 or inf as the select gives (``_binary._sigmoid_bce_terms``). Both
+    paths differ from the float64 sum of the elementwise losses by at most the sum's own
     rounding."""
     draw = data.draw
     dtype = draw(st.sampled_from(DTYPES), "dtype")

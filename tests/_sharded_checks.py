@@ -22,6 +22,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -33,6 +34,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import _paths  # noqa: E402
 from _compilations import counted  # noqa: E402
 from _float16_overflow import Float16Overflow  # noqa: E402
 from _jax_support import (  # noqa: E402
@@ -1038,6 +1040,49 @@ def every_function_on_batch_sharded_explicit_axes():
     with jax.set_mesh(mesh):
         err, _ = jax.jit(checkify.checkify(lambda y: jaxce.check_labels(y, 7)))(labels)
     assert "found 18 outside, the first is 7 (at flat index 7)" in err.get(), err.get()
+
+
+@check
+def sigmoid_bce_sum_in_one_fusion_on_split_rows():
+    # The sigmoid BCE's sum in one fusion (on CPU from _xla.FUSED_SUM_MIN_ELEMENTS entries,
+    # forced here), with weights per row and per class, on rows split over one mesh axis and
+    # two: each device sums its rows in one fusion, and a device whose rows hold an infinite
+    # logit takes the branch to the terms exact there (0 for a side with a coefficient of 0).
+    # Values and gradients as on one device, whose rows are summed in chunks.
+    rng = np.random.default_rng(11)
+    n, c = 64, 200
+    z = rng.normal(size=(n, c)) * 3
+    y = (rng.uniform(size=(n, c)) > 0.5).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, (n, 1))
+    pw = rng.uniform(0.5, 2.0, c)
+    infinite = z.copy()
+    infinite[3, 5], y[3, 5] = np.inf, 1.0  # 1 - t = 0 on the logit's side
+    infinite[20, 9], y[20, 9] = -np.inf, 0.0  # t = 0
+    infinite[40, 7], y[40, 7], w[40] = -np.inf, 0.0, 0.0  # and a weight of 0
+    labels = jnp.asarray(y)
+
+    def loss(z, w, pw):
+        return jaxce.sigmoid_binary_cross_entropy(
+            z, labels, weights=w, pos_weight=pw, reduction="mean"
+        )
+
+    def grad():  # a function of its own for each call: traced again, not taken from a cache
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+    for logits in (z, infinite):
+        args = [jnp.asarray(a, jnp.float32) for a in (logits, w, pw)]
+        want, want_grads = grad()(*args)
+        assert np.isfinite(float(want)), want
+        for mesh, rows in ((mesh_of((8, 1)), P("data")), (mesh_of((2, 4)), P(("data", "model")))):
+            placed = place(mesh, (args[0], rows), (args[1], rows), (args[2], P()))
+            spy = mock.patch.object(_xla, "sum_in_one_fusion", wraps=_xla.sum_in_one_fusion)
+            with jax.set_mesh(mesh), _paths.taken(_paths.FUSED_PASSES), spy as fusion:
+                value, grads = grad()(*placed)
+            assert fusion.called  # on any jaxlib, where the path is forced
+            label = f"{mesh.axis_sizes} {'infinite' if logits is infinite else 'finite'}"
+            close(f"{label}: value", value, want, atol=1e-5)
+            for i, (g, g_want) in enumerate(zip(grads, want_grads, strict=True)):
+                close(f"{label}: gradient {i}", g, g_want)
 
 
 @check

@@ -47,6 +47,7 @@ CHECKS = (
     "plain_jit_on_automatic_axes_moves_only_rows",
     "plain_jit_on_explicit_axes_moves_only_rows",
     "every_function_on_batch_sharded_explicit_axes",
+    "sigmoid_bce_sum_in_one_fusion_on_split_rows",
     "automatic_axes_keep_every_row_chunk_on_its_devices",
     "automatic_axes_keep_second_derivatives_on_their_devices",
     "every_function_with_split_classes_on_explicit_axes",

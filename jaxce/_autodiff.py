@@ -150,9 +150,9 @@ def elementwise(
     (``_loops.chunked_sum``). ``terms(*args, zero, one[, big])``: ``value`` written without a
     comparison or a select, which XLA's CPU compiler fuses whole into its sum
     (``_xla.sum_in_one_fusion``), its constants 0, 1 and the largest finite number taken from
-    its last arguments: without ``big`` equal to ``value`` wherever the inputs are finite, with
-    it wherever ``value`` is defined. Where the first sum is not finite, the second is taken,
-    for the whole batch (under ``vmap`` too).
+    its last arguments, equal to ``value`` to within a rounding: without ``big`` wherever the
+    inputs are finite (elsewhere NaN), with it everywhere. Where the first sum is not finite,
+    the second is taken, for the whole batch (under ``vmap`` too).
     """
     tangent = rematerialized(tangent)
 

@@ -63,27 +63,33 @@ def _sigmoid_bce_terms(x, y, pos_weight, weights, eps, zero, one, big=None):
     ``one`` and ``big``, the dtype's largest finite number):
     ``(pos + neg) tail + pos max(-x, 0) + neg max(x, 0)``.
 
-    Wherever the inputs are finite these are the select's values, rounding for rounding (up to
-    the sign of a zero): one of the two products is 0, and a weight of 0 multiplies a finite
-    number. At an infinite logit whose side has a coefficient of 0 they are ``0 inf = NaN``,
-    where the select gives 0 (a perfect prediction). With ``big`` they are exact there too:
-    ``(pos + neg) tail + (pos min(max(-x, 0), big) + neg min(max(x, 0), big)) f f`` with
+    Wherever the inputs and the coefficients are finite these are the select's values, to
+    within a rounding: one of the two products is 0, and a weight of 0 multiplies a finite
+    number (XLA may contract a product and a sum into one fused multiply-add in one form and
+    not in the other: float32 1.3169797 against 1.3169796). At an infinite logit whose side
+    has a coefficient of 0 they are ``0 inf = NaN``, where the select gives 0 (a perfect
+    prediction), and so is a coefficient that overflows (``w pw t`` beyond the dtype's range)
+    times the 0 of the other side, where the select gives inf. With ``big`` they are the
+    select's values there too:
+    ``(pos + neg) tail + (pos' min(max(-x, 0), big) + neg' min(max(x, 0), big)) f f``, with the
+    coefficients ``pos'`` and ``neg'`` clipped to ``+-big`` (an overflowed one then multiplies
+    a 0 as 0, and ``(pos + neg) tail`` carries its inf, as in the select's value) and
     ``f = min(max(|x| - big, 0), big) + 1``, which is 1 at a finite logit (the same values)
     and ``big`` at an infinite one, where the products are finite (``big`` times the
     coefficient of the logit's side) and ``f f`` makes them overflow: ``+-inf`` where that
     coefficient is not 0 (``big^3`` times the smallest subnormal number overflows), 0 where it
-    is 0, as the select gives. A NaN logit gives NaN. Only where a coefficient itself overflows
-    (``w pw t`` beyond the dtype's range) may a term be NaN (``inf 0``) where the select's is
-    ``inf``. The operations of ``big`` cost the loss alone 1.24x its time on CPU, so the sum
-    takes the first form and only a batch whose sum is not finite the second
-    (``_autodiff.elementwise``): a branch whose sides are one fusion each, which compiles in
-    about half the time of a branch to the select's terms in row chunks (``_xla``'s
-    FUSED_SUM_MIN_ELEMENTS)."""
+    is 0, as the select gives. A NaN gives NaN. These operations cost the loss alone 1.24x its
+    time on CPU, so the sum takes the first form and only a batch whose sum is not finite the
+    second (``_autodiff.elementwise``): a branch whose sides are one fusion each, which compiles
+    in about half the time of a branch to the select's terms in row chunks (``_xla``'s
+    FUSED_SUM_MIN_ELEMENTS). tests/test_binary.py compares both forms with the select's values
+    entry by entry."""
     xf, pos, neg, tail = _weighted_tail(x, y, pos_weight, weights, eps, one)
     below, above = jnp.maximum(-xf, zero), jnp.maximum(xf, zero)
     if big is None:
         return tail + pos * below + neg * above
     f = jnp.minimum(jnp.maximum(jnp.abs(xf) - big, zero), big) + one
+    pos, neg = jnp.clip(pos, -big, big), jnp.clip(neg, -big, big)
     return tail + (pos * jnp.minimum(below, big) + neg * jnp.minimum(above, big)) * f * f
 
 

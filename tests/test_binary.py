@@ -1,6 +1,7 @@
 """sigmoid_binary_cross_entropy (BCEWithLogitsLoss) and binary_cross_entropy (BCELoss)."""
 
 import itertools
+from unittest import mock
 
 import _paths
 import _reference as R
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxce
-from jaxce import _xla
+from jaxce import _binary, _xla
 
 BIG32 = float(np.float32(3e38))
 SBCE = R.jitted(jaxce.sigmoid_binary_cross_entropy)
@@ -217,7 +218,8 @@ def test_sbce_sum_in_one_fusion_keeps_every_digit(dtype, eps):
     f64 = [np.asarray(a[finite], np.float64) for a in (xs, ys, ws)]
     terms = R.sigmoid_binary_cross_entropy(*f64[:2], weights=f64[2], label_smoothing=eps)
     want = np.sum(terms)
-    with _paths.taken(_paths.FUSED_PASSES):
+    spy = mock.patch.object(_xla, "sum_in_one_fusion", wraps=_xla.sum_in_one_fusion)
+    with _paths.taken(_paths.FUSED_PASSES), spy as fusion:
         fused = jax.jit(total)
         got = float(fused(xs, ys, ws))
         got_finite = float(fused(xs[finite], ys[finite], ws[finite]))
@@ -225,11 +227,48 @@ def test_sbce_sum_in_one_fusion_keeps_every_digit(dtype, eps):
         tiny = ws.at[8].set(16 * np.finfo(cd).tiny)  # on the target 1's side of -inf
         assert float(fused(xs, ys, tiny)) == np.inf
         assert float(jax.jit(jax.vmap(total))(xs[None], ys[None], tiny[None])[0]) == np.inf
+    # the fused sum and its branch (traced with it) to the terms exact at infinite logits
+    assert [c.kwargs.get("infinite", False) for c in fusion.call_args_list[:2]] == [False, True]
     unit = float(np.finfo(cd).eps)
     assert abs(got_finite - want) <= 4 * unit * want, (got_finite, want)
-    assert abs(got - got_finite) <= 4 * unit * want  # the elementwise losses summed in chunks
+    assert abs(got - got_finite) <= 4 * unit * want  # the branch's sum, the infinities adding 0
     assert abs(float(pair[0]) - got_finite) <= 4 * unit * want
     assert abs(float(pair[1]) - np.sum(terms[2:])) <= 4 * unit * want  # the infinities add 0
+
+
+@pytest.mark.parametrize("eps", [None, 0.1])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+def test_sbce_terms_without_a_select_are_the_selects_values(dtype, eps):
+    """The sigmoid BCE's terms without a select (``_binary._sigmoid_bce_terms``, which the CPU
+    sums in one fusion) against the select's elementwise values, entry by entry: with ``big``
+    equal everywhere (finite and infinite logits, the largest ones, zero, negative and
+    overflowing coefficients, NaN); without it equal wherever the logit and the coefficients
+    are finite, and NaN (which sends the sum to the second form) wherever not equal. Equal to
+    within a rounding (``rtol``): XLA contracts a product and a sum into one fused
+    multiply-add in one form and not in the other."""
+    cd = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    top, huge = float(jnp.finfo(dtype).max), float(jnp.finfo(cd).max) / 2
+    xs = [0.0, -0.0, 1e-7, -1e-7, 0.5, -0.5, 3.0, -3.0, 30.0, -30.0, 1e4, -1e4, top, -top]
+    xs += [np.inf, -np.inf, np.nan]
+    grid = itertools.product(xs, [0.0, 1.0, 0.3, 0.999], [1.0, 0.0, -2.0, 1e-3, huge], [1.0, 4.0])
+    x, y, w, pw = (np.array(a) for a in zip(*grid, strict=True))
+    args = (jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(pw, cd), jnp.asarray(w, cd))
+    e = None if eps is None else jnp.asarray(eps, cd)
+    zero, one, big = (jnp.asarray(v, cd) for v in (0.0, 1.0, jnp.finfo(cd).max))
+    value = np.asarray(jax.jit(_binary._sigmoid_bce_value)(*args, e), np.float64)
+    plain = np.asarray(jax.jit(_binary._sigmoid_bce_terms)(*args, e, zero, one), np.float64)
+    exact = np.asarray(jax.jit(_binary._sigmoid_bce_terms)(*args, e, zero, one, big), np.float64)
+    rtol = 2 * float(jnp.finfo(cd).eps)
+    np.testing.assert_allclose(exact, value, rtol=rtol, atol=0)
+    t = np.asarray(args[1], np.float64) * (1 - (eps or 0.0)) + (eps or 0.0) / 2
+    with np.errstate(invalid="ignore", over="ignore"):
+        coefficients = np.maximum(np.abs(w * pw * t), np.abs(w * (1 - t)))
+    finite = np.isfinite(np.asarray(args[0], np.float64)) & (coefficients <= huge * 1.9)
+    assert np.any(~finite & ~np.isnan(x)) and np.any(coefficients > 2 * huge)
+    np.testing.assert_allclose(plain[finite], value[finite], rtol=rtol, atol=0)
+    with np.errstate(invalid="ignore"):
+        differ = ~np.isclose(plain, value, rtol=rtol, atol=0, equal_nan=True)
+    assert np.all(np.isnan(plain[differ])), plain[differ]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])

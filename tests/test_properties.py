@@ -1345,7 +1345,7 @@ def _sbce_total(x, y, pos_weight, weights, eps, reduction, path):
 def test_sigmoid_bce_sum_in_one_fusion(data):
     """The sum (and mean) of the sigmoid BCE taken whole in one fusion (on CPU from
     ``_xla.FUSED_SUM_MIN_ELEMENTS`` entries, forced here) is the sum of the elementwise losses:
-    its terms, written without a select, are theirs, rounding for rounding, at finite logits,
+    its terms, written without a select, are theirs, to within a rounding, at finite logits,
     and at infinite ones 0 or inf as the select gives (``_binary._sigmoid_bce_terms``). Both
     paths differ from the float64 sum of the elementwise losses by at most the sum's own
     rounding."""

@@ -75,3 +75,9 @@ def taken(path: str | None):
         else:
             raise ValueError(f"unknown path {path!r}")
         yield
+
+
+def fused_sums():
+    """A spy on ``_xla.sum_in_one_fusion`` (the sums of elementwise losses taken in one fusion),
+    as a context manager: its ``called`` and ``call_args_list`` tell what was traced inside."""
+    return mock.patch.object(_xla, "sum_in_one_fusion", wraps=_xla.sum_in_one_fusion)

@@ -1333,10 +1333,7 @@ def _sbce_total(x, y, pos_weight, weights, eps, reduction, path):
     def loss(x, y):
         return jaxce.sigmoid_binary_cross_entropy(x, y, reduction=reduction, **kw)
 
-    with (
-        _paths.taken(path),
-        mock.patch.object(_xla, "sum_in_one_fusion", wraps=_xla.sum_in_one_fusion) as fusion,
-    ):
+    with _paths.taken(path), _paths.fused_sums() as fusion:
         return jax.jit(loss)(x, y), fusion.called
 
 

@@ -488,8 +488,10 @@ def test_gpus_read_whole_rows_where_xla_fuses_them(monkeypatch, backend, case):
 # The loss alone (an evaluation step, no gradient): on CPU the integer-label statistics of
 # float32, float64 and bfloat16 logits are read in whole rows, which XLA fuses without a
 # temporary from jaxlib 0.10.2 on (_xla.row_chunk; bfloat16 through _xla.unshared, without which
-# XLA keeps a 64 MiB float32 copy here); float16 logits, which XLA's CPU fusions do not take, and
-# smoothing keep their 1 MiB row chunks, as every case does on an older jaxlib.
+# XLA keeps a 64 MiB float32 copy here), with smoothing too (its sums first as if every class were
+# admissible, and in the branch for a -inf logit over the admissible ones, fused too:
+# jaxce._rows.exact_smoothing_sums); float16 logits, which XLA's CPU fusions do not take, keep
+# their 1 MiB row chunks, as every case does on an older jaxlib.
 ALONE_CASES = {
     "plain": ({}, jnp.float32, True),
     "z_loss_and_class_weights": (
@@ -501,7 +503,7 @@ ALONE_CASES = {
     "bfloat16": ({}, jnp.bfloat16, True),
     "bfloat16_ignore_index": ({"ignore_index": -100}, jnp.bfloat16, True),
     "float16": ({}, jnp.float16, False),
-    "smoothing": ({"label_smoothing": 0.1}, jnp.float32, False),
+    "smoothing": ({"label_smoothing": 0.1}, jnp.float32, True),
     "where": ({"where": None}, jnp.float32, False),  # the mask: the program's second argument
 }
 
@@ -524,8 +526,8 @@ def test_the_loss_alone_reads_whole_rows_on_cpu(monkeypatch, case):
     loops = text.count("stablehlo.while")
     assert (loops == 0) == whole, f"{loops} loops"
     if case == "smoothing" and _xla.cpu_fuses_whole_rows():
-        # Whole rows first, without a select; the chunks only in the branch that a batch with
-        # a -inf logit takes (jaxce._rows.assumes_all_admissible).
+        # Whole rows first, without a select; the branch that a batch with a -inf logit takes
+        # (jaxce._rows.assumes_all_admissible) sums over the admissible classes, fused too.
         assert "stablehlo.case" in text or "stablehlo.if" in text, text
     if jax.default_backend() == "cpu":
         temp = _temp_bytes(program)  # a float32 copy of the logits would be 64 MiB

@@ -538,3 +538,73 @@ def test_bfloat16_under_a_small_cap_sums_the_smoothing_gap_from_kept_exponential
     # unit in the last place of the largest entry.
     largest = np.abs(want_grad).max()
     R.assert_close(through_value.astype(jnp.float32), want_grad, rtol=2**-8, atol=2**-7 * largest)
+
+
+def _smoothing_sums_both_ways(x, weights, options):
+    """The smoothing's row sums of ``x`` (no mask) with a select per entry
+    (``_rows.smoothing_sums``) and without (``_rows.exact_smoothing_sums``), as float64."""
+    from jaxce import _loops, _rows, _softmax
+
+    sub = _loops.SubRows.of(x)
+    (viewed,) = sub.view(x)
+    m = _rows.capped_max(sub.max(_softmax.row_max(viewed, None)), options)
+    c = x.shape[-1]
+    w = None if weights is None else jnp.asarray(weights, _rows.compute_dtype(x.dtype))
+    select = _rows.smoothing_sums(viewed, None, sub.classes(w), m, options, c, sub)
+    fused = _rows.exact_smoothing_sums(x, w, m, options, c)
+    return [np.asarray(v, np.float64)[..., 0] for v in select], [
+        np.asarray(v, np.float64)[..., 0] for v in fused
+    ]
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+@pytest.mark.parametrize("cols", [8, 2**16])  # 2**16: sub-rows (_xla.row_blocks) in float32
+def test_the_exact_smoothing_sums_without_a_select_are_the_selects(dtype, cap, cols):
+    """The branch that a batch with a -inf logit takes (``_rows.exact_smoothing_sums``: the
+    count, the weights' total and the gap over the admissible classes, without a select) gives
+    the select's sums, to within a rounding, on rows of finite, -inf, +inf, +-max and NaN logits
+    (a row all -inf, one with a NaN), under class weights that are finite (0 and negative
+    included), infinite or NaN on a masked class, on an admissible one, and on the row's max
+    (a gap term of ``inf * 0 = NaN``): the same infinities and NaNs, entry for entry of the
+    rows' sums. NaN rows are NaN in the gap either way; their count and total are NaN without
+    the select (the loss of such a row is NaN already)."""
+    from jaxce import _rows
+
+    big = float(jnp.finfo(dtype).max)
+    rng = np.random.default_rng(cols)
+    x = rng.normal(0.0, 3.0, (9, cols))
+    x[0, 1] = x[1, 0] = x[1, 2] = -np.inf  # row 1: the max at column 3
+    x[1, 3] = 20.0
+    x[2, :] = -np.inf  # a row with nothing admissible
+    x[3, 4] = np.inf
+    x[4, 1], x[4, 2] = big, -big
+    x[5, 5] = np.nan
+    x[6, 1] = -np.inf
+    x[6, 4] = x[7, 4] = 25.0  # the max at the weighted column 4
+    x[8, 2] = -np.inf
+    xs = jnp.asarray(x, dtype)
+    finite = rng.uniform(0.5, 2.0, cols)
+    finite[6] = 0.0
+    finite[7] = -1.5
+    cases = {"none": None, "finite": finite}
+    for name, value in [("inf", np.inf), ("-inf", -np.inf), ("nan", np.nan)]:
+        for col, where in [(1, "masked in rows 0, 4, 6"), (4, "the max of rows 6, 7")]:
+            w = finite.copy()
+            w[col] = value
+            cases[f"{name} at {col} ({where})"] = w
+    options = _rows.make_options(_rows.compute_dtype(dtype), 0.1, 0.0, cap)
+    nan_rows = np.isnan(x).any(-1)
+    for name, w in cases.items():
+        select, fused = _smoothing_sums_both_ways(xs, w, options)
+        for what, s, f in zip(["count", "total", "gap"], select, fused, strict=True):
+            if what != "gap":
+                assert np.isnan(f[nan_rows]).all(), (name, what)
+                s, f = s[~nan_rows], f[~nan_rows]
+            rtol = 4 * float(jnp.finfo(_rows.compute_dtype(dtype)).eps)
+            np.testing.assert_allclose(f, s, rtol=rtol, atol=0, err_msg=f"{name}: {what}")
+    # What the weights cases exercise: some sums are infinite, some NaN, some finite.
+    select, _ = _smoothing_sums_both_ways(xs, cases["inf at 4 (the max of rows 6, 7)"], options)
+    assert np.isnan(select[2][6]) and np.isinf(select[1][6])  # inf * 0 on the max
+    select, _ = _smoothing_sums_both_ways(xs, cases["nan at 1 (masked in rows 0, 4, 6)"], options)
+    assert np.isfinite(select[1][0]) and np.isnan(select[1][3])

@@ -483,11 +483,12 @@ def exact_smoothing_sums(
     branch that a batch takes where :func:`all_admissible_sums` is not finite (a -inf, +inf or
     NaN logit, an infinite or NaN class weight). Each entry's terms equal the select's,
     ``[c in A] (1, w_c, w_c (shift - z_c) / (2 C))``, to within a rounding (XLA may contract a
-    product and a sum into a fused multiply-add in one form and not the other), at every logit
-    and class weight:
+    product and a sum into a fused multiply-add in one form and not the other), at every class
+    weight and every logit but NaN:
 
     - ``a = 1 - min(max(lowest - x, 0), 1)`` is 1 above -inf (at +inf too), 0 at -inf, NaN at
-      NaN (whose row is NaN anyway: its ``sum_exp`` is);
+      NaN: a NaN logit's row has a NaN count and total here, where the select counts it (its
+      gap, ``sum_exp`` and loss are NaN either way);
     - the gap's logit is ``max(x, lowest)``, finite at -inf (soft-capped too), so ``a`` times a
       finite class weight times its difference is 0 there, not ``0 * inf``;
     - a class weight enters as ``((a c) f) g`` (:func:`_weight_parts`, per class): ``c`` the
@@ -515,12 +516,18 @@ def exact_smoothing_sums(
     ``value_and_grad``, two runs alternating with the loop (2026-12-06): compiled in 456-460
     against 545-549 ms at float32 [1024, 1000] (optax's program 260-321 ms), 328-338 against
     439-464 ms at [4096, 4096], 392-438 against 464-586 ms at bfloat16 [1024, 1000], with
-    52 KiB of temporaries at float32 [1024, 1000] instead of 3.0 MiB. The loop was faster for
-    a batch that takes the branch (it sums all three from one read of each chunk): with one
-    -inf logit, ``value_and_grad`` 76-86 against 60-76 ms and the loss alone 46-52 against
-    35-41 ms at float32 [4096, 4096]; 2.85-2.92 against 3.04-3.11 ms and 2.48-2.51 against
-    2.18-2.32 ms at [1024, 1000]."""
-    return _exact_sums(num_classes, x, weights, m, options)
+    52 KiB of temporaries at float32 [1024, 1000] instead of 3.0 MiB. A batch that takes the
+    branch mostly ran faster in the loop, which sums all three from one read of each chunk:
+    with one -inf logit, ``value_and_grad`` 76-86 against 60-76 ms and the loss alone 46-52
+    against 35-41 ms at float32 [4096, 4096]; at [1024, 1000] ``value_and_grad`` 2.85-2.92
+    against 3.04-3.11 ms (faster fused) and the loss alone 2.48-2.51 against 2.18-2.32 ms."""
+    # The max is a shift without a derivative (as capped_max's): the rule below drops its tangent.
+    return _exact_sums(num_classes, x, weights, jax.lax.stop_gradient(m), options)
+
+
+def _present(v: jax.Array | None) -> jax.Array:
+    assert v is not None
+    return v
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -543,8 +550,7 @@ def _exact_sums(
         xf = barred[0].astype(dtype)
         per_class = None
         if barred[2] is not None:
-            viewed = [sub.classes(v) for v in barred[2]]
-            per_class = [class_row(v, xf) for v in viewed if v is not None]
+            per_class = [class_row(_present(sub.classes(v)), xf) for v in barred[2]]
         return xf, barred[1], per_class, *barred[3:5]
 
     def admitted(xf, scalars):
@@ -719,9 +725,10 @@ def assumes_all_admissible(
     admissible read the logits again, and XLA keeps the rows' float32 conversion whole: 565
     against 309 ms and 1 GiB of temporaries at [16384, 4096]; without a soft cap likewise
     (32 MiB, 0.92-0.98x optax's speed against 1.30-1.50x at [2048, 2048], smoothing alone).
-    The exact sums' branch costs compile time: as a loop over row chunks, every option on,
-    622 against 399 ms without the branch at bfloat16 [1024, 1000]; fused
-    (:func:`exact_smoothing_sums`), 392-438 against 464-586 ms for the loop."""
+    The exact sums' branch costs compile time. As a loop over row chunks, every option on at
+    bfloat16 [1024, 1000], in one run: 622 ms, against 399 ms for the program without this
+    rule. Fused (:func:`exact_smoothing_sums`), in two other runs alternating with the loop:
+    392-438 against 464-586 ms."""
     return (
         options.smoothing
         and mask is None

@@ -1361,9 +1361,19 @@ def test_the_exact_branch_takes_no_loop_and_differentiates_twice_as_the_mask_doe
     assert _rows.assumes_all_admissible(
         jnp.asarray(masked), None, jnp.asarray(weights), options, True
     )
-    program = jax.jit(jax.value_and_grad(loss)).lower(jnp.asarray(masked)).as_text()
+    # Lowered only, at a shape the row chunks took 8 of (over 1 MiB; at [48, 40] they were one).
+    big = jax.ShapeDtypeStruct((512, 1024), jnp.float64)
+    big_labels = jnp.zeros((512,), jnp.int32)
+
+    def big_loss(a):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            a, big_labels, class_weights=jnp.linspace(0.5, 1.5, 1024), **kw
+        )
+
+    program = jax.jit(jax.value_and_grad(big_loss)).lower(big).as_text()
     assert "stablehlo.while" not in program
     assert "stablehlo.case" in program or "stablehlo.if" in program
+    assert _rows.assumes_all_admissible(jnp.zeros(big.shape), None, jnp.ones(1024), options, True)
 
     def hvp(f, a):
         return jax.jvp(jax.grad(f), (a,), (v,))[1]

@@ -210,7 +210,9 @@ class Partial(NamedTuple):
     gap: jax.Array | None  # sum_A w_c (shift - z_c) / (2 num_classes): non-negative terms
 
 
-def half_difference(a: jax.Array, b: jax.Array, n: int = 1) -> jax.Array:
+def half_difference(
+    a: jax.Array, b: jax.Array, n: int = 1, half: jax.Array | None = None
+) -> jax.Array:
     """``(a - b) / (2 n)`` for ``a >= b``, as ``(a / 2 - b / 2) / n``: halving is exact, so
     this rounds as ``(a - b) / n`` does, halved exactly, wherever ``a - b`` is finite, and the
     halves' difference cannot overflow (``a = 3e38, b = -3e38``). Only halves of subnormal
@@ -220,8 +222,11 @@ def half_difference(a: jax.Array, b: jax.Array, n: int = 1) -> jax.Array:
     select) took ten: XLA's CPU compiler fuses the smoothing gap's sum into the per-row loss,
     and at so many operations per entry it split that fusion over threads, whose wake-up was
     most of a small call (float32 [256, 10] with label smoothing: the fusion 35.6 -> 2.5 us,
-    ``value_and_grad`` 0.76x the time; [1024, 1000] 0.89x, [4096, 4096] 0.95x)."""
-    half = jnp.asarray(0.5, jnp.result_type(a, b))
+    ``value_and_grad`` 0.76x the time; [1024, 1000] 0.89x, [4096, 4096] 0.95x). ``half``:
+    0.5 as an array the caller holds (behind an optimization barrier, where a literal's
+    broadcast would be written out whole), else a literal."""
+    if half is None:
+        half = jnp.asarray(0.5, jnp.result_type(a, b))
     difference = a * half - b * half
     return difference if n == 1 else difference / n
 
@@ -572,7 +577,7 @@ def _exact_sums(
     z = jnp.maximum(xf, lowest)
     if cap is not None:
         z = soft_cap_unguarded(z, cap)
-    difference = (s * half - z * half) / num_classes  # half_difference, as gap_terms has it
+    difference = half_difference(s, z, num_classes, half)
     gap = row_sum((a if per_class is None else weighted(a, per_class)) * difference)
     # The weights' total (the count without class weights), then the count.
     xf, scalars, per_class, _, _ = constants(gap)

@@ -540,20 +540,29 @@ def test_bfloat16_under_a_small_cap_sums_the_smoothing_gap_from_kept_exponential
     R.assert_close(through_value.astype(jnp.float32), want_grad, rtol=2**-8, atol=2**-7 * largest)
 
 
-def _smoothing_sums_both_ways(x, weights, options):
-    """The smoothing's row sums of ``x`` (no mask) with a select per entry
-    (``_rows.smoothing_sums``) and without (``_rows.exact_smoothing_sums``), as float64."""
+def _smoothing_sums(form, x, weights, options):
+    """The smoothing's row sums of ``x`` (no mask, ``weights`` ``[C]`` or None) with a select
+    per entry (``_rows.smoothing_sums``, ``form="select"``) or without
+    (``_rows.exact_smoothing_sums``, ``form="fused"``)."""
     from jaxce import _loops, _rows, _softmax
 
     sub = _loops.SubRows.of(x)
     (viewed,) = sub.view(x)
     m = _rows.capped_max(sub.max(_softmax.row_max(viewed, None)), options)
     c = x.shape[-1]
+    if form == "select":
+        return _rows.smoothing_sums(viewed, None, sub.classes(weights), m, options, c, sub)
+    return _rows.exact_smoothing_sums(x, weights, m, options, c)
+
+
+def _smoothing_sums_both_ways(x, weights, options):
+    """:func:`_smoothing_sums` of both forms, the weights in the compute dtype, as float64."""
+    from jaxce import _rows
+
     w = None if weights is None else jnp.asarray(weights, _rows.compute_dtype(x.dtype))
-    select = _rows.smoothing_sums(viewed, None, sub.classes(w), m, options, c, sub)
-    fused = _rows.exact_smoothing_sums(x, w, m, options, c)
-    return [np.asarray(v, np.float64)[..., 0] for v in select], [
-        np.asarray(v, np.float64)[..., 0] for v in fused
+    return [
+        [np.asarray(v, np.float64)[..., 0] for v in _smoothing_sums(form, x, w, options)]
+        for form in ("select", "fused")
     ]
 
 
@@ -615,7 +624,7 @@ def test_the_exact_smoothing_sums_take_the_selects_derivative(weighted):
     """The fused sums' derivative (their jvp rule) is the select's, in the logits, the class
     weights and the soft cap together, on rows with -inf logits: a rule that dropped or swapped
     a tangent would differ."""
-    from jaxce import _loops, _rows, _softmax
+    from jaxce import _rows
 
     rng = np.random.default_rng(3)
     x = rng.normal(0.0, 3.0, (6, 12))
@@ -630,12 +639,7 @@ def test_the_exact_smoothing_sums_take_the_selects_derivative(weighted):
 
     def sums(form):
         def of(x, w, cap):
-            options = _rows.make_options(jnp.float64, 0.1, 0.0, cap)
-            sub = _loops.SubRows.of(x)
-            m = _rows.capped_max(sub.max(_softmax.row_max(x, None)), options)
-            if form == "select":
-                return _rows.smoothing_sums(x, None, w, m, options, 12, sub)
-            return _rows.exact_smoothing_sums(x, w, m, options, 12)
+            return _smoothing_sums(form, x, w, _rows.make_options(jnp.float64, 0.1, 0.0, cap))
 
         return of
 

@@ -172,6 +172,12 @@ def concrete(value: object) -> float | None:
         return None
 
 
+def _bound(v: float) -> str:
+    """A bound as a message shows it: a large power of two as one (``2**64``), else ``:g``."""
+    exponent = math.frexp(v)[1] - 1
+    return f"2**{exponent}" if exponent >= 20 and v == 2.0**exponent else f"{v:g}"
+
+
 def _in_range(v, low: float, high: float, open_low: bool):
     above_low = v > low if open_low else v >= low
     return above_low & (v <= high)
@@ -191,7 +197,8 @@ def hyperparameter(
 
     A Python number or a 0-d array; a non-scalar is an error rather than silently using its
     first element. A concrete value outside ``low..high`` (or NaN, or infinite unless
-    ``allow_inf``) is a ``ValueError`` naming it. A traced value (a schedule under ``jit``)
+    ``allow_inf``: +inf, which switches the term off, is accepted above ``high`` too) is a
+    ``ValueError`` naming it. A traced value (a schedule under ``jit``)
     cannot be checked at trace time: outside the range it becomes NaN, so the loss and its
     derivatives (this one's included) are NaN, never a plausible number."""
     if isinstance(value, bool) or not isinstance(
@@ -206,16 +213,22 @@ def hyperparameter(
             raise TypeError(f"{name} must be a real number; got dtype {kind}.")
     v = concrete(value)
     if v is not None:
+        off = allow_inf and v == math.inf
         bad = math.isnan(v) or (math.isinf(v) and not allow_inf)
-        if bad or not _in_range(v, low, high, open_low):
+        if bad or not (off or _in_range(v, low, high, open_low)):
             bracket = "(" if open_low else "["
-            upper = "inf)" if math.isinf(high) else f"{high:g}]"
-            finite = "" if allow_inf else ", finite"
-            raise ValueError(f"{name} must lie in {bracket}{low:g}, {upper}{finite}; got {v}.")
+            upper = "inf)" if math.isinf(high) else f"{_bound(high)}]"
+            if allow_inf:
+                also = "" if math.isinf(high) else " or be inf"
+            else:
+                also = ", finite"
+            raise ValueError(f"{name} must lie in {bracket}{low:g}, {upper}{also}; got {v}.")
         return jnp.asarray(v, dtype)
     x = jnp.asarray(value).astype(dtype)
     valid = _in_range(x, low, high, open_low)
-    if not allow_inf:
+    if allow_inf:
+        valid = valid | (x == jnp.inf)
+    else:
         valid = valid & jnp.isfinite(x)
     # x times 1 or NaN rather than a select of NaN, whose derivative would be 0: out of range,
     # the derivative with respect to the hyperparameter is NaN too.

@@ -50,7 +50,7 @@ from jaxce._labels import Labels
 from jaxce._layout import compute_dtype
 from jaxce._reduction import weighted
 from jaxce._sigmoid import (
-    UNGUARDED_CAP_LIMIT,
+    CAP_LIMIT,
     soft_cap,
     soft_cap_bulk,
     soft_cap_cap_derivative,
@@ -93,7 +93,13 @@ def make_options(dtype, label_smoothing, z_loss, logit_soft_cap) -> Options:
     cap = None
     if logit_soft_cap is not None:
         cap = _checks.hyperparameter(
-            "logit_soft_cap", logit_soft_cap, dtype, low=0.0, open_low=True, allow_inf=True
+            "logit_soft_cap",
+            logit_soft_cap,
+            dtype,
+            low=0.0,
+            high=CAP_LIMIT,
+            open_low=True,
+            allow_inf=True,
         )
         value = _checks.concrete(logit_soft_cap)
         if value is not None and math.isinf(value):
@@ -126,7 +132,7 @@ def capped_bulk(x: jax.Array, options: Options) -> jax.Array:
 
 def capped_unguarded(x: jax.Array, options: Options) -> jax.Array:
     """:func:`capped` of whole ``[..., C]`` blocks without a select, for a cap of at most
-    ``UNGUARDED_CAP_LIMIT`` (``soft_cap_unguarded``): -inf is kept at -inf by adding
+    ``CAP_LIMIT`` (``soft_cap_unguarded``): -inf is kept at -inf by adding
     ``min(x, lowest) - lowest``, which is -inf there, NaN at NaN and 0 exactly for every other
     ``x``. Without a select, XLA's CPU compiler reduces it in one pass over whole rows, with no
     temporary."""
@@ -139,12 +145,11 @@ def capped_unguarded(x: jax.Array, options: Options) -> jax.Array:
 
 def unguarded(options: Options, logit_soft_cap) -> bool:
     """Whether the soft cap may be computed without its guard (``soft_cap_unguarded``): none,
-    or one given as a number (or a concrete array) of at most ``UNGUARDED_CAP_LIMIT``, as the
-    caller passed it (``options`` holds it as an array)."""
+    or one given as a number (or a concrete array), as the caller passed it (``options`` holds
+    it as an array), which is at most ``CAP_LIMIT`` (``make_options``)."""
     if options.logit_soft_cap is None:
         return True
-    value = _checks.concrete(logit_soft_cap)
-    return value is not None and value <= UNGUARDED_CAP_LIMIT
+    return _checks.concrete(logit_soft_cap) is not None
 
 
 def capped_derivative(raw: jax.Array, options: Options) -> jax.Array | None:
@@ -281,7 +286,7 @@ def stats_and_exponentials(
     buffer (``_xla.saves_exponentials``), so they are computed in the rows' own shape, and only
     summed in sub-rows. ``all_admissible``: the smoothing's sums first as if every class were
     admissible (:func:`assumes_all_admissible`). ``unguarded``: a soft cap of at most
-    ``UNGUARDED_CAP_LIMIT`` (:func:`unguarded`), computed without a select where there is no
+    ``CAP_LIMIT`` (:func:`unguarded`), computed without a select where there is no
     mask (:func:`capped_exponentials`). ``small_cap``: a soft cap small enough that no kept
     exponential underflows (:func:`small_cap`), from which the smoothing's gap is then summed
     (:func:`exponential_gap_sums`)."""
@@ -377,7 +382,7 @@ def all_admissible_sums(
     so the row's gap is not finite, as it is for a +inf or NaN logit or an infinite or NaN
     class weight: where the gap is finite, every class is admissible and the sums are exact.
     ``weights``: the row's ``[C]`` (not the view's). A soft cap (of at most
-    ``UNGUARDED_CAP_LIMIT``) is computed here again, from a cap XLA cannot tell is the same:
+    ``CAP_LIMIT``) is computed here again, from a cap XLA cannot tell is the same:
     the exponentials' reduction computed it too, and XLA's CPU compiler wrote capped logits
     that two reductions share out whole (256 MiB at [16384, 4096], 1.6x the time)."""
     xf = x.astype(compute_dtype(x.dtype))

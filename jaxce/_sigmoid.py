@@ -137,12 +137,12 @@ def log_sigmoid(x: jax.typing.ArrayLike) -> jax.Array:
 # (both 0 at x = -inf, whose output does not depend on anything).
 #
 # Where |u| is below sqrt(eps), tanh(u) rounds to u and cap tanh(u) is x itself. Taking x there is
-# what keeps the cap exact where u is no number to compute with: a huge cap, where x / cap
-# underflows (XLA's CPU backend flushes it to 0, which gave 0 for every logit below 1.2 with a
-# cap of 1e38), and an infinite cap that was traced (a schedule under jit: inf * tanh(0) is NaN),
-# for which z = x is the definition ("inf means no cap"). A NaN u from x (x = +-inf with an
-# infinite cap, or a NaN x) fails the comparison and keeps x too; a NaN cap (a traced cap out of
-# range, see _checks.hyperparameter) takes cap * tanh(u), NaN, never the uncapped x.
+# what keeps the cap exact where u underflows (x below 2**64 times the smallest normal number,
+# 2e-19 in float32, for the largest cap, CAP_LIMIT), and for an infinite cap that was traced (a
+# schedule under jit: inf * tanh(0) is NaN), for which z = x is the definition ("inf means no
+# cap"). A NaN u from x (x = +-inf with an infinite cap, or a NaN x) fails the comparison and
+# keeps x too; a NaN cap (a traced cap out of range, see _checks.hyperparameter) takes
+# cap * tanh(u), NaN, never the uncapped x.
 def _tanh_is_identity_below(dtype) -> float:
     return float(jnp.finfo(dtype).eps) ** 0.5
 
@@ -154,16 +154,21 @@ def soft_cap_bulk(x: jax.Array, cap: jax.Array) -> jax.Array:
     return jnp.where((jnp.abs(u) >= _tanh_is_identity_below(x.dtype)) | jnp.isnan(cap), capped, x)
 
 
-# A cap known at trace time to be at most UNGUARDED_CAP_LIMIT needs no guard: u = x / cap
-# underflows only for |x| below 2**64 times the smallest normal number (2e-19 in float32, 2.4e-
-# 289 in float64), where cap tanh(u) is 0 instead of x, and elsewhere cap tanh(u) is within one
-# unit in the last place of x where tanh(u) rounds to u (measured: tests/test_cross_entropy.py).
-UNGUARDED_CAP_LIMIT = 2.0**64
+# A cap is at most CAP_LIMIT (or inf, no cap). XLA's CPU compiler divides by way of the divisor's
+# reciprocal, and a reciprocal below the smallest normal number is flushed to 0: with a cap above
+# 2**126 (float32), u was 0 at every logit, so a cap of 1e38 left logits of 3e38 uncapped (an
+# infinite loss, a NaN gradient), traced or not. Caps above CAP_LIMIT are an error, or NaN when
+# traced (_checks.hyperparameter); within it the reciprocal is a normal number in float32 and
+# float64. A cap known at trace time needs no guard: u = x / cap underflows only for |x| below
+# 2**64 times the smallest normal number (2e-19 in float32, 2.4e-289 in float64), where
+# cap tanh(u) is 0 instead of x, and elsewhere cap tanh(u) is within one unit in the last place
+# of x where tanh(u) rounds to u (measured: tests/test_cross_entropy.py).
+CAP_LIMIT = 2.0**64
 
 
 def soft_cap_unguarded(x: jax.Array, cap: jax.Array) -> jax.Array:
     """``cap * tanh(x / cap)`` without the guard of :func:`soft_cap_bulk` (-inf becomes -cap),
-    for a cap of at most ``UNGUARDED_CAP_LIMIT``. Without its select, XLA's CPU compiler reduces
+    for a cap of at most ``CAP_LIMIT``. Without its select, XLA's CPU compiler reduces
     it in one pass over whole rows; it writes a select's operands out first."""
     return cap * jnp.tanh(x / cap)
 
@@ -283,8 +288,9 @@ def logit_soft_cap(x: jax.typing.ArrayLike, cap: float | jax.typing.ArrayLike) -
 
     Args:
       x: floating-point array of any shape.
-      cap: positive scalar (e.g. 30.0 for Gemma 2's final logits), a Python number or a 0-d
-        array; ``inf`` means no cap.
+      cap: positive scalar of at most ``2**64`` (e.g. 30.0 for Gemma 2's final logits), a
+        Python number or a 0-d array; ``inf`` means no cap. A larger one is a ``ValueError``
+        (NaN when traced): its reciprocal, by which XLA divides, would be flushed to 0.
 
     Returns:
       An array of ``x``'s shape and dtype. Derivatives flow to ``x`` and to ``cap``.
@@ -301,7 +307,7 @@ def logit_soft_cap(x: jax.typing.ArrayLike, cap: float | jax.typing.ArrayLike) -
     if cap is None:
         raise TypeError("cap must be a number or a 0-d array; got None (no cap is cap=inf).")
     value = hyperparameter(
-        "cap", cap, compute_dtype(x.dtype), low=0.0, open_low=True, allow_inf=True
+        "cap", cap, compute_dtype(x.dtype), low=0.0, high=CAP_LIMIT, open_low=True, allow_inf=True
     )
     if (concrete_value := concrete(cap)) is not None and math.isinf(concrete_value):
         return x

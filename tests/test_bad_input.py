@@ -234,7 +234,23 @@ CASES = [
         "`cap=0.0`",
         lambda x: jaxce.logit_soft_cap(x, 0.0),
         (LOGITS,),
-        raises(ValueError, r"cap.*\(0, inf\).*0", "`cap` must lie in (0, inf); got 0.0"),
+        raises(
+            ValueError,
+            r"cap.*\(0, 2\*\*64\] or be inf.*0",
+            "`cap` must lie in (0, 2**64] or be inf; got 0.0",
+        ),
+    ),
+    Case(
+        "logit_soft_cap/cap_huge",
+        jaxce.logit_soft_cap,
+        "`cap=1e38` (above 2**64, whose reciprocal XLA's CPU compiler flushes to 0)",
+        lambda x: jaxce.logit_soft_cap(x, 1e38),
+        (LOGITS,),
+        raises(
+            ValueError,
+            r"cap.*\(0, 2\*\*64\] or be inf.*1e\+38",
+            "`cap` must lie in (0, 2**64] or be inf; got 1e+38",
+        ),
     ),
     Case(
         "logit_soft_cap/cap_none",
@@ -547,8 +563,20 @@ CASES = [
         (LOGITS, LABELS),
         raises(
             ValueError,
-            r"logit_soft_cap.*\(0, inf\).*-30",
-            "`logit_soft_cap` must lie in (0, inf); got -30.0",
+            r"logit_soft_cap.*\(0, 2\*\*64\] or be inf.*-30",
+            "`logit_soft_cap` must lie in (0, 2**64] or be inf; got -30.0",
+        ),
+    ),
+    Case(
+        "softmax_cross_entropy_with_integer_labels/logit_soft_cap_huge",
+        ce,
+        "`logit_soft_cap=1e38`",
+        lambda z, y: ce(z, y, logit_soft_cap=1e38),
+        (LOGITS, LABELS),
+        raises(
+            ValueError,
+            r"logit_soft_cap.*\(0, 2\*\*64\] or be inf.*1e\+38",
+            "`logit_soft_cap` must lie in (0, 2**64] or be inf; got 1e+38",
         ),
     ),
     Case(
@@ -608,13 +636,19 @@ CASES = [
         (LOGITS.at[1, 3].set(jnp.nan), LABELS),
         Returns(nan_exactly_at(1), "NaN for that example only"),
     ),
-    Case(
-        "softmax_cross_entropy_with_integer_labels/traced_label_smoothing_above_1",
-        ce,
-        "`label_smoothing` traced under `jax.jit` (a schedule) that reaches 1.5",
-        lambda z, y, e: ce(z, y, label_smoothing=e),
-        (LOGITS, LABELS, jnp.array(1.5, f32)),
-        Returns(all_nan, "NaN (the value is unknown at trace time)"),
+    *(
+        Case(
+            f"softmax_cross_entropy_with_integer_labels/traced_{name}_{tag}",
+            ce,
+            f"`{name}` traced under `jax.jit` (a schedule) that reaches {value:g}{why}",
+            lambda z, y, v, name=name: ce(z, y, **{name: v}),
+            (LOGITS, LABELS, jnp.array(value, f32)),
+            Returns(all_nan, "NaN (the value is unknown at trace time)"),
+        )
+        for name, tag, value, why in (
+            ("label_smoothing", "above_1", 1.5, ""),
+            ("logit_soft_cap", "huge", 1e38, " (above 2**64)"),
+        )
     ),
     # ------------------------------------------------------------------ nll_loss
     Case(

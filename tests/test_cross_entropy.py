@@ -1417,7 +1417,7 @@ def test_a_cap_given_as_a_number_goes_without_its_guard_within_a_rounding(cap):
     """A soft cap given as a number of at most 2**64 is computed without the select that
     takes ``x`` itself where ``tanh(x / cap)`` rounds to ``x / cap`` (``_rows.unguarded``):
     ``cap tanh(x / cap)`` is then within a rounding of it, or within 2.2e-19 where ``x / cap``
-    underflows. A larger cap, and a traced one, keep the guard."""
+    underflows. A traced one keeps the guard; a larger one is refused."""
     from jaxce import _rows
     from jaxce._sigmoid import soft_cap_bulk, soft_cap_unguarded
 
@@ -1436,7 +1436,9 @@ def test_a_cap_given_as_a_number_goes_without_its_guard_within_a_rounding(cap):
     traced = []
     jax.jit(lambda t: traced.append(decided(t)) or t)(c)
     assert decided(cap) and decided(c) and traced == [False]
-    assert not decided(2.0**65) and decided(None) and decided(float("inf"))
+    assert decided(None) and decided(float("inf"))
+    with pytest.raises(ValueError, match=r"logit_soft_cap must lie in \(0, 2\*\*64\]"):
+        decided(2.0**65)
 
 
 @pytest.mark.parametrize("cap", [30.0, 1500.0, 1e4])
@@ -1472,7 +1474,7 @@ def test_equal_capped_logits_far_from_zero_give_log_c_and_never_below_zero(cap):
                     np.testing.assert_allclose(got, want, rtol=1e-6, atol=8 * np.spacing(abs(z)))
 
 
-@pytest.mark.parametrize("cap", [3.0, 1e30])
+@pytest.mark.parametrize("cap", [3.0, 2.0**64])
 def test_a_cap_given_as_a_number_gives_the_traced_caps_loss(cap):
     """Every option on, with an ignored row, in a batch of finite logits (the sums as if every
     class were admissible) and in one with masked classes (the exact sums): the loss and
@@ -1544,3 +1546,41 @@ def test_smoothing_takes_its_exact_sums_only_for_a_batch_that_needs_them(monkeyp
     R.assert_close(got, want, rtol=1e-5)
     loss(x, weights.at[1].set(jnp.inf))  # an infinite weight: its terms are not finite either
     assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("given", ["number", "traced"])
+def test_the_largest_cap_bends_logits_of_its_size(given, smoothing):
+    """A soft cap of 2**64, the largest accepted, on logits of its size and up to float32's
+    largest: the loss and its gradient are float64's, given as a number or traced, eagerly and
+    under jit. XLA's CPU compiler divides by the cap's reciprocal, which above 2**126 is flushed
+    to 0: a cap of 1e38 (accepted before) left logits of 3e38 uncapped, an infinite loss and a
+    NaN gradient."""
+    cap = 2.0**64
+    x = np.array(
+        [[3.0e38, -3.0e38, 1e20, 0.0], [3e19, -1e19, 2e19, 1.0], [1.0, 2.0, -1.0, 5e18]],
+        np.float32,
+    )
+    labels = np.array([1, 0, 3])
+    x64 = x.astype(np.float64)
+    u = x64 / cap
+    z = cap * np.tanh(u)
+    m = z.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(z - m).sum(axis=1))
+    p = np.exp(z - lse[:, None])
+    onehot = np.eye(4)[labels]
+    want = (1 - smoothing) * (lse - z[np.arange(3), labels]) + smoothing * (lse - z.mean(axis=1))
+    dz = p - (1 - smoothing) * onehot - smoothing / 4
+    want_grad = dz / np.cosh(u) ** 2
+
+    def loss(a, c=cap):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            a, labels, label_smoothing=smoothing, logit_soft_cap=c
+        )
+
+    args = (jnp.asarray(x),) if given == "number" else (jnp.asarray(x), jnp.float32(cap))
+    for run in (loss, jax.jit(loss)):
+        got = np.asarray(run(*args), np.float64)
+        grad = np.asarray(jax.grad(lambda *a, run=run: jnp.sum(run(*a)))(*args), np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)

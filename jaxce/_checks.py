@@ -173,9 +173,12 @@ def concrete(value: object) -> float | None:
 
 
 def _bound(v: float) -> str:
-    """A bound as a message shows it: a large power of two as one (``2**64``), else ``:g``."""
+    """A bound as a message shows it: a power of two far from 1 as one (``2**64``,
+    ``2**-64``), else ``:g``."""
+    if v <= 0 or math.isinf(v):
+        return f"{v:g}"
     exponent = math.frexp(v)[1] - 1
-    return f"2**{exponent}" if exponent >= 20 and v == 2.0**exponent else f"{v:g}"
+    return f"2**{exponent}" if abs(exponent) >= 20 and v == 2.0**exponent else f"{v:g}"
 
 
 def _in_range(v, low: float, high: float, open_low: bool):
@@ -196,11 +199,12 @@ def hyperparameter(
     """A scalar hyperparameter as a 0-d array in ``dtype``.
 
     A Python number or a 0-d array; a non-scalar is an error rather than silently using its
-    first element. A concrete value outside ``low..high`` (or NaN, or infinite unless
-    ``allow_inf``: +inf, which switches the term off, is accepted above ``high`` too) is a
-    ``ValueError`` naming it. A traced value (a schedule under ``jit``)
-    cannot be checked at trace time: outside the range it becomes NaN, so the loss and its
-    derivatives (this one's included) are NaN, never a plausible number."""
+    first element. A concrete value outside ``low..high``, or NaN, is a ``ValueError`` naming
+    it; with ``allow_inf``, +inf (which switches the term off) is accepted even above ``high``.
+    A traced value (a schedule under ``jit``) cannot be checked at trace time: outside the range
+    (tested in its own dtype, before the conversion to ``dtype`` could round it to the bound or
+    to inf) it becomes NaN, so the loss and its derivatives (this one's included) are NaN, never
+    a plausible number."""
     if isinstance(value, bool) or not isinstance(
         value, numbers.Real | jax.Array | np.ndarray | np.generic
     ):
@@ -222,14 +226,15 @@ def hyperparameter(
                 also = "" if math.isinf(high) else " or be inf"
             else:
                 also = ", finite"
-            raise ValueError(f"{name} must lie in {bracket}{low:g}, {upper}{also}; got {v}.")
+            raise ValueError(f"{name} must lie in {bracket}{_bound(low)}, {upper}{also}; got {v}.")
         return jnp.asarray(v, dtype)
-    x = jnp.asarray(value).astype(dtype)
-    valid = _in_range(x, low, high, open_low)
+    raw = jnp.asarray(value)
+    valid = _in_range(raw, low, high, open_low)
     if allow_inf:
-        valid = valid | (x == jnp.inf)
+        valid = valid | (raw == jnp.inf)
     else:
-        valid = valid & jnp.isfinite(x)
+        valid = valid & jnp.isfinite(raw)
+    x = raw.astype(dtype)
     # x times 1 or NaN rather than a select of NaN, whose derivative would be 0: out of range,
     # the derivative with respect to the hyperparameter is NaN too.
     return x * jnp.where(valid, jnp.ones_like(x), jnp.full_like(x, jnp.nan))

@@ -227,10 +227,10 @@ def softmax_cross_entropy_with_integer_labels(
         ``where`` saves that second pass.
       z_loss: :math:`\lambda_z \ge 0`, adds :math:`\lambda_z \mathrm{lse}^2` per example
         (PaLM, typically 1e-4); scaled by the example's class weight.
-      logit_soft_cap: optional positive cap of at most :math:`2^{64}` applied before the
-        softmax (Gemma 2 uses 30); ``None`` or ``inf`` means no cap. Given as a number (not
-        traced), whole rows take it without a select, which is faster on CPU; a traced cap is
-        exact too, a schedule's ``inf`` included, in row chunks (NaN above :math:`2^{64}`).
+      logit_soft_cap: optional cap in :math:`[2^{-64}, 2^{64}]` applied before the softmax
+        (Gemma 2 uses 30); ``None`` or ``inf`` means no cap. Given as a number (not traced),
+        whole rows take it without a select, which is faster on CPU; a traced cap is exact
+        too, a schedule's ``inf`` included, in row chunks (NaN outside that range).
       reduction: ``"none"`` (per-example, the labels' shape), ``"sum"`` or ``"mean"``: the sum
         divided by the total weight :math:`\sum_i w_{y_i}` of the counted examples, as PyTorch.
         A mean over zero counted examples is 0 (PyTorch gives NaN), unless their sum is NaN.

@@ -357,7 +357,7 @@ def linear_softmax_cross_entropy(
       class_weights: optional ``[V]`` weights, PyTorch's ``weight``.
       label_smoothing: :math:`\varepsilon \in [0, 1]`, PyTorch's semantics.
       z_loss: :math:`\lambda_z \ge 0`, PaLM's auxiliary :math:`\lambda_z \mathrm{lse}^2`.
-      logit_soft_cap: optional positive cap of at most ``2**64`` applied to the logits
+      logit_soft_cap: optional cap in ``[2**-64, 2**64]`` applied to the logits
         (Gemma 2 uses 30); ``None`` or ``inf`` means no cap.
       reduction: ``"mean"`` (default: sum over tokens divided by the summed class weights of
         the counted tokens, as PyTorch; 0 if none), ``"sum"`` or ``"none"`` (per token, the

@@ -50,6 +50,7 @@ from jaxce._labels import Labels
 from jaxce._layout import compute_dtype
 from jaxce._reduction import weighted
 from jaxce._sigmoid import (
+    CAP_FLOOR,
     CAP_LIMIT,
     soft_cap,
     soft_cap_bulk,
@@ -93,13 +94,7 @@ def make_options(dtype, label_smoothing, z_loss, logit_soft_cap) -> Options:
     cap = None
     if logit_soft_cap is not None:
         cap = _checks.hyperparameter(
-            "logit_soft_cap",
-            logit_soft_cap,
-            dtype,
-            low=0.0,
-            high=CAP_LIMIT,
-            open_low=True,
-            allow_inf=True,
+            "logit_soft_cap", logit_soft_cap, dtype, low=CAP_FLOOR, high=CAP_LIMIT, allow_inf=True
         )
         value = _checks.concrete(logit_soft_cap)
         if value is not None and math.isinf(value):

@@ -579,7 +579,7 @@ def softmax_cross_entropy_with_integer_labels(
       label_smoothing: :math:`\varepsilon \in [0, 1]`, spread over the global admissible
         vocabulary.
       z_loss: :math:`\lambda_z \ge 0` (PaLM), on the global logsumexp.
-      logit_soft_cap: optional positive cap of at most ``2**64`` applied before the softmax
+      logit_soft_cap: optional cap in ``[2**-64, 2**64]`` applied before the softmax
         (Gemma 2); ``None`` or ``inf`` means no cap.
       vocab_size: the global number of classes ``V`` when the vocabulary is padded: columns
         with a global index ``>= vocab_size`` are not classes and take no part in the loss.
@@ -780,7 +780,7 @@ def linear_softmax_cross_entropy(
         ``mesh``).
       label_smoothing: :math:`\varepsilon \in [0, 1]`, over the global vocabulary.
       z_loss: :math:`\lambda_z \ge 0`, on the global logsumexp.
-      logit_soft_cap: optional positive cap of at most ``2**64`` applied to the logits;
+      logit_soft_cap: optional cap in ``[2**-64, 2**64]`` applied to the logits;
         ``None`` or ``inf`` means no cap.
       vocab_size: the global number of classes when ``w`` has padding columns (those with a
         global index ``>= vocab_size`` are excluded). Default: all columns.

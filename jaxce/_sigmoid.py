@@ -164,6 +164,10 @@ def soft_cap_bulk(x: jax.Array, cap: jax.Array) -> jax.Array:
 # cap tanh(u) is 0 instead of x, and elsewhere cap tanh(u) is within one unit in the last place
 # of x where tanh(u) rounds to u (measured: tests/test_cross_entropy.py).
 CAP_LIMIT = 2.0**64
+# The smallest cap, for the same reason: a cap below the smallest normal number (1.2e-38 in
+# float32) was flushed to 0 itself, and cap tanh(x / cap) was NaN. From 2**-64 up, x / cap and
+# cap tanh(u) are normal numbers wherever the result is.
+CAP_FLOOR = 2.0**-64
 
 
 def soft_cap_unguarded(x: jax.Array, cap: jax.Array) -> jax.Array:
@@ -288,9 +292,10 @@ def logit_soft_cap(x: jax.typing.ArrayLike, cap: float | jax.typing.ArrayLike) -
 
     Args:
       x: floating-point array of any shape.
-      cap: positive scalar of at most ``2**64`` (e.g. 30.0 for Gemma 2's final logits), a
-        Python number or a 0-d array; ``inf`` means no cap. A larger one is a ``ValueError``
-        (NaN when traced): its reciprocal, by which XLA divides, would be flushed to 0.
+      cap: scalar in ``[2**-64, 2**64]`` (e.g. 30.0 for Gemma 2's final logits), a Python
+        number or a 0-d array; ``inf`` means no cap. Another is a ``ValueError`` (NaN when
+        traced): XLA divides by the cap's reciprocal, which above 2**126 would be flushed to 0,
+        as would a cap below float32's smallest normal number itself.
 
     Returns:
       An array of ``x``'s shape and dtype. Derivatives flow to ``x`` and to ``cap``.
@@ -307,7 +312,7 @@ def logit_soft_cap(x: jax.typing.ArrayLike, cap: float | jax.typing.ArrayLike) -
     if cap is None:
         raise TypeError("cap must be a number or a 0-d array; got None (no cap is cap=inf).")
     value = hyperparameter(
-        "cap", cap, compute_dtype(x.dtype), low=0.0, high=CAP_LIMIT, open_low=True, allow_inf=True
+        "cap", cap, compute_dtype(x.dtype), low=CAP_FLOOR, high=CAP_LIMIT, allow_inf=True
     )
     if (concrete_value := concrete(cap)) is not None and math.isinf(concrete_value):
         return x

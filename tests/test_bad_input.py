@@ -236,8 +236,8 @@ CASES = [
         (LOGITS,),
         raises(
             ValueError,
-            r"cap.*\(0, 2\*\*64\] or be inf.*0",
-            "`cap` must lie in (0, 2**64] or be inf; got 0.0",
+            r"cap.*\[2\*\*-64, 2\*\*64\] or be inf.*0",
+            "`cap` must lie in [2**-64, 2**64] or be inf; got 0.0",
         ),
     ),
     Case(
@@ -248,8 +248,8 @@ CASES = [
         (LOGITS,),
         raises(
             ValueError,
-            r"cap.*\(0, 2\*\*64\] or be inf.*1e\+38",
-            "`cap` must lie in (0, 2**64] or be inf; got 1e+38",
+            r"cap.*\[2\*\*-64, 2\*\*64\] or be inf.*1e\+38",
+            "`cap` must lie in [2**-64, 2**64] or be inf; got 1e+38",
         ),
     ),
     Case(
@@ -563,8 +563,8 @@ CASES = [
         (LOGITS, LABELS),
         raises(
             ValueError,
-            r"logit_soft_cap.*\(0, 2\*\*64\] or be inf.*-30",
-            "`logit_soft_cap` must lie in (0, 2**64] or be inf; got -30.0",
+            r"logit_soft_cap.*\[2\*\*-64, 2\*\*64\] or be inf.*-30",
+            "`logit_soft_cap` must lie in [2**-64, 2**64] or be inf; got -30.0",
         ),
     ),
     Case(
@@ -575,8 +575,8 @@ CASES = [
         (LOGITS, LABELS),
         raises(
             ValueError,
-            r"logit_soft_cap.*\(0, 2\*\*64\] or be inf.*1e\+38",
-            "`logit_soft_cap` must lie in (0, 2**64] or be inf; got 1e+38",
+            r"logit_soft_cap.*\[2\*\*-64, 2\*\*64\] or be inf.*1e\+38",
+            "`logit_soft_cap` must lie in [2**-64, 2**64] or be inf; got 1e+38",
         ),
     ),
     Case(

@@ -50,8 +50,7 @@ from jaxce._labels import Labels
 from jaxce._layout import compute_dtype
 from jaxce._reduction import weighted
 from jaxce._sigmoid import (
-    CAP_FLOOR,
-    CAP_LIMIT,
+    checked_cap,
     soft_cap,
     soft_cap_bulk,
     soft_cap_cap_derivative,
@@ -93,12 +92,7 @@ def make_options(dtype, label_smoothing, z_loss, logit_soft_cap) -> Options:
     zl = _checks.hyperparameter("z_loss", z_loss, dtype, low=0.0)
     cap = None
     if logit_soft_cap is not None:
-        cap = _checks.hyperparameter(
-            "logit_soft_cap", logit_soft_cap, dtype, low=CAP_FLOOR, high=CAP_LIMIT, allow_inf=True
-        )
-        value = _checks.concrete(logit_soft_cap)
-        if value is not None and math.isinf(value):
-            cap = None
+        cap = checked_cap("logit_soft_cap", logit_soft_cap, dtype)
     return Options(
         *_checks.nan_together(
             None if _checks.is_literal_zero(label_smoothing) else eps,

@@ -170,6 +170,16 @@ CAP_LIMIT = 2.0**64
 CAP_FLOOR = 2.0**-64
 
 
+def checked_cap(name: str, cap: object, dtype) -> jax.Array | None:
+    """The soft cap ``cap`` (the argument ``name``) as a 0-d array in ``dtype``, checked against
+    its range, ``[CAP_FLOOR, CAP_LIMIT]`` or inf (``hyperparameter``), or None for an inf known
+    at trace time: no cap. A traced inf stays an array, which :func:`soft_cap_bulk`'s guard
+    takes as no cap."""
+    value = hyperparameter(name, cap, dtype, low=CAP_FLOOR, high=CAP_LIMIT, allow_inf=True)
+    known = concrete(cap)
+    return None if known is not None and math.isinf(known) else value
+
+
 def soft_cap_unguarded(x: jax.Array, cap: jax.Array) -> jax.Array:
     """``cap * tanh(x / cap)`` without the guard of :func:`soft_cap_bulk` (-inf becomes -cap),
     for a cap of at most ``CAP_LIMIT``. Without its select, XLA's CPU compiler reduces
@@ -311,9 +321,5 @@ def logit_soft_cap(x: jax.typing.ArrayLike, cap: float | jax.typing.ArrayLike) -
     x = as_float_array("x", x)
     if cap is None:
         raise TypeError("cap must be a number or a 0-d array; got None (no cap is cap=inf).")
-    value = hyperparameter(
-        "cap", cap, compute_dtype(x.dtype), low=CAP_FLOOR, high=CAP_LIMIT, allow_inf=True
-    )
-    if (concrete_value := concrete(cap)) is not None and math.isinf(concrete_value):
-        return x
-    return _logit_soft_cap(x, value)
+    value = checked_cap("cap", cap, compute_dtype(x.dtype))
+    return x if value is None else _logit_soft_cap(x, value)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxce import _autodiff, _checks, _mesh, _xla
 from jaxce._layout import compute_dtype
 from jaxce._reduction import reduce_total, weighted
-from jaxce._sigmoid import log_sigmoid_pair, sigmoid_pair, softplus_tail
+from jaxce._sigmoid import log_sigmoid_pair, logistic, sigmoid_pair, softplus_tail
 
 
 def _smoothed(y, eps):
@@ -104,7 +104,7 @@ def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w
     if x_dot is not None:
         # Where XLA fuses the loss's sum with this derivative (_xla.reads_whole_rows), sigmoid(x)
         # from an exponential of its own keeps the two in one pass for bfloat16 logits too.
-        s = jax.nn.sigmoid(xf) if _xla.reads_whole_rows() else sigmoid_pair(xf)[0]
+        s = logistic(xf) if _xla.reads_whole_rows() else sigmoid_pair(xf)[0]
         dx = (pos + neg) * s - pos
         out = dx * x_dot.astype(xf.dtype)
     if pos_weight is None:

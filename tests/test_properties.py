@@ -37,6 +37,7 @@ hyperparameters are traced, and an example reuses an earlier compilation wheneve
 
 from __future__ import annotations
 
+import decimal
 import functools
 import math
 import os
@@ -499,6 +500,83 @@ def test_sigmoid_log_sigmoid_soft_cap(data):
         for before, after in zip(out[:-1], out2[:-1], strict=True):
             before, after = P.to_f64(before).reshape(-1), P.to_f64(after).reshape(-1)
             assert np.isnan(after[i]) and same(before[others], after[others])
+
+
+@jax.jit
+def _second_derivatives(x, u, cap):
+    """The second derivatives of sigmoid and log_sigmoid at ``x``, and of the soft cap at
+    ``u * cap`` in ``x`` and in ``x`` and ``cap``, elementwise."""
+
+    def second(f, argnums=0):
+        return jax.vmap(jax.grad(jax.grad(f), argnums=argnums), (0, None))
+
+    xc = u * cap  # exact: the caps are powers of two
+    return (
+        jax.vmap(jax.grad(jax.grad(jaxce.sigmoid)))(x),
+        jax.vmap(jax.grad(jax.grad(jaxce.log_sigmoid)))(x),
+        second(jaxce.logit_soft_cap)(xc, cap),
+        second(jaxce.logit_soft_cap, 1)(xc, cap),
+    )
+
+
+def _second_derivatives_reference(x: float, u: float, cap: float) -> list[float]:
+    """The four of :func:`_second_derivatives` in 60-digit decimal arithmetic: ``s (1 - s)
+    (1 - 2 s)``, ``-s (1 - s)`` (``s = sigmoid(x)``), ``-2 tanh(u) / cosh(u)**2 / cap`` and
+    ``-u`` times that."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        d = decimal.Decimal(x)
+        s = 1 / (1 + (-d).exp())
+        d = decimal.Decimal(u)
+        e = (-2 * abs(d)).exp()
+        tanh = (1 - e) / (1 + e) * (1 if d >= 0 else -1)
+        slope = -2 * tanh * 4 * e / (1 + e) ** 2 / decimal.Decimal(cap)
+        return [
+            float(s * (1 - s) * (1 - 2 * s)),
+            float(-s * (1 - s)),
+            float(slope),
+            float(-d * slope),
+        ]
+
+
+def _magnitudes(n: int, top: int):
+    """``n`` floats ``+-m 2**k``, ``m`` in [1, 2), ``k`` from -60 to ``top``: tiny ones too."""
+    return st.lists(
+        st.tuples(
+            st.sampled_from([-1.0, 1.0]), st.floats(1, 2, exclude_max=True), st.integers(-60, top)
+        ),
+        min_size=n,
+        max_size=n,
+    ).map(lambda v: np.array([sign * m * 2.0**k for sign, m, k in v]))
+
+
+@_settings(0.5)
+@given(data=st.data())
+def test_second_derivatives_of_the_elementwise_functions(data):
+    """Each second derivative to a few roundings of itself at every magnitude, near 0 too,
+    where the first derivatives' forms, differentiated as written, subtract two terms that
+    cancel (``sigmoid(x) sigmoid(-x)``: two of about 1/16 where the result is about ``-x / 8``;
+    the soft cap's ``4 e / (1 + e)**2``: two of about 2 where it is about ``-2 u``). The inputs
+    and ``u = x / cap`` are exact."""
+    dtype = data.draw(st.sampled_from(["float32", "float64"]), "dtype")
+    cap = data.draw(st.sampled_from([0.5, 1.0, 32.0, 1024.0]), "cap")
+    x = data.draw(_magnitudes(8, 5), "x").astype(dtype)  # |x| < 64: sigmoid's tail is normal
+    u = data.draw(_magnitudes(8, 4), "u").astype(dtype)  # |u| < 32: so is the cap's
+    got = _second_derivatives(jnp.asarray(x), jnp.asarray(u), jnp.asarray(cap, dtype))
+    want = np.array(
+        [_second_derivatives_reference(float(a), float(b), cap) for a, b in zip(x, u, strict=True)]
+    )
+    names = ["sigmoid''", "log_sigmoid''", "logit_soft_cap d2/dx2", "logit_soft_cap d2/dx dcap"]
+    eps, tiny = float(np.finfo(dtype).eps), float(np.finfo(dtype).smallest_normal)
+    for name, g, w in zip(names, got, want.T, strict=True):
+        g = np.asarray(g, F64)
+        where = f"{name} ({dtype}) at {x if 'sig' in name else u}"
+        # a result near or below the smallest normal number (the mixed derivative, 2 u**2 / cap
+        # near 0) is flushed or rounded to it: within it, not relative to itself
+        small = np.abs(w) < 16 * tiny
+        assert np.all(np.abs(g[small]) <= 16 * tiny), where
+        err = np.abs(g - w)[~small] / (np.abs(w[~small]) * eps)
+        assert np.all(err <= 8), f"{err.max():.3g} epsilons: {where}"
 
 
 # ======================================================= cross-entropy, integer labels

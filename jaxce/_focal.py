@@ -59,7 +59,9 @@ def _sigmoid_focal_tangent(x, y, alpha, gamma, x_dot, y_dot, alpha_dot, gamma_do
         # ratio * (p * q) first: ratio can be ~3e38 where p * q is 0, and gamma * ratio overflows.
         # Where p * q is 0 (an infinite logit, ratio infinite) the product's limit is 0.
         focus = weighted(p * q, ratio)
-        dx = a * mg * ((p - yf) + gamma * (focus * (1 - 2 * yf)))
+        # p - y as p (1 - y) - q y: p - 1 cancels as p nears 1, where m^gamma leaves only the
+        # small difference (float32, y = 1, gamma = 2: 2% off at x = 16, 33% from x = 17 on)
+        dx = a * mg * ((p * (1 - yf) - q * yf) + gamma * (focus * (1 - 2 * yf)))
         t = dx * x_dot.astype(xf.dtype)
     if y_dot is not None:
         # gamma = 0 (the BCE) keeps an infinite slope of the log terms, not 0 * inf = NaN

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
+import scipy.special
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -288,6 +289,24 @@ def test_sbce_label_derivative_is_minus_the_logit(dtype):
     np.testing.assert_array_equal(np.asarray(jax.grad(total)(y, 0.0), np.float64), want)
     got = np.asarray(jax.grad(total)(y, 0.25), np.float64)
     np.testing.assert_allclose(got, 0.75 * want, rtol=np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_sbce_logit_derivative_of_confident_predictions(backend_forms, dtype):
+    """``d/dx = w ((1 - t) sigmoid(x) - p_w t sigmoid(-x))`` to a few roundings of itself where
+    the prediction is confident, right or wrong: ``(pos + neg) sigmoid(x) - pos`` cancels as
+    ``sigmoid(x)`` nears 1 (float32, t = 1: 0 from x = 17 on, where the derivative is
+    ``-sigmoid(-x)``; optax's and PyTorch's ``sigmoid(x) - t`` too), and as ``pos`` dwarfs
+    ``neg`` (a large ``pos_weight``). Both backends' forms."""
+    x = np.array([2.0, 8.0, 17.0, 30.0, 50.0, 80.0, -2.0, -17.0, -50.0, 17.0, -17.0, 5.0])
+    t = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.25])
+    pw = 1e30
+    xs = jnp.asarray(x, dtype)
+    grad = jax.grad(lambda v: SBCE(v, jnp.asarray(t, dtype), pos_weight=pw, reduction="sum"))
+    got = np.asarray(grad(xs), np.float64)
+    x64 = np.asarray(xs, np.float64)
+    want = (1 - t) * scipy.special.expit(x64) - pw * t * scipy.special.expit(-x64)
+    np.testing.assert_allclose(got, want, rtol=8 * np.finfo(dtype).eps)
 
 
 @pytest.mark.parametrize("big", [1e4, 3e38])

@@ -296,7 +296,7 @@ def test_sbce_logit_derivative_of_confident_predictions(backend_forms, dtype):
     """``d/dx = w ((1 - t) sigmoid(x) - p_w t sigmoid(-x))`` to a few roundings of itself where
     the prediction is confident, right or wrong: ``(pos + neg) sigmoid(x) - pos`` cancels as
     ``sigmoid(x)`` nears 1 (float32, t = 1: 0 from x = 17 on, where the derivative is
-    ``-sigmoid(-x)``; optax's and PyTorch's ``sigmoid(x) - t`` too), and as ``pos`` dwarfs
+    ``-sigmoid(-x)``; PyTorch's ``sigmoid(x) - t`` too), and as ``pos`` dwarfs
     ``neg`` (a large ``pos_weight``). Both backends' forms."""
     x = np.array([2.0, 8.0, 17.0, 30.0, 50.0, 80.0, -2.0, -17.0, -50.0, 17.0, -17.0, 5.0])
     t = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.25])

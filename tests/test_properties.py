@@ -555,7 +555,7 @@ def _magnitudes(n: int, top: int):
 def test_second_derivatives_of_the_elementwise_functions(data):
     """Each second derivative to a few roundings of itself at every magnitude, near 0 too,
     where the first derivatives' forms, differentiated as written, subtract two terms that
-    cancel (``sigmoid(x) sigmoid(-x)``: two of about 1/16 where the result is about ``-x / 8``;
+    cancel (``sigmoid(x) sigmoid(-x)``: two of about 1/8 where the result is about ``-x / 8``;
     the soft cap's ``4 e / (1 + e)**2``: two of about 2 where it is about ``-2 u``). The inputs
     and ``u = x / cap`` are exact."""
     dtype = data.draw(st.sampled_from(["float32", "float64"]), "dtype")
@@ -598,17 +598,22 @@ def test_binary_logit_derivatives_of_confident_predictions(data):
     # |x| <= 80: exp(-|x|) is a normal number (XLA flushes it to 0 from 87.4 on)
     x = np.clip(data.draw(_magnitudes(8, 6), "x"), -80, 80).astype(np.float32)
     t = data.draw(hnp.arrays(np.float32, 8, elements=st.sampled_from([0.0, 1.0])), "t")
+    # and confident predictions, right and wrong, in every example
+    x = np.concatenate([x, np.float32([6.0, 17.0, 30.0, -6.0, -17.0, 6.0, -6.0])])
+    t = np.concatenate([t, np.float32([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])])
     pw = data.draw(st.sampled_from([1.0, 3.0, 1e20]), "pos_weight")
     gamma = data.draw(st.sampled_from([0.5, 2.0]), "gamma")
     got = _binary_slopes(jnp.asarray(x), jnp.asarray(t), jnp.float32(pw), jnp.float32(gamma))
     x64, t64 = x.astype(F64), t.astype(F64)
     p, q = scipy.special.expit(x64), scipy.special.expit(-x64)
     want_bce = (1 - t64) * p - pw * t64 * q
-    ce = -(t64 * scipy.special.log_expit(x64) + (1 - t64) * scipy.special.log_expit(-x64))
-    m = p * (1 - t64) + q * t64
-    a = 0.25 * t64 + 0.75 * (1 - t64)
-    want_focal = (
-        a * m**gamma * ((p * (1 - t64) - q * t64) + gamma * (ce / m) * (1 - 2 * t64) * p * q)
+    # d/dx of 0.25 q^gamma (-log p) at t = 1 and of 0.75 p^gamma (-log q) at t = 0
+    # (p' = p q, q' = -p q)
+    log_p, log_q = scipy.special.log_expit(x64), scipy.special.log_expit(-x64)
+    want_focal = np.where(
+        t64 == 1,
+        0.25 * q**gamma * (gamma * p * log_p - q),
+        0.75 * p**gamma * (p - gamma * q * log_q),
     )
     eps, tiny = float(np.finfo(np.float32).eps), float(np.finfo(np.float32).smallest_normal)
     for name, g, w in (("sigmoid BCE", got[0], want_bce), ("sigmoid focal", got[1], want_focal)):

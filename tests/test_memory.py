@@ -214,8 +214,9 @@ def test_hessian_vector_products_do_not_grow_with_the_rows(name, dtype):
     # Float32 logits with a soft cap keep their exponentials at any size on CPU (with smoothing
     # from jaxlib 0.10.2 on), and the forward-over-reverse pass keeps what it derives from them:
     # float32 arrays of the logits' size, one on jaxlib 0.10.2, three on 0.12.0.1 and two on
-    # 0.12.1 (their tangent, and copies), the price of the faster reverse pass. (The soft cap's derivative
-    # differentiated as -2 tanh(u) times its value, not in its own parts, kept a second one.)
+    # 0.12.1 (their tangent, and copies), the price of the faster reverse pass. (The soft cap's
+    # derivative differentiated as -2 tanh(u) times its value, not in its own parts, kept a
+    # second one.)
     kept = name == "integer_all_options" and dtype == jnp.float32 and PLAIN_SMOOTHING
     arrays = (1 if jax.__version_info__ < (0, 12) else 3) if kept else 0
     per_row = PER_ROW + arrays * 4 * C

@@ -373,7 +373,7 @@ def test_one_exponential_pass_on_cpu_within_the_budget(case):
 @ON_CPU
 def test_the_sigmoid_derivative_keeps_no_array_on_cpu():
     """The derivative of sigmoid is ``sigmoid(x) sigmoid(-x)`` from two logistic functions: from
-    one exponential and a select on x's sign (jaxce._sigmoid.sigmoid_pair), XLA's CPU compiler
+    one exponential and a select on x's sign of each, XLA's CPU compiler
     kept two float32 arrays of x's size (128 MiB here)."""
     x = jax.ShapeDtypeStruct((4096, 4096), jnp.float32)
     program = jax.jit(jax.value_and_grad(lambda v: jnp.sum(jaxce.sigmoid(v)))).lower(x)

@@ -527,15 +527,10 @@ def _second_derivatives_reference(x: float, u: float, cap: float) -> list[float]
         ctx.prec = 60
         d = decimal.Decimal(x)
         s = 1 / (1 + (-d).exp())
-        d = decimal.Decimal(u)
-        e = (-2 * abs(d)).exp()
-        tanh = (1 - e) / (1 + e) * (1 if d >= 0 else -1)
-        slope = -2 * tanh * 4 * e / (1 + e) ** 2 / decimal.Decimal(cap)
         return [
             float(s * (1 - s) * (1 - 2 * s)),
             float(-s * (1 - s)),
-            float(slope),
-            float(-d * slope),
+            *R.logit_soft_cap_second_derivatives(u, cap),
         ]
 
 

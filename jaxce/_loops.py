@@ -82,8 +82,11 @@ def paste(a: jax.Array, part: jax.Array, start, axis: int) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(a, part, start, axis)
 
 
-def _loop(count: int, step, carry):
-    """``step(i, carry)`` for ``i`` in ``range(count)``, as a ``while_loop``.
+def _loop(count: int, stride: int, step, carry):
+    """``step(start, carry)`` for ``start`` in ``range(0, count * stride, stride)``, as a
+    ``while_loop``. The loop steps ``start`` itself: each scalar operation of a loop's index is
+    a kernel XLA's CPU compiler generates code for (milliseconds of compile time), and ``i *
+    stride`` would be one more.
 
     Not a ``scan`` (what ``fori_loop`` with static bounds builds): these loops run inside
     ``jax.custom_jvp`` rules, and JAX's partial evaluation of a scan for reverse mode moves
@@ -96,10 +99,16 @@ def _loop(count: int, step, carry):
     fused loss's blocks have forward-over-reverse second derivatives only.
     """
     if not _xla.staged():  # op by op: a Python loop (see _xla.staged)
-        for i in range(count):
-            carry = step(jnp.int32(i), carry)
+        for start in range(0, count * stride, stride):
+            carry = step(jnp.int32(start), carry)
         return carry
-    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(count), step, carry)
+    end = jnp.int32(count * stride)
+    _, carry = jax.lax.while_loop(
+        lambda c: c[0] < end,
+        lambda c: (c[0] + jnp.int32(stride), step(c[0], c[1])),
+        (jnp.int32(0), carry),
+    )
+    return carry
 
 
 def for_chunks(total: int, size: int, body, carry):
@@ -112,7 +121,7 @@ def for_chunks(total: int, size: int, body, carry):
     if full == 1:
         carry = body(0, size, carry)
     elif full > 1:
-        carry = _loop(full, lambda i, c: body(i * size, size, c), carry)
+        carry = _loop(full, size, lambda start, c: body(start, size, c), carry)
     if tail:
         carry = body(full * size, tail, carry)
     return carry
@@ -131,20 +140,19 @@ def overlapping_chunks(total: int, size: int, body, carry):
     count = -(-total // size)
     if total % size == 0:
 
-        def step(i, c):
-            return body(i * size, None, c)
+        def step(nominal, c):
+            return body(nominal, None, c)
 
     else:
 
-        def step(i, c):
-            nominal = i * size
+        def step(nominal, c):
             start = jnp.minimum(nominal, total - size)
             fresh = jax.lax.iota(jnp.int32, size) + start >= nominal
             return body(start, fresh, c)
 
     if count == 1:
         return step(0, carry)
-    return _loop(count, step, carry)
+    return _loop(count, size, step, carry)
 
 
 # A run of rows taken from one lane is at least this long (in float32 bytes) in the plain
@@ -317,27 +325,73 @@ def _lanes_of_rows(a: jax.Array, rows: int) -> Lanes:
     return Lanes.of(a.shape[0], rows, 4 * math.prod(a.shape[1:]))
 
 
+class _SideBySide(NamedTuple):
+    """A loop's per-row outputs (``[N, k]`` arrays) carried as one ``[N, sum k]`` array per
+    dtype: XLA's CPU compiler generates a kernel for each array a loop pastes a chunk into, and
+    each costs milliseconds of compile time (docs/performance.md), for a few numbers per row."""
+
+    groups: tuple[tuple[int, ...], ...]  # the outputs in each carried array, in order
+    widths: tuple[int, ...]  # each output's k
+
+    @staticmethod
+    def of(outputs: list) -> _SideBySide:
+        by_dtype: dict = {}
+        for i, a in enumerate(outputs):
+            by_dtype.setdefault(jnp.dtype(a.dtype), []).append(i)
+        groups = tuple(tuple(g) for g in by_dtype.values())
+        return _SideBySide(groups, tuple(a.shape[1] for a in outputs))
+
+    def pack(self, outputs: list) -> list:
+        return [jnp.concatenate([outputs[i] for i in g], axis=-1) for g in self.groups]
+
+    def zeros(self, like: list) -> list:
+        """Zeros to carry for outputs like ``like``, typed as varying like them (a concatenation
+        of ``like`` itself would be one more kernel)."""
+        return [
+            vary_like(
+                jnp.zeros((like[g[0]].shape[0], sum(self.widths[i] for i in g)), like[g[0]].dtype),
+                [like[i] for i in g],
+            )
+            for g in self.groups
+        ]
+
+    def unpack(self, carried: list) -> list:
+        outputs: list = [None] * len(self.widths)
+        for group, a in zip(self.groups, carried, strict=True):
+            at = 0
+            for i in group:
+                outputs[i] = a[:, at : at + self.widths[i]]
+                at += self.widths[i]
+        return outputs
+
+
 def map_rows(fn: Callable, arrays: tuple, rows: int, out_like):
     """``fn(*chunks)`` for chunks of ``rows`` rows of ``arrays`` (each ``[N, ...]``, or None;
-    taken across :class:`Lanes`), its per-row outputs (a pytree of ``[rows, ...]`` arrays)
-    pasted into ``out_like`` (a pytree of ``[N, ...]`` arrays of the outputs' shapes and dtypes,
-    e.g. zeros), in a loop, with the remainder as one more statically sized call
-    (:func:`for_chunks`).
+    taken across :class:`Lanes`), its per-row outputs (a pytree of ``[rows, k]`` arrays)
+    pasted together, in a loop, with the remainder as one more statically sized call
+    (:func:`for_chunks`). ``out_like``: a pytree of ``[N, k]`` arrays of the outputs' shapes
+    and dtypes, varying over the mesh axes the outputs do (only their types are read). Outputs
+    of one dtype are carried side by side (:class:`_SideBySide`).
     """
     first = jax.tree.leaves(arrays)[0]
     n = first.shape[0]
     lanes = _lanes_of_rows(first, rows)
     viewed = tuple(None if a is None else lanes.view(a) for a in arrays)
+    like, tree = jax.tree.flatten(out_like)
+    side_by_side = _SideBySide.of(like)
 
     def body(start, size, acc):
         chunks = tuple(None if a is None else lanes.chunk(a, start, size) for a in viewed)
-        out = fn(*chunks)
-        return jax.tree.map(lambda a, o: lanes.paste(a, o, start), acc, out)
+        out = side_by_side.pack(jax.tree.leaves(fn(*chunks)))
+        return [lanes.paste(a, o, start) for a, o in zip(acc, out, strict=True)]
 
     out = for_chunks(
-        n // lanes.number, rows // lanes.number, body, jax.tree.map(lanes.view, out_like)
+        n // lanes.number,
+        rows // lanes.number,
+        body,
+        [lanes.view(a) for a in side_by_side.zeros(like)],
     )
-    return jax.tree.map(lanes.whole, out)
+    return jax.tree.unflatten(tree, side_by_side.unpack([lanes.whole(a) for a in out]))
 
 
 def by_row_chunks(
@@ -397,8 +451,15 @@ def _in_chunks(fn, rows: int, arrays: tuple, shared: tuple):
     def of_chunks(*chunks):
         return fn(*chunks, *shared)
 
+    if _xla.staged():
+        # Traced once for both the results' types and the loop's body: a jit's trace is cached
+        # by its function and its inputs' types, and inlined where it is called.
+        of_chunks = jax.jit(of_chunks, inline=True)
     n = arrays[0].shape[0]
-    shapes = jax.eval_shape(of_chunks, *(None if a is None else a[:1] for a in arrays))
+    chunk_types = (
+        None if a is None else jax.ShapeDtypeStruct((rows,) + a.shape[1:], a.dtype) for a in arrays
+    )
+    shapes = jax.eval_shape(of_chunks, *chunk_types)
     zeros = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
     # Inside shard_map the chunks' results vary over the mesh axes their inputs do.
     return map_rows(of_chunks, arrays, rows, vary_like(zeros, arrays, shared))

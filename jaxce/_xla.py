@@ -607,7 +607,9 @@ def chunk(a: jax.Array, start, size: int, axis: int, shape=None) -> jax.Array:
     float32 copy of all of ``a`` (optimization barriers are removed before that happens on
     CPU). Read inside a ``cond`` whose predicate depends on the loop index, the chunk comes out
     of an opaque call and the conversion stays after it, so only one chunk is ever float32.
-    Guarded by tests/test_memory.py and
+    Both branches read the chunk (the predicate, ``start >= 0``, always holds): identical
+    branches are one kernel for XLA's CPU compiler to generate, where a second branch of its
+    own was one more. Guarded by tests/test_memory.py and
     tests/test_linear.py::test_a_narrow_w_is_never_converted_whole.
     """
 
@@ -622,13 +624,8 @@ def chunk(a: jax.Array, start, size: int, axis: int, shape=None) -> jax.Array:
     if not isinstance(start, jax.Array) or not staged():
         return read(a)
 
-    def unreachable(a):
-        # A slice of a, not fresh zeros: inside shard_map it then varies over the same mesh
-        # axes as read's, which cond requires of its branches (never executed: start >= 0).
-        # The reshape inside the branches: one after the cond costs a copy of the chunk.
-        return shaped(jax.lax.slice_in_dim(a, 0, size, axis=axis))
-
-    return jax.lax.cond(start >= 0, read, unreachable, a)
+    # The reshape inside the branches: one after the cond costs a copy of the chunk.
+    return jax.lax.cond(start >= 0, read, read, a)
 
 
 def columns(w: jax.Array, col0, cols: int, dtype) -> jax.Array:

@@ -13,9 +13,10 @@ F64 = np.float64
 
 
 def _rows(x, t, scale):
-    """Per-row results of two shapes, one reading a shared argument."""
+    """Per-row results of two shapes and two dtypes, one reading a shared argument."""
     lse = jax.nn.logsumexp(x * scale, axis=-1, keepdims=True)
-    return lse, jnp.stack([jnp.sum(x * t, axis=-1), jnp.max(x, axis=-1)], axis=-1)
+    sum_and_max = jnp.stack([jnp.sum(x * t, axis=-1), jnp.max(x, axis=-1)], axis=-1)
+    return lse, sum_and_max, jnp.sum(x * x, axis=-1, keepdims=True).astype(jnp.float32)
 
 
 # (rows, rows per chunk, lanes): lanes with several chunks and a tail in each, lanes with one
@@ -39,21 +40,35 @@ def test_row_chunks_across_lanes_compute_every_row_once(monkeypatch, n, size, la
         return _loops._in_chunks(_rows, size, (x, t), (scale,))
 
     for got, want in zip(chunked(x, t, scale), _rows(x, t, scale), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-13)
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-13 if want.dtype == F64 else 1e-6)
     # Forward mode (the chunks' own derivative, in a scan), and reverse mode through it.
     args, dots = (x, t, scale), (dx, dt, jnp.asarray(0.5, F64))
     got_dot = jax.jvp(chunked, args, dots)[1]
     want_dot = jax.jvp(_rows, args, dots)[1]
     for got, want in zip(got_dot, want_dot, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12)
+        np.testing.assert_allclose(got, want, rtol=1e-12 if want.dtype == F64 else 1e-6)
 
     def total(f):
-        return lambda *a: sum(jnp.sum(o**2) for o in f(*a))
+        return lambda *a: sum(jnp.sum(o.astype(F64) ** 2) for o in f(*a))
 
     got_grad = jax.jit(jax.grad(total(chunked), argnums=(0, 1, 2)))(*args)
     want_grad = jax.grad(total(_rows), argnums=(0, 1, 2))(*args)
     for got, want in zip(got_grad, want_grad, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_the_chunks_loop_pastes_into_one_array_per_dtype():
+    """The three per-row results of ``_rows`` (two float64, one float32) are carried through the
+    chunks' loop as two arrays, each pasted into by one dynamic-update-slice: XLA's CPU
+    compiler generates a kernel for each array a loop pastes into."""
+    x = jax.ShapeDtypeStruct((64, 5), F64)
+    scale = jax.ShapeDtypeStruct((), F64)
+    program = jax.jit(lambda x, t, scale: _loops._in_chunks(_rows, 8, (x, t), (scale,)))
+    hlo = program.lower(x, x, scale).compile().as_text()
+    pastes = [line for line in hlo.splitlines() if "dynamic-update-slice(" in line]
+    shapes = sorted(line.split("=")[1].split()[0].split("{")[0] for line in pastes)
+    assert shapes == ["f32[64,1]", "f64[64,3]"]
 
 
 @pytest.mark.parametrize(

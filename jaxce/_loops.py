@@ -331,6 +331,7 @@ class _SideBySide(NamedTuple):
     each costs milliseconds of compile time (docs/performance.md), for a few numbers per row."""
 
     groups: tuple[tuple[int, ...], ...]  # the outputs in each carried array, in order
+    dtypes: tuple  # each carried array's dtype
     widths: tuple[int, ...]  # each output's k
 
     @staticmethod
@@ -339,20 +340,17 @@ class _SideBySide(NamedTuple):
         for i, a in enumerate(outputs):
             by_dtype.setdefault(jnp.dtype(a.dtype), []).append(i)
         groups = tuple(tuple(g) for g in by_dtype.values())
-        return _SideBySide(groups, tuple(a.shape[1] for a in outputs))
+        return _SideBySide(groups, tuple(by_dtype), tuple(a.shape[1] for a in outputs))
 
     def pack(self, outputs: list) -> list:
         return [jnp.concatenate([outputs[i] for i in g], axis=-1) for g in self.groups]
 
-    def zeros(self, like: list) -> list:
-        """Zeros to carry for outputs like ``like``, typed as varying like them (a concatenation
-        of ``like`` itself would be one more kernel)."""
+    def zeros(self, n: int, refs) -> list:
+        """The ``[n, sum k]`` zeros to carry, typed as varying like ``refs`` (the inputs the
+        outputs are computed from)."""
         return [
-            vary_like(
-                jnp.zeros((like[g[0]].shape[0], sum(self.widths[i] for i in g)), like[g[0]].dtype),
-                [like[i] for i in g],
-            )
-            for g in self.groups
+            vary_like(jnp.zeros((n, sum(self.widths[i] for i in g)), dtype), refs)
+            for g, dtype in zip(self.groups, self.dtypes, strict=True)
         ]
 
     def unpack(self, carried: list) -> list:
@@ -365,20 +363,19 @@ class _SideBySide(NamedTuple):
         return outputs
 
 
-def map_rows(fn: Callable, arrays: tuple, rows: int, out_like):
+def map_rows(fn: Callable, arrays: tuple, rows: int, out_types, refs):
     """``fn(*chunks)`` for chunks of ``rows`` rows of ``arrays`` (each ``[N, ...]``, or None;
-    taken across :class:`Lanes`), its per-row outputs (a pytree of ``[rows, k]`` arrays)
-    pasted together, in a loop, with the remainder as one more statically sized call
-    (:func:`for_chunks`). ``out_like``: a pytree of ``[N, k]`` arrays of the outputs' shapes
-    and dtypes, varying over the mesh axes the outputs do (only their types are read). Outputs
-    of one dtype are carried side by side (:class:`_SideBySide`).
+    taken across :class:`Lanes`), its per-row outputs (a pytree of ``[rows, k]`` arrays, of the
+    shapes and dtypes of ``out_types``) pasted together, in a loop, with the remainder as one
+    more statically sized call (:func:`for_chunks`). The results vary over the mesh axes any of
+    ``refs`` does. Outputs of one dtype are carried side by side (:class:`_SideBySide`).
     """
     first = jax.tree.leaves(arrays)[0]
     n = first.shape[0]
     lanes = _lanes_of_rows(first, rows)
     viewed = tuple(None if a is None else lanes.view(a) for a in arrays)
-    like, tree = jax.tree.flatten(out_like)
-    side_by_side = _SideBySide.of(like)
+    types, tree = jax.tree.flatten(out_types)
+    side_by_side = _SideBySide.of(types)
 
     def body(start, size, acc):
         chunks = tuple(None if a is None else lanes.chunk(a, start, size) for a in viewed)
@@ -389,7 +386,7 @@ def map_rows(fn: Callable, arrays: tuple, rows: int, out_like):
         n // lanes.number,
         rows // lanes.number,
         body,
-        [lanes.view(a) for a in side_by_side.zeros(like)],
+        [lanes.view(a) for a in side_by_side.zeros(n, refs)],
     )
     return jax.tree.unflatten(tree, side_by_side.unpack([lanes.whole(a) for a in out]))
 
@@ -455,14 +452,13 @@ def _in_chunks(fn, rows: int, arrays: tuple, shared: tuple):
         # Traced once for both the results' types and the loop's body: a jit's trace is cached
         # by its function and its inputs' types, and inlined where it is called.
         of_chunks = jax.jit(of_chunks, inline=True)
-    n = arrays[0].shape[0]
     chunk_types = (
         None if a is None else jax.ShapeDtypeStruct((rows,) + a.shape[1:], a.dtype) for a in arrays
     )
-    shapes = jax.eval_shape(of_chunks, *chunk_types)
-    zeros = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), shapes)
     # Inside shard_map the chunks' results vary over the mesh axes their inputs do.
-    return map_rows(of_chunks, arrays, rows, vary_like(zeros, arrays, shared))
+    return map_rows(
+        of_chunks, arrays, rows, jax.eval_shape(of_chunks, *chunk_types), (arrays, shared)
+    )
 
 
 def is_zero(tangent: object) -> bool:

@@ -85,9 +85,12 @@ def _forward(
             unguarded=unguarded,
             small_cap=small_cap,
         )
+        stats = _rows.finish(partial, num_classes)
     else:
-        partial = _rows.row_stats(x, mask, weights, options, num_classes, alone, unguarded)
-    stats = _rows.finish(partial, num_classes)
+        summed = _rows.row_stats(
+            x, mask, weights, options, num_classes, _rows.summed, alone, unguarded
+        )
+        stats = _rows.finish_summed(summed, num_classes)
     label_mask = None if mask is None else _xla.pick(mask, meaning.class_index)
     label_logit = _rows.label_logit_within(label_logit, stats, label_mask)
     w_y = _rows.label_weight(weights, meaning.class_index, dtype)
@@ -702,7 +705,7 @@ def _nll_value(log_probs, labels, weights, ignore_index):
     w_y = _rows.label_weight(weights, meaning.class_index, dtype)
     picked = jnp.take_along_axis(log_probs, meaning.class_index[..., None], axis=-1).astype(dtype)
     # Every row has classes: only ignored and out-of-range labels matter.
-    no_stats = _rows.Stats(picked, jnp.zeros_like(picked), None, None, None)
+    no_stats = _rows.Stats(picked, jnp.zeros_like(picked), None, None, None, None)
     rows = _rows.status(meaning, no_stats)
     loss = _rows.finalize(weighted(w_y, -picked), rows)  # a weight of 0 on log 0: 0
     counted = _rows.counted(w_y, rows)

@@ -150,7 +150,7 @@ def _softmax_focal_forward(x, labels, alpha, gamma, ignore_index):
     m, log_sum = max_and_log_sum(x, None)
     z = x.astype(m.dtype)
     meaning = _labels.classify(labels, x.shape[-1], ignore_index)
-    stats = _rows.Stats(m, log_sum, None, None, None)
+    stats = _rows.Stats(m, log_sum, None, None, None, None)
     # log p_y = (z_y - m) - log_sum: exact even where m + log_sum would round to m.
     z_y = jnp.take_along_axis(z, meaning.class_index[..., None], axis=-1)
     lp = (z_y - m) - stats.log_sum_or_zero()

@@ -180,7 +180,7 @@ def _single_pass(x, w, bias, meaning, weights, options, static: _blocks.Static, 
 
     column = lanes.view(jnp.zeros((n, 1), dtype))
     smoothing = options.smoothing
-    stats0 = _rows.Stats(column, column, *((column,) * 3 if smoothing else (None, None, None)))
+    stats0 = _rows.Stats(column, column, *((column,) * 4 if smoothing else (None,) * 4))
     init = (
         stats0,
         column,

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -59,12 +60,14 @@ from jaxce._sigmoid import (
 )
 from jaxce._softmax import (
     exponentials,
+    log_sum_of,
     log_sum_or_zero,
     probabilities,
     row_max,
-    shift_and_log_sum,
     shift_of,
 )
+
+T = TypeVar("T")
 
 
 class Options(NamedTuple):
@@ -757,10 +760,11 @@ def row_stats(
     weights: jax.Array | None,
     options: Options,
     num_classes: int,
+    then: Callable[[Partial], T],
     alone: bool = False,
     unguarded: bool = False,
-) -> Partial:
-    """:func:`partial_stats` of ``[..., C]`` logits, reduced a chunk of rows at a time
+) -> T:
+    """``then`` of :func:`partial_stats` of ``[..., C]`` logits, reduced a chunk of rows at a time
     (``_loops.by_row_chunks``): the temporaries are the size of a chunk, on any XLA; whole rows
     without a mask or a soft cap on a GPU, and where only ``max`` and ``sum exp`` are reduced
     (no smoothing either, and a soft cap only ``unguarded``: :func:`unguarded`, which whole
@@ -768,12 +772,20 @@ def row_stats(
     ones where no derivative follows (``alone``: the loss without its gradient, whose backward
     pass would otherwise share their float32 conversion; ``_xla.row_chunk``). With smoothing
     on CPU, whole rows first as if every class were admissible
-    (:func:`assumes_all_admissible`). The chunks keep the cap's guard."""
+    (:func:`assumes_all_admissible`). The chunks keep the cap's guard.
+
+    ``then`` runs in the chunks' loop where there is one. :func:`summed` there (the plain
+    loss's) has XLA compute the log-sum and the smoothing's ``1 / max(K, 1)`` in the kernel
+    that writes a chunk's results out, not in kernels of their own after the loop (bfloat16
+    [16384, 4096] ``value_and_grad``: one kernel fewer without options, two with every option
+    on); the rest of :func:`finish` (:func:`finish_summed`) is cheap enough for XLA to compute
+    it again in each kernel that reads it. The sharded losses, which merge the statistics
+    across devices, take the :class:`Partial` as it is."""
     if assumes_all_admissible(x, mask, weights, options, unguarded):
         partial, _ = stats_and_exponentials(
             x, None, weights, options, num_classes, all_admissible=True, unguarded=True
         )
-        return partial
+        return then(partial)
 
     # Smoothing's sums fuse whole on a GPU too; a soft cap's do not (_xla.WHOLE_ROWS_BACKENDS).
     fuses_whole = mask is None and options.logit_soft_cap is None
@@ -789,7 +801,7 @@ def row_stats(
     unguarded_rows = _xla.whole_rows_on_cpu(on_cpu)
 
     def stats(xs, ms, weights, options):
-        return partial_stats(xs, ms, weights, options, num_classes, unguarded_rows)
+        return then(partial_stats(xs, ms, weights, options, num_classes, unguarded_rows))
 
     if on_cpu and narrow:
         x = _xla.unshared(x)
@@ -851,6 +863,7 @@ class Stats(NamedTuple):
     num_admissible: jax.Array | None  # K (smoothing only)
     weight_total: jax.Array | None  # W (smoothing only)
     half_spread: jax.Array | None  # sum_A w_c (shift - z_c) / (2 K) (smoothing only)
+    inv_count: jax.Array | None  # 1 / max(K, 1) (smoothing only)
 
     def log_sum_or_zero(self) -> jax.Array:
         """``log_sum`` with an empty row's -inf replaced by 0 (``_softmax.log_sum_or_zero``)."""
@@ -864,21 +877,51 @@ class Stats(NamedTuple):
         return ~jnp.isneginf(self.log_sum)
 
 
+class Summed(NamedTuple):
+    """A row's :class:`Partial` statistics merged over all its classes, with its log-sum and
+    ``1 / max(K, 1)`` taken (:func:`summed`), each ``[..., 1]``: the per-row results of the
+    chunks' loop (:func:`row_stats`), :func:`finish` without its cheap steps."""
+
+    max: jax.Array
+    log_sum: jax.Array  # :func:`_softmax.log_sum_of`
+    num_admissible: jax.Array | None
+    weight_total: jax.Array | None
+    gap: jax.Array | None
+    inv_count: jax.Array | None  # 1 / max(K, 1)
+
+
+def summed(p: Partial) -> Summed:
+    """``p``, merged over all classes, with its log-sum (``_softmax.log_sum_of``) and, with
+    smoothing, ``1 / max(K, 1)`` taken: the two steps of :func:`finish` whose operations (a log,
+    a division) XLA computes once in a kernel of their own rather than again in each kernel
+    that reads them."""
+    count = p.num_admissible
+    inv_count = None if count is None else 1 / jnp.maximum(count, 1)
+    log_sum = log_sum_of(p.max, p.sum_exp)
+    return Summed(p.max, log_sum, count, p.weight_total, p.gap, inv_count)
+
+
 def finish(p: Partial, num_classes: int) -> Stats:
-    """The :class:`Stats` of a row from its statistics merged over all classes (a NaN max gives
-    a NaN ``log_sum``: :func:`shift_and_log_sum`). The gap, a sum of non-negative terms, is
-    floored at 0 (NaN stays NaN), as the sum of exponentials at 1: where the max and the
-    entries are soft capped apart (a ``tanh`` of one number and of a row, whose codes can differ
-    by a rounding), a row's terms can round below 0 (a row of equal logits of 1000 under a cap
-    of 1e4: -1.2e-5 of loss for a single class)."""
-    shift, log_sum = shift_and_log_sum(p.max, p.sum_exp)
-    if p.num_admissible is None or p.gap is None:
-        return Stats(shift, log_sum, None, None, None)
+    """The :class:`Stats` of a row from its statistics merged over all classes
+    (:func:`finish_summed` of :func:`summed`)."""
+    return finish_summed(summed(p), num_classes)
+
+
+def finish_summed(s: Summed, num_classes: int) -> Stats:
+    """The :class:`Stats` of a row from its :class:`Summed` statistics (a NaN max gives a NaN
+    ``log_sum``: ``_softmax.log_sum_of``). The gap, a sum of non-negative terms, is floored at
+    0 (NaN stays NaN), as the sum of exponentials at 1: where the max and the entries are soft
+    capped apart (a ``tanh`` of one number and of a row, whose codes can differ by a rounding),
+    a row's terms can round below 0 (a row of equal logits of 1000 under a cap of 1e4: -1.2e-5
+    of loss for a single class)."""
+    shift = shift_of(s.max)
+    if s.num_admissible is None or s.gap is None:
+        return Stats(shift, s.log_sum, None, None, None, None)
     # A select, not a max: the max splits its derivative at a tie, and a gap of exactly 0 (a
     # row of equal logits) would pass half of it to d/deps of dloss/dx.
-    gap = jnp.where(p.gap < 0, jnp.zeros_like(p.gap), p.gap)
-    half_spread = gap * (num_classes / jnp.maximum(p.num_admissible, 1))
-    return Stats(shift, log_sum, p.num_admissible, p.weight_total, half_spread)
+    gap = jnp.where(s.gap < 0, jnp.zeros_like(s.gap), s.gap)
+    half_spread = gap * (num_classes / jnp.maximum(s.num_admissible, 1))
+    return Stats(shift, s.log_sum, s.num_admissible, s.weight_total, half_spread, s.inv_count)
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -943,11 +986,10 @@ def coefficients(stats: Stats, w_y: jax.Array, options: Options):
     a = b = w_y
     c = None
     if eps is not None:
-        assert stats.num_admissible is not None and stats.weight_total is not None
-        inv_count = 1 / jnp.maximum(stats.num_admissible, 1)
-        a = (1 - eps) * w_y + eps * stats.weight_total * inv_count
+        assert stats.weight_total is not None and stats.inv_count is not None
+        a = (1 - eps) * w_y + eps * stats.weight_total * stats.inv_count
         b = (1 - eps) * w_y
-        c = eps * inv_count
+        c = eps * stats.inv_count
     if zl is not None:
         a = a + 2 * zl * w_y * stats.lse()
     return a, b, c

@@ -189,7 +189,7 @@ def _sharded_ce_forward(x, labels, mask, weights, options, static: _Static):
     dtype = compute_dtype(x.dtype)
     shard = _shard(labels, x.shape[-1], static)
     mask = _vocab_mask(mask, x.shape, shard.offset, static)
-    local = _rows.row_stats(x, mask, weights, options, static.vocab_size)
+    local = _rows.row_stats(x, mask, weights, options, static.vocab_size, lambda p: p)
     picked = _rows.capped(
         jnp.take_along_axis(x, shard.local[..., None], axis=-1).astype(dtype), options
     )

@@ -26,16 +26,22 @@ def shift_of(m: jax.Array) -> jax.Array:
 
 
 def shift_and_log_sum(m: jax.Array, sum_exp: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(shift_of(m), log(sum_exp))``: a row's shift and log-sum from its max ``m`` and its sum
-    of exponentials ``sum_exp = sum(exp(x - shift))``, keepdims.
+    """``(shift_of(m), log_sum_of(m, sum_exp))``: a row's shift and log-sum from its max ``m``
+    and its sum of exponentials ``sum_exp = sum(exp(x - shift))``, keepdims. Every row
+    statistic goes through here or through its two parts."""
+    return shift_of(m), log_sum_of(m, sum_exp)
+
+
+def log_sum_of(m: jax.Array, sum_exp: jax.Array) -> jax.Array:
+    """``log(sum_exp)``: a row's log-sum from its max ``m`` and its sum of exponentials
+    ``sum_exp = sum(exp(x - shift_of(m)))``, keepdims.
 
     A row whose max is NaN (a NaN logit, or a traced soft cap out of range) has a NaN log-sum,
     also where XLA's CPU code took ``exp(NaN)`` in its sum to 0: it does in some fusions with a
     select, which made such a row look empty (loss 0). A row whose max is finite has a sum of at
     least 1 (the max's own ``exp(0)``), floored there: where the max and the entries are soft
     capped apart (``tanh`` of one number and of a row, whose codes can differ by a rounding),
-    the max's own term can round below 1, and the log-sum below 0. Every row statistic goes
-    through here."""
+    the max's own term can round below 1, and the log-sum below 0."""
     below = jnp.isfinite(m) & (sum_exp < 1)
     one = 1 + _autodiff.zero_with_derivative(sum_exp)  # a rounding apart
     # An empty row's log 0 = -inf is a select, not a log: the log's derivative there, 1 / 0,
@@ -44,7 +50,7 @@ def shift_and_log_sum(m: jax.Array, sum_exp: jax.Array) -> tuple[jax.Array, jax.
     empty = sum_exp == 0
     safe = jnp.where(empty, jnp.ones_like(sum_exp), jnp.where(below, one, sum_exp))
     log_sum = jnp.where(empty, jnp.full_like(sum_exp, -jnp.inf), jnp.log(safe))
-    return shift_of(m), jnp.where(jnp.isnan(m), jnp.full_like(log_sum, jnp.nan), log_sum)
+    return jnp.where(jnp.isnan(m), jnp.full_like(log_sum, jnp.nan), log_sum)
 
 
 def log_sum_or_zero(log_sum: jax.Array) -> jax.Array:

@@ -72,6 +72,31 @@ def test_the_chunks_loop_pastes_into_one_array_per_dtype():
 
 
 @pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.1, "z_loss": 1e-4, "logit_soft_cap": 30.0}],
+    ids=["plain", "options"],
+)
+def test_the_chunks_loop_takes_the_log_sum(options):
+    """Bfloat16 logits whose exponentials are not kept have their row statistics reduced a
+    chunk of rows at a time on CPU; the log of each row's sum is taken in that loop too
+    (``_rows.row_stats`` with ``_rows.summed``), in the kernel that writes a chunk's results,
+    not in a kernel of its own over all the rows after it."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the loop over chunks of rows of this size is the CPU's")
+    n, c = 4096, 4096
+    x = jax.ShapeDtypeStruct((n, c), jnp.bfloat16)
+    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def loss(x, labels):
+        return jaxce.softmax_cross_entropy_with_integer_labels(x, labels, **options).mean()
+
+    hlo = jax.jit(jax.value_and_grad(loss)).lower(x, labels).compile().as_text()
+    assert " while(" in hlo
+    logs = [line.split("=")[1].split()[0] for line in hlo.splitlines() if " log(" in line]
+    assert [shape.split("{")[0] for shape in logs] == ["f32[64,1]"]
+
+
+@pytest.mark.parametrize(
     ("n", "size", "row_bytes", "lanes"),
     [
         (8192, 256, 4000, 32),  # runs of 5 rows of 4000 bytes: at most 51 lanes

@@ -774,13 +774,14 @@ def row_stats(
     on CPU, whole rows first as if every class were admissible
     (:func:`assumes_all_admissible`). The chunks keep the cap's guard.
 
-    ``then`` runs in the chunks' loop where there is one. :func:`summed` there (the plain
-    loss's) has XLA compute the log-sum and the smoothing's ``1 / max(K, 1)`` in the kernel
-    that writes a chunk's results out, not in kernels of their own after the loop (bfloat16
-    [16384, 4096] ``value_and_grad``: one kernel fewer without options, two with every option
-    on); the rest of :func:`finish` (:func:`finish_summed`) is cheap enough for XLA to compute
-    it again in each kernel that reads it. The sharded losses, which merge the statistics
-    across devices, take the :class:`Partial` as it is."""
+    ``then`` runs in the chunks' loop where there is one (``_loops._in_chunks``: it may close
+    over no traced value). :func:`summed` there (the plain loss's) has XLA compute the log-sum
+    and the smoothing's ``1 / max(K, 1)`` in the kernel that writes a chunk's results out, not
+    in kernels of their own after the loop (bfloat16 [16384, 4096] ``value_and_grad``: one
+    kernel fewer without options, two with every option on); XLA fuses the rest of
+    :func:`finish` (:func:`finish_summed`) into the kernels that read it, as before. The
+    sharded losses, which merge the statistics across devices, take the :class:`Partial` as it
+    is."""
     if assumes_all_admissible(x, mask, weights, options, unguarded):
         partial, _ = stats_and_exponentials(
             x, None, weights, options, num_classes, all_admissible=True, unguarded=True
@@ -880,7 +881,8 @@ class Stats(NamedTuple):
 class Summed(NamedTuple):
     """A row's :class:`Partial` statistics merged over all its classes, with its log-sum and
     ``1 / max(K, 1)`` taken (:func:`summed`), each ``[..., 1]``: the per-row results of the
-    chunks' loop (:func:`row_stats`), :func:`finish` without its cheap steps."""
+    chunks' loop where there is one (:func:`row_stats`), :func:`finish` without its cheap
+    steps."""
 
     max: jax.Array
     log_sum: jax.Array  # :func:`_softmax.log_sum_of`
@@ -891,7 +893,7 @@ class Summed(NamedTuple):
 
 
 def summed(p: Partial) -> Summed:
-    """``p``, merged over all classes, with its log-sum (``_softmax.log_sum_of``) and, with
+    """``p``, already merged over all classes, with its log-sum (``_softmax.log_sum_of``) and, with
     smoothing, ``1 / max(K, 1)`` taken: the two steps of :func:`finish` whose operations (a log,
     a division) XLA computes once in a kernel of their own rather than again in each kernel
     that reads them."""
@@ -910,10 +912,10 @@ def finish(p: Partial, num_classes: int) -> Stats:
 def finish_summed(s: Summed, num_classes: int) -> Stats:
     """The :class:`Stats` of a row from its :class:`Summed` statistics (a NaN max gives a NaN
     ``log_sum``: ``_softmax.log_sum_of``). The gap, a sum of non-negative terms, is floored at
-    0 (NaN stays NaN), as the sum of exponentials at 1: where the max and the entries are soft
-    capped apart (a ``tanh`` of one number and of a row, whose codes can differ by a rounding),
-    a row's terms can round below 0 (a row of equal logits of 1000 under a cap of 1e4: -1.2e-5
-    of loss for a single class)."""
+    0 (NaN stays NaN), as ``log_sum_of`` floors the sum of exponentials at 1: where the max and
+    the entries are soft capped apart (a ``tanh`` of one number and of a row, whose codes can
+    differ by a rounding), a row's terms can round below 0 (a row of equal logits of 1000 under
+    a cap of 1e4: -1.2e-5 of loss for a single class)."""
     shift = shift_of(s.max)
     if s.num_admissible is None or s.gap is None:
         return Stats(shift, s.log_sum, None, None, None, None)

@@ -377,8 +377,8 @@ def test_row_statistics_without_a_cap_read_whole_rows_on_cpu_whoever_calls(monke
     monkeypatch.setattr(_loops, "by_row_chunks", recorded)
     plain = _rows.make_options(jnp.float32, 0.0, 0.0, None)
     capped = _rows.make_options(jnp.float32, 0.0, 0.0, 30.0)
-    _rows.row_stats(x, None, None, plain, 1000)
-    _rows.row_stats(x, None, None, capped, 1000)
+    _rows.row_stats(x, None, None, plain, 1000, lambda p: p)
+    _rows.row_stats(x, None, None, capped, 1000, lambda p: p)
     assert asked == [True, False]
     smoothing = _rows.make_options(jnp.float32, 0.1, 0.0, None)
     assert _rows.assumes_all_admissible(x, None, None, smoothing, False)

@@ -811,8 +811,15 @@ def ce_reference(case):
         # the z-loss's coefficient 2 zl w_y lse of the gradient, likewise
         coefficient_overflow = (np.abs(a) > top) & active
         g_overflow = (overflow & active) | coefficient_overflow
-    # A label at a -inf logit with a zero coefficient, 0 * inf: NaN or 0 are both accepted.
-    ambiguous = active & np.isneginf(z_y) & ((1 - eps) * w_y == 0)
+    # A label term that is infinite in the reference, with a zero coefficient, 0 * inf: NaN or
+    # 0 are both accepted. Its logit is -inf, or in float64 the reference's own lse - z_y
+    # overflows (a label logit of -1.8e308 in a row whose max is 1.8e308), where jaxce forms the
+    # difference from halves and its weight of 0 adds 0.
+    infinite_term = np.isneginf(z_y)
+    if cdtype(case["dtype"]) == np.float64:
+        with np.errstate(invalid="ignore", over="ignore"):
+            infinite_term |= lse - z_y > top
+    ambiguous = active & infinite_term & ((1 - eps) * w_y == 0)
     return dict(
         want=want,
         grad=grad,

@@ -120,17 +120,18 @@ def logit_soft_cap(x, cap, xp=np):
     return cap * xp.tanh(x / cap)
 
 
-def logit_soft_cap_second_derivatives(u: float, cap: float) -> tuple[float, float]:
-    """``d2/dx2`` and ``d2/dx dcap`` of ``cap * tanh(x / cap)`` at ``u = x / cap``:
-    ``-2 tanh(u) / cosh(u)**2 / cap`` and ``-u`` times that, in 60-digit decimal arithmetic
-    (``tanh`` and ``1 / cosh**2`` from ``e = exp(-2 |u|)``, which cancel nowhere)."""
+def logit_soft_cap_second_derivatives(u: float, cap: float) -> tuple[float, float, float]:
+    """``d2/dx2``, ``d2/dx dcap`` and ``d2/dcap2`` of ``cap * tanh(x / cap)`` at
+    ``u = x / cap``: ``-2 tanh(u) / cosh(u)**2 / cap``, ``-u`` times that and ``u**2`` times
+    it, in 60-digit decimal arithmetic (``tanh`` and ``1 / cosh**2`` from ``e = exp(-2 |u|)``,
+    which cancel nowhere)."""
     with decimal.localcontext() as ctx:
         ctx.prec = 60
         d = decimal.Decimal(u)
         e = (-2 * abs(d)).exp()
         tanh = (1 - e) / (1 + e) * (1 if d >= 0 else -1)
         slope = -2 * tanh * 4 * e / (1 + e) ** 2 / decimal.Decimal(cap)
-        return float(slope), float(-d * slope)
+        return float(slope), float(-d * slope), float(d * d * slope)
 
 
 # --------------------------------------------------------------------------------------------

@@ -505,7 +505,7 @@ def test_sigmoid_log_sigmoid_soft_cap(data):
 @jax.jit
 def _second_derivatives(x, u, cap):
     """The second derivatives of sigmoid and log_sigmoid at ``x``, and of the soft cap at
-    ``u * cap`` in ``x`` and in ``x`` and ``cap``, elementwise."""
+    ``u * cap`` in ``x``, in ``x`` and ``cap`` and in ``cap``, elementwise."""
 
     def second(f, argnums=0):
         return jax.vmap(jax.grad(jax.grad(f), argnums=argnums), (0, None))
@@ -516,13 +516,14 @@ def _second_derivatives(x, u, cap):
         jax.vmap(jax.grad(jax.grad(jaxce.log_sigmoid)))(x),
         second(jaxce.logit_soft_cap)(xc, cap),
         second(jaxce.logit_soft_cap, 1)(xc, cap),
+        jax.vmap(jax.grad(jax.grad(jaxce.logit_soft_cap, 1), 1), (0, None))(xc, cap),
     )
 
 
 def _second_derivatives_reference(x: float, u: float, cap: float) -> list[float]:
-    """The four of :func:`_second_derivatives` in 60-digit decimal arithmetic: ``s (1 - s)
-    (1 - 2 s)``, ``-s (1 - s)`` (``s = sigmoid(x)``), ``-2 tanh(u) / cosh(u)**2 / cap`` and
-    ``-u`` times that."""
+    """The five of :func:`_second_derivatives` in 60-digit decimal arithmetic: ``s (1 - s)
+    (1 - 2 s)``, ``-s (1 - s)`` (``s = sigmoid(x)``), ``-2 tanh(u) / cosh(u)**2 / cap``, and
+    ``-u`` and ``u**2`` times that."""
     with decimal.localcontext() as ctx:
         ctx.prec = 60
         d = decimal.Decimal(x)
@@ -561,7 +562,13 @@ def test_second_derivatives_of_the_elementwise_functions(data):
     want = np.array(
         [_second_derivatives_reference(float(a), float(b), cap) for a, b in zip(x, u, strict=True)]
     )
-    names = ["sigmoid''", "log_sigmoid''", "logit_soft_cap d2/dx2", "logit_soft_cap d2/dx dcap"]
+    names = [
+        "sigmoid''",
+        "log_sigmoid''",
+        "logit_soft_cap d2/dx2",
+        "logit_soft_cap d2/dx dcap",
+        "logit_soft_cap d2/dcap2",
+    ]
     eps, tiny = float(np.finfo(dtype).eps), float(np.finfo(dtype).smallest_normal)
     for name, g, w in zip(names, got, want.T, strict=True):
         g = np.asarray(g, F64)

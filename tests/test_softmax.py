@@ -387,6 +387,44 @@ def _cap_derivative_exact(u: float) -> float:
         return float((e - 1) / (e + 1) - d * 4 * e / (e + 1) ** 2)
 
 
+def _tanh_and_cap_derivative_exact(u: float) -> tuple[float, float, float]:
+    """``tanh(u)``, ``tanh(u) - u / cosh(u)**2`` and the scale of the latter's rounding,
+    ``|tanh(u)| + 2 |u| / cosh(u)**2`` (docs/precision.md), in 60-digit arithmetic from
+    ``e = exp(-2 |u|)`` (``|u| >= 1``: nothing cancels)."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        d = decimal.Decimal(u)
+        e = (-2 * abs(d)).exp()
+        t = (1 - e) / (1 + e) * (1 if d >= 0 else -1)
+        s = 4 * e / (1 + e) ** 2
+        return float(t), float(t - d * s), float(abs(t) + 2 * abs(d) * s)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1.5), ("float64", 1.5)])
+def test_logit_soft_cap_where_tanh_nears_one(dtype, tol):
+    """The soft cap's value (float64) and its derivative in the cap (both dtypes) within
+    ``tol`` epsilons for ``|u|`` in [1, 21] (of the value, and of the derivative's scale
+    ``|tanh(u)| + 2 |u| / cosh(u)**2``), where ``tanh(u)`` nears +-1: XLA's CPU
+    ``tanh`` is up to 3.46 epsilons off there in float64 (1.89 in float32), which the value took
+    (3.46 epsilons at ``u = -20.0``) and the derivative too (3.70 in float64 and 2.10 in float32;
+    a thorough run found 3.05 at ``x = 0.1875``, ``cap = 0.01``). The inputs are exact."""
+    cap = 0.5
+    u = np.concatenate([np.linspace(1.0, 21.0, 1601), [18.75, 19.06, 19.9995]])
+    u = np.concatenate([u, -u]).astype(dtype).astype(np.float64)
+    x = jnp.asarray(u * cap, dtype)
+    want = np.array([_tanh_and_cap_derivative_exact(float(v)) for v in u])
+    eps = float(np.finfo(dtype).eps)
+    if dtype == "float64":  # float32 keeps XLA's tanh for the value (see _sigmoid._tanh)
+        value = np.asarray(jaxce.logit_soft_cap(x, cap), np.float64)
+        err = np.abs(value - cap * want[:, 0]) / (cap * np.abs(want[:, 0])) / eps
+        assert err.max() <= tol, f"value: {err.max():.3g} epsilons at u = {u[err.argmax()]}"
+    d_cap = jax.vmap(jax.grad(lambda c, v: jaxce.logit_soft_cap(v, c)), (None, 0))(
+        jnp.asarray(cap, dtype), x
+    )
+    err = np.abs(np.asarray(d_cap, np.float64) - want[:, 1]) / want[:, 2] / eps
+    assert err.max() <= tol, f"cap derivative: {err.max():.3g} epsilons at u = {u[err.argmax()]}"
+
+
 @pytest.mark.parametrize("dtype, rtol", [("float32", 4e-6), ("float64", 1e-14)])
 def test_logit_soft_cap_cap_derivative_near_zero(dtype, rtol):
     """``d/dcap = tanh(u) - u / cosh(u)**2`` is ``2 u**3 / 3`` near 0, where its two terms are
@@ -406,23 +444,33 @@ def test_logit_soft_cap_cap_derivative_near_zero(dtype, rtol):
 
 @pytest.mark.parametrize("dtype, rtol", [("float32", 2e-6), ("float64", 1e-14)])
 def test_logit_soft_cap_second_derivatives_near_zero_and_beyond(dtype, rtol):
-    """The second derivatives in ``x`` and in ``x`` and the cap, ``-2 tanh(u) / cosh(u)**2 / cap``
-    and ``-u`` times it, to a few roundings of themselves, also near ``u = 0``, where they are
-    about ``-2 u / cap``: autodiff of the first derivative's ``4 e / (1 + e)**2`` subtracts two
-    terms of about 2 there (in float32 7% off at ``u = 1e-6``, 0 from ``1e-8`` on; autodiff of
-    ``cap * tanh(x / cap)`` in JAX: 2% and 0)."""
+    """The second derivatives in ``x``, in ``x`` and the cap, and in the cap,
+    ``-2 tanh(u) / cosh(u)**2 / cap``, ``-u`` and ``u**2`` times it, to a few roundings of
+    themselves, also near ``u = 0``, where the first is about ``-2 u / cap``: autodiff of the
+    first derivative's ``4 e / (1 + e)**2`` subtracts two terms of about 2 there (in float32 7%
+    off at ``u = 1e-6``, 0 from ``1e-8`` on; autodiff of ``cap * tanh(x / cap)`` in JAX: 2% and
+    0), and deep in saturation, where the one in the cap is ``1 / cosh(u)**2`` less the
+    derivative of ``tanh(u)``: autodiff of ``tanh``, ``1 - tanh(u)**2``, cancels (6% off at
+    ``u = 8`` in float32, 2% at ``u = 18`` in float64: ``1 / (2 u)`` where it rounds to 0), and
+    so did ``1 / (1 + e)`` where ``e = exp(-2 |u|)`` is flushed (float32 from ``u = 32``); the
+    cap's derivative clamped ``u`` at 40, which made its own derivatives 0 from there on (in
+    float64 they are normal numbers up to ``u = 354``)."""
     cap = 32.0
     u = np.array(
         [2.0**-40, 2.0**-27, 2.0**-20, 2.0**-12, 2.0**-8, 0.01, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0]
+        + [12.0, 18.0, 24.0, 30.0, 36.0]
+        + ([41.0, 100.0, 300.0] if dtype == "float64" else [])
     )
     u = np.concatenate([u, -u]).astype(dtype).astype(np.float64)  # exact in both dtypes
     x = jnp.asarray(u * cap, dtype)
     c = jnp.asarray(cap, dtype)
     d_xx = jax.vmap(jax.grad(jax.grad(jaxce.logit_soft_cap)), (0, None))(x, c)
     d_xc = jax.vmap(jax.grad(jax.grad(jaxce.logit_soft_cap), argnums=1), (0, None))(x, c)
+    d_cc = jax.vmap(jax.grad(jax.grad(jaxce.logit_soft_cap, 1), 1), (0, None))(x, c)
     want = np.array([R.logit_soft_cap_second_derivatives(float(v), cap) for v in u])
     np.testing.assert_allclose(np.asarray(d_xx, np.float64), want[:, 0], rtol=rtol)
     np.testing.assert_allclose(np.asarray(d_xc, np.float64), want[:, 1], rtol=rtol)
+    np.testing.assert_allclose(np.asarray(d_cc, np.float64), want[:, 2], rtol=rtol)
 
 
 def test_logit_soft_cap_dtype_and_neg_inf():

@@ -169,17 +169,22 @@ def _tanh_is_identity_below(dtype) -> float:
 
 
 def _tanh(u: jax.Array) -> jax.Array:
-    """``tanh(u)``: XLA's, but in float64 ``sign(u) (-m) / (2 + m)``, ``m = expm1(-2 |u|)``,
-    within 1.82 epsilons of the true value, relative, on 23001 points of ``|u|`` in
-    [1e-12, 25], where XLA's CPU ``tanh`` is up to 3.46 off as it nears +-1 (``logit_soft_cap``
-    measured 3.75 units of its bound of 4 in float64 with it). One form for every ``u``: a
-    select between two (``tanh`` below ``|u| = 1``) had XLA's CPU compiler write two arrays of
-    the logits' size out (40 MiB at [40, 65536] with a soft cap). In float32 XLA's is within
-    1.89 epsilons, and the losses' fusions on CPU are tuned to its code."""
+    """``tanh(u)``: XLA's, but in float64 from ``|u| = 0.5`` on ``(-m) / (2 + m)``,
+    ``m = expm1(-2 |u|)``, with the sign of ``u``: within 1.60 epsilons of the true value,
+    relative, on 23001 points of ``|u|`` in [1e-12, 25], where XLA's CPU ``tanh`` is up to 3.46
+    off as it nears +-1 (``logit_soft_cap`` measured 3.75 units of its bound of 4 in float64
+    with it). Below 0.5 XLA's, which keeps ``cap tanh(x / cap)`` within a rounding of ``x``
+    where ``tanh(u)`` rounds to ``u`` (the quotient alone: 3 roundings). The sign is a select:
+    ``copysign``'s derivative is -1 at ``u = -0.0``, which gave a Hessian the opposite sign there.
+    (Taking the form of :func:`_tanh_beyond_one` from ``|u| = 1``, with its exponential's
+    selects, had XLA's CPU compiler write two arrays of the logits' size out: 40 MiB at float64
+    [40, 65536], ``tests/test_memory.py``.) In float32 XLA's is within 1.89 epsilons, and the
+    losses' fusions on CPU are tuned to its code."""
     if u.dtype != jnp.float64:
         return jnp.tanh(u)
     em1 = jnp.expm1(-2 * jnp.abs(u))
-    return jnp.copysign(-em1 / (2 + em1), u)
+    t = -em1 / (2 + em1)
+    return jnp.where(jnp.abs(u) >= 0.5, jnp.where(u < 0, -t, t), jnp.tanh(u))
 
 
 def soft_cap_bulk(x: jax.Array, cap: jax.Array) -> jax.Array:
@@ -256,8 +261,8 @@ def _sech_squared(u: jax.Array) -> jax.Array:
 
 
 def _sech_squared_parts(u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(4 e, e, 1 / (1 + e), -2 |u|)`` of :func:`_sech_squared`, ``e = exp(-2 |u|)`` (0 where
-    it is below the smallest normal number)."""
+    """``(4 e, e, 1 / (1 + e), -2 |u|)`` of :func:`_sech_squared`, ``e = exp(-2 |u|)`` (``e``
+    is 0 from ``2 |u| = _flush_shift`` on, where ``1 + e`` rounds to 1)."""
     with jax.named_scope("sech_squared"):
         a = -2 * jnp.abs(u)
         s = _flush_shift(a.dtype)
@@ -296,14 +301,15 @@ def soft_cap_derivative(x: jax.Array, cap: jax.Array) -> jax.Array:
     return _sech_squared(x / cap)
 
 
-def _sech_squared_vanishes(dtype) -> float:
+def _sech_squared_vanishes(dtype) -> int:
     """A ``|u|`` beyond which ``1 / cosh(u)**2`` is below ``dtype``'s smallest normal number
-    (44.4 in float32, 354.9 in float64: ``4 exp(-2 |u|)`` there), rounded up: clamping ``u``
-    there changes neither ``tanh(u)``, which is +-1, nor ``u / cosh(u)**2``, which is 0, nor their
-    derivatives, and keeps that product finite where ``x / cap`` overflows (``x = 3e38``,
-    ``cap = 0.5``; ``x = +inf``), instead of ``inf * 0 = NaN``. (A clamp at ``|u| = 40``, where
-    ``tanh(u)`` is +-1 too, made the cap's second derivative 0 from there on, a normal number up
-    to ``|u| = 354`` in float64.)"""
+    (44.4 in float32, 354.9 in float64: ``4 exp(-2 |u|)`` there), rounded up: there
+    :func:`_sech_squared` is flushed to 0 and ``tanh(u)`` is +-1, so clamping ``u`` changes
+    neither the cap's derivative nor the derivatives this module computes of it, and keeps
+    ``u / cosh(u)**2`` finite where ``x / cap`` overflows (``x = 3e38``, ``cap = 0.5``;
+    ``x = +inf``), instead of ``inf * 0 = NaN``. (A clamp at ``|u| = 40``, where ``tanh(u)`` is
+    +-1 too, made the cap's second derivative 0 from there on, though it is a normal number up to
+    ``|u| = 354`` in float64.)"""
     tiny = float(jnp.finfo(dtype).smallest_normal)
     return math.ceil((math.log(4) - math.log(tiny)) / 2)
 

@@ -1412,22 +1412,26 @@ def test_the_exact_branch_takes_no_loop_and_differentiates_twice_as_the_mask_doe
         assert np.isfinite(np.asarray(grad)).all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("cap", [0.5, 30.0, 1e10, 2.0**64])
-def test_a_cap_given_as_a_number_goes_without_its_guard_within_a_rounding(cap):
+def test_a_cap_given_as_a_number_goes_without_its_guard_within_a_rounding(cap, dtype):
     """A soft cap given as a number of at most 2**64 is computed without the select that
     takes ``x`` itself where ``tanh(x / cap)`` rounds to ``x / cap`` (``_rows.unguarded``):
-    ``cap tanh(x / cap)`` is then within a rounding of it, or within 2.2e-19 where ``x / cap``
-    underflows. A traced one keeps the guard; a larger one is refused."""
+    ``cap tanh(x / cap)`` is then within a rounding of it, or within 2**64 times the smallest
+    normal number where ``x / cap`` underflows (2.2e-19 in float32). In float64 too, where
+    ``tanh`` is not XLA's (``_sigmoid._tanh``). A traced one keeps the guard; a larger one is
+    refused."""
     from jaxce import _rows
     from jaxce._sigmoid import soft_cap_bulk, soft_cap_unguarded
 
     rng = np.random.default_rng(0)
     scales = 10.0 ** rng.uniform(-30, 30, 20000)
-    x = jnp.asarray((rng.standard_normal(20000) * scales).astype(np.float32))
-    c = jnp.float32(cap)
+    x = jnp.asarray((rng.standard_normal(20000) * scales).astype(dtype))
+    c = jnp.asarray(cap, dtype)
     guarded = np.asarray(jax.jit(soft_cap_bulk)(x, c))
     plain = np.asarray(jax.jit(soft_cap_unguarded)(x, c))
-    allowed = np.maximum(np.spacing(np.abs(guarded)), 2.2e-19)
+    floor = float(np.finfo(dtype).smallest_normal) * 2.0**64
+    allowed = np.maximum(np.spacing(np.abs(guarded)), floor)
     assert (np.abs(plain - guarded) <= allowed).all()
 
     def decided(value):

@@ -425,6 +425,26 @@ def test_logit_soft_cap_where_tanh_nears_one(dtype, tol):
     assert err.max() <= tol, f"cap derivative: {err.max():.3g} epsilons at u = {u[err.argmax()]}"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_soft_capped_loss_has_the_same_hessian_at_minus_zero(dtype):
+    """The Hessian of the integer-label loss under a cap given as a number is the same at a
+    logit of -0.0 as at +0.0, where the loss is smooth (autodiff of a ``tanh`` whose sign is
+    taken by ``copysign`` gave its diagonal entry the opposite sign at -0.0 in float64, and a
+    Hessian that is not symmetric)."""
+    labels = jnp.array([1, 2])
+
+    def loss(z):
+        return jaxce.softmax_cross_entropy_with_integer_labels(z, labels, logit_soft_cap=5.0).sum()
+
+    plus = np.array([[0.0, 1.0, -2.0], [0.5, 0.25, 3.0]], dtype)
+    minus = plus.copy()
+    minus[0, 0] = -0.0
+    h_plus = np.asarray(jax.hessian(loss)(jnp.asarray(plus)))
+    h_minus = np.asarray(jax.hessian(loss)(jnp.asarray(minus)))
+    assert h_plus[0, 0, 0, 0] > 0
+    np.testing.assert_array_equal(h_minus, h_plus)
+
+
 @pytest.mark.parametrize("dtype, rtol", [("float32", 4e-6), ("float64", 1e-14)])
 def test_logit_soft_cap_cap_derivative_near_zero(dtype, rtol):
     """``d/dcap = tanh(u) - u / cosh(u)**2`` is ``2 u**3 / 3`` near 0, where its two terms are
@@ -451,10 +471,10 @@ def test_logit_soft_cap_second_derivatives_near_zero_and_beyond(dtype, rtol):
     off at ``u = 1e-6``, 0 from ``1e-8`` on; autodiff of ``cap * tanh(x / cap)`` in JAX: 2% and
     0), and deep in saturation, where the one in the cap is ``1 / cosh(u)**2`` less the
     derivative of ``tanh(u)``: autodiff of ``tanh``, ``1 - tanh(u)**2``, cancels (6% off at
-    ``u = 8`` in float32, 2% at ``u = 18`` in float64: ``1 / (2 u)`` where it rounds to 0), and
-    so did ``1 / (1 + e)`` where ``e = exp(-2 |u|)`` is flushed (float32 from ``u = 32``); the
+    ``u = 8`` in float32, 2% at ``u = 18`` in float64: ``1 / (2 u)`` where it rounds to 0); the
     cap's derivative clamped ``u`` at 40, which made its own derivatives 0 from there on (in
-    float64 they are normal numbers up to ``u = 354``)."""
+    float64 they are normal numbers up to ``u = 354``). The cap is a power of two: ``u`` is
+    exact."""
     cap = 32.0
     u = np.array(
         [2.0**-40, 2.0**-27, 2.0**-20, 2.0**-12, 2.0**-8, 0.01, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0]

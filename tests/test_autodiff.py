@@ -394,6 +394,55 @@ def test_hessian_in_the_logits_and_the_hyperparameters(options):
         R.assert_close(g, h, rtol=1e-9, atol=1e-12)
 
 
+# Logits whose u = x / cap lies on both sides of where tanh(u) rounds to +-1 (|u| = 9 in
+# float32, 19 in float64), and one where 1 / cosh(u)**2 nears float32's smallest normal number.
+_SATURATED_U = np.array([[10.4, 7.6, -5.6, -10.1, -5.0, 0.3], [0.5, -21.0, 2.0, -2.5, 43.5, 9.0]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cap", [1.0, 4.0])
+@pytest.mark.parametrize("traced", [False, True], ids=["cap_number", "cap_traced"])
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.1, "z_loss": 0.01}], ids=["cap", "cap+smoothing+z"]
+)
+def test_soft_capped_loss_hessian_where_tanh_rounds_to_one(dtype, cap, traced, options):
+    """The integer-label loss's second derivatives in the logits and in a traced cap, each entry
+    within 16 epsilons of its scale (the sum of its terms' absolute values) of a 60-digit
+    reference, where ``tanh(u)`` rounds to +-1. The losses' rules compute the capped logits,
+    which a derivative of a rule differentiates: autodiff of ``tanh`` took ``1 - tanh(u)**2``
+    from the rounded ``tanh(u)``, 0 in float32 from ``|u| = 9``, and every entry between a
+    logit there and another was 0 (float64: 3.7e-8 of itself), the mixed one in a logit and the
+    cap 8.3% off. An entry below the smallest normal number is within 16 of it."""
+    labels = np.array([0, 2])
+    x = jnp.asarray(_SATURATED_U * cap, dtype)  # exact: the caps are powers of two
+    smoothing, z_loss = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0)
+
+    def loss(x, c):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            x, labels, logit_soft_cap=c if traced else cap, reduction="sum", **options
+        )
+
+    got = jax.jit(jax.hessian(loss, argnums=(0, 1) if traced else 0))(x, jnp.asarray(cap, dtype))
+    h_xx = np.asarray(got[0][0] if traced else got, np.float64)
+    rows = [
+        R.soft_capped_cross_entropy_hessian(np.asarray(x[r], np.float64), y, cap, smoothing, z_loss)
+        for r, y in enumerate(labels)
+    ]
+    eps, tiny = float(np.finfo(dtype).eps), float(np.finfo(dtype).smallest_normal)
+
+    def check(name, value, want, scale):
+        # an entry below the smallest normal number is flushed: within it, not its scale
+        err = np.max(np.abs(np.asarray(value, np.float64) - want) / np.maximum(scale * eps, tiny))
+        assert err <= 16, f"{name}: {err:.3g} epsilons of its scale"
+
+    for r, (w_xx, s_xx, w_xc, s_xc, _, _) in enumerate(rows):
+        check(f"d2/dx2, row {r}", h_xx[r, :, r, :], w_xx, s_xx)
+        if traced:
+            check(f"d2/dx dcap, row {r}", got[0][1][r], w_xc, s_xc)
+    if traced:
+        check("d2/dcap2", got[1][1], sum(w[4] for w in rows), sum(w[5] for w in rows))
+
+
 # --------------------------------------------------------------------------- the fused loss
 def _fused_problem(rng):
     x = jnp.asarray(rng.normal(size=(7, 4)))

@@ -552,12 +552,14 @@ def test_second_derivatives_of_the_elementwise_functions(data):
     """Each second derivative to a few roundings of itself at every magnitude, near 0 too,
     where the first derivatives' forms, differentiated as written, subtract two terms that
     cancel (``sigmoid(x) sigmoid(-x)``: two of about 1/8 where the result is about ``-x / 8``;
-    the soft cap's ``4 e / (1 + e)**2``: two of about 2 where it is about ``-2 u``). The inputs
-    and ``u = x / cap`` are exact."""
+    the soft cap's ``4 e / (1 + e)**2``: two of about 2 where it is about ``-2 u``), and at
+    caps up to ``2**64``, where autodiff's derivative of ``u = x / cap`` in the cap,
+    ``-x * cap**-2``, flushed a float32 cotangent times ``cap**-2`` to 0 (at every ``u`` from a
+    cap of ``2**63`` on). The inputs and ``u = x / cap`` are exact."""
     dtype = data.draw(st.sampled_from(["float32", "float64"]), "dtype")
-    cap = data.draw(st.sampled_from([0.5, 1.0, 32.0, 1024.0]), "cap")
+    cap = data.draw(st.sampled_from([2.0**-60, 0.5, 1.0, 32.0, 1024.0, 2.0**63, 2.0**64]), "cap")
     x = data.draw(_magnitudes(8, 5), "x").astype(dtype)  # |x| < 64: sigmoid's tail is normal
-    u = data.draw(_magnitudes(8, 4), "u").astype(dtype)  # |u| < 32: so is the cap's
+    u = data.draw(_magnitudes(8, 5), "u").astype(dtype)  # |u| < 64: the cap's tail too
     got = _second_derivatives(jnp.asarray(x), jnp.asarray(u), jnp.asarray(cap, dtype))
     want = np.array(
         [_second_derivatives_reference(float(a), float(b), cap) for a, b in zip(x, u, strict=True)]

@@ -486,6 +486,33 @@ def test_logit_soft_cap_second_derivatives_near_zero_and_beyond(dtype, rtol):
     np.testing.assert_allclose(np.asarray(d_cc, np.float64), want[:, 2], rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype, rtol", [("float32", 2e-6), ("float64", 1e-14)])
+@pytest.mark.parametrize("cap", [32.0, 2.0**63, 2.0**64])
+def test_logit_soft_cap_second_derivatives_in_the_cap_at_large_caps(dtype, rtol, cap):
+    """``d2/dx dcap`` and ``d2/dcap2`` to a few roundings of themselves wherever they are normal
+    numbers, at large ``u`` and large caps. Autodiff differentiates ``u = x / cap`` in the cap as
+    ``-x * cap**-2``, which multiplied the cotangent by ``cap**-2`` first: a product below the
+    smallest normal number, flushed to 0 though the result is not. In float32 at a cap of 32
+    they were 0 from ``|u| = 42`` and 43.1 on (3.5e-36 and 7.8e-36 there), and at every ``u``
+    for caps from ``2**63`` on, where ``cap**-2`` is flushed itself. The caps are powers of
+    two: ``u`` is exact."""
+    u = np.array([0.5, 1.0, 3.0, 10.0, 20.0, 30.0, 40.0, 42.0, 43.0, 43.5, 44.0, 44.25])
+    if dtype == "float64":
+        u = np.concatenate([u, [100.0, 300.0, 354.0, 354.5]])
+    u = np.concatenate([u, -u])
+    x = jnp.asarray(u * cap, dtype)
+    c = jnp.asarray(cap, dtype)
+    d_xc = jax.vmap(jax.grad(jax.grad(jaxce.logit_soft_cap), argnums=1), (0, None))(x, c)
+    d_cc = jax.vmap(jax.grad(jax.grad(jaxce.logit_soft_cap, 1), 1), (0, None))(x, c)
+    want = np.array([R.logit_soft_cap_second_derivatives(float(v), cap) for v in u])
+    for got, w in ((d_xc, want[:, 1]), (d_cc, want[:, 2])):
+        normal = np.abs(w) >= np.finfo(dtype).smallest_normal
+        assert normal.sum() >= 8
+        got = np.asarray(got, np.float64)
+        np.testing.assert_allclose(got[normal], w[normal], rtol=rtol)
+        assert np.all(np.abs(got[~normal]) <= np.finfo(dtype).smallest_normal)
+
+
 def test_logit_soft_cap_dtype_and_neg_inf():
     x = jnp.asarray(np.array([-np.inf, -3.0, 0.0, 100.0]), dtype=jnp.bfloat16)
     got = jaxce.logit_soft_cap(x, 30.0)

@@ -748,9 +748,24 @@ def ce_reference(case):
     )
     with np.errstate(invalid="ignore", over="ignore"):
         # the (capped) logits shifted by the row max, where the reference is exact (a huge cap
-        # leaves them huge); then the z-loss
+        # leaves them huge); then the z-loss. An admissible logit whose difference to the row
+        # max is beyond float64 (-1.7e308 in a row whose max is 1.7e308) must not read as -inf,
+        # a masked class, which the reference drops from K, the smoothing's count (it gave half
+        # the loss, or accepted any value where the scale overflowed): it is kept admissible at
+        # -max, and those rows' loss is taken from halves, where every difference is in range.
         shifted = np.where(np.isneginf(z), -np.inf, z - m[:, None])
+        far = (adm & np.isneginf(shifted)).any(-1)
+        shifted = np.where(adm, np.maximum(shifted, -np.finfo(F64).max), shifted)
         want = R.softmax_cross_entropy_with_integer_labels(shifted, labels, **kw)
+        if far.any():
+            yy = np.clip(labels, 0, max(cols - 1, 0))
+            # (lse - z) / 2 = (m/2 - z/2) + log_sum/2: halving is exact, and no half overflows
+            half = np.where(adm, (m[:, None] / 2 - np.where(adm, z, 0.0) / 2), 0.0)
+            half = np.where(adm, half + log_sum[:, None] / 2, 0.0)
+            half_y = (m / 2 - gather(z, yy) / 2) + log_sum / 2
+            share = eps * w / np.maximum(k, 1)[:, None]  # eps w_c / K, doubled after it scales
+            exact = 2 * ((1 - eps) * w[yy] * half_y) + (2 * (share * half)).sum(-1)
+            want = np.where(far & (labels != IGNORE) & (k > 0), exact, want)
     y = np.clip(labels, 0, max(cols - 1, 0))
     active = (labels != IGNORE) & (k > 0)
     w_y = w[y] if cols else np.zeros(rows)
@@ -764,10 +779,11 @@ def ce_reference(case):
         finite_m = np.isfinite(m)
         m0 = np.where(finite_m, m, 0.0)[:, None]
         lse0 = np.where(finite_m, log_sum, lse)[:, None]
-        gaps = np.where(adm, (m0 - np.where(adm, z, 0.0)) + lse0 + 1, 0.0)
-        scale = times((1 - eps) * w_y, np.abs((m0[:, 0] - z_y) + lse0[:, 0]) + 1)
+        # halves again: (m - z) alone can be beyond float64 where its weighted term is not
+        half_gaps = np.where(adm, (m0 / 2 - np.where(adm, z, 0.0) / 2) + (lse0 + 1) / 2, 0.0)
+        scale = 2 * times((1 - eps) * w_y, np.abs((m0[:, 0] / 2 - z_y / 2) + lse0[:, 0] / 2) + 0.5)
         if eps:
-            scale += eps * times(w, gaps / kk[:, None]).sum(-1)
+            scale += (2 * times(eps * w / kk[:, None], half_gaps)).sum(-1)
         if zl:
             size = np.abs(m) + log_sum + 1
             scale += zl * w_y * size * size
@@ -804,30 +820,24 @@ def ce_reference(case):
     # Rows where a term of the formula is beyond the range: the loss cannot be computed in that
     # dtype (an infinite or NaN result is accepted there; compare() also accepts it where the
     # loss itself is). Every weighted lse - z is formed from halves and doubled after its
-    # weight (_rows, "Range"), so below float64 only the smoothing's half sum and the z-loss
-    # count: a term lse - z_c beyond the range under a small weight must not overflow. In
-    # float64 the reference's own differences overflow, so there each term counts.
+    # weight (_rows, "Range"), as the reference above forms it too, so in every dtype only the
+    # smoothing's half sum and the z-loss count: a term lse - z_c beyond the range under a small
+    # weight must not overflow.
     top = float(P.finfo(cdtype(case["dtype"])).max)
     with np.errstate(invalid="ignore", over="ignore"):
         overflow = zl * w_y * lse * lse > top
-        gap = np.where(adm, lse[:, None] - z, 0.0)
-        if cdtype(case["dtype"]) == np.float64:
-            overflow |= lse - z_y > top
-            if variant != "plain":  # the smoothing terms are formed, even at a traced eps of 0
-                overflow |= ((gap > top) | (w * (gap / kk[:, None]) > top)).any(-1)
-        elif variant != "plain":
-            overflow |= np.where(adm, w * gap, 0.0).sum(-1) / (2 * kk) > top
+        # (lse - z) / 2 from halves, as jaxce forms it (_rows, "Range"), in every dtype
+        half_gap = np.where(adm, (m0 / 2 - np.where(adm, z, 0.0) / 2) + lse0 / 2, 0.0)
+        if variant != "plain":  # the smoothing terms are formed, even at a traced eps of 0
+            overflow |= np.where(adm, w * half_gap, 0.0).sum(-1) / kk > top
         # the z-loss's coefficient 2 zl w_y lse of the gradient, likewise
         coefficient_overflow = (np.abs(a) > top) & active
         g_overflow = (overflow & active) | coefficient_overflow
     # A label term that is infinite in the reference, with a zero coefficient, 0 * inf: NaN or
-    # 0 are both accepted. Its logit is -inf, or in float64 the reference's own lse - z_y
-    # overflows (a label logit of -1.8e308 in a row whose max is 1.8e308), where jaxce forms the
-    # difference from halves and its weight of 0 adds 0.
+    # 0 are both accepted. Its logit is -inf. (A label logit of -1.8e308 in a row whose max is
+    # 1.8e308 is not: the reference takes lse - z_y from halves there, as jaxce does, and a
+    # weight of 0 adds 0.)
     infinite_term = np.isneginf(z_y)
-    if cdtype(case["dtype"]) == np.float64:
-        with np.errstate(invalid="ignore", over="ignore"):
-            infinite_term |= lse - z_y > top
     ambiguous = active & infinite_term & ((1 - eps) * w_y == 0)
     return dict(
         want=want,
@@ -1208,25 +1218,31 @@ def test_soft_label_cross_entropy(data, path):
     adm = where & (x64 > -np.inf)
     m, log_sum, log_p, p, k = row_stats(x64, adm)
     # Differences to the row max; one that overflows float64 (a logit of -1.8e308 in a row whose
-    # max is 1.8e308) is kept at the largest float rather than read as a -inf (masked) logit: its
-    # term is then beyond the range, where inf is the answer (``overflow`` below).
-    with np.errstate(over="ignore"):
-        shifted = np.where(
-            np.isneginf(x64), -np.inf, np.maximum(x64 - m[:, None], -P.finfo("float64").max)
-        )
+    # max is 1.8e308) is kept at the largest float rather than read as a -inf (masked) logit, and
+    # those rows' loss is taken from halves, (lse - z_c) / 2 = (m / 2 - z_c / 2) + log_sum / 2,
+    # where no difference overflows, as jaxce forms it (_rows, "Range"): the reference's own
+    # term for that class was m - max, and the scale inf, which accepted any value.
+    with np.errstate(over="ignore", invalid="ignore"):
+        shifted = np.where(np.isneginf(x64), -np.inf, x64 - m[:, None])
+        far = (adm & np.isneginf(shifted)).any(-1)
+        shifted = np.where(np.isneginf(x64), -np.inf, np.maximum(shifted, -P.finfo("float64").max))
+        half = np.where(adm, (m[:, None] / 2 - np.where(adm, x64, 0.0) / 2), 0.0)
+        half = np.where(adm, half + log_sum[:, None] / 2, 0.0)
     kw = {} if plain else dict(where=where, label_smoothing=eps, class_weights=w64)
     want = R.softmax_cross_entropy(shifted, y64, **kw)
     target = np.where(adm, (1 - eps) * y64 + eps / np.maximum(k, 1)[:, None], 0.0)
     wt = w64 * target
-    gap = np.where(adm, -log_p + 1, 0.0)  # lse - z + 1
-    scale = times(wt, gap).sum(-1)
+    with np.errstate(over="ignore"):
+        want = np.where(far, (2 * times(wt, half)).sum(-1), want)
+        scale = (2 * times(wt, half + 0.5)).sum(-1)  # lse - z + 1, weighted
+    gap = np.where(adm, -log_p + 1, 0.0)  # lse - z + 1 (of the label's derivative below)
     name = "softmax_cross_entropy"
-    # a term beyond the range: an infinite or NaN result is accepted. Below float64 each
-    # w y' (lse - z_c) is formed from halves (_rows, "Range"): only a weighted term beyond the
-    # range counts, not lse - z_c alone; in float64 the reference's own differences overflow.
+    # a term beyond the range: an infinite or NaN result is accepted. Each w y' (lse - z_c) is
+    # formed from halves (_rows, "Range"): only a weighted term beyond the range counts, not
+    # lse - z_c alone.
     top = float(P.finfo(cdtype(dtype)).max)
     wide = cdtype(dtype) == np.float64
-    over = adm & ((-log_p > top) if wide else (wt * -log_p / 2 > top))
+    over = adm & (wt * half > top)
     overflow = (over & (wt != 0)).any(-1)
     for got in (loss, alone, fused, whole):
         u = dict(unit_dtype=P.compute_dtype(dtype))
@@ -1850,14 +1866,18 @@ def test_softmax_focal_loss(data, path):
     adm = x64 > -np.inf
     m, log_sum, log_p, p, k = row_stats(x64, adm)
     y = np.clip(labels, 0, cols - 1)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         lp = gather(R.log_softmax(np.where(adm, x64 - m[:, None], -np.inf)), y)
+        # -log p_y / 2 from halves: in float64 m - x_y alone overflows for a label logit of
+        # -1.7e308 in a row whose max is 1.7e308, where a weight below 1/2 keeps the loss in range
+        half_nlp = np.where(gather(adm, y), (m / 2 - gather(x64, y) / 2) + log_sum / 2, np.inf)
     a_y = {"none": np.ones(rows), "scalar": np.full(rows, a64[0]), "classes": a64[y]}[alpha_kind]
     u = -np.expm1(lp)  # 1 - p_y, exact where p_y is near 1
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        want = times(a_y * u**g64, -lp)
+        want = 2 * times(a_y * u**g64, half_nlp)
         ratio = np.where(u > 0, np.abs(lp) / np.where(u > 0, u, 1), 1.0)
-        scale = a_y * u**g64 * (np.abs(lp) + 1) * (1 + g64 * (1 - u) * ratio)
+        spread = np.where(np.isfinite(lp), g64 * (1 - u) * ratio, 0.0)
+        scale = 2 * a_y * u**g64 * (half_nlp + 0.5) * (1 + spread)
     counted = (labels != IGNORE) & (k > 0)
     want, scale = np.where(counted, want, 0.0), np.where(counted, scale, 0.0)
     ambiguous = counted & (a_y == 0) & np.isneginf(lp)  # 0 * inf: NaN or 0 are accepted

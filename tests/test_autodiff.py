@@ -437,10 +437,40 @@ def test_soft_capped_loss_hessian_where_tanh_rounds_to_one(dtype, cap, traced, o
 
     for r, (w_xx, s_xx, w_xc, s_xc, _, _) in enumerate(rows):
         check(f"d2/dx2, row {r}", h_xx[r, :, r, :], w_xx, s_xx)
-        if traced:
-            check(f"d2/dx dcap, row {r}", got[0][1][r], w_xc, s_xc)
+        if traced:  # both orders: d/dcap of the gradient, and d/dx of the derivative in the cap
+            check(f"d/dcap d/dx, row {r}", got[0][1][r], w_xc, s_xc)
+            check(f"d/dx d/dcap, row {r}", got[1][0][r], w_xc, s_xc)
     if traced:
         check("d2/dcap2", got[1][1], sum(w[4] for w in rows), sum(w[5] for w in rows))
+
+
+@pytest.mark.parametrize("cap", [0.002, 2.0])
+def test_soft_capped_loss_third_derivatives_in_the_cap(cap):
+    """Third derivatives of the integer-label loss in a traced cap and the logits (a derivative
+    of the Hessian) against autodiff of the float64 reference, at a small cap: the derivative in
+    the cap of the tangent's own quotients ``x_dot / cap`` was clamped as ``u`` is, which made
+    ``d3/dcap3`` 165658 for 150620 at a cap of 0.002."""
+    x = jnp.asarray([[0.01, -0.004, 0.002], [0.5, 1.5, -2.0]]) * (cap / 0.002 if cap > 1 else 1)
+    labels = np.array([0, 2])
+
+    def loss(x, c, xp=None):
+        if xp is None:
+            return jaxce.softmax_cross_entropy_with_integer_labels(
+                x, labels, logit_soft_cap=c, label_smoothing=0.1, reduction="sum"
+            )
+        return R.softmax_cross_entropy_with_integer_labels(
+            x, labels, logit_soft_cap_value=c, label_smoothing=0.1, reduction="sum", xp=xp
+        )
+
+    def ref(x, c):
+        return R.jax_ref(lambda *a, xp: loss(*a, xp=xp), x, c)
+
+    c = jnp.asarray(cap)
+    third = lambda f: jax.jacfwd(jax.hessian(f, argnums=(0, 1)), argnums=(0, 1))  # noqa: E731
+    got = jax.jit(third(jax.jit(loss)))(x, c)
+    want = third(ref)(x, c)  # eager: the reference branches on values
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        R.assert_close(g, h, rtol=1e-9, atol=1e-12 * float(np.max(np.abs(h))))
 
 
 # --------------------------------------------------------------------------- the fused loss

@@ -250,9 +250,10 @@ def _flush_shift(dtype) -> float:
 
 @jax.custom_jvp
 def _sech_squared(u: jax.Array) -> jax.Array:
-    """``1 - tanh(u)**2`` as ``4 e / (1 + e)**2``, ``e = exp(-2 |u|)``: within 2.6 epsilons of
-    the true value, relative, wherever that is a normal number (0 at +-inf; measured on 4000
-    draws per range in float32 and float64). ``1 - tanh(u)**2`` itself cancels as ``tanh(u)``
+    """``1 - tanh(u)**2`` as ``4 e / (1 + e)**2``, ``e = exp(-2 |u|)``: within 2.4 (float32) and
+    2.9 (float64) epsilons of the true value, relative, wherever that is a normal number (0 at
+    +-inf; measured on 120002 points of ``|u|`` up to 44.4 and 354.8; 2.6 on 4000 random
+    draws). ``1 - tanh(u)**2`` itself cancels as ``tanh(u)``
     nears +-1: 250-290 epsilons for ``|u|`` in [0.5, 3]; in float32, 1.1e-4 relative at
     ``|u| = 4``, 8.9e-3 at 6, and 0 from 8 on, where the true value is 4.5e-7 and less. Named
     in the compiled program (``sech_squared``): its exponential is not one of the logits'

@@ -450,8 +450,7 @@ def _soft_cap_tangent(x, cap, x_dot, cap_dot, *, bulk: bool):
     xf = _float(x)
     t = None
     if x_dot is not None:
-        u = _over_cap(xf, cap)
-        slope = _sech_squared_apart(u) if bulk else _sech_squared(u)
+        slope = _sech_squared_apart(_over_cap(xf, cap)) if bulk else soft_cap_derivative(xf, cap)
         t = slope * x_dot.astype(xf.dtype)
     if cap_dot is not None:
         d = soft_cap_cap_derivative(xf, cap)

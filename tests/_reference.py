@@ -167,12 +167,10 @@ def soft_capped_cross_entropy_hessian(x, label: int, cap: float, eps: float, zl:
         g = [p[j] - q[j] + 2 * zl_ * lse * p[j] for j in range(n)]
         g_abs = [p[j] + q[j] + 2 * zl_ * abs(lse) * p[j] for j in range(n)]
 
-        def hz(i, j, absolute=False):
+        def hz(i, j, absolute=False):  # d2L/dz_i dz_j, or the sum of its terms' magnitudes
+            sign, lse_ = (1, abs(lse)) if absolute else (-1, lse)
             diag = p[i] if i == j else D(0)
-            lse_ = abs(lse) if absolute else lse
-            if absolute:
-                return (diag + p[i] * p[j]) * (1 + 2 * zl_ * lse_) + 2 * zl_ * p[i] * p[j]
-            return (diag - p[i] * p[j]) * (1 + 2 * zl_ * lse_) + 2 * zl_ * p[i] * p[j]
+            return (diag + sign * p[i] * p[j]) * (1 + 2 * zl_ * lse_) + 2 * zl_ * p[i] * p[j]
 
         xx = [-2 * t[j] * s[j] / k for j in range(n)]  # d2z/dx2
         xc = [-u[j] * xx[j] for j in range(n)]  # d2z/dx dcap

@@ -255,6 +255,13 @@ def row_stats(z, adm):
     return m, log_sum, log_p, np.exp(log_p), k
 
 
+def half_gap(m, log_sum, z):
+    """``(lse - z) / 2`` as ``(m / 2 - z / 2) + log_sum / 2``, as jaxce forms it (_rows,
+    "Range"): no half overflows where ``m - z`` alone does (a logit of -1.7e308 in a row whose
+    max is 1.7e308)."""
+    return (m / 2 - z / 2) + log_sum / 2
+
+
 def capped(x, cap):
     if cap is None:
         return x
@@ -759,10 +766,9 @@ def ce_reference(case):
         want = R.softmax_cross_entropy_with_integer_labels(shifted, labels, **kw)
         if far.any():
             yy = np.clip(labels, 0, max(cols - 1, 0))
-            # (lse - z) / 2 = (m/2 - z/2) + log_sum/2: halving is exact, and no half overflows
-            half = np.where(adm, (m[:, None] / 2 - np.where(adm, z, 0.0) / 2), 0.0)
-            half = np.where(adm, half + log_sum[:, None] / 2, 0.0)
-            half_y = (m / 2 - gather(z, yy) / 2) + log_sum / 2
+            z_adm = np.where(adm, z, 0.0)
+            half = np.where(adm, half_gap(m[:, None], log_sum[:, None], z_adm), 0.0)
+            half_y = half_gap(m, log_sum, gather(z, yy))
             share = eps * w / np.maximum(k, 1)[:, None]  # eps w_c / K, doubled after it scales
             exact = 2 * ((1 - eps) * w[yy] * half_y) + (2 * (share * half)).sum(-1)
             want = np.where(far & (labels != IGNORE) & (k > 0), exact, want)
@@ -780,8 +786,8 @@ def ce_reference(case):
         m0 = np.where(finite_m, m, 0.0)[:, None]
         lse0 = np.where(finite_m, log_sum, lse)[:, None]
         # halves again: (m - z) alone can be beyond float64 where its weighted term is not
-        half_gaps = np.where(adm, (m0 / 2 - np.where(adm, z, 0.0) / 2) + (lse0 + 1) / 2, 0.0)
-        scale = 2 * times((1 - eps) * w_y, np.abs((m0[:, 0] / 2 - z_y / 2) + lse0[:, 0] / 2) + 0.5)
+        half_gaps = np.where(adm, half_gap(m0, lse0 + 1, np.where(adm, z, 0.0)), 0.0)
+        scale = 2 * times((1 - eps) * w_y, np.abs(half_gap(m0[:, 0], lse0[:, 0], z_y)) + 0.5)
         if eps:
             scale += (2 * times(eps * w / kk[:, None], half_gaps)).sum(-1)
         if zl:
@@ -826,10 +832,10 @@ def ce_reference(case):
     top = float(P.finfo(cdtype(case["dtype"])).max)
     with np.errstate(invalid="ignore", over="ignore"):
         overflow = zl * w_y * lse * lse > top
-        # (lse - z) / 2 from halves, as jaxce forms it (_rows, "Range"), in every dtype
-        half_gap = np.where(adm, (m0 / 2 - np.where(adm, z, 0.0) / 2) + lse0 / 2, 0.0)
+        # (lse - z) / 2 from halves, as jaxce forms it, in every dtype
+        halves = np.where(adm, half_gap(m0, lse0, np.where(adm, z, 0.0)), 0.0)
         if variant != "plain":  # the smoothing terms are formed, even at a traced eps of 0
-            overflow |= np.where(adm, w * half_gap, 0.0).sum(-1) / kk > top
+            overflow |= np.where(adm, w * halves, 0.0).sum(-1) / kk > top
         # the z-loss's coefficient 2 zl w_y lse of the gradient, likewise
         coefficient_overflow = (np.abs(a) > top) & active
         g_overflow = (overflow & active) | coefficient_overflow
@@ -1226,8 +1232,7 @@ def test_soft_label_cross_entropy(data, path):
         shifted = np.where(np.isneginf(x64), -np.inf, x64 - m[:, None])
         far = (adm & np.isneginf(shifted)).any(-1)
         shifted = np.where(np.isneginf(x64), -np.inf, np.maximum(shifted, -P.finfo("float64").max))
-        half = np.where(adm, (m[:, None] / 2 - np.where(adm, x64, 0.0) / 2), 0.0)
-        half = np.where(adm, half + log_sum[:, None] / 2, 0.0)
+        half = np.where(adm, half_gap(m[:, None], log_sum[:, None], np.where(adm, x64, 0.0)), 0.0)
     kw = {} if plain else dict(where=where, label_smoothing=eps, class_weights=w64)
     want = R.softmax_cross_entropy(shifted, y64, **kw)
     target = np.where(adm, (1 - eps) * y64 + eps / np.maximum(k, 1)[:, None], 0.0)
@@ -1870,7 +1875,7 @@ def test_softmax_focal_loss(data, path):
         lp = gather(R.log_softmax(np.where(adm, x64 - m[:, None], -np.inf)), y)
         # -log p_y / 2 from halves: in float64 m - x_y alone overflows for a label logit of
         # -1.7e308 in a row whose max is 1.7e308, where a weight below 1/2 keeps the loss in range
-        half_nlp = np.where(gather(adm, y), (m / 2 - gather(x64, y) / 2) + log_sum / 2, np.inf)
+        half_nlp = np.where(gather(adm, y), half_gap(m, log_sum, gather(x64, y)), np.inf)
     a_y = {"none": np.ones(rows), "scalar": np.full(rows, a64[0]), "classes": a64[y]}[alpha_kind]
     u = -np.expm1(lp)  # 1 - p_y, exact where p_y is near 1
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):

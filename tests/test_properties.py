@@ -762,10 +762,12 @@ def ce_reference(case):
         # -max, and those rows' loss is taken from halves, where every difference is in range.
         shifted = np.where(np.isneginf(z), -np.inf, z - m[:, None])
         far = (adm & np.isneginf(shifted)).any(-1)
+        yy = np.clip(labels, 0, max(cols - 1, 0))
+        if cols:  # the label's own difference too, also on a class masked by ``where``
+            far |= np.isneginf(gather(shifted, yy)) & np.isfinite(gather(z, yy))
         shifted = np.where(adm, np.maximum(shifted, -np.finfo(F64).max), shifted)
         want = R.softmax_cross_entropy_with_integer_labels(shifted, labels, **kw)
         if far.any():
-            yy = np.clip(labels, 0, max(cols - 1, 0))
             z_adm = np.where(adm, z, 0.0)
             half = np.where(adm, half_gap(m[:, None], log_sum[:, None], z_adm), 0.0)
             half_y = half_gap(m, log_sum, gather(z, yy))

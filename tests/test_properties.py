@@ -1248,7 +1248,6 @@ def test_soft_label_cross_entropy(data, path):
     # formed from halves (_rows, "Range"): only a weighted term beyond the range counts, not
     # lse - z_c alone.
     top = float(P.finfo(cdtype(dtype)).max)
-    wide = cdtype(dtype) == np.float64
     over = adm & (wt * half > top)
     overflow = (over & (wt != 0)).any(-1)
     for got in (loss, alone, fused, whole):
@@ -1264,17 +1263,21 @@ def test_soft_label_cross_entropy(data, path):
     for got_gx in (gx, fused_gx):
         P.compare(f"{name} (gradient)", dtype, got_gx, want_gx, g_scale, **u)
     live = where & (k > 0)[:, None]
-    with np.errstate(invalid="ignore"):
-        want_gy = np.where(live, ct64[:, None] * ((1 - eps) * w64 * -log_p), 0.0)
-    gy_scale = np.abs(ct64)[:, None] * ((1 - eps) * w64 * gap)
-    # (at a -inf logit the derivative is +inf: not compared; beyond the range, or where
-    # lse - z is, an infinite or NaN result is accepted)
-    compared = ~(np.isneginf(x64) & live)
-    if wide:  # where the reference's own lse - z overflows float64, it has no value to compare
-        compared &= ~(np.isinf(log_p) & np.isfinite(x64))
+    a = (1 - eps) * w64
     with np.errstate(invalid="ignore", over="ignore"):
-        weight_gy = np.maximum(1, (1 - eps) * w64) if wide else (1 - eps) * w64
-        over_gy = adm & ((weight_gy * -log_p > top) | np.isinf(log_p))
+        want_gy = np.where(live, ct64[:, None] * (a * -log_p), 0.0)
+        gy_scale = np.abs(ct64)[:, None] * (a * gap)
+        # Where lse - z overflows float64 (only there: a logit of -1.8e308 in a row whose max is
+        # 1.8e308), 2 (a (lse - z) / 2) from halves, as jaxce forms it: a weight below 1/2
+        # brings it back into the range.
+        far_gy = adm & np.isinf(log_p) & np.isfinite(x64)
+        doubled = 2 * times(a, half)
+        want_gy = np.where(far_gy & live, ct64[:, None] * doubled, want_gy)
+        gy_scale = np.where(far_gy, np.abs(ct64)[:, None] * (2 * times(a, half + 0.5)), gy_scale)
+        # beyond the range an infinite or NaN result is accepted
+        over_gy = adm & np.where(far_gy, np.isinf(doubled), a * -log_p > top)
+    # (at a -inf logit the derivative is +inf: not compared)
+    compared = ~(np.isneginf(x64) & live)
     for got_gy in (gy, fused_gy):
         P.compare(
             f"{name} (gradient)",

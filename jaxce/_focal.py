@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,37 @@ def _log_or_zero(u: jax.Array) -> jax.Array:
     return jnp.where(u > 0, jnp.log(jnp.where(u > 0, u, 1)), 0)
 
 
+def _with_value(rounded: jax.Array, exact: jax.Array) -> jax.Array:
+    """``exact``'s value with ``rounded``'s derivative: ``log m`` taken from the logs, where
+    ``log`` of the rounded ``m`` is 0 or off by a rounding of ``1 - m`` (``m`` near 1), while
+    the derivative ``dm / m`` needs no such care (and the logs' own would meet ``log 0`` at a
+    label of 0 or 1)."""
+    return rounded + jax.lax.stop_gradient(exact - rounded)
+
+
+def _sigmoid_log_base(m, log_p, log_q, y):
+    """``log m``, ``m = p (1 - y) + q y``, as ``logaddexp(log p + log(1 - y), log q + log y)``
+    for labels in [0, 1] (``log p`` itself at ``y = 0``, ``log q`` at ``y = 1``), 0 where
+    ``m`` is 0, as :func:`_log_or_zero` elsewhere (a label outside [0, 1]). At a label of 0 or
+    1 ``log`` of the rounded ``m`` was 44% off at ``|x| = 17`` in float32 and 0 from about 18
+    on, where ``log m = -exp(-|x|)`` to within its square."""
+    rounded = _log_or_zero(m)
+    inside = (y >= 0) & (y <= 1) & (m > 0)
+    safe = jnp.where(inside, y, 0.5)
+    exact = jnp.logaddexp(log_p + jnp.log1p(-safe), log_q + jnp.log(safe))
+    return _with_value(rounded, jnp.where(inside, exact, rounded))
+
+
+def _softmax_log_base(u, lp):
+    """``log u``, ``u = 1 - p_y = -expm1(log p_y)``, as ``log1p(-p_y)`` where ``p_y < 1/2``:
+    ``u`` rounds to 1 there once ``p_y`` is below half an epsilon, and ``log u`` to 0 where it
+    is ``-p_y``. 0 where ``u`` is 0."""
+    rounded = _log_or_zero(u)
+    small = lp < -math.log(2.0)
+    exact = jnp.log1p(-jnp.exp(jnp.where(small, lp, -1.0)))
+    return _with_value(rounded, jnp.where(small, exact, rounded))
+
+
 # Sigmoid focal loss, elementwise. With p = sigmoid(x), ce the sigmoid BCE, the modulating base
 # m = 1 - p_t = p (1 - y) + (1 - p) y and a = alpha y + (1 - alpha)(1 - y):
 #   loss = a ce m^gamma
@@ -39,7 +71,10 @@ def _sigmoid_focal_parts(x, y, alpha, gamma):
     xf = x.astype(compute_dtype(x.dtype))
     yf = y.astype(xf.dtype)
     log_p, log_q = log_sigmoid_pair(xf)
-    ce = -(jnp.where(yf == 0, 0, yf * log_p) + jnp.where(yf == 1, 0, (1 - yf) * log_q))
+    # `weighted`, not a select: 0 where a label of 0 or 1 meets an infinite log, with the
+    # product rule's derivative in y there (a select's is 0: d/dy of dloss/dgamma was wrong at
+    # hard labels, 0.855 for 0.868 at x = 2, y = 0, gamma = 2)
+    ce = -(weighted(yf, log_p) + weighted(1 - yf, log_q))
     p, q = jnp.exp(log_p), jnp.exp(log_q)
     m = p * (1 - yf) + q * yf
     a = jnp.ones_like(xf) if alpha is None else alpha * yf + (1 - alpha) * (1 - yf)
@@ -48,7 +83,8 @@ def _sigmoid_focal_parts(x, y, alpha, gamma):
 
 def _sigmoid_focal_value(x, y, alpha, gamma):
     *_, ce, _, _, _, a, mg = _sigmoid_focal_parts(x, y, alpha, gamma)
-    return a * ce * mg
+    # `weighted`: an alpha_t of 0 (alpha 0 or 1) makes the term 0 where ce is infinite
+    return weighted(a, ce * mg)
 
 
 def _sigmoid_focal_tangent(x, y, alpha, gamma, x_dot, y_dot, alpha_dot, gamma_dot):
@@ -65,14 +101,16 @@ def _sigmoid_focal_tangent(x, y, alpha, gamma, x_dot, y_dot, alpha_dot, gamma_do
         t = dx * x_dot.astype(xf.dtype)
     if y_dot is not None:
         # gamma = 0 (the BCE) keeps an infinite slope of the log terms, not 0 * inf = NaN
-        dy = a * mg * ((log_q - log_p) + weighted(gamma, ratio * (q - p)))
+        dy = weighted(a, mg * ((log_q - log_p) + weighted(gamma, ratio * (q - p))))
         if alpha is not None:
             dy = dy + (2 * alpha - 1) * ce * mg
         t = _autodiff.add(t, dy * y_dot.astype(xf.dtype))
     if alpha_dot is not None:
         t = _autodiff.add(t, (2 * yf - 1) * ce * mg * alpha_dot)
     if gamma_dot is not None:
-        t = _autodiff.add(t, a * ce * mg * _log_or_zero(m) * gamma_dot)
+        log_m = _sigmoid_log_base(m, log_p, log_q, yf)
+        # m^gamma log m vanishes where ce is infinite: log m = 0 there (x = -inf, y = 1)
+        t = _autodiff.add(t, weighted(a, weighted(log_m, ce) * mg) * gamma_dot)
     return t
 
 
@@ -212,7 +250,10 @@ def _softmax_focal_jvp(ignore_index, primals, tangents):
         )
         t = _autodiff.add(t, _rows.finalize(-ug * lp * a_dot, rows)[..., 0])
     if gamma_dot is not None:
-        d_gamma = _rows.finalize(-a * ug * _log_or_zero(u) * lp, rows)
+        # `weighted`: u log u vanishes where log p_y overflows (a label logit 6e38 below the
+        # row max in float32: log u = 0 and log p_y = -inf)
+        log_u = _softmax_log_base(u, lp)
+        d_gamma = _rows.finalize(-a * ug * weighted(log_u, lp), rows)
         t = _autodiff.add(t, (d_gamma * gamma_dot)[..., 0])
     return (loss, counted), (_autodiff.or_zeros(t, loss), jnp.zeros_like(counted))
 

@@ -118,11 +118,14 @@ def _sigmoid_bce_tangent(x, y, pos_weight, weights, eps, x_dot, y_dot, pw_dot, w
         dt = weighted(w, -xf)
     else:
         dt = weighted(w, log_not_p) - weighted(w_pw, log_p)
+    # `weighted`: dt may overflow where the loss does not (w pw log sigmoid(x) beside the other
+    # side's term), and a smoothing of 1, or a label of 1/2 for the smoothing's derivative,
+    # makes that derivative 0, not 0 * inf = NaN
     if y_dot is not None:
-        dy = dt if eps is None else (1 - eps) * dt
+        dy = dt if eps is None else weighted(1 - eps, dt)
         out = _autodiff.add(out, dy * y_dot.astype(xf.dtype))
     if eps_dot is not None:
-        out = _autodiff.add(out, dt * (0.5 - y.astype(xf.dtype)) * eps_dot)
+        out = _autodiff.add(out, weighted(0.5 - y.astype(xf.dtype), dt) * eps_dot)
     if pw_dot is not None:
         out = _autodiff.add(out, -weighted(w * t, log_p) * pw_dot)
     if w_dot is not None:

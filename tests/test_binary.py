@@ -292,6 +292,24 @@ def test_sbce_label_derivative_is_minus_the_logit(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_sbce_label_and_smoothing_derivatives_where_their_factor_is_zero(dtype):
+    """``d/dt = w (log sigmoid(-x) - pw log sigmoid(x))`` overflows where the loss does not (a
+    pos_weight of a quarter of the range, a weight of 2: the loss is about half the largest
+    number, ``d/dt`` about 1.06 times it): the derivative in the label is 0 at a smoothing of
+    1, and the smoothing's, ``d/dt (1/2 - y)``, is 0 at a label of 1/2, not ``0 * inf = NaN``."""
+    big = float(jnp.finfo(dtype).max) / 4
+    x, y = jnp.asarray([-2.0], dtype), jnp.asarray([0.5], dtype)
+    pw, w = jnp.asarray([big], dtype), jnp.asarray([2.0], dtype)
+
+    def total(y, eps):
+        return SBCE(x, y, pos_weight=pw, weights=w, label_smoothing=eps, reduction="sum")
+
+    assert np.isfinite(float(total(y, 1.0)))
+    assert float(jax.grad(total)(y, jnp.asarray(1.0, dtype))[0]) == 0.0
+    assert float(jax.grad(total, 1)(y, jnp.asarray(0.1, dtype))) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_sbce_logit_derivative_of_confident_predictions(backend_forms, dtype):
     """``d/dx = w ((1 - t) sigmoid(x) - p_w t sigmoid(-x))`` to a few roundings of itself where
     the prediction is confident, right or wrong: ``(pos + neg) sigmoid(x) - pos`` cancels as

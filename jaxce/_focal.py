@@ -73,7 +73,7 @@ def _sigmoid_focal_parts(x, y, alpha, gamma):
     log_p, log_q = log_sigmoid_pair(xf)
     # `weighted`, not a select: 0 where a label of 0 or 1 meets an infinite log, with the
     # product rule's derivative in y there (a select's is 0: d/dy of dloss/dgamma was wrong at
-    # hard labels, 0.855 for 0.868 at x = 2, y = 0, gamma = 2)
+    # hard labels, -0.855 for -0.868 at x = 2, y = 0, gamma = 2)
     ce = -(weighted(yf, log_p) + weighted(1 - yf, log_q))
     p, q = jnp.exp(log_p), jnp.exp(log_q)
     m = p * (1 - yf) + q * yf

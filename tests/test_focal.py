@@ -181,7 +181,7 @@ def test_focal_losses_gamma_derivative_where_the_base_rounds_to_one(dtype):
 def test_sigmoid_focal_mixed_second_derivative_at_hard_labels():
     """d/dy of dloss/dgamma at labels of 0 and 1, against a central difference of the exact
     derivative, in both orders of ``jax.hessian``: the loss's ``ce`` took its label terms as
-    selects, whose derivative in ``y`` is 0 at ``y = 0`` and ``y = 1`` (0.855 for 0.868 at
+    selects, whose derivative in ``y`` is 0 at ``y = 0`` and ``y = 1`` (-0.855 for -0.868 at
     x = 2, y = 0, gamma = 2), where the loss's own first derivatives were right."""
     with jax.enable_x64():
         x = jnp.asarray([2.0, -3.0, 0.5, 4.0])

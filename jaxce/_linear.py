@@ -324,7 +324,9 @@ def linear_softmax_cross_entropy(
 ) -> jax.Array:
     r"""Softmax cross-entropy of the logits ``x @ w + bias``, without materializing them.
 
-    Equal, in value and gradients (to float32 rounding), to
+    Equal, in value and gradients (to float32 rounding of the logits: the label's logit is a
+    product of its own, which rounds apart from the matmul's, so a label that dominates its row
+    has a loss of a few units in the last place of the logits rather than about 0), to
     ``softmax_cross_entropy_with_integer_labels(x @ w + bias, labels, ..., reduction=reduction)``
     with the same options, but no ``[N, V]`` array is ever allocated (``N`` tokens, ``V``
     classes): the logits are computed, reduced and differentiated one block at a time. For

@@ -145,8 +145,10 @@ def _sigmoid_focal_in_gamma(x: float, y: float, gamma: float, h: float = 0.0) ->
 def test_focal_losses_gamma_derivative_where_the_base_rounds_to_one(dtype):
     """d/dgamma = a ce m^gamma log m takes ``log m`` from the logs (``log sigmoid(x)`` at
     ``y = 0``; ``log1p(-p_y)`` for the softmax loss), not from ``m`` rounded near 1: float32
-    at x = 17, y = 0 was 44% off, and 0 from x = 30 on (float64: 1.6e-4 off at x = 30, 0 at
-    80)."""
+    at x = 17, y = 0 was 44% off, and 0 from about x = 18 on (float64: 1.6e-4 off at x = 30,
+    0 at 80). For the softmax loss d/dz of it too: ``u = -expm1(log p_y)``'s derivative, from
+    jax's ``expm1``, was 0 where ``expm1`` rounds to -1, which gave that second derivative the
+    wrong sign (float32 at a margin of 20: +2.1e-9 for -3.9e-8)."""
     eps = float(jnp.finfo(dtype).eps)
     wide = dtype == jnp.float64
     x = np.array([17.0, 30.0, -17.0, 40.0, 2.0, -5.0, 0.5] + ([80.0] if wide else []))
@@ -172,6 +174,27 @@ def test_focal_losses_gamma_derivative_where_the_base_rounds_to_one(dtype):
             jnp.asarray(2.0, dtype)
         )
         np.testing.assert_allclose(float(got), want, rtol=16 * eps, err_msg=f"d={d}")
+    # d/dz_0 of d/dgamma, against a central difference of the 60-digit derivative in gamma
+    for d in (20.0, 5.0):
+
+        def in_gamma(z0: decimal.Decimal, d: float = d) -> decimal.Decimal:
+            log_p = z0 - (z0.exp() + decimal.Decimal(d).exp() + 1).ln()
+            u = 1 - log_p.exp()
+            return -(u**2) * u.ln() * log_p
+
+        with decimal.localcontext() as ctx:
+            ctx.prec = 60
+            h = decimal.Decimal(10) ** -25
+            want = float((in_gamma(h) - in_gamma(-h)) / (2 * h))
+        z = jnp.asarray([0.0, d, 0.0], dtype)
+
+        def slope(z):
+            return jax.grad(lambda g: jnp.sum(MFL(z[None], jnp.array([0]), gamma=g)))(
+                jnp.asarray(2.0, dtype)
+            )
+
+        got = float(jax.grad(slope)(z)[0])
+        np.testing.assert_allclose(got, want, rtol=64 * eps, err_msg=f"d/dz d/dgamma, d={d}")
     # where log p_y overflows (a label logit 6e38 below the max), u log u is 0, not 0 * inf
     z = jnp.asarray([[3e38, -3e38, 0.0]], dtype)
     got = jax.grad(lambda g: jnp.sum(MFL(z, jnp.array([1]), gamma=g)))(jnp.asarray(2.0, dtype))
@@ -205,9 +228,16 @@ def test_sigmoid_focal_alpha_of_zero_at_an_infinite_term(dtype):
             got = SFL(jnp.asarray([x], dtype), jnp.asarray([y], dtype), alpha=alpha)
             assert float(got[0]) == 0.0, (x, y, alpha)
         big = float(jnp.finfo(dtype).max) / 2
-        # alpha_t = 0: dloss/dy = (2 alpha - 1) ce m^gamma = -ce = -|x| at y = 1, x = -big
-        grad = jax.grad(lambda b: jnp.sum(SFL(jnp.asarray([-big], dtype), b, alpha=0.0, gamma=0.5)))
-        np.testing.assert_allclose(float(grad(jnp.asarray([1.0], dtype))[0]), -big, rtol=1e-6)
+        # alpha_t = 0: dloss/dy = (2 alpha - 1) ce m^gamma = -ce = -|x| at y = 1, x = -big, and
+        # -inf at x = -inf, where the other term, 0 times an infinite log difference, adds 0
+        for x, want in ((-big, -big), (-inf, -inf)):
+            grad = jax.grad(lambda b, x=x: jnp.sum(SFL(jnp.asarray([x], dtype), b, alpha=0.0)))
+            np.testing.assert_allclose(float(grad(jnp.asarray([1.0], dtype))[0]), want, rtol=1e-6)
+        # d2/dy2 = 2 (2 alpha - 1)(log q - log p) at gamma = 0: +inf at x = +inf, y = 1
+        second = jax.hessian(
+            lambda b: jnp.sum(SFL(jnp.asarray([inf], dtype), b, alpha=0.25, gamma=0.0))
+        )
+        assert float(second(jnp.asarray([1.0], dtype))[0, 0]) == inf
 
 
 def test_sigmoid_focal_check_grads_dtypes_jit(rng):

@@ -61,7 +61,7 @@ def _softmax_log_base(u, lp):
     u = jax.lax.stop_gradient(u) - (q - jax.lax.stop_gradient(q))
     rounded = _log_or_zero(u)
     small = lp < -math.log(2.0)
-    exact = jnp.log1p(-jnp.exp(jnp.where(small, lp, -1.0)))
+    exact = jnp.log1p(-jnp.where(small, q, 0.5))
     return _with_value(rounded, jnp.where(small, exact, rounded))
 
 

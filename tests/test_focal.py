@@ -86,6 +86,13 @@ def test_sigmoid_focal_extremes(big):
         R.assert_close(per[2:4], [big, big], rtol=1e-6)
 
 
+def _decimal_ce_and_base(v: decimal.Decimal, t: decimal.Decimal):
+    """The sigmoid BCE ``ce`` and the focal base ``m = 1 - p_t`` of logit ``v`` and label ``t``,
+    in the decimal context in force."""
+    p, q = 1 / (1 + (-v).exp()), 1 / (1 + v.exp())
+    return -(t * p.ln() + (1 - t) * q.ln()), p * (1 - t) + q * t
+
+
 def _sigmoid_focal_slope(x: float, y: float, alpha: float, gamma: float) -> float:
     """d/dx of the sigmoid focal loss, a central difference of step 1e-25 in 60-digit decimal
     arithmetic (exact to about 1e-40 relative)."""
@@ -94,10 +101,7 @@ def _sigmoid_focal_slope(x: float, y: float, alpha: float, gamma: float) -> floa
         y_, a_, g_ = decimal.Decimal(y), decimal.Decimal(alpha), decimal.Decimal(gamma)
 
         def loss(v):
-            p = 1 / (1 + (-v).exp())
-            q = 1 / (1 + v.exp())
-            ce = -(y_ * p.ln() + (1 - y_) * q.ln())
-            m = p * (1 - y_) + q * y_
+            ce, m = _decimal_ce_and_base(v, y_)
             return (a_ * y_ + (1 - a_) * (1 - y_)) * ce * m**g_
 
         h = decimal.Decimal(10) ** -25
@@ -127,11 +131,9 @@ def _sigmoid_focal_in_gamma(x: float, y: float, gamma: float, h: float = 0.0) ->
     with decimal.localcontext() as ctx:
         ctx.prec = 60
         v, g_ = decimal.Decimal(x), decimal.Decimal(gamma)
-        p, q = 1 / (1 + (-v).exp()), 1 / (1 + v.exp())
 
         def slope(t):
-            ce = -(t * p.ln() + (1 - t) * q.ln())
-            m = p * (1 - t) + q * t
+            ce, m = _decimal_ce_and_base(v, t)
             return ce * m**g_ * m.ln()
 
         if not h:
@@ -162,38 +164,30 @@ def test_focal_losses_gamma_derivative_where_the_base_rounds_to_one(dtype):
         want = _sigmoid_focal_in_gamma(float(v), float(t), 2.0)
         np.testing.assert_allclose(slope(v, t), want, rtol=16 * eps, err_msg=f"x={v}, y={t}")
 
-    # softmax: -alpha_y u^gamma log(u) log p_y with u = 1 - p_y, p_y = 1 / (1 + e^d)
+    # softmax, label 0: -u^gamma log(u) log p_y with u = 1 - p_y, in 60 digits
+    def in_gamma(z0, others):
+        log_p = z0 - (z0.exp() + sum(decimal.Decimal(o).exp() for o in others)).ln()
+        u = 1 - log_p.exp()
+        return -(u**2) * u.ln() * log_p
+
+    def softmax_in_gamma(z):
+        return jax.grad(lambda g: jnp.sum(MFL(z[None], jnp.array([0]), gamma=g)))(
+            jnp.asarray(2.0, dtype)
+        )
+
     for d in (20.0, 30.0, 5.0, -1.0):
         with decimal.localcontext() as ctx:
             ctx.prec = 60
-            log_p = -(1 + decimal.Decimal(d).exp()).ln()
-            u = 1 - log_p.exp()
-            want = float(-(u**2) * u.ln() * log_p)
-        z = jnp.asarray([[0.0, d]], dtype)
-        got = jax.grad(lambda g, z=z: jnp.sum(MFL(z, jnp.array([0]), gamma=g)))(
-            jnp.asarray(2.0, dtype)
-        )
+            want = float(in_gamma(decimal.Decimal(0), [d]))
+        got = softmax_in_gamma(jnp.asarray([0.0, d], dtype))
         np.testing.assert_allclose(float(got), want, rtol=16 * eps, err_msg=f"d={d}")
     # d/dz_0 of d/dgamma, against a central difference of the 60-digit derivative in gamma
     for d in (20.0, 5.0):
-
-        def in_gamma(z0: decimal.Decimal, d: float = d) -> decimal.Decimal:
-            log_p = z0 - (z0.exp() + decimal.Decimal(d).exp() + 1).ln()
-            u = 1 - log_p.exp()
-            return -(u**2) * u.ln() * log_p
-
         with decimal.localcontext() as ctx:
             ctx.prec = 60
             h = decimal.Decimal(10) ** -25
-            want = float((in_gamma(h) - in_gamma(-h)) / (2 * h))
-        z = jnp.asarray([0.0, d, 0.0], dtype)
-
-        def slope(z):
-            return jax.grad(lambda g: jnp.sum(MFL(z[None], jnp.array([0]), gamma=g)))(
-                jnp.asarray(2.0, dtype)
-            )
-
-        got = float(jax.grad(slope)(z)[0])
+            want = float((in_gamma(h, [d, 0.0]) - in_gamma(-h, [d, 0.0])) / (2 * h))
+        got = float(jax.grad(softmax_in_gamma)(jnp.asarray([0.0, d, 0.0], dtype))[0])
         np.testing.assert_allclose(got, want, rtol=64 * eps, err_msg=f"d/dz d/dgamma, d={d}")
     # where log p_y overflows (a label logit 6e38 below the max), u log u is 0, not 0 * inf
     z = jnp.asarray([[3e38, -3e38, 0.0]], dtype)
